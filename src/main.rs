@@ -1,3 +1,197 @@
-fn main() {
-    println!("Hello, world!");
+//! testflinger-agent: arguments, logging, one-line errors, exit codes.
+
+mod agent;
+mod archive;
+mod client;
+mod config;
+mod delivery;
+mod job;
+mod json;
+mod logging;
+mod mask;
+mod output;
+mod runner;
+mod signals;
+mod timestamp;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use config::Config;
+use json::Json;
+
+/// Exit status for usage and config errors.
+const EXIT_USAGE: u8 = 2;
+/// Exit status asking the supervisor for a restart (EX_TEMPFAIL).
+const EXIT_RESTART: u8 = 75;
+
+/// The command line, parsed once.
+struct Args {
+    config: PathBuf,
+    metrics_port: Option<u16>,
+    token_file: Option<PathBuf>,
+    once: bool,
+    job: Option<PathBuf>,
+}
+
+enum Parsed {
+    Run(Args),
+    Exit(u8),
+}
+
+fn options() -> getopts::Options {
+    let mut o = getopts::Options::new();
+    o.optopt("c", "config", "config file (default testflinger-agent.conf)", "FILE");
+    o.optopt("p", "metrics_port", "serve Prometheus metrics on this port", "PORT");
+    o.optopt("", "token-file", "JSON file with the refresh token", "PATH");
+    o.optflag("", "once", "take at most one job, finish it, and exit");
+    o.optopt("", "job", "run one job from a local JSON or YAML file, no server", "FILE");
+    o.optflag("h", "help", "print this help");
+    o.optflag("V", "version", "print the version");
+    o
+}
+
+fn parse_args(argv: &[String]) -> Parsed {
+    let opts = options();
+    let brief = "Usage: testflinger-agent [-c FILE] [-p PORT] [--token-file PATH] [--once] [--job FILE]";
+    let m = match opts.parse(argv) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("testflinger-agent: {e}\n{}", opts.usage(brief));
+            return Parsed::Exit(EXIT_USAGE);
+        }
+    };
+    if m.opt_present("h") {
+        print!("{}", opts.usage(brief));
+        return Parsed::Exit(0);
+    }
+    if m.opt_present("V") {
+        println!("testflinger-agent {}", env!("CARGO_PKG_VERSION"));
+        return Parsed::Exit(0);
+    }
+    if !m.free.is_empty() {
+        eprintln!("testflinger-agent: unexpected argument {:?}\n{}", m.free[0], opts.usage(brief));
+        return Parsed::Exit(EXIT_USAGE);
+    }
+    let metrics_port = match m.opt_str("p").map(|p| p.parse::<u16>()) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(_)) => {
+            eprintln!("testflinger-agent: --metrics_port needs a port number\n{}", opts.usage(brief));
+            return Parsed::Exit(EXIT_USAGE);
+        }
+    };
+    Parsed::Run(Args {
+        config: m.opt_str("c").unwrap_or_else(|| "testflinger-agent.conf".into()).into(),
+        metrics_port,
+        token_file: m.opt_str("token-file").map(PathBuf::from),
+        once: m.opt_present("once"),
+        job: m.opt_str("job").map(PathBuf::from),
+    })
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Parsed::Run(a) => a,
+        Parsed::Exit(code) => return ExitCode::from(code),
+    };
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("testflinger-agent: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let level = logging::parse_level(&config.logging_level).unwrap_or(simplelog::LevelFilter::Info);
+    logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
+    signals::install();
+    runner::become_subreaper();
+    if let Some(port) = args.metrics_port {
+        log::warn!("metrics on port {port}: not served by this build yet");
+    }
+
+    match &args.job {
+        Some(path) => run_local_job(&config, path),
+        None => {
+            let client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
+            log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
+            match agent::Agent::new(&config, client, args.once).run() {
+                agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
+                agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,
+            }
+        }
+    }
+}
+
+/// `--job FILE`: the phases of one local job, no server; for trying a
+/// device connector on the bench.
+fn run_local_job(config: &Config, path: &Path) -> ExitCode {
+    let job = match read_job_file(path) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("testflinger-agent: job file {}: {e}", path.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let summary = job::JobRunner::new(config, None, job, true).run();
+    println!("\n== job {} ({}) ==", summary.job_id, summary.end_reason);
+    for (phase, code) in &summary.statuses {
+        println!("{phase:<16} {code}");
+    }
+    if summary.statuses.is_empty() {
+        println!("(no phase ran: check the *_command keys and the job's *_data)");
+    }
+    println!("run dir: {}", config.execution_basedir.join(&summary.job_id).display());
+    if summary.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn read_job_file(path: &Path) -> Result<Json, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut job = match Json::parse(&text) {
+        Ok(j) => j,
+        Err(json_err) => {
+            let yaml: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(&text).map_err(|e| format!("neither JSON ({json_err}) nor YAML ({e})"))?;
+            config::yaml_to_json(&yaml)
+        }
+    };
+    if !matches!(job, Json::Object(_)) {
+        return Err("a job must be a mapping".into());
+    }
+    match job.get("job_id").and_then(Json::as_str) {
+        Some(id) if client::is_safe_id(id) => {}
+        Some(id) => return Err(format!("job_id {id:?} is not a safe directory name")),
+        None => job.set("job_id", Json::str(format!("local-{}", std::process::id()))),
+    }
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn upstream_flags_parse() {
+        let Parsed::Run(a) = parse_args(&args(&["-c", "x.conf", "-p", "8000", "--token-file", "/t", "--once"])) else {
+            panic!("refused")
+        };
+        assert_eq!(a.config, PathBuf::from("x.conf"));
+        assert_eq!(a.metrics_port, Some(8000));
+        assert_eq!(a.token_file, Some(PathBuf::from("/t")));
+        assert!(a.once);
+        let Parsed::Run(a) = parse_args(&args(&["--metrics_port=9100"])) else { panic!() };
+        assert_eq!(a.metrics_port, Some(9100));
+    }
+
+    #[test]
+    fn wrong_usage_exits_2() {
+        for bad in [&["--bogus"][..], &["-p", "x"], &["stray"]] {
+            assert!(matches!(parse_args(&args(bad)), Parsed::Exit(2)), "{bad:?}");
+        }
+    }
 }

@@ -1,0 +1,512 @@
+//! The Testflinger server API, one method per endpoint: the only module
+//! that speaks HTTP.
+//!
+//! Every request carries the `agent_name` cookie and, when a token file is
+//! configured, a bearer token (refreshed once and replayed once on a 401).
+//! Connection errors and 500/502/503/504 are retried a few times with backoff;
+//! what still fails is returned to the caller, which keeps the data and tries
+//! again later: the client never drops anything on its own.
+//! Every answer read into memory is capped, so a broken or hostile server
+//! cannot make the agent allocate without bound.
+
+mod stream;
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::json::Json;
+
+pub use stream::BodyWriter;
+
+/// Cap on ordinary answers (agent data, results, token).
+const SMALL_ANSWER: usize = 1 << 20;
+/// Cap on a job: jobs carry scripts and data, but not megabytes of it.
+const JOB_ANSWER: usize = 16 << 20;
+/// Cap on the attachments archive on disk.
+pub const ATTACHMENTS_MAX: u64 = 4 << 30;
+
+#[derive(Debug)]
+pub enum ClientError {
+    /// No answer: connection refused, reset, timed out, TLS failure.
+    Connection { url: String, reason: String },
+    /// The server answered with a status the caller cannot use.
+    Status { url: String, status: u16, body: String },
+    /// The answer was larger than the cap for that endpoint.
+    TooLarge { url: String, limit: usize },
+    /// The answer was not what the API promises (bad JSON...).
+    BadAnswer { url: String, reason: String },
+    /// A local file the request needed could not be used.
+    Local { path: PathBuf, reason: String },
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            ClientError::Connection { url, reason } => write!(f, "{url}: no answer: {reason}"),
+            ClientError::Status { url, status, body } => write!(f, "{url}: HTTP {status} {body}"),
+            ClientError::TooLarge { url, limit } => write!(f, "{url}: answer larger than {limit} bytes"),
+            ClientError::BadAnswer { url, reason } => write!(f, "{url}: bad answer: {reason}"),
+            ClientError::Local { path, reason } => write!(f, "{}: {reason}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl ClientError {
+    /// True when trying again later may succeed (as opposed to a refusal).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connection { .. } => true,
+            ClientError::Status { status, .. } => is_retryable(*status) || *status == 401 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+fn is_retryable(status: u16) -> bool {
+    matches!(status, 500 | 502 | 503 | 504)
+}
+
+/// How hard one call tries before giving the failure back.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            first_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A server answer, body already read (and capped).
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self, url: &str) -> Result<Json, ClientError> {
+        Json::parse_bytes(&self.body).map_err(|e| ClientError::BadAnswer { url: url.to_string(), reason: e.to_string() })
+    }
+}
+
+pub struct Client {
+    base: String,
+    agent_id: String,
+    token_file: Option<PathBuf>,
+    access_token: Option<String>,
+    pub policy: RetryPolicy,
+}
+
+impl Client {
+    /// `server_address` may lack a scheme: `host:port` means `http://host:port`.
+    pub fn new(server_address: &str, agent_id: &str, token_file: Option<PathBuf>) -> Client {
+        let mut base = server_address.trim().trim_end_matches('/').to_string();
+        if !base.contains("://") {
+            base = format!("http://{base}");
+        }
+        Client { base, agent_id: agent_id.to_string(), token_file, access_token: None, policy: RetryPolicy::default() }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn read_refresh_token(&self) -> Option<String> {
+        let path = self.token_file.as_ref()?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                // A missing token file means anonymous requests, as upstream.
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot read token file {}: {e}", path.display());
+                }
+                return None;
+            }
+        };
+        match Json::parse(&text).ok().and_then(|j| j.get("refresh_token")?.as_str().map(String::from)) {
+            Some(t) if !t.is_empty() => Some(t),
+            _ => {
+                log::warn!("token file {} has no \"refresh_token\" string", path.display());
+                None
+            }
+        }
+    }
+
+    /// Exchanges the refresh token for an access token. Returns whether we
+    /// now hold one.
+    fn refresh(&mut self) -> bool {
+        let Some(refresh_token) = self.read_refresh_token() else {
+            return false;
+        };
+        let url = self.url("/v1/oauth2/refresh");
+        let body = Json::object().with("refresh_token", Json::str(refresh_token.as_str())).to_string_compact();
+        match self.send_once("POST", &url, Some(body.as_bytes()), SMALL_ANSWER, false) {
+            Ok(a) if a.status == 200 => match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
+                Some(token) => {
+                    log::debug!("got a new access token from {url}");
+                    self.access_token = Some(token);
+                    true
+                }
+                None => {
+                    log::error!("{url}: answer has no access_token");
+                    false
+                }
+            },
+            Ok(a) => {
+                log::error!("{url}: token refresh refused with HTTP {}", a.status);
+                self.access_token = None;
+                false
+            }
+            Err(e) => {
+                log::error!("token refresh failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// One HTTP exchange, no retries.
+    fn send_once(&self, method: &str, url: &str, body: Option<&[u8]>, cap: usize, auth: bool) -> Result<Answer, ClientError> {
+        let m = match method {
+            "GET" => minreq::Method::Get,
+            _ => minreq::Method::Post,
+        };
+        let mut req = minreq::Request::new(m, url)
+            .with_timeout(self.policy.timeout.as_secs().max(1))
+            .with_max_headers_size(64 * 1024)
+            .with_max_status_line_length(4096)
+            .with_header("Cookie", format!("agent_name={}", self.agent_id))
+            .with_header("User-Agent", concat!("testflinger-agent-rs/", env!("CARGO_PKG_VERSION")));
+        if auth {
+            if let Some(token) = &self.access_token {
+                req = req.with_header("Authorization", format!("Bearer {token}"));
+            }
+        }
+        if let Some(body) = body {
+            req = req.with_header("Content-Type", "application/json").with_body(body.to_vec());
+        }
+        let conn_err = |e: minreq::Error| ClientError::Connection { url: url.to_string(), reason: e.to_string() };
+        let resp = req.send_lazy().map_err(conn_err)?;
+        let status = u16::try_from(resp.status_code).unwrap_or(0);
+        let mut body = Vec::new();
+        let n = Read::take(resp, cap as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| ClientError::Connection { url: url.to_string(), reason: format!("reading answer: {e}") })?;
+        if n > cap {
+            return Err(ClientError::TooLarge { url: url.to_string(), limit: cap });
+        }
+        Ok(Answer { status, body })
+    }
+
+    /// One call with auth, the 401 refresh-and-replay, and retries.
+    pub fn call(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize) -> Result<Answer, ClientError> {
+        let url = self.url(path);
+        let body_text = body.map(|b| b.to_string_compact());
+        if self.access_token.is_none() && self.token_file.is_some() {
+            self.refresh();
+        }
+        let mut refreshed = false;
+        let mut backoff = self.policy.first_backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.send_once(method, &url, body_text.as_deref().map(str::as_bytes), cap, true);
+            match result {
+                Ok(a) if a.status == 401 && !refreshed && self.token_file.is_some() => {
+                    refreshed = true;
+                    log::info!("{method} {url}: HTTP 401, refreshing the access token");
+                    if !self.refresh() {
+                        return Ok(a);
+                    }
+                    continue;
+                }
+                Ok(a) if is_retryable(a.status) && attempt < self.policy.attempts => {
+                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {backoff:?}", a.status);
+                }
+                Err(e @ ClientError::Connection { .. }) if attempt < self.policy.attempts => {
+                    log::warn!("{method} {e} (attempt {attempt}), retrying in {backoff:?}");
+                }
+                other => return other,
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(self.policy.max_backoff);
+        }
+    }
+
+    /// A call whose only success is a 2xx; anything else becomes an error.
+    fn call_ok(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize) -> Result<Answer, ClientError> {
+        let a = self.call(method, path, body, cap)?;
+        if (200..300).contains(&a.status) {
+            Ok(a)
+        } else {
+            let snippet = String::from_utf8_lossy(&a.body[..a.body.len().min(200)]).trim().to_string();
+            Err(ClientError::Status { url: self.url(path), status: a.status, body: snippet })
+        }
+    }
+
+    /// Any answer below 500 means the server is up (a 404 on `/v1` too).
+    pub fn is_reachable(&self) -> bool {
+        match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false) {
+            Ok(a) => a.status < 500,
+            Err(e) => {
+                log::debug!("server not reachable: {e}");
+                false
+            }
+        }
+    }
+
+    pub fn post_agent_data(&mut self, data: &Json) -> Result<(), ClientError> {
+        let path = format!("/v1/agents/data/{}", self.agent_id);
+        self.call_ok("POST", &path, Some(data), SMALL_ANSWER).map(drop)
+    }
+
+    /// The agent's own record on the server; `None` when it has none yet.
+    pub fn get_agent_data(&mut self) -> Result<Option<Json>, ClientError> {
+        let path = format!("/v1/agents/data/{}", self.agent_id);
+        let a = self.call("GET", &path, None, SMALL_ANSWER)?;
+        match a.status {
+            200 => a.json(&self.url(&path)).map(Some),
+            404 | 204 => Ok(None),
+            status => Err(ClientError::Status { url: self.url(&path), status, body: String::new() }),
+        }
+    }
+
+    pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {
+        self.call_ok("POST", "/v1/agents/queues", Some(queues), SMALL_ANSWER).map(drop)
+    }
+
+    pub fn post_images(&mut self, images: &Json) -> Result<(), ClientError> {
+        self.call_ok("POST", "/v1/agents/images", Some(images), SMALL_ANSWER).map(drop)
+    }
+
+    /// Asks for a job on `queues`; `None` when there is none (204).
+    pub fn get_job(&mut self, queues: &[String]) -> Result<Option<Json>, ClientError> {
+        let query: Vec<String> = queues.iter().map(|q| format!("queue={}", url_encode(q))).collect();
+        let path = format!("/v1/job?{}", query.join("&"));
+        let a = self.call_ok("GET", &path, None, JOB_ANSWER)?;
+        if a.status == 204 || a.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        let job = a.json(&self.url(&path))?;
+        match job.get("job_id").and_then(Json::as_str) {
+            Some(id) if is_safe_id(id) => Ok(Some(job)),
+            _ => Err(ClientError::BadAnswer { url: self.url(&path), reason: "job without a valid job_id".into() }),
+        }
+    }
+
+    pub fn get_result(&mut self, job_id: &str) -> Result<Option<Json>, ClientError> {
+        let path = format!("/v1/result/{job_id}");
+        let a = self.call_ok("GET", &path, None, JOB_ANSWER)?;
+        if a.status == 204 || a.body.is_empty() {
+            return Ok(None);
+        }
+        a.json(&self.url(&path)).map(Some)
+    }
+
+    /// The job's `job_state` on the server, if it can be read.
+    pub fn job_state(&mut self, job_id: &str) -> Option<String> {
+        match self.get_result(job_id) {
+            Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
+            Ok(None) => None,
+            Err(e) => {
+                log::warn!("cannot read the job state: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn post_result(&mut self, job_id: &str, data: &Json) -> Result<(), ClientError> {
+        self.call_ok("POST", &format!("/v1/result/{job_id}"), Some(data), SMALL_ANSWER).map(drop)
+    }
+
+    /// `kind` is `output` or `serial`.
+    pub fn post_log_fragment(&mut self, job_id: &str, kind: &str, fragment: &Json) -> Result<(), ClientError> {
+        self.call_ok("POST", &format!("/v1/result/{job_id}/log/{kind}"), Some(fragment), SMALL_ANSWER).map(drop)
+    }
+
+    pub fn post_provision_log(&mut self, data: &Json) -> Result<(), ClientError> {
+        let path = format!("/v1/agents/provision_logs/{}", self.agent_id);
+        self.call_ok("POST", &path, Some(data), SMALL_ANSWER).map(drop)
+    }
+
+    pub fn post_events(&mut self, job_id: &str, data: &Json) -> Result<(), ClientError> {
+        self.call_ok("POST", &format!("/v1/job/{job_id}/events"), Some(data), SMALL_ANSWER).map(drop)
+    }
+
+    /// Uploads the artifact tarball at `archive` as `multipart/form-data`
+    /// (part `file`), streamed from disk: memory use does not grow with its
+    /// size. Retried like any call; a partial upload never counts as sent.
+    pub fn post_artifact(&mut self, job_id: &str, archive: &Path) -> Result<(), ClientError> {
+        let path = format!("/v1/result/{job_id}/artifact");
+        let size = std::fs::metadata(archive)
+            .map_err(|e| ClientError::Local { path: archive.to_path_buf(), reason: e.to_string() })?
+            .len();
+        let boundary = format!("tfboundary{:016x}", size ^ 0x5bd1_e995_u64.wrapping_mul(std::process::id() as u64));
+        let head = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\nContent-Type: application/x-gzip\r\n\r\n"
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let len = head.len() as u64 + size + tail.len() as u64;
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let mut write_body = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            w.write_all(head.as_bytes())?;
+            let mut f = std::fs::File::open(archive)?;
+            let copied = std::io::copy(&mut f, w)?;
+            if copied != size {
+                return Err(std::io::Error::other("archive changed size while uploading"));
+            }
+            w.write_all(tail.as_bytes())
+        };
+        self.call_streaming(&path, &content_type, len, &mut write_body)
+    }
+
+    /// POST with a body written by `body` (exactly `len` bytes), retried
+    /// like `call`, including the 401 refresh.
+    pub fn call_streaming(&mut self, path: &str, content_type: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
+        let url = self.url(path);
+        if self.access_token.is_none() && self.token_file.is_some() {
+            self.refresh();
+        }
+        let mut refreshed = false;
+        let mut backoff = self.policy.first_backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
+            if let Some(token) = &self.access_token {
+                headers.push(("Authorization".into(), format!("Bearer {token}")));
+            }
+            let result = stream::post(&url, &headers, content_type, len, body, self.policy.timeout);
+            match result {
+                Ok(status) if (200..300).contains(&status) => return Ok(()),
+                Ok(401) if !refreshed && self.token_file.is_some() => {
+                    refreshed = true;
+                    if !self.refresh() {
+                        return Err(ClientError::Status { url, status: 401, body: String::new() });
+                    }
+                    continue;
+                }
+                Ok(status) if is_retryable(status) && attempt < self.policy.attempts => {
+                    log::warn!("POST {url}: HTTP {status} (attempt {attempt}), retrying in {backoff:?}");
+                }
+                Ok(status) => return Err(ClientError::Status { url, status, body: String::new() }),
+                Err(e) if attempt < self.policy.attempts => {
+                    log::warn!("POST {url}: {e} (attempt {attempt}), retrying in {backoff:?}");
+                }
+                Err(e) => return Err(ClientError::Connection { url, reason: e.to_string() }),
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(self.policy.max_backoff);
+        }
+    }
+
+    /// Downloads the job's attachments archive to `dest`, streaming.
+    /// Returns false when the server has none (204).
+    pub fn download_attachments(&mut self, job_id: &str, dest: &Path) -> Result<bool, ClientError> {
+        let path = format!("/v1/job/{job_id}/attachments");
+        let url = self.url(&path);
+        if self.access_token.is_none() && self.token_file.is_some() {
+            self.refresh();
+        }
+        let mut last = None;
+        for attempt in 1..=self.policy.attempts {
+            match self.download_once(&url, dest) {
+                Ok(done) => return Ok(done),
+                Err(e) if e.is_transient() => {
+                    log::warn!("{e} (attempt {attempt})");
+                    if matches!(e, ClientError::Status { status: 401, .. }) {
+                        self.refresh();
+                    }
+                    last = Some(e);
+                    std::thread::sleep(self.policy.first_backoff * attempt);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Connection { url, reason: "no attempt made".into() }))
+    }
+
+    fn download_once(&self, url: &str, dest: &Path) -> Result<bool, ClientError> {
+        let mut req = minreq::get(url)
+            .with_timeout(self.policy.timeout.as_secs().max(1) * 10)
+            .with_max_headers_size(64 * 1024)
+            .with_header("Cookie", format!("agent_name={}", self.agent_id));
+        if let Some(token) = &self.access_token {
+            req = req.with_header("Authorization", format!("Bearer {token}"));
+        }
+        let resp = req.send_lazy().map_err(|e| ClientError::Connection { url: url.into(), reason: e.to_string() })?;
+        let status = u16::try_from(resp.status_code).unwrap_or(0);
+        if status == 204 {
+            return Ok(false);
+        }
+        if status != 200 {
+            return Err(ClientError::Status { url: url.into(), status, body: String::new() });
+        }
+        let local = |e: std::io::Error| ClientError::Local { path: dest.to_path_buf(), reason: e.to_string() };
+        let mut file = std::fs::File::create(dest).map_err(local)?;
+        let n = std::io::copy(&mut Read::take(resp, ATTACHMENTS_MAX + 1), &mut file)
+            .map_err(|e| ClientError::Connection { url: url.into(), reason: format!("reading attachments: {e}") })?;
+        if n > ATTACHMENTS_MAX {
+            return Err(ClientError::TooLarge { url: url.into(), limit: ATTACHMENTS_MAX as usize });
+        }
+        Ok(true)
+    }
+}
+
+/// Job ids name directories on disk: allow only what a UUID needs.
+pub fn is_safe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') && id != "." && id != ".."
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheme_less_address_means_http() {
+        assert_eq!(Client::new("10.0.0.5:8000", "a", None).base_url(), "http://10.0.0.5:8000");
+        assert_eq!(Client::new("https://tf.example.com/", "a", None).base_url(), "https://tf.example.com");
+    }
+
+    #[test]
+    fn job_ids_that_could_escape_the_run_dir_are_refused() {
+        assert!(is_safe_id("0d3a59a2-7e7b-4a3e-9f7d-3f1c2b9e8a11"));
+        for bad in ["", "..", "../x", "a/b", "a b"] {
+            assert!(!is_safe_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_names_are_encoded() {
+        assert_eq!(url_encode("my queue&x"), "my%20queue%26x");
+    }
+}

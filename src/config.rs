@@ -1,0 +1,283 @@
+//! The agent's YAML config file: the upstream keys, their defaults, and
+//! validation that names the offending key.
+//!
+//! Upstream validates with a voluptuous schema that refuses unknown keys; we
+//! do the same so that a typo (`test_comand`) is caught at start rather than
+//! silently leaving a phase unconfigured.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::json::Json;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub agent_id: String,
+    pub server_address: String,
+    pub job_queues: Vec<String>,
+    #[serde(default)]
+    pub identifier: Option<String>,
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Seconds between polls. Upstream takes an integer; fractions are
+    /// accepted too (handy for tests).
+    #[serde(default = "default_polling_interval")]
+    pub polling_interval: f64,
+    #[serde(default = "default_execution_basedir")]
+    pub execution_basedir: PathBuf,
+    #[serde(default = "default_logging_basedir")]
+    pub logging_basedir: PathBuf,
+    #[serde(default = "default_results_basedir")]
+    pub results_basedir: PathBuf,
+    #[serde(default = "default_logging_level")]
+    pub logging_level: String,
+    #[serde(default)]
+    pub logging_quiet: bool,
+    #[serde(default)]
+    pub setup_command: String,
+    #[serde(default)]
+    pub provision_command: String,
+    #[serde(default)]
+    pub firmware_update_command: String,
+    #[serde(default)]
+    pub test_command: String,
+    #[serde(default)]
+    pub allocate_command: String,
+    #[serde(default)]
+    pub reserve_command: String,
+    #[serde(default)]
+    pub cleanup_command: String,
+    #[serde(default)]
+    pub provision_type: Option<String>,
+    #[serde(default)]
+    pub global_timeout: Option<u64>,
+    #[serde(default)]
+    pub output_timeout: Option<u64>,
+    #[serde(default)]
+    pub advertised_queues: Option<serde_yaml_ng::Mapping>,
+    #[serde(default)]
+    pub advertised_images: Option<serde_yaml_ng::Mapping>,
+    /// Accepted for compatibility with upstream configs; the agent itself
+    /// does not use them (device connectors may read them from the env).
+    #[serde(default)]
+    pub links: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub control_host: Option<BTreeMap<String, String>>,
+    #[serde(default = "default_output_bytes")]
+    pub output_bytes: u64,
+
+    /// Every top-level key whose value is a string, exported to phase
+    /// commands as environment variables (as upstream does).
+    #[serde(skip)]
+    pub string_env: Vec<(String, String)>,
+}
+
+fn default_polling_interval() -> f64 {
+    10.0
+}
+fn default_execution_basedir() -> PathBuf {
+    "/tmp/testflinger/run".into()
+}
+fn default_logging_basedir() -> PathBuf {
+    "/tmp/testflinger/logs".into()
+}
+fn default_results_basedir() -> PathBuf {
+    "/tmp/testflinger/results".into()
+}
+fn default_logging_level() -> String {
+    "INFO".into()
+}
+fn default_output_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+
+/// Why a config file was refused; `Display` is the one line `main` prints.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "config {}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, " line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            key: None,
+            line: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |key: Option<String>, line: Option<usize>, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            key,
+            line,
+            reason,
+        };
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (key, reason) = describe_yaml_error(&e.to_string());
+            err(key, e.location().map(|l| l.line()), reason)
+        })?;
+        // Parsed a second time as a plain mapping to find the string keys;
+        // it parsed above, so this only fails on something very odd.
+        let raw: serde_yaml_ng::Mapping =
+            serde_yaml_ng::from_str(text).map_err(|e| err(None, None, e.to_string()))?;
+        config.string_env = raw
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .collect();
+
+        let required = [("agent_id", &config.agent_id), ("server_address", &config.server_address)];
+        for (key, value) in required {
+            if value.trim().is_empty() {
+                return Err(err(Some(key.into()), None, "must not be empty".into()));
+            }
+        }
+        if config.job_queues.is_empty() {
+            return Err(err(Some("job_queues".into()), None, "must list at least one queue".into()));
+        }
+        if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
+            return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
+        }
+        if crate::logging::parse_level(&config.logging_level).is_none() {
+            return Err(err(
+                Some("logging_level".into()),
+                None,
+                format!("unknown level {:?}; use DEBUG, INFO, WARNING, ERROR or CRITICAL", config.logging_level),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The command configured for `phase`, if any (empty means none).
+    pub fn command(&self, phase: &str) -> &str {
+        match phase {
+            "setup" => &self.setup_command,
+            "provision" => &self.provision_command,
+            "firmware_update" => &self.firmware_update_command,
+            "test" => &self.test_command,
+            "allocate" => &self.allocate_command,
+            "reserve" => &self.reserve_command,
+            "cleanup" => &self.cleanup_command,
+            _ => "",
+        }
+    }
+
+    pub fn advertised_queues_json(&self) -> Option<Json> {
+        self.advertised_queues.as_ref().map(|m| yaml_to_json(&serde_yaml_ng::Value::Mapping(m.clone())))
+    }
+
+    pub fn advertised_images_json(&self) -> Option<Json> {
+        self.advertised_images.as_ref().map(|m| yaml_to_json(&serde_yaml_ng::Value::Mapping(m.clone())))
+    }
+}
+
+/// Turns serde's messages ("unknown field `x`, expected one of ...",
+/// "missing field `x`", "job_queues: invalid type: ...") into (key, reason).
+fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
+    // Drop serde_yaml's " at line N column M" tail: the line is reported apart.
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    for (prefix, reason) in [("unknown field `", "unknown key"), ("missing field `", "required key is missing")] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            if let Some(end) = rest.find('`') {
+                return (Some(rest[..end].to_string()), reason.to_string());
+            }
+        }
+    }
+    // "key: invalid type: ..." for a wrongly typed value.
+    if let Some((key, reason)) = msg.split_once(": ") {
+        if !key.contains(' ') && !key.is_empty() {
+            let key = key.split(['[', '.']).next().unwrap_or(key);
+            return (Some(key.to_string()), reason.to_string());
+        }
+    }
+    (None, msg.to_string())
+}
+
+/// YAML values as JSON for the server (advertised queues and images).
+pub fn yaml_to_json(v: &serde_yaml_ng::Value) -> Json {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Null => Json::Null,
+        Y::Bool(b) => Json::Bool(*b),
+        Y::Number(n) => Json::Number(n.to_string()),
+        Y::String(s) => Json::Str(s.clone()),
+        Y::Sequence(s) => Json::Array(s.iter().map(yaml_to_json).collect()),
+        Y::Mapping(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Y::String(s) => s.clone(),
+                        other => serde_yaml_ng::to_string(other).unwrap_or_default().trim().to_string(),
+                    };
+                    (key, yaml_to_json(v))
+                })
+                .collect(),
+        ),
+        Y::Tagged(t) => yaml_to_json(&t.value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("t.conf"))
+    }
+
+    const MINIMAL: &str = "agent_id: a1\nserver_address: 10.0.0.5:8000\njob_queues: [q]\n";
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.polling_interval, 10.0);
+        assert_eq!(c.execution_basedir, PathBuf::from("/tmp/testflinger/run"));
+        assert_eq!(c.results_basedir, PathBuf::from("/tmp/testflinger/results"));
+        assert_eq!(c.logging_level, "INFO");
+        assert_eq!(c.output_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.command("test"), "");
+        assert!(c.string_env.contains(&("agent_id".into(), "a1".into())));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse(&format!("{MINIMAL}test_comand: x\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("test_comand"));
+        assert_eq!(e.line, Some(4));
+        let e = parse("agent_id: a1\njob_queues: [q]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server_address"));
+        let e = parse("agent_id: a1\nserver_address: s\njob_queues: q\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("job_queues"), "{e}");
+        let e = parse(&format!("{MINIMAL}polling_interval: soon\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("polling_interval"), "{e}");
+        let e = parse(&format!("{MINIMAL}logging_level: LOUD\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("logging_level"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Delivering a finished job: output the server missed, the artifacts, the
+//! outcome with `job_state: "complete"`. What cannot be delivered is kept in
+//! `results_basedir` and sent again before the next job, also after a
+//! restart: nothing a job produced is dropped because the server was down.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::client::{Client, ClientError, is_safe_id};
+use crate::json::Json;
+use crate::output::LiveStream;
+
+/// The packed artifacts, inside the run dir (beside, not in, `artifacts/`).
+pub const ARCHIVE_NAME: &str = ".artifacts.tar.gz";
+/// Present once the artifacts reached the server, so a retry skips them.
+const ARCHIVE_SENT: &str = ".artifacts-sent";
+/// Fragment counters and unsent output, for a later delivery.
+const STATE_FILE: &str = ".delivery-state.json";
+
+/// A phase log (or serial log) the server has only part of.
+#[derive(Clone, Debug)]
+pub struct PendingStream {
+    pub kind: String,
+    pub phase: String,
+    pub sent: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct JobState {
+    pub output_next: u64,
+    pub serial_next: u64,
+    pub pending: Vec<PendingStream>,
+}
+
+impl JobState {
+    pub fn save(&self, rundir: &Path) -> std::io::Result<()> {
+        let pending = self
+            .pending
+            .iter()
+            .map(|p| {
+                Json::object()
+                    .with("kind", Json::str(p.kind.as_str()))
+                    .with("phase", Json::str(p.phase.as_str()))
+                    .with("sent", Json::int(p.sent as i64))
+            })
+            .collect();
+        let json = Json::object()
+            .with("output_next", Json::int(self.output_next as i64))
+            .with("serial_next", Json::int(self.serial_next as i64))
+            .with("pending", Json::Array(pending));
+        write_atomic(&rundir.join(STATE_FILE), json.to_string_compact().as_bytes())
+    }
+
+    pub fn load(rundir: &Path) -> JobState {
+        let Ok(text) = fs::read_to_string(rundir.join(STATE_FILE)) else { return JobState::default() };
+        let Ok(json) = Json::parse(&text) else { return JobState::default() };
+        let num = |k: &str| json.get(k).and_then(Json::as_i64).unwrap_or(0).max(0) as u64;
+        let pending = json
+            .get("pending")
+            .and_then(Json::as_array)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|p| {
+                Some(PendingStream {
+                    kind: p.get("kind")?.as_str()?.to_string(),
+                    phase: p.get("phase")?.as_str()?.to_string(),
+                    sent: p.get("sent")?.as_i64()?.max(0) as u64,
+                })
+            })
+            .collect();
+        JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending }
+    }
+}
+
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path)
+}
+
+/// Sends what the server still lacks of the job in `rundir`, in order:
+/// missed output, artifacts, then the outcome. Each step that succeeds is
+/// recorded, so a retry resumes rather than repeats.
+pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), ClientError> {
+    let mut state = JobState::load(rundir);
+    while let Some(p) = state.pending.first().cloned() {
+        let (log_name, kind, counter) = match p.kind.as_str() {
+            "serial" => (format!("{}-serial.log", p.phase), "serial", &mut state.serial_next),
+            _ => (format!("{}.log", p.phase), "output", &mut state.output_next),
+        };
+        let path = rundir.join(log_name);
+        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut stream = LiveStream::new(job_id, kind, &p.phase, &path, p.sent);
+        let result = stream.flush(client, counter, written);
+        if let Some(first) = state.pending.first_mut() {
+            first.sent = stream.sent;
+        }
+        if let Err(e) = result {
+            let _ = state.save(rundir);
+            return Err(e);
+        }
+        state.pending.remove(0);
+        let _ = state.save(rundir);
+    }
+
+    let archive = rundir.join(ARCHIVE_NAME);
+    if archive.exists() && !rundir.join(ARCHIVE_SENT).exists() {
+        client.post_artifact(job_id, &archive)?;
+        let _ = fs::write(rundir.join(ARCHIVE_SENT), "");
+    }
+
+    let outcome_text = fs::read_to_string(rundir.join("testflinger-outcome.json")).unwrap_or_default();
+    let mut outcome = match Json::parse(&outcome_text) {
+        Ok(j @ Json::Object(_)) => j,
+        _ => Json::object().with("status", Json::object()),
+    };
+    outcome.set("job_state", Json::str("complete"));
+    client.post_result(job_id, &outcome)
+}
+
+/// Moves `rundir` into `results_basedir` to be delivered later.
+pub fn keep(results_basedir: &Path, rundir: &Path, job_id: &str) {
+    let dest = results_basedir.join(job_id);
+    let moved = fs::create_dir_all(results_basedir).and_then(|_| {
+        if dest.exists() {
+            fs::remove_dir_all(&dest)?;
+        }
+        fs::rename(rundir, &dest).or_else(|_| copy_tree(rundir, &dest).and_then(|_| fs::remove_dir_all(rundir)))
+    });
+    match moved {
+        Ok(()) => log::info!("job {job_id}: kept in {} for a later delivery", dest.display()),
+        // Left in the execution dir: it is found there at the next start.
+        Err(e) => log::error!("job {job_id}: cannot move {} to {}: {e}", rundir.display(), dest.display()),
+    }
+}
+
+/// rename(2) fails across file systems; copy instead, links as links.
+fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dest)?;
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let (from, to) = (entry.path(), dest.join(entry.file_name()));
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+        } else {
+            fs::copy(&from, &to)?;
+        }
+    }
+    Ok(())
+}
+
+/// Job dirs kept in `results_basedir`, oldest first.
+pub fn kept_jobs(results_basedir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(dir) = fs::read_dir(results_basedir) else { return Vec::new() };
+    let mut jobs: Vec<_> = dir
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let mtime = e.metadata().and_then(|m| m.modified()).ok();
+            is_safe_id(&name).then(|| (mtime, name, e.path()))
+        })
+        .collect();
+    jobs.sort();
+    jobs.into_iter().map(|(_, n, p)| (n, p)).collect()
+}
+
+/// Delivers every kept job. Returns true when none is left.
+pub fn deliver_kept(client: &mut Client, results_basedir: &Path) -> bool {
+    for (job_id, dir) in kept_jobs(results_basedir) {
+        match deliver(client, &dir, &job_id) {
+            Ok(()) => {
+                log::info!("job {job_id}: kept outcome delivered");
+                if let Err(e) = fs::remove_dir_all(&dir) {
+                    log::warn!("cannot remove {}: {e}", dir.display());
+                }
+            }
+            Err(e) => {
+                log::warn!("job {job_id}: kept outcome still not delivered: {e}");
+                return false;
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,633 @@
+//! One job: its run dir, the phases in order with their skip and stop
+//! rules, events, and the outcome.
+//!
+//! With a server (`client` is `Some`) progress is reported as it happens;
+//! without one (the local `--job` mode) the same phases run and only the
+//! run dir and the terminal see the output.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::archive;
+use crate::client::Client;
+use crate::config::Config;
+use crate::delivery::{self, PendingStream};
+use crate::json::Json;
+use crate::output::{LiveStream, PhaseLog};
+use crate::runner::{self, Limits, Stop, Watcher};
+use crate::signals;
+use crate::timestamp::now_iso8601;
+
+/// The phases before cleanup, in order.
+pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
+
+/// The exit code device connectors use for "the device could not be recovered".
+pub const RECOVERY_FAILED: i32 = 46;
+
+const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
+const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
+const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
+/// How often a running phase asks the server whether the job was cancelled.
+const CANCEL_CHECK: Duration = Duration::from_secs(3);
+/// Cleanup after the agent was told to stop must not hold the stop forever.
+const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
+
+/// What became of a job, for the agent loop and the `--job` summary.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub job_id: String,
+    pub statuses: Vec<(String, i32)>,
+    pub recovery_failed: bool,
+    pub interrupted: bool,
+    /// Why the job ended (`normal_exit`, `cancelled`, `<phase>_fail`...).
+    pub end_reason: String,
+    /// The outcome reached the server (always false without a server).
+    pub delivered: bool,
+}
+
+impl Summary {
+    pub fn failed(&self) -> bool {
+        self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != "normal_exit"
+    }
+}
+
+/// The job's events, posted whole each time when the job has a webhook.
+struct Events {
+    list: Vec<Json>,
+    header: Option<Json>,
+}
+
+impl Events {
+    fn new(job: &Json, agent_id: &str) -> Events {
+        let webhook = job.get("job_status_webhook").and_then(Json::as_str).filter(|w| !w.is_empty());
+        let header = webhook.map(|w| {
+            Json::object()
+                .with("agent_id", Json::str(agent_id))
+                .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
+                .with("job_status_webhook", Json::str(w))
+        });
+        Events { list: Vec::new(), header }
+    }
+
+    fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
+        log::info!("job {job_id}: event {name} {detail}");
+        let Some(header) = &self.header else { return };
+        self.list.push(
+            Json::object()
+                .with("event_name", Json::str(name))
+                .with("timestamp", Json::str(now_iso8601()))
+                .with("detail", Json::str(detail)),
+        );
+        if let Some(client) = client {
+            let body = header.clone().with("events", Json::Array(self.list.clone()));
+            if let Err(e) = client.post_events(job_id, &body) {
+                log::warn!("event {name} not posted: {e}");
+            }
+        }
+    }
+}
+
+/// Watches one running phase: output to the log and the live stream,
+/// cancellation and agent signals as stop conditions.
+struct PhaseWatcher<'a> {
+    log: PhaseLog,
+    live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
+    job_id: &'a str,
+    next_cancel_check: Option<Instant>,
+    honour_interrupt: bool,
+}
+
+impl Watcher for PhaseWatcher<'_> {
+    fn output(&mut self, data: &[u8]) {
+        self.log.write(data);
+    }
+
+    fn check(&mut self, now: Instant) -> Option<Stop> {
+        if self.honour_interrupt && signals::interrupted() {
+            return Some(Stop::Interrupted);
+        }
+        if let Some((stream, client, counter)) = &mut self.live {
+            stream.pump(client, counter, self.log.written, now);
+            if self.next_cancel_check.is_some_and(|t| now >= t) {
+                self.next_cancel_check = Some(now + CANCEL_CHECK);
+                if client.job_state(self.job_id).as_deref() == Some("cancelled") {
+                    return Some(Stop::Cancelled);
+                }
+            }
+        }
+        None
+    }
+
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(1);
+        if let Some((stream, _, _)) = &self.live {
+            if let Some(t) = stream.due(self.log.written) {
+                wake = wake.min(t);
+            }
+        }
+        if let Some(t) = self.next_cancel_check {
+            wake = wake.min(t);
+        }
+        wake
+    }
+}
+
+pub struct JobRunner<'a> {
+    config: &'a Config,
+    client: Option<&'a mut Client>,
+    echo: bool,
+    job: Json,
+    job_id: String,
+    rundir: PathBuf,
+    secrets: Vec<(String, String)>,
+    events: Events,
+    statuses: Vec<(String, i32)>,
+    output_fragments: u64,
+    serial_fragments: u64,
+    /// Output not yet delivered when its phase ended (server down).
+    pending: Vec<PendingStream>,
+}
+
+impl<'a> JobRunner<'a> {
+    /// `job` must have a safe `job_id` (checked by the caller).
+    pub fn new(config: &'a Config, client: Option<&'a mut Client>, mut job: Json, echo: bool) -> JobRunner<'a> {
+        let job_id = job.get("job_id").and_then(Json::as_str).unwrap_or("local-job").to_string();
+        let rundir = config.execution_basedir.join(&job_id);
+        // Secrets go to the phase's environment only: never to disk.
+        let mut secrets = Vec::new();
+        for phase in PHASES {
+            if let Some(data) = job.get_mut(&format!("{phase}_data")) {
+                if let Some(Json::Object(map)) = data.remove("secrets") {
+                    for (k, v) in map {
+                        let value = match v {
+                            Json::Str(s) => s,
+                            Json::Null => String::new(),
+                            other => other.to_string_compact(),
+                        };
+                        secrets.push((k, value));
+                    }
+                }
+            }
+        }
+        let events = Events::new(&job, &config.agent_id);
+        JobRunner {
+            config,
+            client,
+            echo,
+            job,
+            job_id,
+            rundir,
+            secrets,
+            events,
+            statuses: Vec::new(),
+            output_fragments: 0,
+            serial_fragments: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn rundir(&self) -> &Path {
+        &self.rundir
+    }
+
+    fn emit(&mut self, name: &str, detail: &str) {
+        self.events.emit(self.client.as_deref_mut(), &self.job_id, name, detail);
+    }
+
+    fn post_result(&mut self, data: Json) {
+        if let Some(client) = self.client.as_deref_mut() {
+            if let Err(e) = client.post_result(&self.job_id, &data) {
+                log::warn!("result update not posted: {e}");
+            }
+        }
+    }
+
+    fn post_agent_state(&mut self, state: &str) {
+        if let Some(client) = self.client.as_deref_mut() {
+            if let Err(e) = client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+                log::warn!("agent state not posted: {e}");
+            }
+        }
+    }
+
+    fn is_cancelled(&mut self) -> bool {
+        match self.client.as_deref_mut() {
+            Some(client) => client.job_state(&self.job_id).as_deref() == Some("cancelled"),
+            None => false,
+        }
+    }
+
+    /// Creates the run dir and the files device connectors expect.
+    fn prepare(&mut self) -> std::io::Result<()> {
+        if self.rundir.exists() {
+            fs::remove_dir_all(&self.rundir)?;
+        }
+        fs::create_dir_all(&self.rundir)?;
+        fs::write(self.rundir.join("testflinger.json"), self.job.to_string_compact())?;
+        self.write_outcome()?;
+        fs::write(self.rundir.join("device-connector-error.json"), "")?;
+        Ok(())
+    }
+
+    fn outcome(&self) -> Json {
+        let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.clone(), Json::int(i64::from(*c)))).collect());
+        Json::object().with("status", status)
+    }
+
+    fn write_outcome(&self) -> std::io::Result<()> {
+        fs::write(self.rundir.join("testflinger-outcome.json"), self.outcome().to_string_compact())
+    }
+
+    /// Why `phase` does not run, or `None` when it does.
+    fn skip_reason(&self, phase: &str) -> Option<String> {
+        if self.config.command(phase).trim().is_empty() {
+            return Some(format!("no {phase}_command configured"));
+        }
+        if phase == "setup" || phase == "cleanup" {
+            return None;
+        }
+        let data = self.job.get(&format!("{phase}_data"));
+        match data {
+            None => Some(format!("no {phase}_data in the job")),
+            Some(d) if d.is_empty_like() => Some(format!("empty {phase}_data in the job")),
+            Some(d) if d.get("skip").and_then(Json::as_bool) == Some(true) => Some(format!("{phase}_data has skip: true")),
+            Some(_) => None,
+        }
+    }
+
+    fn timeout_from_job(&self, key: &str) -> Option<u64> {
+        self.job.get(key).and_then(Json::as_i64).filter(|t| *t > 0).map(|t| t as u64)
+    }
+
+    fn limits(&self, phase: &str) -> Limits {
+        let pick = |job: Option<u64>, conf: Option<u64>, default: u64| match (job, conf) {
+            (Some(j), Some(c)) => j.min(c),
+            (Some(j), None) => j,
+            (None, Some(c)) => c,
+            (None, None) => default,
+        };
+        if phase == "reserve" {
+            let t = self
+                .job
+                .get("reserve_data")
+                .and_then(|d| d.get("timeout"))
+                .and_then(parse_duration)
+                .unwrap_or(DEFAULT_RESERVE_TIMEOUT);
+            return Limits { global: Some(Duration::from_secs(t)), output: None };
+        }
+        let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
+        let output = (phase == "test")
+            .then(|| pick(self.timeout_from_job("output_timeout"), self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
+        Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs) }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.config.string_env.clone();
+        env.extend(self.secrets.iter().cloned());
+        env
+    }
+
+    /// Runs one phase's command; returns its exit code and stop reason.
+    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>) {
+        let log_path = self.rundir.join(format!("{phase}.log"));
+        let secret_values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
+        let mut log = match PhaseLog::open(&log_path, &secret_values, self.echo) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot open {}: {e}", log_path.display());
+                return (100, None);
+            }
+        };
+        let start_offset = log.written;
+        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
+        let stars = "*".repeat(banner_line.len());
+        log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
+
+        let mut limits = self.limits(phase);
+        let interrupted_cleanup = phase == "cleanup" && signals::interrupted();
+        if interrupted_cleanup {
+            limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
+        }
+        let env = self.env();
+        let cmd = self.config.command(phase).to_string();
+        let job_id = self.job_id.clone();
+        let can_cancel = phase != "provision" && phase != "cleanup";
+        let live = self.client.as_deref_mut().map(|c| {
+            (LiveStream::new(&job_id, "output", phase, &log_path, start_offset), c, &mut self.output_fragments)
+        });
+        let has_live = live.is_some();
+        let mut watcher = PhaseWatcher {
+            log,
+            live,
+            job_id: &job_id,
+            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + CANCEL_CHECK),
+            honour_interrupt: phase != "cleanup",
+        };
+        let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
+        if let Some(sig) = outcome.signal {
+            watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
+        }
+        watcher.log.finish();
+        let written = watcher.log.written;
+        if let Some((mut stream, client, counter)) = watcher.live.take() {
+            if let Err(e) = stream.flush(client, counter, written) {
+                log::warn!("{phase} output not fully sent, kept for later: {e}");
+                self.pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent });
+            }
+        }
+        self.send_serial_log(phase);
+        (outcome.code, outcome.stopped)
+    }
+
+    fn send_serial_log(&mut self, phase: &str) {
+        let path = self.rundir.join(format!("{phase}-serial.log"));
+        let Ok(meta) = fs::metadata(&path) else { return };
+        let Some(client) = self.client.as_deref_mut() else { return };
+        let mut stream = LiveStream::new(&self.job_id, "serial", phase, &path, 0);
+        if let Err(e) = stream.flush(client, &mut self.serial_fragments, meta.len()) {
+            log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+            self.pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: stream.sent });
+        }
+    }
+
+    /// Text of the connector's failure detail for `phase`, if it left one.
+    fn connector_error(&self, phase: &str) -> String {
+        let Ok(text) = fs::read_to_string(self.rundir.join("device-connector-error.json")) else {
+            return String::new();
+        };
+        let Ok(json) = Json::parse(&text) else { return String::new() };
+        let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
+        let field = |k: &str| info.get(k).and_then(Json::as_str).unwrap_or("").to_string();
+        let mut detail = format!("{}: {}", field("exception_name"), field("exception_message"));
+        let cause = field("exception_cause");
+        if !cause.is_empty() {
+            detail.push_str(&format!(" (caused by {cause})"));
+        }
+        detail
+    }
+
+    fn post_device_info(&mut self) -> bool {
+        let Ok(text) = fs::read_to_string(self.rundir.join("device-info.json")) else { return true };
+        let Ok(info) = Json::parse(&text) else {
+            log::warn!("device-info.json is not valid JSON; not posted");
+            return true;
+        };
+        let info = info.get("device_info").cloned().unwrap_or(info);
+        match self.client.as_deref_mut() {
+            Some(client) => match client.post_result(&self.job_id, &Json::object().with("device_info", info)) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("device info not posted: {e}");
+                    false
+                }
+            },
+            None => true,
+        }
+    }
+
+    /// After the allocate command: publish the device, then hold it until
+    /// this job or its parent is over.
+    fn hold_allocation(&mut self) {
+        while !self.post_device_info() {
+            if signals::interrupted() {
+                return;
+            }
+            signals::sleep(Duration::from_secs(2));
+        }
+        self.post_result(Json::object().with("job_state", Json::str("allocated")));
+        let parent = self.job.get("parent_job_id").and_then(Json::as_str).map(String::from);
+        let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
+        let Some(client) = self.client.as_deref_mut() else { return };
+        let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
+        loop {
+            if over(client.job_state(&self.job_id)) || parent.as_deref().is_some_and(|p| over(client.job_state(p))) {
+                return;
+            }
+            if signals::interrupted() {
+                return;
+            }
+            signals::sleep(interval);
+        }
+    }
+
+    /// Runs the whole job and delivers (or keeps) its outcome.
+    pub fn run(mut self) -> Summary {
+        let mut summary = Summary { job_id: self.job_id.clone(), ..Summary::default() };
+        if let Some(client) = self.client.as_deref_mut() {
+            let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
+        }
+        let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.job_id))).unwrap_or_default();
+        self.emit("job_start", &job_url);
+        if let Err(e) = self.prepare() {
+            log::error!("cannot prepare run dir {}: {e}", self.rundir.display());
+            self.statuses.push(("setup".into(), 100));
+            summary.end_reason = "setup_fail".into();
+            summary.statuses = self.statuses.clone();
+            self.emit("job_end", &format!("cannot prepare the run dir: {e}"));
+            self.finish_without_rundir();
+            return summary;
+        }
+
+        let mut end_reason = "normal_exit".to_string();
+        for phase in PHASES {
+            if let Some(why) = self.skip_reason(phase) {
+                log::debug!("skipping {phase}: {why}");
+                continue;
+            }
+            if signals::interrupted() {
+                end_reason = "agent_interrupted".into();
+                break;
+            }
+            if self.is_cancelled() {
+                self.emit("cancelled", &format!("before {phase}"));
+                end_reason = "cancelled".into();
+                break;
+            }
+            self.post_result(Json::object().with("job_state", Json::str(phase)));
+            self.post_agent_state(phase);
+            self.post_device_info();
+            self.emit(&format!("{phase}_start"), "");
+            log::info!("job {}: running {phase}", self.job_id);
+            let (code, stopped) = self.run_phase(phase);
+            log::info!("job {}: {phase} exited with {code}", self.job_id);
+            self.statuses.push((phase.to_string(), code));
+            if let Err(e) = self.write_outcome() {
+                log::error!("cannot write the outcome file: {e}");
+            }
+            self.post_result(self.outcome());
+            if let Some(stop) = &stopped {
+                self.emit(stop.event(), &stop.message().trim().to_string());
+            }
+            let detail = self.connector_error(phase);
+            if phase == "provision" {
+                if let Some(client) = self.client.as_deref_mut() {
+                    let body = Json::object()
+                        .with("job_id", Json::str(self.job_id.as_str()))
+                        .with("exit_code", Json::int(i64::from(code)))
+                        .with("detail", Json::str(detail.as_str()));
+                    if let Err(e) = client.post_provision_log(&body) {
+                        log::warn!("provision log not posted: {e}");
+                    }
+                }
+            }
+            if code == RECOVERY_FAILED {
+                summary.recovery_failed = true;
+                self.emit("recovery_fail", &format!("{phase} exited with 46: device recovery failed"));
+            }
+            if code == 0 {
+                self.emit(&format!("{phase}_success"), "");
+            } else {
+                self.emit(&format!("{phase}_fail"), &detail);
+            }
+            if phase == "allocate" && code == 0 {
+                self.hold_allocation();
+            }
+            match stopped {
+                Some(Stop::Cancelled) => {
+                    end_reason = "cancelled".into();
+                    break;
+                }
+                Some(Stop::Interrupted) => {
+                    end_reason = "agent_interrupted".into();
+                    break;
+                }
+                _ => {}
+            }
+            if code != 0 && phase != "test" {
+                end_reason = format!("{phase}_fail");
+                break;
+            }
+        }
+
+        // Cleanup runs whatever happened before, so the device is left sane.
+        if self.skip_reason("cleanup").is_none() {
+            self.post_agent_state("cleanup");
+            self.emit("cleanup_start", "");
+            let (code, _) = self.run_phase("cleanup");
+            self.statuses.push(("cleanup".into(), code));
+            let _ = self.write_outcome();
+            self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
+        }
+        summary.interrupted = signals::interrupted();
+        summary.statuses = self.statuses.clone();
+        summary.end_reason = end_reason.clone();
+        self.emit("job_end", &end_reason);
+        summary.delivered = self.finish();
+        summary
+    }
+
+    /// Packs artifacts, delivers the outcome, and removes the run dir, or
+    /// moves it to `results_basedir` to be delivered later.
+    fn finish(&mut self) -> bool {
+        let artifacts = self.rundir.join("artifacts");
+        if archive::has_content(&artifacts) {
+            let dest = self.rundir.join(delivery::ARCHIVE_NAME);
+            match archive::pack_artifacts(&artifacts, &dest) {
+                Ok(size) => log::info!("artifacts packed: {size} bytes"),
+                Err(e) => {
+                    log::error!("cannot pack artifacts (the outcome is still delivered): {e}");
+                    let _ = fs::remove_file(&dest);
+                }
+            }
+        }
+        let state = delivery::JobState {
+            output_next: self.output_fragments,
+            serial_next: self.serial_fragments,
+            pending: std::mem::take(&mut self.pending),
+        };
+        if let Err(e) = state.save(&self.rundir) {
+            log::error!("cannot save delivery state in {}: {e}", self.rundir.display());
+        }
+        let Some(client) = self.client.as_deref_mut() else {
+            return false;
+        };
+        match delivery::deliver(client, &self.rundir, &self.job_id) {
+            Ok(()) => {
+                if let Err(e) = fs::remove_dir_all(&self.rundir) {
+                    log::warn!("cannot remove {}: {e}", self.rundir.display());
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.job_id);
+                delivery::keep(&self.config.results_basedir, &self.rundir, &self.job_id);
+                false
+            }
+        }
+    }
+
+    /// The run dir could not be made: report the failure without one.
+    fn finish_without_rundir(&mut self) {
+        let outcome = self.outcome().with("job_state", Json::str("complete"));
+        self.post_result(outcome);
+    }
+}
+
+/// Reads a reservation timeout: seconds (number or digits) or a duration
+/// such as `2h30m`, `1d5h30m`, `30min`, `90s`.
+pub fn parse_duration(v: &Json) -> Option<u64> {
+    if let Some(n) = v.as_i64() {
+        return (n > 0).then_some(n as u64);
+    }
+    let s = v.as_str()?.trim().to_ascii_lowercase();
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(n);
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        if c.is_whitespace() {
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_alphabetic() {
+                unit.push(n);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        let mult = match unit.as_str() {
+            "d" | "day" | "days" => 86_400,
+            "h" | "hr" | "hrs" | "hour" | "hours" => 3600,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60,
+            "s" | "sec" | "secs" | "second" | "seconds" => 1,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(mult)?)?;
+        any = true;
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    any.then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_durations() {
+        let d = |s: &str| parse_duration(&Json::str(s));
+        assert_eq!(d("2h30m"), Some(9000));
+        assert_eq!(d("1d5h30m"), Some(86_400 + 5 * 3600 + 1800));
+        assert_eq!(d("30min"), Some(1800));
+        assert_eq!(d("3600"), Some(3600));
+        assert_eq!(parse_duration(&Json::int(120)), Some(120));
+        assert_eq!(d("soon"), None);
+        assert_eq!(d("5"), Some(5));
+        assert_eq!(d("5x"), None);
+        assert_eq!(d("10m5"), None);
+    }
+}

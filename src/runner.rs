@@ -1,0 +1,394 @@
+//! Runs one phase command: its own process group, one pipe for stdout and
+//! stderr, one `poll(2)` loop, stop conditions, and no orphans.
+//!
+//! The runner knows nothing of HTTP or jobs: it hands bytes to a [`Watcher`]
+//! and asks it, whenever it wakes, whether to stop.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why a phase was stopped before it ended by itself.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stop {
+    GlobalTimeout(u64),
+    OutputTimeout(u64),
+    Cancelled,
+    /// The agent itself was asked to stop (SIGTERM/SIGINT).
+    Interrupted,
+}
+
+impl Stop {
+    /// The line written into the phase output, as upstream words it.
+    pub fn message(&self) -> String {
+        match self {
+            Stop::GlobalTimeout(s) => format!("\nERROR: Global timeout reached! ({s}s)\n"),
+            Stop::OutputTimeout(s) => format!("\nERROR: Output timeout reached! ({s}s)\n"),
+            Stop::Cancelled => "\nJob cancellation was requested, exiting.\n".into(),
+            Stop::Interrupted => "\nERROR: The agent was stopped; ending the phase.\n".into(),
+        }
+    }
+
+    pub fn event(&self) -> &'static str {
+        match self {
+            Stop::GlobalTimeout(_) => "global_timeout",
+            Stop::OutputTimeout(_) => "output_timeout",
+            Stop::Cancelled => "cancelled",
+            Stop::Interrupted => "agent_interrupted",
+        }
+    }
+}
+
+/// What the runner reports to, and asks of, its caller.
+pub trait Watcher {
+    /// Bytes the command wrote (stdout and stderr merged, in order).
+    fn output(&mut self, data: &[u8]);
+    /// Called on every wake-up; returning `Some` stops the phase.
+    fn check(&mut self, now: Instant) -> Option<Stop>;
+    /// When the watcher next needs `check` without new output.
+    fn next_wake(&self, now: Instant) -> Instant;
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub global: Option<Duration>,
+    pub output: Option<Duration>,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Outcome {
+    /// The exit status modulo 256; 100 when the command could not start.
+    pub code: i32,
+    /// Set when the command died of a signal.
+    pub signal: Option<i32>,
+    pub stopped: Option<Stop>,
+}
+
+/// How long a stopped phase gets between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_millis(1500);
+/// Output of a command that exited, still arriving from a leftover process
+/// holding the pipe open, is read for at most this long.
+const DRAIN: Duration = Duration::from_millis(200);
+const READ_BUF: usize = 64 * 1024;
+
+/// Makes the agent a child subreaper, so that descendants that leave the
+/// phase's process group (a daemon calling `setsid`) are re-parented to us
+/// and can be found and killed. Linux only; elsewhere a no-op.
+pub fn become_subreaper() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two fresh descriptors, owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Runs `cmd` through `/bin/sh -c` in `cwd` with `env` added.
+pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
+    let spawned = pipe().and_then(|(read, write)| {
+        let write2 = write.try_clone()?;
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(cwd)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(write2))
+            .process_group(0)
+            .spawn()?;
+        Ok((read, child))
+    });
+    // The Command (and our copies of the write end) are dropped here, so EOF
+    // on the read end means every process of the phase closed its output.
+    let (read, child) = match spawned {
+        Ok(x) => x,
+        Err(e) => {
+            watcher.output(format!("ERROR: cannot start the command: {e}\n").as_bytes());
+            return Outcome { code: 100, signal: None, stopped: None };
+        }
+    };
+    supervise(read, child, limits, watcher)
+}
+
+fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
+    let pgid = child.id() as i32;
+    let start = Instant::now();
+    let mut last_output = start;
+    let mut buf = vec![0u8; READ_BUF];
+    let mut open = true;
+    let mut status = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut stopped: Option<Stop> = None;
+    let mut term_sent: Option<Instant> = None;
+
+    loop {
+        let now = Instant::now();
+        if status.is_none() {
+            status = child.try_wait().ok().flatten();
+            if status.is_some() {
+                exited_at = Some(now);
+            }
+        }
+        // Done: the shell exited and the pipe is closed, or the shell exited a
+        // while ago and a leftover holds the pipe (it gets killed below).
+        if let Some(at) = exited_at {
+            if !open || now.duration_since(at) >= DRAIN {
+                break;
+            }
+        }
+        if stopped.is_none() {
+            let reason = if limits.global.is_some_and(|g| now.duration_since(start) >= g) {
+                limits.global.map(|g| Stop::GlobalTimeout(g.as_secs()))
+            } else if limits.output.is_some_and(|o| now.duration_since(last_output) >= o) {
+                limits.output.map(|o| Stop::OutputTimeout(o.as_secs()))
+            } else {
+                watcher.check(now)
+            };
+            if let Some(reason) = reason {
+                log::info!("stopping the phase: {}", reason.event());
+                watcher.output(reason.message().as_bytes());
+                signal_group(pgid, libc::SIGTERM);
+                term_sent = Some(now);
+                stopped = Some(reason);
+            }
+        } else if term_sent.is_some_and(|t| now.duration_since(t) >= GRACE) {
+            signal_group(pgid, libc::SIGKILL);
+            kill_descendants();
+            term_sent = None;
+        }
+        if stopped.is_some() {
+            // Keep the watcher's own work (sending output) going while we wait.
+            watcher.check(now);
+        }
+
+        // Sleep until output arrives or the next thing to check is due.
+        let mut wake = watcher.next_wake(now).min(now + Duration::from_secs(1));
+        if status.is_none() {
+            // Exit is noticed by polling try_wait; 100 ms keeps the idle cost
+            // far below 1% of a core while ending phases promptly.
+            wake = wake.min(now + Duration::from_millis(100));
+        }
+        if let Some(at) = exited_at {
+            wake = wake.min(at + DRAIN);
+        }
+        if let Some(g) = limits.global {
+            wake = wake.min(start + g);
+        }
+        if let Some(o) = limits.output {
+            wake = wake.min(last_output + o);
+        }
+        if let Some(t) = term_sent {
+            wake = wake.min(t + GRACE);
+        }
+        let timeout_ms = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
+        if !open {
+            std::thread::sleep(Duration::from_millis(timeout_ms.max(1) as u64));
+            continue;
+        }
+        let mut pfd = libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                log::error!("poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        if n == 0 {
+            continue;
+        }
+        // Read what is there; several reads per wake under heavy output.
+        for _ in 0..16 {
+            // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+            let r = unsafe { libc::read(read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if r > 0 {
+                watcher.output(&buf[..r as usize]);
+                last_output = Instant::now();
+                if (r as usize) < buf.len() {
+                    break;
+                }
+            } else if r == 0 {
+                open = false;
+                break;
+            } else {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        open = false;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    // The phase is over: nothing of it may outlive it.
+    signal_group(pgid, libc::SIGKILL);
+    kill_descendants();
+    let status = match status {
+        Some(s) => s,
+        None => child.wait().unwrap_or_else(|_| std::process::ExitStatus::from_raw(0)),
+    };
+    let (code, signal) = match (status.code(), status.signal()) {
+        (Some(c), _) => (c & 0xff, None),
+        (None, Some(sig)) => (128 + sig, Some(sig)),
+        (None, None) => (1, None),
+    };
+    Outcome { code, signal, stopped }
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: kill with a negative pid signals the group; harmless if gone.
+        unsafe {
+            libc::kill(-pgid, sig);
+        }
+    }
+}
+
+/// SIGKILLs every descendant of the agent and reaps them, until none is
+/// left (or 2 s pass). Descendants that escaped the process group were
+/// re-parented to us, the subreaper, so walking /proc from our pid finds
+/// them all.
+pub fn kill_descendants() {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let pids = descendants(std::process::id() as i32);
+        for &pid in &pids {
+            // SAFETY: plain kill(2) on a pid we just saw as our descendant.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        reap();
+        if pids.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reaps every exited child without blocking.
+pub fn reap() {
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid with WNOHANG and a valid status pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+    }
+}
+
+/// Pids of all live (non-zombie) descendants of `root`, from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The command name may hold spaces and parens; fields follow the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid = fields.next().and_then(|p| p.parse::<i32>().ok()).unwrap_or(0);
+        if state != "Z" && state != "X" {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Collect {
+        out: Vec<u8>,
+        stop_after: Option<Instant>,
+    }
+
+    impl Watcher for Collect {
+        fn output(&mut self, data: &[u8]) {
+            self.out.extend_from_slice(data);
+        }
+        fn check(&mut self, now: Instant) -> Option<Stop> {
+            self.stop_after.filter(|t| now >= *t).map(|_| Stop::Cancelled)
+        }
+        fn next_wake(&self, now: Instant) -> Instant {
+            self.stop_after.unwrap_or(now + Duration::from_secs(1))
+        }
+    }
+
+    // `run` reaps every descendant of this process when a phase ends, so
+    // the tests of this module must not run side by side.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn collect() -> Collect {
+        Collect { out: Vec::new(), stop_after: None }
+    }
+
+    #[test]
+    fn merges_output_and_reports_code_mod_256() {
+        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = collect();
+        let o = run("echo out; echo err >&2; exit 300", Path::new("/"), &[], Limits::default(), &mut w);
+        assert_eq!(o.code, 300 % 256);
+        assert_eq!(String::from_utf8_lossy(&w.out), "out\nerr\n");
+    }
+
+    #[test]
+    fn env_and_cwd_are_applied() {
+        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = collect();
+        let env = vec![("TF_X".to_string(), "42".to_string())];
+        let o = run("echo $TF_X; pwd", Path::new("/tmp"), &env, Limits::default(), &mut w);
+        assert_eq!(o.code, 0);
+        assert_eq!(String::from_utf8_lossy(&w.out), "42\n/tmp\n");
+    }
+
+    #[test]
+    fn missing_cwd_gives_100() {
+        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = collect();
+        let o = run("true", Path::new("/nonexistent/dir"), &[], Limits::default(), &mut w);
+        assert_eq!(o.code, 100);
+        assert!(String::from_utf8_lossy(&w.out).contains("cannot start"));
+    }
+
+    #[test]
+    fn global_timeout_kills_the_group() {
+        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = collect();
+        let limits = Limits { global: Some(Duration::from_millis(300)), output: None };
+        let t = Instant::now();
+        let o = run("sleep 30 & sleep 30", Path::new("/"), &[], limits, &mut w);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))));
+        assert!(String::from_utf8_lossy(&w.out).contains("Global timeout reached"));
+    }
+}
