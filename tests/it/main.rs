@@ -3,6 +3,7 @@
 mod fake_server;
 mod harness;
 mod json;
+mod job_flow;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
