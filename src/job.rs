@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::archive;
+use crate::attachments;
 use crate::client::Client;
 use crate::config::Config;
 use crate::delivery::{self, PendingStream};
@@ -24,6 +25,9 @@ pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", 
 
 /// The exit code device connectors use for "the device could not be recovered".
 pub const RECOVERY_FAILED: i32 = 46;
+/// The setup status of a job whose attachments were refused or could not
+/// be fetched (no command ran; like a command that could not start).
+const ATTACHMENTS_FAILED: i32 = 100;
 
 const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
 const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
@@ -411,6 +415,24 @@ impl<'a> JobRunner<'a> {
         }
     }
 
+    /// Unpacks the job's attachments into the run dir, when it has some,
+    /// and drops the `attachments` entries from the phase data (the
+    /// connectors still find them in `testflinger.json`). Without a server
+    /// (`--job`) they are skipped: there is nothing to download from.
+    fn fetch_attachments(&mut self) -> Result<(), String> {
+        attachments::strip_from_job(&mut self.job);
+        if !attachments::wanted(&self.job) {
+            return Ok(());
+        }
+        let Some(client) = self.client.as_deref_mut() else {
+            log::warn!("job {}: attachments are not fetched without a server", self.job_id);
+            return Ok(());
+        };
+        let done = attachments::fetch(client, &self.job_id, &self.rundir)?;
+        log::info!("job {}: attachments unpacked: {} files, {} bytes", self.job_id, done.files, done.bytes);
+        Ok(())
+    }
+
     /// Runs the whole job and delivers (or keeps) its outcome.
     pub fn run(mut self) -> Summary {
         let mut summary = Summary { job_id: self.job_id.clone(), ..Summary::default() };
@@ -430,7 +452,20 @@ impl<'a> JobRunner<'a> {
         }
 
         let mut end_reason = "normal_exit".to_string();
+        if let Err(why) = self.fetch_attachments() {
+            log::error!("job {}: setup failed: {why}", self.job_id);
+            self.statuses.push(("setup".into(), ATTACHMENTS_FAILED));
+            if let Err(e) = self.write_outcome() {
+                log::error!("cannot write the outcome file: {e}");
+            }
+            self.post_result(self.outcome());
+            self.emit("setup_fail", &why);
+            end_reason = "setup_fail".into();
+        }
         for phase in PHASES {
+            if end_reason == "setup_fail" {
+                break;
+            }
             if let Some(why) = self.skip_reason(phase) {
                 log::debug!("skipping {phase}: {why}");
                 continue;

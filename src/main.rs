@@ -2,6 +2,7 @@
 
 mod agent;
 mod archive;
+mod attachments;
 mod client;
 mod config;
 mod delivery;
