@@ -1,5 +1,6 @@
 //! Integration tests: the real agent binary against a fake Testflinger server.
 
+mod artifacts;
 mod fake_server;
 mod harness;
 mod json;
