@@ -559,7 +559,8 @@ impl<'a> JobRunner<'a> {
         if archive::has_content(&artifacts) {
             let dest = self.rundir.join(delivery::ARCHIVE_NAME);
             match archive::pack_artifacts(&artifacts, &dest) {
-                Ok(size) => log::info!("artifacts packed: {size} bytes"),
+                // pack_artifacts logs the size and the time it took.
+                Ok(_) => {}
                 Err(e) => {
                     log::error!("cannot pack artifacts (the outcome is still delivered): {e}");
                     let _ = fs::remove_file(&dest);
