@@ -53,7 +53,7 @@ logging_basedir: $WORK/logs
 test_command: if [ -d attachments ]; then du -sb attachments; else cp -al $DATA/artifacts artifacts; fi
 CONF
 
-python3 "$ROOT/bench/fake_server.py" "$PORT" "$WORK/report" "$ATT" "$WORK/job1.json" "$WORK/job2.json" &
+python3 "$ROOT/bench/archive_server.py" "$PORT" "$WORK/report" "$ATT" "$WORK/job1.json" "$WORK/job2.json" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 50); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT))" 2>/dev/null && break; sleep 0.1; done

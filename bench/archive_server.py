@@ -6,7 +6,7 @@ answers the agent endpoints with 200, serves an attachments archive, and
 receives the artifact upload streaming, counting its bytes (the upload is
 not kept in memory: 512 MiB of it would only measure this server).
 Writes one line per upload to the file named by --report.
-Usage: fake_server.py PORT REPORT ATTACHMENTS_TAR_GZ JOB.json...
+Usage: archive_server.py PORT REPORT ATTACHMENTS_TAR_GZ JOB.json...
 """
 import json
 import os
