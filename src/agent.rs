@@ -55,13 +55,20 @@ impl<'a> Agent<'a> {
     fn announce(&mut self) {
         let c = self.config;
         let mut data = Json::object()
-            .with("state", Json::str("waiting"))
             .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         for (key, value) in [("location", &c.location), ("provision_type", &c.provision_type), ("identifier", &c.identifier)] {
             if let Some(v) = value {
                 data.set(key, Json::str(v.as_str()));
             }
+        }
+        // Unlike upstream, a restart does not overwrite a state an operator
+        // set on the server: an agent in maintenance stays in maintenance.
+        let current = self.client.get_agent_data().ok().flatten();
+        let held = current.as_ref().and_then(|d| d.get("state")).and_then(Json::as_str).filter(|s| matches!(*s, "offline" | "maintenance"));
+        match held {
+            Some(state) => log::info!("the server has this agent {state}; keeping that state"),
+            None => data.set("state", Json::str("waiting")),
         }
         if let Err(e) = self.client.post_agent_data(&data) {
             log::error!("cannot post agent data: {e}");
