@@ -42,9 +42,9 @@ filter=${pos[1]:-full_job}
 
 case "$target" in
   x86_64-*)    qemu="" ;;                 # runs natively on the x86_64 host
-  aarch64-*)   qemu=qemu-aarch64-static ;;
-  armv7-*)     qemu=qemu-arm-static ;;
-  riscv64gc-*) qemu=qemu-riscv64-static ;;
+  aarch64-*)   qemu="qemu-aarch64-static" ;;
+  armv7-*)     qemu="qemu-arm-static" ;;
+  riscv64gc-*) qemu="qemu-riscv64-static" ;;
   *) echo "qemu-check: unknown target $target" >&2; exit 2 ;;
 esac
 case "$target" in
