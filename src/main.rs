@@ -1,24 +1,11 @@
 //! testflinger-agent: arguments, logging, one-line errors, exit codes.
 
-mod agent;
-mod archive;
-mod client;
-mod config;
-mod delivery;
-mod job;
-mod json;
-mod logging;
-mod mask;
-mod output;
-mod runner;
-mod signals;
-mod timestamp;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use config::Config;
-use json::Json;
+use testflinger_agent::config::{self, Config};
+use testflinger_agent::json::Json;
+use testflinger_agent::{agent, client, job, logging, runner, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
