@@ -30,6 +30,7 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
 const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
 /// How often a running phase asks the server whether the job was cancelled.
 const CANCEL_CHECK: Duration = Duration::from_secs(3);
+const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
 
@@ -111,7 +112,8 @@ impl Watcher for PhaseWatcher<'_> {
             stream.pump(client, counter, self.log.written, now);
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
-                if client.job_state(self.job_id).as_deref() == Some("cancelled") {
+                // One short attempt: a slow server must not hold the phase's output.
+                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
                 }
             }
