@@ -290,15 +290,16 @@ impl<'a> JobRunner<'a> {
         env
     }
 
-    /// Runs one phase's command; returns its exit code and stop reason.
-    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>) {
+    /// Runs one phase's command; returns its exit code, stop reason, and
+    /// the signal that killed it, if one did.
+    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
         let log_path = self.rundir.join(format!("{phase}.log"));
         let secret_values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
         let mut log = match PhaseLog::open(&log_path, &secret_values, self.echo) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
-                return (100, None);
+                return (100, None, None);
             }
         };
         let start_offset = log.written;
@@ -339,7 +340,7 @@ impl<'a> JobRunner<'a> {
             }
         }
         self.send_serial_log(phase);
-        (outcome.code, outcome.stopped)
+        (outcome.code, outcome.stopped, outcome.signal)
     }
 
     fn send_serial_log(&mut self, phase: &str) {
@@ -451,7 +452,7 @@ impl<'a> JobRunner<'a> {
             self.post_device_info();
             self.emit(&format!("{phase}_start"), "");
             log::info!("job {}: running {phase}", self.job_id);
-            let (code, stopped) = self.run_phase(phase);
+            let (code, stopped, signal) = self.run_phase(phase);
             log::info!("job {}: {phase} exited with {code}", self.job_id);
             self.statuses.push((phase.to_string(), code));
             if let Err(e) = self.write_outcome() {
@@ -461,7 +462,12 @@ impl<'a> JobRunner<'a> {
             if let Some(stop) = &stopped {
                 self.emit(stop.event(), &stop.message().trim().to_string());
             }
-            let detail = self.connector_error(phase);
+            let mut detail = self.connector_error(phase);
+            if let Some(sig) = signal {
+                // Distinct from an exit code of 128+N chosen by the command.
+                let sep = if detail.is_empty() { "" } else { "; " };
+                detail = format!("{detail}{sep}killed by signal {sig}");
+            }
             if phase == "provision" {
                 if let Some(client) = self.client.as_deref_mut() {
                     let body = Json::object()
@@ -506,7 +512,7 @@ impl<'a> JobRunner<'a> {
         if self.skip_reason("cleanup").is_none() {
             self.post_agent_state("cleanup");
             self.emit("cleanup_start", "");
-            let (code, _) = self.run_phase("cleanup");
+            let (code, _, _) = self.run_phase("cleanup");
             self.statuses.push(("cleanup".into(), code));
             let _ = self.write_outcome();
             self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");

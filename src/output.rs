@@ -22,16 +22,12 @@ mod fragment;
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
 const MAX_BODY: u64 = 12 << 20;
-/// Pending output this large (in log bytes) makes a full fragment: under
-/// heavy output fragments are big rather than many.
-const FULL_FRAGMENT: u64 = 8 << 20;
-/// Pending output is sent at most this often: a line printed on an idle
-/// phase reaches the server within this (plus one request), and a chatty
-/// phase costs at most four requests a second.
+/// Pending output is sent at most this often, whatever its volume: a line
+/// printed on an idle phase reaches the server within this (plus one
+/// request), and heavy output costs at most four requests a second, each
+/// up to `MAX_BODY`. What the live stream has not sent when the phase ends
+/// goes at once, back to back, in the final flush.
 const SEND_INTERVAL: Duration = Duration::from_millis(250);
-/// Full fragments may follow each other this closely, so that a phase
-/// writing hundreds of MB/s is still caught up soon after it ends.
-const FULL_INTERVAL: Duration = Duration::from_millis(100);
 /// A live fragment is tried once with this timeout: the child waits on a
 /// full pipe while the agent waits on the server.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -146,9 +142,6 @@ impl LiveStream {
         }
         if let Some(t) = self.retry_at {
             return Some(t);
-        }
-        if written - self.sent >= FULL_FRAGMENT {
-            return Some(self.last_send + FULL_INTERVAL);
         }
         Some(self.last_send + SEND_INTERVAL)
     }
