@@ -142,6 +142,7 @@ def summary(job_id, phase, marks):
         "first_at": decoded[0][1] if decoded else None,
         "last_at": max((at for _, at, _ in decoded), default=None),
         "lines": lines,
+        "times": sorted(at for _, at, _ in decoded),
     }
 
 

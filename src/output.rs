@@ -22,12 +22,17 @@ mod fragment;
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
 const MAX_BODY: u64 = 12 << 20;
-/// Pending output is sent at most this often, whatever its volume: a line
-/// printed on an idle phase reaches the server within this (plus one
-/// request), and heavy output costs at most four requests a second, each
-/// up to `MAX_BODY`. What the live stream has not sent when the phase ends
-/// goes at once, back to back, in the final flush.
+/// Pending output is sent at most this often: a line printed on an idle
+/// phase reaches the server within this (plus one request).
 const SEND_INTERVAL: Duration = Duration::from_millis(250);
+/// Under heavy output (a full fragment's worth waiting) fragments go at most
+/// once a second: each send holds the child on a full pipe for a few tens
+/// of ms, so sending less while it writes keeps it close to full speed. The
+/// server still sees progress every second, and what is left goes back to
+/// back in the final flush once the phase ends.
+const HEAVY_INTERVAL: Duration = Duration::from_secs(1);
+/// Pending output at least this large (in log bytes) counts as heavy.
+const HEAVY: u64 = 8 << 20;
 /// A live fragment is tried once with this timeout: the child waits on a
 /// full pipe while the agent waits on the server.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -142,6 +147,9 @@ impl LiveStream {
         }
         if let Some(t) = self.retry_at {
             return Some(t);
+        }
+        if written - self.sent >= HEAVY {
+            return Some(self.last_send + HEAVY_INTERVAL);
         }
         Some(self.last_send + SEND_INTERVAL)
     }

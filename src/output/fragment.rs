@@ -87,12 +87,14 @@ pub fn plan(file: &File, start: u64, avail: u64, last: bool, prefix: String, max
 /// Writes the body `plan` sized: the prefix, the escaped log text, `"}`.
 pub fn write(file: &File, plan: &Plan, w: &mut dyn Write) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
+    let mut escaped = Vec::with_capacity(CHUNK * 2);
     w.write_all(plan.prefix.as_bytes())?;
     let mut pos = plan.start;
     for &cut in &plan.cuts {
         let n = (cut - pos) as usize;
         file.read_exact_at(&mut buf[..n], pos)?;
-        write_escaped(&buf[..n], w)?;
+        escape_into(&buf[..n], &mut escaped);
+        w.write_all(&escaped)?;
         pos = cut;
     }
     w.write_all(b"\"}")
@@ -128,29 +130,39 @@ fn escaped_len(data: &[u8]) -> u64 {
     n
 }
 
-fn write_escaped(data: &[u8], w: &mut dyn Write) -> io::Result<()> {
-    lossy_pieces(data, &mut |piece| {
-        let Some(s) = piece else { return w.write_all(REPLACEMENT) };
+/// Escapes `data` into `out` (cleared first): one `write_all` per chunk
+/// rather than one per line keeps the send fast.
+fn escape_into(data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let _ = lossy_pieces(data, &mut |piece| {
+        let Some(s) = piece else {
+            out.extend_from_slice(REPLACEMENT);
+            return Ok(());
+        };
         let mut plain = 0;
         for (i, &b) in s.iter().enumerate() {
             if ESCAPED_LEN[b as usize] == 1 {
                 continue;
             }
-            w.write_all(&s[plain..i])?;
+            out.extend_from_slice(&s[plain..i]);
             match b {
-                b'\n' => w.write_all(b"\\n")?,
-                b'\r' => w.write_all(b"\\r")?,
-                b'\t' => w.write_all(b"\\t")?,
-                0x08 => w.write_all(b"\\b")?,
-                0x0c => w.write_all(b"\\f")?,
-                b'"' => w.write_all(b"\\\"")?,
-                b'\\' => w.write_all(b"\\\\")?,
-                _ => write!(w, "\\u{b:04x}")?,
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+                }
             }
             plain = i + 1;
         }
-        w.write_all(&s[plain..])
-    })
+        out.extend_from_slice(&s[plain..]);
+        Ok(())
+    });
 }
 
 /// Length of the longest prefix of `buf` that does not end inside a
