@@ -354,9 +354,21 @@ impl Client {
         self.call_ok("POST", &format!("/v1/result/{job_id}"), Some(data), SMALL_ANSWER).map(drop)
     }
 
-    /// `kind` is `output` or `serial`.
-    pub fn post_log_fragment(&mut self, job_id: &str, kind: &str, fragment: &Json) -> Result<(), ClientError> {
-        self.call_ok("POST", &format!("/v1/result/{job_id}/log/{kind}"), Some(fragment), SMALL_ANSWER).map(drop)
+    /// Posts one log fragment (`kind` is `output` or `serial`) whose JSON body, exactly `len` bytes, `body`
+    /// writes straight into the socket (fragments can be megabytes).
+    pub fn post_log_fragment_streamed(&mut self, job_id: &str, kind: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
+        self.call_streaming(&format!("/v1/result/{job_id}/log/{kind}"), "application/json", len, body)
+    }
+
+    /// Runs `f` with one attempt per call and `timeout` per request, for
+    /// calls made while a phase runs: the caller has its own retry schedule
+    /// and must not leave the child's output undrained for long.
+    pub fn once<T>(&mut self, timeout: Duration, f: impl FnOnce(&mut Client) -> T) -> T {
+        let saved = self.policy;
+        self.policy = RetryPolicy { attempts: 1, timeout, ..saved };
+        let out = f(self);
+        self.policy = saved;
+        out
     }
 
     pub fn post_provision_log(&mut self, data: &Json) -> Result<(), ClientError> {

@@ -30,6 +30,7 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
 const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
 /// How often a running phase asks the server whether the job was cancelled.
 const CANCEL_CHECK: Duration = Duration::from_secs(3);
+const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
 
@@ -111,7 +112,8 @@ impl Watcher for PhaseWatcher<'_> {
             stream.pump(client, counter, self.log.written, now);
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
-                if client.job_state(self.job_id).as_deref() == Some("cancelled") {
+                // One short attempt: a slow server must not hold the phase's output.
+                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
                 }
             }
@@ -288,15 +290,16 @@ impl<'a> JobRunner<'a> {
         env
     }
 
-    /// Runs one phase's command; returns its exit code and stop reason.
-    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>) {
+    /// Runs one phase's command; returns its exit code, stop reason, and
+    /// the signal that killed it, if one did.
+    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
         let log_path = self.rundir.join(format!("{phase}.log"));
         let secret_values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
         let mut log = match PhaseLog::open(&log_path, &secret_values, self.echo) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
-                return (100, None);
+                return (100, None, None);
             }
         };
         let start_offset = log.written;
@@ -337,7 +340,7 @@ impl<'a> JobRunner<'a> {
             }
         }
         self.send_serial_log(phase);
-        (outcome.code, outcome.stopped)
+        (outcome.code, outcome.stopped, outcome.signal)
     }
 
     fn send_serial_log(&mut self, phase: &str) {
@@ -449,7 +452,7 @@ impl<'a> JobRunner<'a> {
             self.post_device_info();
             self.emit(&format!("{phase}_start"), "");
             log::info!("job {}: running {phase}", self.job_id);
-            let (code, stopped) = self.run_phase(phase);
+            let (code, stopped, signal) = self.run_phase(phase);
             log::info!("job {}: {phase} exited with {code}", self.job_id);
             self.statuses.push((phase.to_string(), code));
             if let Err(e) = self.write_outcome() {
@@ -459,7 +462,12 @@ impl<'a> JobRunner<'a> {
             if let Some(stop) = &stopped {
                 self.emit(stop.event(), &stop.message().trim().to_string());
             }
-            let detail = self.connector_error(phase);
+            let mut detail = self.connector_error(phase);
+            if let Some(sig) = signal {
+                // Distinct from an exit code of 128+N chosen by the command.
+                let sep = if detail.is_empty() { "" } else { "; " };
+                detail = format!("{detail}{sep}killed by signal {sig}");
+            }
             if phase == "provision" {
                 if let Some(client) = self.client.as_deref_mut() {
                     let body = Json::object()
@@ -504,7 +512,7 @@ impl<'a> JobRunner<'a> {
         if self.skip_reason("cleanup").is_none() {
             self.post_agent_state("cleanup");
             self.emit("cleanup_start", "");
-            let (code, _) = self.run_phase("cleanup");
+            let (code, _, _) = self.run_phase("cleanup");
             self.statuses.push(("cleanup".into(), code));
             let _ = self.write_outcome();
             self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
