@@ -4,6 +4,7 @@ mod fake_server;
 mod harness;
 mod json;
 mod job_flow;
+mod fleet;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
