@@ -129,7 +129,7 @@ impl<'a> Agent<'a> {
             if self.once {
                 return Exit::Once;
             }
-            self.metrics.idle(self.interval());
+            self.metrics.idle_or_restart(self.interval());
         }
     }
 

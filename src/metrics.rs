@@ -196,13 +196,24 @@ impl Metrics {
     }
 
     /// Waits up to `d` while answering scrapers; returns early when the
-    /// agent is asked to stop or restart. Replaces a plain sleep.
+    /// agent is asked to stop. Replaces a plain sleep.
     pub fn idle(&mut self, d: Duration) {
+        self.idle_until(d, signals::interrupted);
+    }
+
+    /// Like [`Metrics::idle`], also returning early when a restart is
+    /// asked for (SIGUSR1): for the agent's wait between polls, where it
+    /// is idle and can restart at once.
+    pub fn idle_or_restart(&mut self, d: Duration) {
+        self.idle_until(d, || signals::interrupted() || signals::restart_requested());
+    }
+
+    fn idle_until(&mut self, d: Duration, wake: fn() -> bool) {
         let end = Instant::now() + d;
         loop {
             let now = Instant::now();
             self.service(now);
-            if now >= end || signals::interrupted() || signals::restart_requested() {
+            if now >= end || wake() {
                 return;
             }
             // Signals interrupt poll(2) (no SA_RESTART), but one arriving

@@ -312,7 +312,17 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     let mut p = agent.spawn();
     let rundir = agent.run_dir(&job);
     wait_for_file(&rundir.join("test.pid"));
-    server.wait_until(T, "test output streamed", |s| s.log_text_phase(&job, "output", "test").contains("before the crash"));
+    let streamed = |s: &FakeServer| {
+        s.requests()
+            .iter()
+            .position(|r| r.method == "POST" && r.path.ends_with("/log/output") && r.body_text().contains("before the crash"))
+    };
+    server.wait_until(T, "test output streamed", |s| streamed(s).is_some());
+    // The agent records a fragment as sent right after the post, before its
+    // next request: waiting for one makes the kill land mid-phase rather
+    // than between a post and its record (a crash there may send that one
+    // fragment again; see the README).
+    server.wait_until(T, "the agent's next request", |s| streamed(s).is_some_and(|i| s.requests().len() > i + 1));
     let pid: i32 = std::fs::read_to_string(rundir.join("test.pid")).expect("pid").trim().parse().expect("pid number");
     p.kill();
     assert!(!completed(&server, &job));
