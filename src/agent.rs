@@ -23,6 +23,9 @@ pub enum Exit {
     Restart,
 }
 
+/// How the comment of the `offline` state posted before a restart begins;
+/// at the next start, such an `offline` is ours to clear.
+const RESTARTING: &str = "Restarting: ";
 /// Longest wait between two attempts to reach the server.
 const MAX_BACKOFF: Duration = Duration::from_secs(180);
 /// The server forgets agents it has not heard from in 7 days; an idle
@@ -76,12 +79,29 @@ impl<'a> Agent<'a> {
     fn announce(&mut self) {
         let c = self.config;
         let mut data = Json::object()
-            .with("state", Json::str("waiting"))
             .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         for (key, value) in [("location", &c.location), ("provision_type", &c.provision_type), ("identifier", &c.identifier)] {
             if let Some(v) = value {
                 data.set(key, Json::str(v.as_str()));
+            }
+        }
+        // Unlike upstream, a restart does not overwrite a state an operator
+        // set on the server: an agent in maintenance stays in maintenance.
+        // The `offline` this agent posts itself when it restarts is not kept.
+        let current = self.client.get_agent_data().ok().flatten();
+        let comment = current.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("");
+        let held = current
+            .as_ref()
+            .and_then(|d| d.get("state"))
+            .and_then(Json::as_str)
+            .filter(|s| matches!(*s, "offline" | "maintenance"))
+            .filter(|_| !comment.starts_with(RESTARTING));
+        match held {
+            Some(state) => log::info!("the server has this agent {state}; keeping that state"),
+            None => {
+                data.set("state", Json::str("waiting"));
+                data.set("comment", Json::str(""));
             }
         }
         match self.client.post_agent_data(&data) {
@@ -120,7 +140,7 @@ impl<'a> Agent<'a> {
             }
             if signals::restart_requested() {
                 log::info!("restart requested (SIGUSR1); exiting while idle");
-                self.post_restarting("Restart signal received from the supervisor");
+                self.post_restarting("restart signal received from the supervisor");
                 return Exit::Restart;
             }
             if let Some(exit) = self.cycle() {
@@ -135,6 +155,7 @@ impl<'a> Agent<'a> {
 
     /// Tells the server why the agent goes away for a moment.
     fn post_restarting(&mut self, comment: &str) {
+        let comment = format!("{RESTARTING}{comment}");
         let data = Json::object().with("state", Json::str("offline")).with("comment", Json::str(comment));
         if let Err(e) = self.client.post_agent_data(&data) {
             log::warn!("cannot post the restart: {e}");
@@ -189,7 +210,7 @@ impl<'a> Agent<'a> {
         match state.as_str() {
             "restart" => {
                 log::info!("the server asks for a restart ({comment}); exiting while idle");
-                self.post_restarting("Restart requested from the server");
+                self.post_restarting(&format!("restart requested from the server ({comment})"));
                 return Some(Exit::Restart);
             }
             "offline" | "maintenance" => {

@@ -113,6 +113,14 @@ fn restart_state_exits_75_when_idle() {
     let status = p.wait_exit(T);
     assert_eq!(status.code(), Some(75), "{}", p.diagnostics());
     assert_eq!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("offline"));
+    // The supervisor starts it again: the offline it posted for its own
+    // restart is cleared (an operator's would be kept) and jobs flow.
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, ""));
+    let mut p = agent.spawn();
+    server.wait_until(T, "job taken after the restart", |s| completed(s, &job));
+    assert_eq!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("waiting"));
+    assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
 #[test]

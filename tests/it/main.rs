@@ -3,6 +3,7 @@
 mod fake_server;
 mod harness;
 mod json;
+mod core;
 mod job_flow;
 mod fleet;
 
