@@ -69,6 +69,10 @@ pub struct Config {
     pub control_host: Option<BTreeMap<String, String>>,
     #[serde(default = "default_output_bytes")]
     pub output_bytes: u64,
+    /// Where to keep a copy of the metrics for node_exporter's textfile
+    /// collector (a `*.prom` file in its directory); none by default.
+    #[serde(default)]
+    pub metrics_textfile: Option<PathBuf>,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).

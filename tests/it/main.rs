@@ -5,6 +5,7 @@ mod harness;
 mod json;
 mod core;
 mod job_flow;
+mod fleet;
 mod streaming;
 
 /// The fake server itself, spoken to over raw TCP.
