@@ -1,14 +1,15 @@
 //! The polling loop: wait for the server, honour the state operators set
 //! on it, deliver what earlier jobs left behind, take a job, run it.
 
-use std::fs;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::{Client, is_safe_id};
+use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
 use crate::job::JobRunner;
 use crate::json::Json;
+use crate::metrics::Metrics;
+use crate::recovery;
 use crate::signals;
 
 /// Why the loop ended; `main` maps it to an exit status.
@@ -22,8 +23,14 @@ pub enum Exit {
     Restart,
 }
 
+/// How the comment of the `offline` state posted before a restart begins;
+/// at the next start, such an `offline` is ours to clear.
+const RESTARTING: &str = "Restarting: ";
 /// Longest wait between two attempts to reach the server.
 const MAX_BACKOFF: Duration = Duration::from_secs(180);
+/// The server forgets agents it has not heard from in 7 days; an idle
+/// agent (offline, say) re-posts its state at least this often.
+const HEARTBEAT: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Agent<'a> {
     config: &'a Config,
@@ -32,11 +39,28 @@ pub struct Agent<'a> {
     /// Set after a phase exited 46: no job is taken until an operator
     /// changes the agent's state on the server.
     recovery_failed: bool,
+    /// The `offline` state after a recovery failure still has to reach
+    /// the server (the post failed).
+    offline_unposted: Option<Json>,
+    metrics: Metrics,
+    /// When we last posted our state, for the heartbeat.
+    last_post: Instant,
+    /// The server state last seen, to log changes once rather than per poll.
+    last_state: String,
 }
 
 impl<'a> Agent<'a> {
-    pub fn new(config: &'a Config, client: Client, once: bool) -> Agent<'a> {
-        Agent { config, client, once, recovery_failed: false }
+    pub fn new(config: &'a Config, client: Client, once: bool, metrics: Metrics) -> Agent<'a> {
+        Agent {
+            config,
+            client,
+            once,
+            recovery_failed: false,
+            offline_unposted: None,
+            metrics,
+            last_post: Instant::now(),
+            last_state: String::new(),
+        }
     }
 
     fn interval(&self) -> Duration {
@@ -47,7 +71,7 @@ impl<'a> Agent<'a> {
         let mut backoff = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
         while !signals::interrupted() && !self.client.is_reachable() {
             log::warn!("server {} not reachable, retrying in {backoff:?}", self.client.base_url());
-            signals::sleep(backoff);
+            self.metrics.idle(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -55,7 +79,6 @@ impl<'a> Agent<'a> {
     fn announce(&mut self) {
         let c = self.config;
         let mut data = Json::object()
-            .with("state", Json::str("waiting"))
             .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         for (key, value) in [("location", &c.location), ("provision_type", &c.provision_type), ("identifier", &c.identifier)] {
@@ -63,28 +86,32 @@ impl<'a> Agent<'a> {
                 data.set(key, Json::str(v.as_str()));
             }
         }
-        if let Err(e) = self.client.post_agent_data(&data) {
-            log::error!("cannot post agent data: {e}");
+        // Unlike upstream, a restart does not overwrite a state an operator
+        // set on the server: an agent in maintenance stays in maintenance.
+        // The `offline` this agent posts itself when it restarts is not kept.
+        let current = self.client.get_agent_data().ok().flatten();
+        let comment = current.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("");
+        let held = current
+            .as_ref()
+            .and_then(|d| d.get("state"))
+            .and_then(Json::as_str)
+            .filter(|s| matches!(*s, "offline" | "maintenance"))
+            .filter(|_| !comment.starts_with(RESTARTING));
+        match held {
+            Some(state) => log::info!("the server has this agent {state}; keeping that state"),
+            None => {
+                data.set("state", Json::str("waiting"));
+                data.set("comment", Json::str(""));
+            }
+        }
+        match self.client.post_agent_data(&data) {
+            Ok(()) => self.last_post = Instant::now(),
+            Err(e) => log::error!("cannot post agent data: {e}"),
         }
         if let Some(images) = c.advertised_images_json() {
             if let Err(e) = self.client.post_images(&images) {
                 log::error!("cannot post advertised images: {e}");
             }
-        }
-    }
-
-    /// Run dirs left in `execution_basedir` by an agent that was killed:
-    /// keep them for delivery so that their outcome is not forgotten.
-    fn recover_interrupted_jobs(&mut self) {
-        let Ok(dir) = fs::read_dir(&self.config.execution_basedir) else { return };
-        for entry in dir.flatten() {
-            let Some(job_id) = entry.file_name().to_str().map(String::from) else { continue };
-            let path = entry.path();
-            if !is_safe_id(&job_id) || !path.join("testflinger.json").exists() {
-                continue;
-            }
-            log::warn!("job {job_id}: found an interrupted run dir; delivering what it recorded");
-            delivery::keep(&self.config.results_basedir, &path, &job_id);
         }
     }
 
@@ -105,13 +132,15 @@ impl<'a> Agent<'a> {
     pub fn run(&mut self) -> Exit {
         self.wait_for_server();
         self.announce();
-        self.recover_interrupted_jobs();
+        // Jobs a killed agent left behind are finished before any new one.
+        recovery::recover(self.config, &mut self.client, &mut self.metrics);
         loop {
             if signals::interrupted() {
                 return Exit::Stopped;
             }
             if signals::restart_requested() {
                 log::info!("restart requested (SIGUSR1); exiting while idle");
+                self.post_restarting("restart signal received from the supervisor");
                 return Exit::Restart;
             }
             if let Some(exit) = self.cycle() {
@@ -120,7 +149,31 @@ impl<'a> Agent<'a> {
             if self.once {
                 return Exit::Once;
             }
-            signals::sleep(self.interval());
+            self.metrics.idle_or_restart(self.interval());
+        }
+    }
+
+    /// Tells the server why the agent goes away for a moment.
+    fn post_restarting(&mut self, comment: &str) {
+        let comment = format!("{RESTARTING}{comment}");
+        let data = Json::object().with("state", Json::str("offline")).with("comment", Json::str(comment));
+        if let Err(e) = self.client.post_agent_data(&data) {
+            log::warn!("cannot post the restart: {e}");
+        }
+    }
+
+    /// Re-posts the state when the server has not heard from us for a day,
+    /// so that an agent kept offline for long is not forgotten.
+    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str) {
+        let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
+        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now()) {
+            return;
+        }
+        let state = if state.is_empty() { "waiting" } else { state };
+        log::info!("heartbeat: re-posting state {state}");
+        match self.client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+            Ok(()) => self.last_post = Instant::now(),
+            Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
     }
 
@@ -142,20 +195,35 @@ impl<'a> Agent<'a> {
         };
         let state = agent_data.as_ref().and_then(|d| d.get("state")).and_then(Json::as_str).unwrap_or("").to_string();
         let comment = agent_data.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("").to_string();
+        if let Some(offline) = self.offline_unposted.take() {
+            if let Err(e) = self.client.post_agent_data(&offline) {
+                log::warn!("cannot post the offline state yet: {e}");
+                self.offline_unposted = Some(offline);
+                return None;
+            }
+            self.last_post = Instant::now();
+            return None;
+        }
+        self.heartbeat(agent_data.as_ref(), &state);
+        let changed = state != self.last_state;
+        self.last_state = state.clone();
         match state.as_str() {
             "restart" => {
-                log::info!("the server asks for a restart; exiting while idle");
-                let _ = self.client.post_agent_data(&Json::object().with("state", Json::str("offline")).with("comment", Json::str("restarting")));
+                log::info!("the server asks for a restart ({comment}); exiting while idle");
+                self.post_restarting(&format!("restart requested from the server ({comment})"));
                 return Some(Exit::Restart);
             }
             "offline" | "maintenance" => {
-                log::info!("agent is {state} on the server ({comment}); not taking jobs");
+                if changed {
+                    log::info!("agent is {state} on the server ({comment}); not taking jobs until that changes");
+                }
                 return None;
             }
             _ if self.recovery_failed => {
                 log::info!("operator changed the state to {state:?}; taking jobs again");
                 self.recovery_failed = false;
             }
+            _ if changed => log::info!("agent state on the server: {state:?}; taking jobs"),
             _ => {}
         }
         if let Some(queues) = self.config.advertised_queues_json() {
@@ -171,7 +239,7 @@ impl<'a> Agent<'a> {
                 return None;
             }
         };
-        let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).run();
+        let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
         log::info!("job {} ended: {} {:?}", summary.job_id, summary.end_reason, summary.statuses);
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {
@@ -181,9 +249,45 @@ impl<'a> Agent<'a> {
         } else {
             after.set("state", Json::str("waiting"));
         }
-        if let Err(e) = self.client.post_agent_data(&after) {
-            log::warn!("cannot post agent state: {e}");
+        match self.client.post_agent_data(&after) {
+            Ok(()) => self.last_post = Instant::now(),
+            // The offline state must not be lost, or jobs would keep coming
+            // to a device that cannot be recovered.
+            Err(e) if summary.recovery_failed => {
+                log::warn!("cannot post the offline state, retrying next cycle: {e}");
+                self.offline_unposted = Some(after);
+            }
+            Err(e) => log::warn!("cannot post agent state: {e}"),
         }
         summary.interrupted.then_some(Exit::Stopped)
+    }
+}
+
+/// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
+/// is a day old, or, when it gives none we can read, our last post is.
+fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime) -> bool {
+    let server_age = updated_at
+        .and_then(crate::timestamp::parse_iso8601)
+        .and_then(|t| now.duration_since(t).ok());
+    match server_age {
+        Some(age) => age >= HEARTBEAT,
+        None => since_last_post >= HEARTBEAT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn heartbeat_once_a_day() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
+        let hour = Duration::from_secs(3600);
+        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now), "server heard from us 2 h ago");
+        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now), "26 h ago");
+        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now), "space separator, no zone");
+        assert!(!heartbeat_due(None, hour, now));
+        assert!(heartbeat_due(Some("garbage"), 25 * hour, now));
     }
 }

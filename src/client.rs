@@ -108,8 +108,14 @@ pub struct Client {
     agent_id: String,
     token_file: Option<PathBuf>,
     access_token: Option<String>,
+    /// When the last refresh was refused: a server that refuses our refresh
+    /// token is not asked again on every call (no 401 storm of our own).
+    refresh_refused: Option<std::time::Instant>,
     pub policy: RetryPolicy,
 }
+
+/// After a refused refresh, calls go out without a new attempt for this long.
+const REFRESH_HOLD_OFF: Duration = Duration::from_secs(30);
 
 impl Client {
     /// `server_address` may lack a scheme: `host:port` means `http://host:port`.
@@ -118,7 +124,14 @@ impl Client {
         if !base.contains("://") {
             base = format!("http://{base}");
         }
-        Client { base, agent_id: agent_id.to_string(), token_file, access_token: None, policy: RetryPolicy::default() }
+        Client {
+            base,
+            agent_id: agent_id.to_string(),
+            token_file,
+            access_token: None,
+            refresh_refused: None,
+            policy: RetryPolicy::default(),
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -153,6 +166,9 @@ impl Client {
     /// Exchanges the refresh token for an access token. Returns whether we
     /// now hold one.
     fn refresh(&mut self) -> bool {
+        if self.refresh_refused.is_some_and(|t| t.elapsed() < REFRESH_HOLD_OFF) {
+            return false;
+        }
         let Some(refresh_token) = self.read_refresh_token() else {
             return false;
         };
@@ -163,6 +179,7 @@ impl Client {
                 Some(token) => {
                     log::debug!("got a new access token from {url}");
                     self.access_token = Some(token);
+                    self.refresh_refused = None;
                     true
                 }
                 None => {
@@ -173,6 +190,7 @@ impl Client {
             Ok(a) => {
                 log::error!("{url}: token refresh refused with HTTP {}", a.status);
                 self.access_token = None;
+                self.refresh_refused = Some(std::time::Instant::now());
                 false
             }
             Err(e) => {
@@ -336,9 +354,21 @@ impl Client {
         self.call_ok("POST", &format!("/v1/result/{job_id}"), Some(data), SMALL_ANSWER).map(drop)
     }
 
-    /// `kind` is `output` or `serial`.
-    pub fn post_log_fragment(&mut self, job_id: &str, kind: &str, fragment: &Json) -> Result<(), ClientError> {
-        self.call_ok("POST", &format!("/v1/result/{job_id}/log/{kind}"), Some(fragment), SMALL_ANSWER).map(drop)
+    /// Posts one log fragment (`kind` is `output` or `serial`) whose JSON body, exactly `len` bytes, `body`
+    /// writes straight into the socket (fragments can be megabytes).
+    pub fn post_log_fragment_streamed(&mut self, job_id: &str, kind: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
+        self.call_streaming(&format!("/v1/result/{job_id}/log/{kind}"), "application/json", len, body)
+    }
+
+    /// Runs `f` with one attempt per call and `timeout` per request, for
+    /// calls made while a phase runs: the caller has its own retry schedule
+    /// and must not leave the child's output undrained for long.
+    pub fn once<T>(&mut self, timeout: Duration, f: impl FnOnce(&mut Client) -> T) -> T {
+        let saved = self.policy;
+        self.policy = RetryPolicy { attempts: 1, timeout, ..saved };
+        let out = f(self);
+        self.policy = saved;
+        out
     }
 
     pub fn post_provision_log(&mut self, data: &Json) -> Result<(), ClientError> {

@@ -69,6 +69,10 @@ pub struct Config {
     pub control_host: Option<BTreeMap<String, String>>,
     #[serde(default = "default_output_bytes")]
     pub output_bytes: u64,
+    /// Where to keep a copy of the metrics for node_exporter's textfile
+    /// collector (a `*.prom` file in its directory); none by default.
+    #[serde(default)]
+    pub metrics_textfile: Option<PathBuf>,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -105,16 +109,22 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line: keys and YAML excerpts from a broken file may hold
+    /// line breaks and other control characters, which are escaped.
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "config {}", self.file.display())?;
+        write!(f, "config {}", one_line(&self.file.display().to_string()))?;
         if let Some(line) = self.line {
             write!(f, " line {line}")?;
         }
         if let Some(key) = &self.key {
-            write!(f, ": key `{key}`")?;
+            write!(f, ": key `{}`", one_line(key))?;
         }
-        write!(f, ": {}", self.reason)
+        write!(f, ": {}", one_line(&self.reason))
     }
+}
+
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 impl std::error::Error for ConfigError {}
@@ -279,5 +289,13 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("polling_interval"), "{e}");
         let e = parse(&format!("{MINIMAL}logging_level: LOUD\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("logging_level"));
+    }
+
+    #[test]
+    fn error_is_one_line_whatever_the_input() {
+        // Found by the config fuzz target: carriage returns in the excerpt.
+        let e = parse("{0\r\"J\r\"J\r\rz\r").unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
     }
 }

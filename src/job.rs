@@ -15,6 +15,7 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::delivery::{self, PendingStream};
 use crate::json::Json;
+use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::runner::{self, Limits, Stop, Watcher};
 use crate::signals;
@@ -34,8 +35,13 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
 const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
 /// How often a running phase asks the server whether the job was cancelled.
 const CANCEL_CHECK: Duration = Duration::from_secs(3);
+const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
+/// The status recorded for a phase that was running when the agent was
+/// killed or lost power: its real exit status is unknown. Chosen outside
+/// the codes connectors use (0-2, 46) and the runner's own 100.
+pub const INTERRUPTED_BY_AGENT_LOSS: i32 = 99;
 
 /// What became of a job, for the agent loop and the `--job` summary.
 #[derive(Debug, Default)]
@@ -100,6 +106,31 @@ struct PhaseWatcher<'a> {
     job_id: &'a str,
     next_cancel_check: Option<Instant>,
     honour_interrupt: bool,
+    /// Served here too, so that scrapes are answered while a phase runs.
+    metrics: Option<&'a mut Metrics>,
+    /// Fragment progress is saved as it happens, so that an agent killed
+    /// mid-phase resumes numbering (and the log) where the server is.
+    progress: Progress<'a>,
+}
+
+struct Progress<'a> {
+    rundir: &'a Path,
+    phase: &'a str,
+    serial_next: u64,
+    earlier: &'a [PendingStream],
+    saved_output_next: u64,
+}
+
+impl Progress<'_> {
+    fn save(&mut self, output_next: u64, sent: u64) {
+        let mut pending = self.earlier.to_vec();
+        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent });
+        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending };
+        if let Err(e) = state.save(self.rundir) {
+            log::debug!("cannot save fragment progress: {e}");
+        }
+        self.saved_output_next = output_next;
+    }
 }
 
 impl Watcher for PhaseWatcher<'_> {
@@ -111,11 +142,18 @@ impl Watcher for PhaseWatcher<'_> {
         if self.honour_interrupt && signals::interrupted() {
             return Some(Stop::Interrupted);
         }
+        if let Some(m) = self.metrics.as_deref_mut() {
+            m.service(now);
+        }
         if let Some((stream, client, counter)) = &mut self.live {
             stream.pump(client, counter, self.log.written, now);
+            if **counter != self.progress.saved_output_next {
+                self.progress.save(**counter, stream.sent);
+            }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
-                if client.job_state(self.job_id).as_deref() == Some("cancelled") {
+                // One short attempt: a slow server must not hold the phase's output.
+                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
                 }
             }
@@ -131,6 +169,9 @@ impl Watcher for PhaseWatcher<'_> {
             }
         }
         if let Some(t) = self.next_cancel_check {
+            wake = wake.min(t);
+        }
+        if let Some(t) = self.metrics.as_deref().and_then(|m| m.next_wake(now)) {
             wake = wake.min(t);
         }
         wake
@@ -151,6 +192,10 @@ pub struct JobRunner<'a> {
     serial_fragments: u64,
     /// Output not yet delivered when its phase ended (server down).
     pending: Vec<PendingStream>,
+    metrics: Option<&'a mut Metrics>,
+    /// The `release` label of the phase metrics: `""` until provisioning
+    /// succeeds, then what the connector reported (see `device_release`).
+    release: String,
 }
 
 impl<'a> JobRunner<'a> {
@@ -188,6 +233,33 @@ impl<'a> JobRunner<'a> {
             output_fragments: 0,
             serial_fragments: 0,
             pending: Vec::new(),
+            metrics: None,
+            release: String::new(),
+        }
+    }
+
+    /// Counts this job in `metrics` and serves them while phases run.
+    pub fn with_metrics(mut self, metrics: &'a mut Metrics) -> JobRunner<'a> {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sleeps, answering metrics scrapes meanwhile.
+    fn pause(metrics: Option<&mut Metrics>, d: Duration) {
+        match metrics {
+            Some(m) => m.idle(d),
+            None => signals::sleep(d),
+        }
+    }
+
+    fn save_progress(&self) {
+        let state = delivery::JobState {
+            output_next: self.output_fragments,
+            serial_next: self.serial_fragments,
+            pending: self.pending.clone(),
+        };
+        if let Err(e) = state.save(&self.rundir) {
+            log::debug!("cannot save fragment progress: {e}");
         }
     }
 
@@ -292,15 +364,16 @@ impl<'a> JobRunner<'a> {
         env
     }
 
-    /// Runs one phase's command; returns its exit code and stop reason.
-    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>) {
+    /// Runs one phase's command; returns its exit code, stop reason, and
+    /// the signal that killed it, if one did.
+    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
         let log_path = self.rundir.join(format!("{phase}.log"));
         let secret_values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
         let mut log = match PhaseLog::open(&log_path, &secret_values, self.echo) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
-                return (100, None);
+                return (100, None, None);
             }
         };
         let start_offset = log.written;
@@ -321,12 +394,24 @@ impl<'a> JobRunner<'a> {
             (LiveStream::new(&job_id, "output", phase, &log_path, start_offset), c, &mut self.output_fragments)
         });
         let has_live = live.is_some();
+        let mut progress = Progress {
+            rundir: &self.rundir,
+            phase,
+            serial_next: self.serial_fragments,
+            earlier: &self.pending,
+            saved_output_next: u64::MAX,
+        };
+        if let Some((_, _, counter)) = &live {
+            progress.save(**counter, start_offset);
+        }
         let mut watcher = PhaseWatcher {
             log,
             live,
             job_id: &job_id,
             next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + CANCEL_CHECK),
             honour_interrupt: phase != "cleanup",
+            metrics: self.metrics.as_deref_mut(),
+            progress,
         };
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
         if let Some(sig) = outcome.signal {
@@ -341,7 +426,7 @@ impl<'a> JobRunner<'a> {
             }
         }
         self.send_serial_log(phase);
-        (outcome.code, outcome.stopped)
+        (outcome.code, outcome.stopped, outcome.signal)
     }
 
     fn send_serial_log(&mut self, phase: &str) {
@@ -397,7 +482,7 @@ impl<'a> JobRunner<'a> {
             if signals::interrupted() {
                 return;
             }
-            signals::sleep(Duration::from_secs(2));
+            Self::pause(self.metrics.as_deref_mut(), Duration::from_secs(2));
         }
         self.post_result(Json::object().with("job_state", Json::str("allocated")));
         let parent = self.job.get("parent_job_id").and_then(Json::as_str).map(String::from);
@@ -411,7 +496,7 @@ impl<'a> JobRunner<'a> {
             if signals::interrupted() {
                 return;
             }
-            signals::sleep(interval);
+            Self::pause(self.metrics.as_deref_mut(), interval);
         }
     }
 
@@ -441,6 +526,9 @@ impl<'a> JobRunner<'a> {
         }
         let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.job_id))).unwrap_or_default();
         self.emit("job_start", &job_url);
+        if let Some(m) = self.metrics.as_deref_mut() {
+            m.job_started();
+        }
         if let Err(e) = self.prepare() {
             log::error!("cannot prepare run dir {}: {e}", self.rundir.display());
             self.statuses.push(("setup".into(), 100));
@@ -484,17 +572,31 @@ impl<'a> JobRunner<'a> {
             self.post_device_info();
             self.emit(&format!("{phase}_start"), "");
             log::info!("job {}: running {phase}", self.job_id);
-            let (code, stopped) = self.run_phase(phase);
+            let started = Instant::now();
+            let (code, stopped, signal) = self.run_phase(phase);
             log::info!("job {}: {phase} exited with {code}", self.job_id);
+            if phase == "provision" && code == 0 {
+                self.release = self.device_release();
+            }
+            let release = self.release.clone();
+            if let Some(m) = self.metrics.as_deref_mut() {
+                m.phase_ended(phase, started.elapsed().as_secs_f64(), code, &release);
+            }
             self.statuses.push((phase.to_string(), code));
             if let Err(e) = self.write_outcome() {
                 log::error!("cannot write the outcome file: {e}");
             }
+            self.save_progress();
             self.post_result(self.outcome());
             if let Some(stop) = &stopped {
                 self.emit(stop.event(), &stop.message().trim().to_string());
             }
-            let detail = self.connector_error(phase);
+            let mut detail = self.connector_error(phase);
+            if let Some(sig) = signal {
+                // Distinct from an exit code of 128+N chosen by the command.
+                let sep = if detail.is_empty() { "" } else { "; " };
+                detail = format!("{detail}{sep}killed by signal {sig}");
+            }
             if phase == "provision" {
                 if let Some(client) = self.client.as_deref_mut() {
                     let body = Json::object()
@@ -535,21 +637,121 @@ impl<'a> JobRunner<'a> {
             }
         }
 
-        // Cleanup runs whatever happened before, so the device is left sane.
-        if self.skip_reason("cleanup").is_none() {
-            self.post_agent_state("cleanup");
-            self.emit("cleanup_start", "");
-            let (code, _) = self.run_phase("cleanup");
-            self.statuses.push(("cleanup".into(), code));
-            let _ = self.write_outcome();
-            self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
-        }
+        self.run_cleanup();
         summary.interrupted = signals::interrupted();
         summary.statuses = self.statuses.clone();
         summary.end_reason = end_reason.clone();
         self.emit("job_end", &end_reason);
         summary.delivered = self.finish();
         summary
+    }
+
+    /// Cleanup runs whatever happened before, so the device is left sane.
+    fn run_cleanup(&mut self) {
+        if self.skip_reason("cleanup").is_some() {
+            return;
+        }
+        self.post_agent_state("cleanup");
+        self.emit("cleanup_start", "");
+        let (code, _, _) = self.run_phase("cleanup");
+        self.statuses.retain(|(p, _)| p != "cleanup");
+        self.statuses.push(("cleanup".into(), code));
+        let _ = self.write_outcome();
+        self.save_progress();
+        self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
+    }
+
+    /// The release label for metrics after a successful provision: the
+    /// `release` the connector put in `device-info.json`'s `device_info`,
+    /// else `unknown` (upstream asks the device over SSH, which would block
+    /// this single-threaded agent for up to half a minute).
+    fn device_release(&self) -> String {
+        let Ok(text) = fs::read_to_string(self.rundir.join("device-info.json")) else { return "unknown".into() };
+        let Ok(json) = Json::parse(&text) else { return "unknown".into() };
+        let info = json.get("device_info").unwrap_or(&json);
+        info.get("release").and_then(Json::as_str).filter(|r| !r.is_empty()).unwrap_or("unknown").to_string()
+    }
+
+    /// Finishes a job whose agent was killed (or lost power) while it ran,
+    /// from what its run dir recorded: the phases that ended keep their
+    /// codes; `interrupted`, the phase that was running, gets
+    /// [`INTERRUPTED_BY_AGENT_LOSS`] and a `<phase>_fail` event; cleanup
+    /// runs (again, when it was the interrupted one); then artifacts and
+    /// outcome are delivered or kept like any job's.
+    pub fn resume(mut self, interrupted: Option<&str>) -> Summary {
+        let outcome_text = fs::read_to_string(self.rundir.join("testflinger-outcome.json")).unwrap_or_default();
+        if let Ok(outcome) = Json::parse(&outcome_text) {
+            for (phase, code) in outcome.get("status").and_then(Json::as_object).unwrap_or(&[]) {
+                if let Some(c) = code.as_i64() {
+                    self.statuses.push((phase.clone(), c as i32));
+                }
+            }
+        }
+        let saved = delivery::JobState::load(&self.rundir);
+        self.output_fragments = saved.output_next;
+        self.serial_fragments = saved.serial_next;
+        self.pending = saved.pending;
+        if let Some(client) = self.client.as_deref_mut() {
+            let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
+        }
+        let mut end_reason = "normal_exit".to_string();
+        if let Some(phase) = interrupted {
+            let detail = format!(
+                "the agent stopped (killed or lost power) while {phase} ran; status {INTERRUPTED_BY_AGENT_LOSS} means its real exit status is unknown"
+            );
+            log::warn!("job {}: {detail}", self.job_id);
+            let line = format!("\nERROR: {detail}\n");
+            let log_path = self.rundir.join(format!("{phase}.log"));
+            if let Err(e) = fs::OpenOptions::new().append(true).open(&log_path).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
+                log::warn!("cannot note the interruption in {}: {e}", log_path.display());
+            }
+            if phase != "cleanup" {
+                self.statuses.push((phase.to_string(), INTERRUPTED_BY_AGENT_LOSS));
+                end_reason = format!("{phase}_fail");
+                if let Some(m) = self.metrics.as_deref_mut() {
+                    m.phase_ended(phase, 0.0, INTERRUPTED_BY_AGENT_LOSS, "");
+                }
+            }
+            let _ = self.write_outcome();
+            self.post_result(self.outcome());
+            self.emit(&format!("{phase}_fail"), &detail);
+        }
+        // The output the server missed goes before cleanup's, in order.
+        self.flush_pending();
+        if !self.statuses.iter().any(|(p, _)| p == "cleanup") {
+            self.run_cleanup();
+        }
+        let summary = Summary {
+            job_id: self.job_id.clone(),
+            statuses: self.statuses.clone(),
+            end_reason: end_reason.clone(),
+            ..Summary::default()
+        };
+        self.emit("job_end", &end_reason);
+        let delivered = self.finish();
+        Summary { delivered, interrupted: signals::interrupted(), ..summary }
+    }
+
+    fn flush_pending(&mut self) {
+        let Some(client) = self.client.as_deref_mut() else { return };
+        let mut left = Vec::new();
+        for mut p in std::mem::take(&mut self.pending) {
+            let (path, counter) = match p.kind.as_str() {
+                "serial" => (self.rundir.join(format!("{}-serial.log", p.phase)), &mut self.serial_fragments),
+                _ => (self.rundir.join(format!("{}.log", p.phase)), &mut self.output_fragments),
+            };
+            let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let kind = if p.kind == "serial" { "serial" } else { "output" };
+            let mut stream = LiveStream::new(&self.job_id, kind, &p.phase, &path, p.sent);
+            let result = stream.flush(client, counter, written);
+            p.sent = stream.sent;
+            if let Err(e) = result {
+                log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
+                left.push(p);
+            }
+        }
+        self.pending = left;
+        self.save_progress();
     }
 
     /// Packs artifacts, delivers the outcome, and removes the run dir, or

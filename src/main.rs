@@ -1,25 +1,11 @@
 //! testflinger-agent: arguments, logging, one-line errors, exit codes.
 
-mod agent;
-mod archive;
-mod attachments;
-mod client;
-mod config;
-mod delivery;
-mod job;
-mod json;
-mod logging;
-mod mask;
-mod output;
-mod runner;
-mod signals;
-mod timestamp;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use config::Config;
-use json::Json;
+use testflinger_agent::config::{self, Config};
+use testflinger_agent::json::Json;
+use testflinger_agent::{agent, client, job, logging, metrics, runner, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -108,16 +94,24 @@ fn main() -> ExitCode {
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
     runner::become_subreaper();
-    if let Some(port) = args.metrics_port {
-        log::warn!("metrics on port {port}: not served by this build yet");
-    }
 
     match &args.job {
         Some(path) => run_local_job(&config, path),
         None => {
+            let mut metrics = metrics::Metrics::new(&config.agent_id, config.identifier.as_deref().unwrap_or(""));
+            if let Some(port) = args.metrics_port {
+                metrics = match metrics.serve(port) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            }
+            let metrics = metrics.with_textfile(config.metrics_textfile.clone());
             let client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
-            match agent::Agent::new(&config, client, args.once).run() {
+            match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
                 agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,
             }

@@ -9,7 +9,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,12 +17,25 @@ use crate::json::Json;
 use crate::mask::Masker;
 use crate::timestamp::now_iso8601;
 
-/// Largest fragment, in log bytes (the server refuses bodies over 16 MB;
-/// JSON escaping can grow text, so stay far below).
-const MAX_FRAGMENT: u64 = 1 << 20;
-/// Pending output is sent at most this often, unless a whole fragment's
-/// worth is waiting: a few requests a second at most.
-const SEND_INTERVAL: Duration = Duration::from_millis(200);
+mod fragment;
+
+/// Largest fragment body, JSON escaping included: the server refuses bodies
+/// over 16 MB, and proxies in front of it may be stricter, so stay well below.
+const MAX_BODY: u64 = 12 << 20;
+/// Pending output is sent at most this often: a line printed on an idle
+/// phase reaches the server within this (plus one request).
+const SEND_INTERVAL: Duration = Duration::from_millis(250);
+/// Under heavy output (a full fragment's worth waiting) fragments go at most
+/// once a second: each send holds the child on a full pipe for a few tens
+/// of ms, so sending less while it writes keeps it close to full speed. The
+/// server still sees progress every second, and what is left goes back to
+/// back in the final flush once the phase ends.
+const HEAVY_INTERVAL: Duration = Duration::from_secs(1);
+/// Pending output at least this large (in log bytes) counts as heavy.
+const HEAVY: u64 = 8 << 20;
+/// A live fragment is tried once with this timeout: the child waits on a
+/// full pipe while the agent waits on the server.
+const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The phase's log file, written through the secret masker.
 pub struct PhaseLog {
@@ -91,6 +103,11 @@ impl PhaseLog {
 
 /// Sends a log file to `log/<kind>` as numbered fragments, catching up from
 /// the file after failures.
+///
+/// While the phase runs, [`LiveStream::pump`] makes at most one attempt per
+/// call, with a short timeout, and backs off on its own after a failure: the
+/// runner's one thread must get back to draining the child's pipe. The
+/// final [`LiveStream::flush`] uses the client's full retry policy.
 pub struct LiveStream {
     job_id: String,
     kind: &'static str,
@@ -131,16 +148,17 @@ impl LiveStream {
         if let Some(t) = self.retry_at {
             return Some(t);
         }
-        if written - self.sent >= MAX_FRAGMENT {
-            return Some(self.last_send);
+        if written - self.sent >= HEAVY {
+            return Some(self.last_send + HEAVY_INTERVAL);
         }
         Some(self.last_send + SEND_INTERVAL)
     }
 
-    /// Sends one fragment if one is due. Errors are logged and retried later.
+    /// Sends one fragment if one is due: a single attempt with a short
+    /// timeout. Failures are logged and retried later with backoff.
     pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant) {
         if self.due(written).is_some_and(|t| now >= t) {
-            let _ = self.send_one(client, counter, written, false);
+            let _ = client.once(LIVE_TIMEOUT, |c| self.send_one(c, counter, written, false));
         }
     }
 
@@ -158,27 +176,23 @@ impl LiveStream {
             self.reader = Some(File::open(&self.path).map_err(|e| local(&self.path, e))?);
         }
         let Some(reader) = &self.reader else { return Ok(()) };
-        let len = (written - self.sent).min(MAX_FRAGMENT) as usize;
-        let mut buf = vec![0u8; len];
-        reader.read_exact_at(&mut buf, self.sent).map_err(|e| local(&self.path, e))?;
-        // Don't split a UTF-8 character between fragments, unless this is
-        // all there will ever be.
-        let at_end = self.sent + len as u64 == written;
-        let cut = if at_end && last { len } else { utf8_boundary(&buf) };
-        if cut == 0 {
-            return Ok(());
-        }
-        let text = String::from_utf8_lossy(&buf[..cut]);
-        let fragment = Json::object()
-            .with("fragment_number", Json::int(*counter as i64))
-            .with("timestamp", Json::str(now_iso8601()))
-            .with("phase", Json::str(self.phase.as_str()))
-            .with("log_data", Json::str(text));
+        let prefix = format!(
+            "{{\"fragment_number\":{},\"timestamp\":{},\"phase\":{},\"log_data\":\"",
+            *counter,
+            Json::str(now_iso8601()).to_string_compact(),
+            Json::str(self.phase.as_str()).to_string_compact()
+        );
+        let plan = match fragment::plan(reader, self.sent, written, last, prefix, MAX_BODY) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(local(&self.path, e)),
+        };
         self.last_send = Instant::now();
-        match client.post_log_fragment(&self.job_id, self.kind, &fragment) {
+        let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
+        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body) {
             Ok(()) => {
                 *counter += 1;
-                self.sent += cut as u64;
+                self.sent = plan.end;
                 self.retry_at = None;
                 self.failures = 0;
                 Ok(())
@@ -194,41 +208,9 @@ impl LiveStream {
     }
 }
 
-/// Length of the longest prefix of `buf` that does not end inside a
-/// multi-byte UTF-8 character.
-fn utf8_boundary(buf: &[u8]) -> usize {
-    let n = buf.len();
-    for back in 1..=3.min(n) {
-        let b = buf[n - back];
-        if b & 0xC0 == 0x80 {
-            continue; // continuation byte: look further back for the lead
-        }
-        let need = match b {
-            0x00..=0x7F => 1,
-            0xC0..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF7 => 4,
-            _ => 1,
-        };
-        return if need > back { n - back } else { n };
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utf8_boundary_keeps_whole_characters() {
-        assert_eq!(utf8_boundary(b"abc"), 3);
-        let e = "é".as_bytes();
-        assert_eq!(utf8_boundary(&[b'a', e[0]]), 1);
-        assert_eq!(utf8_boundary(&[b'a', e[0], e[1]]), 3);
-        let emoji = "😀".as_bytes();
-        assert_eq!(utf8_boundary(&emoji[..3]), 0);
-        assert_eq!(utf8_boundary(emoji), 4);
-    }
 
     #[test]
     fn phase_log_masks_secrets_on_disk() {

@@ -74,6 +74,9 @@ const GRACE: Duration = Duration::from_millis(1500);
 /// holding the pipe open, is read for at most this long.
 const DRAIN: Duration = Duration::from_millis(200);
 const READ_BUF: usize = 64 * 1024;
+/// The default `pipe-max-size`: what an unprivileged process may ask for.
+#[cfg(target_os = "linux")]
+const PIPE_SIZE: libc::c_int = 1 << 20;
 
 /// Makes the agent a child subreaper, so that descendants that leave the
 /// phase's process group (a daemon calling `setsid`) are re-parented to us
@@ -91,6 +94,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: fds is a valid array of two ints.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: fcntl on a descriptor we own. A larger pipe lets the child keep
+    // writing while the agent sends a fragment; failure (a lower
+    // pipe-max-size) just keeps the default 64 KiB.
+    unsafe {
+        libc::fcntl(fds[0], libc::F_SETPIPE_SZ, PIPE_SIZE);
     }
     // SAFETY: pipe2 just returned these two fresh descriptors, owned by no one else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })

@@ -34,7 +34,8 @@ fn full_job_posts_phases_results_fragments_and_final_state() {
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, ALL_DATA));
     server.set_job_state(&job, "waiting");
-    let agent = all_phases(&server).command("allocate", "echo allocate ran; echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json");
+    let agent = all_phases(&server).command("test", "echo test ran; mkdir -p artifacts/sub; echo result > artifacts/sub/r.txt")
+        .command("allocate", "echo allocate ran; echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json");
     // Allocate waits until the job is complete or cancelled on the server.
     let mut p = agent.spawn_with(&["--once"]);
     server.wait_until(T, "allocated", |s| s.job_states_posted(&job).iter().any(|x| x == "allocated"));
@@ -62,6 +63,8 @@ fn full_job_posts_phases_results_fragments_and_final_state() {
         assert!(text.contains(&format!("* Starting testflinger {phase} phase on {AGENT_ID} *")), "{text}");
         assert!(text.contains(&format!("{phase} ran")), "{text}");
     }
+    let members = server.artifact_members(&job);
+    assert!(members.iter().any(|(p, c, _)| p == "artifacts/sub/r.txt" && c == b"result\n"), "artifacts uploaded");
     // Agent state went back to waiting with no job, run dir removed.
     let data = server.agent_data(AGENT_ID).unwrap();
     assert_eq!(data.get("state").and_then(Json::as_str), Some("waiting"));

@@ -4,7 +4,10 @@ mod artifacts;
 mod fake_server;
 mod harness;
 mod json;
+mod core;
 mod job_flow;
+mod fleet;
+mod streaming;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {

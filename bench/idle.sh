@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idle cost: peak RSS and CPU of the release agent polling an empty queue
+# for a while (default 20 s, polling every 0.2 s) against a minimal local
+# server. Prints the figures; stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-20}
+cargo build --release -q
+tmp=$(mktemp -d)
+trap 'kill $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
+python3 - "$tmp/port" <<'PY' &
+import http.server, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def _send(self, code, body=b""):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        if self.path.startswith("/v1/agents/data"):
+            self.send_header("Set-Cookie", "agent_name=idle-agent")
+        self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        if self.path.startswith("/v1/job"): return self._send(204)
+        if self.path.startswith("/v1/agents/data"): return self._send(200, b'{"state":"waiting","restricted_to":{}}')
+        self._send(200, b'{}')
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0)); self.rfile.read(n); self._send(200, b"OK")
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+open(sys.argv[1], "w").write(str(s.server_address[1]))
+s.serve_forever()
+PY
+srv=$!
+for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
+cat > "$tmp/agent.conf" <<CONF
+agent_id: idle-agent
+server_address: 127.0.0.1:$(cat "$tmp/port")
+job_queues: [idle]
+polling_interval: 0.2
+execution_basedir: $tmp/run
+logging_basedir: $tmp/logs
+results_basedir: $tmp/results
+logging_quiet: true
+CONF
+/usr/bin/time -v timeout -s INT "$secs" ./target/release/testflinger-agent -c "$tmp/agent.conf" 2> "$tmp/time.txt" || true
+polls=$(grep -c . "$tmp/logs/testflinger-agent.log" || true)
+echo "idle polling ${secs}s every 0.2s:"
+grep -E "Maximum resident set size|User time|System time|Percent of CPU" "$tmp/time.txt" | sed 's/^\s*/  /'
+echo "  binary size: $(stat -c %s target/release/testflinger-agent) bytes (stripped)"

@@ -1,0 +1,21 @@
+//! The Testflinger agent as a library: the binary in `main.rs` is a thin
+//! shell over these modules; the fuzz targets in `fuzz/` call them directly.
+//!
+//! Data flows one way: config → agent → job → runner → output → client.
+
+pub mod agent;
+pub mod archive;
+pub mod attachments;
+pub mod client;
+pub mod config;
+pub mod delivery;
+pub mod job;
+pub mod json;
+pub mod logging;
+pub mod mask;
+pub mod metrics;
+pub mod output;
+pub mod recovery;
+pub mod runner;
+pub mod signals;
+pub mod timestamp;

@@ -1,0 +1,465 @@
+//! Counters and the Prometheus text exposition format, served from the
+//! agent's one thread, and mirrored to a node_exporter textfile.
+//!
+//! The names and labels are upstream's (`jobs_total`, `failures_total`,
+//! `phase_duration_seconds`, `recovery_failures_total`), so dashboards made
+//! for the Python agent keep working.
+//!
+//! The endpoint never blocks the agent: the listener and every connection
+//! are non-blocking, each connection has a small request buffer and a
+//! deadline, and the number of open connections is capped. The agent calls
+//! [`Metrics::service`] whenever it wakes (between polls, and from the phase
+//! watcher while a command runs) and [`Metrics::idle`] instead of sleeping.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::signals;
+
+/// Upstream's buckets, in seconds: phases last minutes to hours.
+pub const BUCKETS: [f64; 8] = [60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0];
+
+/// A scraper gets this long, from connect to the last byte of the answer.
+const CONN_DEADLINE: Duration = Duration::from_secs(2);
+/// A request head larger than this is refused (a scrape needs ~200 bytes).
+const MAX_HEAD: usize = 4096;
+/// Open connections beyond this evict the oldest, so a flood of idle
+/// sockets costs a bounded amount of memory and work per wake.
+const MAX_CONNS: usize = 16;
+/// New connections taken per wake; the rest wait in the kernel's backlog.
+const ACCEPTS_PER_WAKE: usize = 16;
+/// While a phase runs, the watcher wakes at least this often to answer.
+const SERVICE_PERIOD: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    /// Non-cumulative counts per bucket of [`BUCKETS`]; the `+Inf` bucket
+    /// is `count`.
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        if let Some(i) = BUCKETS.iter().position(|b| v <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}
+
+/// The agent's counters since it started, and where they are published.
+pub struct Metrics {
+    agent_id: String,
+    identifier: String,
+    jobs: u64,
+    failures: BTreeMap<String, u64>,
+    recovery_failures: u64,
+    /// Keyed by (phase, release).
+    durations: BTreeMap<(String, String), Histogram>,
+    endpoint: Option<Endpoint>,
+    textfile: Option<PathBuf>,
+    textfile_failed: bool,
+}
+
+impl Metrics {
+    /// Counters only: nothing served, nothing written (tests, `--job`).
+    pub fn new(agent_id: &str, identifier: &str) -> Metrics {
+        Metrics {
+            agent_id: agent_id.to_string(),
+            identifier: identifier.to_string(),
+            jobs: 0,
+            failures: BTreeMap::new(),
+            recovery_failures: 0,
+            durations: BTreeMap::new(),
+            endpoint: None,
+            textfile: None,
+            textfile_failed: false,
+        }
+    }
+
+    /// Listens on `0.0.0.0:port` (as upstream's `start_http_server` does:
+    /// Prometheus scrapes agents from another host).
+    pub fn serve(mut self, port: u16) -> io::Result<Metrics> {
+        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        listener.set_nonblocking(true)?;
+        log::info!("serving metrics on {}", listener.local_addr()?);
+        self.endpoint = Some(Endpoint { listener, conns: Vec::new() });
+        Ok(self)
+    }
+
+    /// Also writes the exposition text to `path` (atomically) on every change.
+    pub fn with_textfile(mut self, path: Option<PathBuf>) -> Metrics {
+        self.textfile = path;
+        self.write_textfile();
+        self
+    }
+
+    pub fn job_started(&mut self) {
+        self.jobs += 1;
+        self.write_textfile();
+    }
+
+    /// Records a phase that ended with `code` after `seconds`. `release` is
+    /// the label of the system on the device, `""` before provisioning.
+    pub fn phase_ended(&mut self, phase: &str, seconds: f64, code: i32, release: &str) {
+        self.durations.entry((phase.to_string(), release.to_string())).or_default().observe(seconds);
+        if code != 0 {
+            *self.failures.entry(phase.to_string()).or_default() += 1;
+        }
+        if code == crate::job::RECOVERY_FAILED {
+            self.recovery_failures += 1;
+        }
+        self.write_textfile();
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let agent = format!("agent_id=\"{}\"", escape(&self.agent_id));
+        let mut s = String::with_capacity(2048);
+        // Counters labelled only by agent_id start at 0 (upstream shows
+        // them only after the first increment) so that rate() has a base.
+        header(&mut s, "jobs", "Total jobs processed since last agent restart", "counter");
+        let _ = writeln!(s, "jobs_total{{{agent}}} {}", float(self.jobs as f64));
+        header(&mut s, "failures", "Total job failures since last agent restart", "counter");
+        for (phase, n) in &self.failures {
+            let _ = writeln!(s, "failures_total{{{agent},test_phase=\"{}\"}} {}", escape(phase), float(*n as f64));
+        }
+        header(
+            &mut s,
+            "phase_duration_seconds",
+            "Duration of each job phase in seconds since last agent restart",
+            "histogram",
+        );
+        for ((phase, release), h) in &self.durations {
+            let labels = format!(
+                "{agent},test_phase=\"{}\",identifier=\"{}\",release=\"{}\"",
+                escape(phase),
+                escape(&self.identifier),
+                escape(release)
+            );
+            let mut cumulative = 0;
+            for (b, n) in BUCKETS.iter().zip(h.buckets) {
+                cumulative += n;
+                let _ = writeln!(s, "phase_duration_seconds_bucket{{{labels},le=\"{}\"}} {}", float(*b), float(cumulative as f64));
+            }
+            let _ = writeln!(s, "phase_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", float(h.count as f64));
+            let _ = writeln!(s, "phase_duration_seconds_count{{{labels}}} {}", float(h.count as f64));
+            let _ = writeln!(s, "phase_duration_seconds_sum{{{labels}}} {}", float(h.sum));
+        }
+        header(&mut s, "recovery_failures", "Total recovery failures since last agent restart", "counter");
+        let _ = writeln!(s, "recovery_failures_total{{{agent}}} {}", float(self.recovery_failures as f64));
+        s
+    }
+
+    fn write_textfile(&mut self) {
+        let Some(path) = &self.textfile else { return };
+        match write_atomic(path, self.render().as_bytes()) {
+            Ok(()) => self.textfile_failed = false,
+            // Logged once per run of failures, not on every change.
+            Err(e) if !self.textfile_failed => {
+                self.textfile_failed = true;
+                log::error!("cannot write metrics textfile {}: {e}", path.display());
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Accepts, reads and answers whatever scrapers are ready; never waits.
+    pub fn service(&mut self, now: Instant) {
+        let Some(ep) = &mut self.endpoint else { return };
+        ep.accept(now);
+        if ep.conns.is_empty() {
+            return;
+        }
+        // The connections are taken out so that rendering can borrow self.
+        let mut conns = std::mem::take(&mut ep.conns);
+        // Rendered at most once per wake, and only when someone asked.
+        let mut body: Option<Vec<u8>> = None;
+        let this = &*self;
+        conns.retain_mut(|c| c.progress(now, &mut || body.get_or_insert_with(|| this.render().into_bytes()).clone()));
+        if let Some(ep) = &mut self.endpoint {
+            ep.conns = conns;
+        }
+    }
+
+    /// When the phase watcher must wake next to keep the endpoint answering.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        self.endpoint.as_ref().map(|_| now + SERVICE_PERIOD)
+    }
+
+    /// Waits up to `d` while answering scrapers; returns early when the
+    /// agent is asked to stop. Replaces a plain sleep.
+    pub fn idle(&mut self, d: Duration) {
+        self.idle_until(d, signals::interrupted);
+    }
+
+    /// Like [`Metrics::idle`], also returning early when a restart is
+    /// asked for (SIGUSR1): for the agent's wait between polls, where it
+    /// is idle and can restart at once.
+    pub fn idle_or_restart(&mut self, d: Duration) {
+        self.idle_until(d, || signals::interrupted() || signals::restart_requested());
+    }
+
+    fn idle_until(&mut self, d: Duration, wake: fn() -> bool) {
+        let end = Instant::now() + d;
+        loop {
+            let now = Instant::now();
+            self.service(now);
+            if now >= end || wake() {
+                return;
+            }
+            // Signals interrupt poll(2) (no SA_RESTART), but one arriving
+            // just before it would be missed: 100 ms bounds that delay.
+            let mut timeout = (end - now).min(Duration::from_millis(100));
+            let Some(ep) = &self.endpoint else {
+                std::thread::sleep(timeout);
+                continue;
+            };
+            let mut fds = vec![libc::pollfd { fd: ep.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            for c in &ep.conns {
+                let events = if c.out.is_some() { libc::POLLOUT } else { libc::POLLIN };
+                fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+                timeout = timeout.min(c.deadline.saturating_duration_since(now));
+            }
+            // SAFETY: `fds` is a valid array of pollfd for the call's duration.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
+        }
+    }
+
+    #[cfg(test)]
+    fn local_port(&self) -> Option<u16> {
+        self.endpoint.as_ref().and_then(|e| e.listener.local_addr().ok()).map(|a| a.port())
+    }
+}
+
+struct Endpoint {
+    listener: TcpListener,
+    conns: Vec<Conn>,
+}
+
+impl Endpoint {
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPTS_PER_WAKE {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.conns.len() >= MAX_CONNS {
+                        self.conns.remove(0);
+                    }
+                    self.conns.push(Conn { stream, head: Vec::new(), out: None, deadline: now + CONN_DEADLINE });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // ECONNABORTED, EMFILE...: logged, retried at the next wake.
+                Err(e) => {
+                    log::debug!("metrics: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    head: Vec<u8>,
+    /// The answer and how much of it was written.
+    out: Option<(Vec<u8>, usize)>,
+    deadline: Instant,
+}
+
+impl Conn {
+    /// Moves the exchange on without blocking; false when it is over.
+    fn progress(&mut self, now: Instant, body: &mut dyn FnMut() -> Vec<u8>) -> bool {
+        if now >= self.deadline {
+            return false;
+        }
+        if self.out.is_none() {
+            let mut buf = [0u8; 512];
+            loop {
+                match self.stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => {
+                        self.head.extend_from_slice(&buf[..n]);
+                        if let Some(answer) = self.answer(body) {
+                            self.out = Some((answer, 0));
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return false,
+                }
+            }
+        }
+        let Some((data, sent)) = &mut self.out else { return true };
+        while *sent < data.len() {
+            match self.stream.write(&data[*sent..]) {
+                Ok(0) => return false,
+                Ok(n) => *sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// The answer once the request head is complete (or too big).
+    fn answer(&self, body: &mut dyn FnMut() -> Vec<u8>) -> Option<Vec<u8>> {
+        let complete = find(&self.head, b"\r\n\r\n").or_else(|| find(&self.head, b"\n\n"));
+        if complete.is_none() && self.head.len() < MAX_HEAD {
+            return None;
+        }
+        if complete.is_none() {
+            return Some(response("431 Request Header Fields Too Large", b"request head too large\n", true));
+        }
+        let method = self.head.split(|b| *b == b' ').next().unwrap_or_default();
+        Some(match method {
+            b"GET" => response("200 OK", &body(), true),
+            b"HEAD" => response("200 OK", &body(), false),
+            _ => response("405 Method Not Allowed", b"only GET and HEAD\n", true),
+        })
+    }
+}
+
+fn response(status: &str, body: &[u8], with_body: bool) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if with_body {
+        r.extend_from_slice(body);
+    }
+    r
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn header(s: &mut String, name: &str, help: &str, kind: &str) {
+    let full = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+    let _ = writeln!(s, "# HELP {full} {help}");
+    let _ = writeln!(s, "# TYPE {full} {kind}");
+}
+
+/// Numbers as prometheus_client prints them (`1.0`, `60.0`, `0.5`).
+fn float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.1}") } else { format!("{v}") }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Writes beside `path` under a name node_exporter ignores (it reads only
+/// `*.prom`), then renames: the collector never sees a half-written file.
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("metrics");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+
+    #[test]
+    fn exposition_has_upstream_names_labels_and_buckets() {
+        let mut m = Metrics::new("agent-\"1\"", "lab-7");
+        m.job_started();
+        m.phase_ended("setup", 30.0, 0, "");
+        m.phase_ended("provision", 200.0, 46, "");
+        m.phase_ended("test", 90000.0, 1, "24.04");
+        let text = m.render();
+        let agent = r#"agent_id="agent-\"1\"""#;
+        for line in [
+            format!("jobs_total{{{agent}}} 1.0"),
+            format!("failures_total{{{agent},test_phase=\"provision\"}} 1.0"),
+            format!("failures_total{{{agent},test_phase=\"test\"}} 1.0"),
+            format!("recovery_failures_total{{{agent}}} 1.0"),
+            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"setup\",identifier=\"lab-7\",release=\"\",le=\"60.0\"}} 1.0"),
+            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"120.0\"}} 0.0"),
+            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"300.0\"}} 1.0"),
+            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"14400.0\"}} 0.0"),
+            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"+Inf\"}} 1.0"),
+            format!("phase_duration_seconds_sum{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\"}} 90000.0"),
+            "# TYPE phase_duration_seconds histogram".to_string(),
+            "# TYPE jobs_total counter".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(!text.contains("failures_total{agent_id=\"agent-\\\"1\\\"\",test_phase=\"setup\""), "{text}");
+    }
+
+    fn scrape(port: u16, m: &mut Metrics, request: &[u8]) -> String {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.write_all(request).expect("send");
+        c.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        loop {
+            m.service(Instant::now());
+            let mut buf = [0u8; 4096];
+            match c.read(&mut buf) {
+                Ok(0) => return String::from_utf8_lossy(&got).into_owned(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            assert!(Instant::now() < deadline, "no answer; got {:?}", String::from_utf8_lossy(&got));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn endpoint_answers_despite_silent_and_endless_clients() {
+        let mut m = Metrics::new("a", "").serve(0).expect("bind");
+        let port = m.local_port().expect("port");
+        // One client that never speaks, one that sends header bytes forever.
+        let _silent = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut endless = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        endless.write_all(b"GET / HTTP/1.1\r\nX: ").expect("send");
+        let _ = endless.write_all(&[b'a'; MAX_HEAD]);
+        let t = Instant::now();
+        m.service(Instant::now());
+        assert!(t.elapsed() < Duration::from_millis(100), "service blocked for {:?}", t.elapsed());
+        let answer = scrape(port, &mut m, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\njobs_total{agent_id=\"a\"} 0.0\n"), "{answer}");
+        let answer = scrape(port, &mut m, b"POST / HTTP/1.0\n\n");
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+        // The endless one was cut off at MAX_HEAD with a 431, not buffered.
+        assert!(m.endpoint.as_ref().is_some_and(|e| e.conns.iter().all(|c| c.head.len() <= MAX_HEAD + 512)));
+    }
+
+    #[test]
+    fn textfile_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("tf-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("testflinger.prom");
+        let mut m = Metrics::new("a", "").with_textfile(Some(path.clone()));
+        m.job_started();
+        let text = std::fs::read_to_string(&path).expect("textfile");
+        assert!(text.contains("jobs_total{agent_id=\"a\"} 1.0"), "{text}");
+        let names: Vec<_> = std::fs::read_dir(&dir).expect("ls").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("testflinger.prom")], "no temp file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

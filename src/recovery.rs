@@ -1,0 +1,197 @@
+//! Crash recovery: jobs an earlier agent left behind when it was killed or
+//! lost power.
+//!
+//! A run dir in `execution_basedir` (or one in `results_basedir` whose
+//! cleanup never ran) is finished before any new job is taken: processes
+//! of its interrupted phase that outlived the agent are stopped, the phase
+//! is reported as interrupted, cleanup runs so the device is not left half
+//! provisioned, and the outcome is delivered (or kept for later).
+//!
+//! What was running is read from the run dir alone: a phase whose
+//! `<phase>.log` exists but which has no code in `testflinger-outcome.json`
+//! was running when the agent died (the log is opened just before the
+//! command starts, the code written just after it ends).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, is_safe_id};
+use crate::config::Config;
+use crate::job::{JobRunner, PHASES};
+use crate::json::Json;
+use crate::metrics::Metrics;
+
+/// How long leftover processes get between SIGTERM and SIGKILL.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
+
+/// What a left-behind run dir needs.
+#[derive(Debug, PartialEq)]
+pub struct Leftover {
+    pub job_id: String,
+    pub dir: PathBuf,
+    /// The phase that was running when the agent died, if any.
+    pub interrupted: Option<String>,
+    /// Cleanup has not run to its end yet (and a cleanup command exists).
+    pub needs_cleanup: bool,
+}
+
+/// Reads `dir` (a run dir) to decide what is left to do.
+pub fn inspect(config: &Config, job_id: &str, dir: &Path) -> Leftover {
+    let outcome = fs::read_to_string(dir.join("testflinger-outcome.json")).ok().and_then(|t| Json::parse(&t).ok());
+    let has_code = |phase: &str| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase)).is_some();
+    let interrupted = PHASES
+        .iter()
+        .chain(std::iter::once(&"cleanup"))
+        .rev()
+        .find(|p| dir.join(format!("{p}.log")).exists() && !has_code(p))
+        .map(|p| p.to_string());
+    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code("cleanup");
+    Leftover { job_id: job_id.to_string(), dir: dir.to_path_buf(), interrupted, needs_cleanup }
+}
+
+/// Run dirs left in `base`, oldest first.
+fn run_dirs(base: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(dir) = fs::read_dir(base) else { return Vec::new() };
+    let mut found: Vec<_> = dir
+        .flatten()
+        .filter(|e| e.path().join("testflinger.json").is_file())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let mtime = e.metadata().and_then(|m| m.modified()).ok();
+            is_safe_id(&name).then(|| (mtime, name, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, n, p)| (n, p)).collect()
+}
+
+/// Finishes every job an earlier agent left unfinished. Jobs that only
+/// await delivery stay in `results_basedir` for the polling loop.
+pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
+    let mut todo = Vec::new();
+    for (job_id, dir) in run_dirs(&config.execution_basedir) {
+        todo.push(inspect(config, &job_id, &dir));
+    }
+    for (job_id, dir) in run_dirs(&config.results_basedir) {
+        let left = inspect(config, &job_id, &dir);
+        if left.interrupted.is_some() || left.needs_cleanup {
+            todo.push(left);
+        }
+    }
+    for left in todo {
+        resume(config, client, metrics, left);
+    }
+}
+
+fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, left: Leftover) {
+    let what = match &left.interrupted {
+        Some(p) => format!("interrupted during {p}"),
+        None => "interrupted between phases".to_string(),
+    };
+    log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.display());
+    stop_leftover_processes(&left.dir);
+    let rundir = config.execution_basedir.join(&left.job_id);
+    if left.dir != rundir {
+        // JobRunner works in execution_basedir; bring the job back there.
+        if let Err(e) = fs::create_dir_all(&config.execution_basedir).and_then(|_| fs::rename(&left.dir, &rundir)) {
+            log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, left.dir.display(), rundir.display());
+            return;
+        }
+    }
+    let job = fs::read_to_string(rundir.join("testflinger.json")).ok().and_then(|t| Json::parse(&t).ok());
+    let job = match job {
+        Some(j @ Json::Object(_)) => j,
+        // Without the job nothing can run; deliver what the dir holds.
+        _ => {
+            log::error!("job {}: testflinger.json unreadable; delivering the outcome as it is", left.job_id);
+            crate::delivery::keep(&config.results_basedir, &rundir, &left.job_id);
+            return;
+        }
+    };
+    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted.as_deref());
+    log::info!(
+        "job {}: recovered ({}), statuses {:?}, delivered: {}",
+        summary.job_id,
+        summary.end_reason,
+        summary.statuses,
+        summary.delivered
+    );
+}
+
+/// Processes working in `dir` (found by their cwd in /proc) outlived the
+/// agent that started them: a connector still flashing the device must not
+/// race the cleanup. They get SIGTERM, then SIGKILL. Linux only.
+fn stop_leftover_processes(dir: &Path) {
+    let pids = processes_in(dir);
+    if pids.is_empty() {
+        return;
+    }
+    log::warn!("stopping {} leftover process(es) of the interrupted job: {pids:?}", pids.len());
+    for pid in &pids {
+        // SAFETY: kill(2) with a pid read from /proc; at worst ESRCH.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + LEFTOVER_GRACE;
+    while Instant::now() < deadline && !processes_in(dir).is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in processes_in(dir) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+fn processes_in(dir: &Path) -> Vec<libc::pid_t> {
+    let Ok(canonical) = dir.canonicalize() else { return Vec::new() };
+    let me = std::process::id() as libc::pid_t;
+    let Ok(proc) = fs::read_dir("/proc") else { return Vec::new() };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&canonical)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(cleanup: &str) -> Config {
+        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\ncleanup_command: {cleanup:?}\n");
+        Config::parse(&text, Path::new("t.conf")).expect("test config")
+    }
+
+    #[test]
+    fn finds_the_interrupted_phase_from_logs_and_codes() {
+        let dir = std::env::temp_dir().join(format!("tf-recovery-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("testflinger.json"), "{}").unwrap();
+        fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0}}"#).unwrap();
+        for p in ["setup", "provision", "test"] {
+            fs::write(dir.join(format!("{p}.log")), "x").unwrap();
+        }
+        let left = inspect(&config("true"), "j", &dir);
+        assert_eq!(left.interrupted.as_deref(), Some("test"));
+        assert!(left.needs_cleanup);
+
+        // Killed between phases: nothing interrupted, cleanup still owed.
+        fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0,"test":1}}"#).unwrap();
+        let left = inspect(&config("true"), "j", &dir);
+        assert_eq!(left.interrupted, None);
+        assert!(left.needs_cleanup);
+
+        // Killed during cleanup.
+        fs::write(dir.join("cleanup.log"), "x").unwrap();
+        assert_eq!(inspect(&config("true"), "j", &dir).interrupted.as_deref(), Some("cleanup"));
+
+        // Finished: nothing to do but deliver.
+        fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0,"test":1,"cleanup":0}}"#)
+            .unwrap();
+        let left = inspect(&config("true"), "j", &dir);
+        assert_eq!((left.interrupted, left.needs_cleanup), (None, false));
+        assert!(!inspect(&config(""), "j", &dir).needs_cleanup);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

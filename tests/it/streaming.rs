@@ -1,0 +1,292 @@
+//! The phase runner through the real binary: live fragments against the
+//! log file, secret masking, stop conditions, no orphan processes, agent
+//! signals, exit codes.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::fake_server::{FakeServer, Fault, FaultAction};
+use crate::harness::{Agent, AgentSetup, QUEUE, job_json, unique_id};
+use crate::json::Json;
+
+const T: Duration = Duration::from_secs(60);
+
+/// SHA-256 mask as upstream prints it, computed with the system's tool so
+/// the test does not trust the agent's own implementation.
+fn mask(secret: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf %s \"$S\" | sha256sum")
+        .env("S", secret)
+        .output()
+        .expect("sha256sum");
+    format!("**{}**", &String::from_utf8_lossy(&out.stdout)[..6])
+}
+
+/// A cleanup command that keeps a copy of `test.log` (the run dir is
+/// removed once the job is delivered).
+fn keep_test_log(agent: AgentSetup) -> AgentSetup {
+    let copy = agent.dir().join("test.log.copy");
+    agent.command("cleanup", &format!("cp test.log '{}'", copy.display()))
+}
+
+/// Fragment text of `phase`, one fragment per number (the last one sent
+/// wins: a fragment the agent gave up on may still have reached the server).
+fn phase_text(server: &FakeServer, job: &str, phase: &str) -> String {
+    let mut frags = server.fragments(job, "output");
+    frags.retain(|f| f.phase == phase);
+    let mut by_number = std::collections::BTreeMap::new();
+    for f in frags {
+        by_number.insert(f.number, f.data);
+    }
+    by_number.into_values().collect()
+}
+
+fn status(server: &FakeServer, job: &str, phase: &str) -> Option<i64> {
+    server.result(job)?.get("status")?.get(phase)?.as_i64()
+}
+
+/// A phase that leaves a tree behind if it can: the shell, a `setsid`
+/// daemon, a `sleep` grandchild under a background shell, and a `sleep`
+/// child, all recording their pids.
+fn tree_command(pids: &Path) -> String {
+    let p = pids.display();
+    format!(
+        "echo $$ >> {p}; \
+         setsid sh -c 'echo $$ >> {p}; exec sleep 300' & \
+         sh -c 'sleep 300 & echo $! >> {p}; wait' & \
+         sleep 300 & echo $! >> {p}; echo tree started; wait"
+    )
+}
+
+fn read_pids(path: &Path) -> Vec<i32> {
+    fs::read_to_string(path).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// Pids of `pids` still alive (a zombie counts: nobody reaped it).
+fn alive(pids: &[i32]) -> Vec<i32> {
+    pids.iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists()).collect()
+}
+
+fn wait_for_tree(pids_file: &Path, p: &mut crate::harness::AgentProc) -> Vec<i32> {
+    let deadline = Instant::now() + T;
+    loop {
+        let pids = read_pids(pids_file);
+        if pids.len() >= 4 {
+            assert_eq!(alive(&pids), pids, "the tree runs before it is stopped");
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "the tree never started\n{}", p.diagnostics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn fragments_equal_the_log_byte_for_byte_even_after_503s() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // The first fragments are refused: the stream must catch up from the file.
+    server.add_fault(Fault::status("POST", &format!("/v1/result/{job}/log/output"), 3, 503));
+    let agent = keep_test_log(Agent::new(&server)).command(
+        "test",
+        "for i in $(seq 1 12); do seq -f \"line $i.%g é \\\"q\\\" \\\\ tab\t\" 1 3000; printf 'no newline '; sleep 0.1; done; echo end",
+    );
+    assert!(agent.run_once(T).status.success());
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    let text = phase_text(&server, &job, "test");
+    assert!(text.ends_with("end\n"));
+    assert_eq!(text.len(), log.len(), "fragments and log differ in length");
+    assert!(text.as_bytes() == log.as_slice(), "fragments differ from test.log");
+    let refused = server.requests_to("POST", &format!("/v1/result/{job}/log/output")).iter().filter(|r| r.status == 503).count();
+    assert_eq!(refused, 3, "the 503s were met");
+    // Several fragments, numbered from 0 without gaps.
+    let mut numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
+    numbers.sort();
+    numbers.dedup();
+    assert!(numbers.len() > 1);
+    assert_eq!(numbers, (0..numbers.len() as i64).collect::<Vec<_>>());
+}
+
+#[test]
+fn secrets_are_masked_across_reads_overlapping_and_literally_and_never_leave_the_agent() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    let secrets = r#"{"DOT_STAR":"s3cr.t*","LONG":"overlapping-key","SHORT":"overlap","EMPTY":"","BRACKETS":"[a-z]+(x)|$"}"#;
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{"test_data":{{"test_cmds":"x","secrets":{secrets}}}}}"#)));
+    let agent = keep_test_log(Agent::new(&server)).command(
+        "test",
+        // A secret split across two writes (two reads for the agent), one
+        // that a regex would also match elsewhere, overlapping secrets, and
+        // regex metacharacters.
+        "printf 'split=s3cr'; sleep 0.3; printf '.t* end\\n'; \
+         echo 'pattern-like=s3crXt*'; \
+         echo \"env=$DOT_STAR long=$LONG short=$SHORT brackets=$BRACKETS empty=[$EMPTY]\"; \
+         printf 'overlapping-ke'; sleep 0.3; echo 'y tail'",
+    );
+    assert!(agent.run_once(T).status.success());
+    let (dot, long, short, br) = (mask("s3cr.t*"), mask("overlapping-key"), mask("overlap"), mask("[a-z]+(x)|$"));
+    let expected = format!(
+        "split={dot} end\npattern-like=s3crXt*\nenv={dot} long={long} short={short} brackets={br} empty=[]\n{long} tail\n"
+    );
+    let text = phase_text(&server, &job, "test");
+    assert!(text.ends_with(&expected), "got:\n{text}\nexpected to end with:\n{expected}");
+    let log = fs::read_to_string(agent.dir().join("test.log.copy")).expect("test.log copy");
+    assert!(log.ends_with(&expected), "{log}");
+    // Nothing the agent sent or wrote holds a secret.
+    for r in server.requests() {
+        for s in ["s3cr.t*", "overlapping-key", "[a-z]+(x)|$"] {
+            assert!(!r.body_text().contains(s), "{s} sent in {}", r.line());
+        }
+    }
+    for entry in walk(agent.dir()) {
+        let bytes = fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("s3cr.t*") && !text.contains("overlapping-key"), "secret on disk in {}", entry.display());
+    }
+}
+
+/// Every file under `dir` except the agent's config (which holds no secret,
+/// but is not the agent's output either).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+const WEBHOOK: &str = r#""job_status_webhook":"http://hook.example/x""#;
+
+#[test]
+fn global_timeout_writes_its_line_emits_its_event_and_leaves_no_process() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"global_timeout":2,"test_data":{{"test_cmds":"x"}}}}"#)));
+    let agent = Agent::new(&server);
+    let pids_file = agent.dir().join("pids");
+    let agent = agent.command("test", &tree_command(&pids_file)).command("cleanup", "echo cleaned");
+    let mut p = agent.spawn_with(&["--once"]);
+    let pids = wait_for_tree(&pids_file, &mut p);
+    server.wait_until(T, "test status posted", |s| status(s, &job, "test").is_some());
+    let stopped = Instant::now();
+    // The tree is gone by the time the phase's status is posted.
+    assert_eq!(alive(&pids), Vec::<i32>::new(), "left behind after the timeout");
+    assert!(p.wait_exit(T).success());
+    assert!(stopped.elapsed() < T);
+    let text = phase_text(&server, &job, "test");
+    assert!(text.contains("ERROR: Global timeout reached! (2s)"), "{text}");
+    assert!(server.events(&job).iter().any(|e| e == "global_timeout"), "{:?}", server.events(&job));
+    assert_ne!(status(&server, &job, "test"), Some(0));
+    assert_eq!(status(&server, &job, "cleanup"), Some(0), "cleanup still runs");
+}
+
+#[test]
+fn output_timeout_writes_its_line_and_emits_its_event() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"output_timeout":1,"test_data":{{"test_cmds":"x"}}}}"#)));
+    let agent = Agent::new(&server).command("test", "echo quiet now; sleep 60");
+    let started = Instant::now();
+    assert!(agent.run_once(T).status.success());
+    assert!(started.elapsed() < Duration::from_secs(20), "the phase was stopped, not waited for");
+    let text = phase_text(&server, &job, "test");
+    assert!(text.contains("quiet now\n") && text.contains("ERROR: Output timeout reached! (1s)"), "{text}");
+    assert!(server.events(&job).iter().any(|e| e == "output_timeout"));
+}
+
+#[test]
+fn cancel_stops_the_phase_and_leaves_no_process() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"test_data":{{"test_cmds":"x"}}}}"#)));
+    let agent = Agent::new(&server);
+    let pids_file = agent.dir().join("pids");
+    let agent = agent.command("test", &tree_command(&pids_file)).command("cleanup", "echo cleaned");
+    let mut p = agent.spawn_with(&["--once"]);
+    let pids = wait_for_tree(&pids_file, &mut p);
+    let asked = Instant::now();
+    server.cancel_job(&job);
+    server.wait_until(T, "test status posted", |s| status(s, &job, "test").is_some());
+    // Checked every few seconds, plus the SIGTERM grace.
+    assert!(asked.elapsed() < Duration::from_secs(8), "cancel took {:?}", asked.elapsed());
+    assert_eq!(alive(&pids), Vec::<i32>::new(), "left behind after the cancel");
+    assert!(p.wait_exit(T).success());
+    let text = phase_text(&server, &job, "test");
+    assert!(text.contains("Job cancellation was requested, exiting."), "{text}");
+    assert!(server.events(&job).iter().any(|e| e == "cancelled"));
+    assert!(status(&server, &job, "cleanup").is_some(), "cleanup still runs");
+}
+
+#[test]
+fn sigterm_to_the_agent_mid_phase_leaves_no_process_and_delivers_the_outcome() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server);
+    let pids_file = agent.dir().join("pids");
+    let agent = agent.command("test", &tree_command(&pids_file)).command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn();
+    let pids = wait_for_tree(&pids_file, &mut p);
+    p.signal(libc::SIGTERM);
+    p.wait_exit(T);
+    assert_eq!(alive(&pids), Vec::<i32>::new(), "left behind after SIGTERM");
+    let result = server.result(&job).expect("outcome delivered");
+    assert_eq!(result.get("job_state").and_then(Json::as_str), Some("complete"), "{result}");
+    assert!(status(&server, &job, "test").is_some_and(|c| c != 0), "{result}");
+    assert!(phase_text(&server, &job, "test").contains("tree started"));
+    assert!(phase_text(&server, &job, "cleanup").contains("cleanup ran"));
+}
+
+#[test]
+fn killed_by_signal_is_reported_distinctly() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"test_data":{{"test_cmds":"x"}}}}"#)));
+    let agent = Agent::new(&server).command("test", "echo dying; kill -9 $$");
+    assert!(agent.run_once(T).status.success());
+    assert_eq!(status(&server, &job, "test"), Some(137));
+    assert!(phase_text(&server, &job, "test").contains("killed by signal 9"));
+    let posts = server.event_posts(&job);
+    let last = posts.last().expect("events posted");
+    let fail = last.get("events").and_then(Json::as_array).into_iter().flatten().find(|e| {
+        e.get("event_name").and_then(Json::as_str) == Some("test_fail")
+    });
+    let detail = fail.and_then(|e| e.get("detail")).and_then(Json::as_str).unwrap_or("");
+    assert!(detail.contains("killed by signal 9"), "{last}");
+}
+
+#[test]
+fn a_stalled_server_does_not_stall_the_phase() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // Live fragments hang for 20 s: the agent gives up on each after a short
+    // timeout and keeps draining the child, which writes more than the pipe holds.
+    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 2, FaultAction::Stall(Duration::from_secs(20))));
+    let agent = keep_test_log(Agent::new(&server));
+    let elapsed = agent.dir().join("elapsed");
+    let agent = agent.command(
+        "test",
+        &format!(
+            "t0=$(date +%s); for i in $(seq 1 30); do seq 1 100000; sleep 0.05; done; echo $(( $(date +%s) - t0 )) > '{}'",
+            elapsed.display()
+        ),
+    );
+    assert!(agent.run_once(T).status.success());
+    let secs: u64 = fs::read_to_string(&elapsed).ok().and_then(|s| s.trim().parse().ok()).expect("elapsed");
+    assert!(secs < 15, "the phase took {secs} s while the server stalled");
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+    let agent_log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap_or_default();
+    assert!(agent_log.contains("log fragment not sent"), "the stall was met: {agent_log}");
+}
