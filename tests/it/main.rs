@@ -6,6 +6,7 @@ mod harness;
 mod json;
 mod core;
 mod job_flow;
+mod regressions;
 mod fleet;
 mod streaming;
 

@@ -1,0 +1,40 @@
+//! Inputs the fuzz targets (`fuzz/`) once crashed on, replayed through the
+//! same checks on every `cargo test`, so no nightly toolchain is needed to
+//! keep them fixed.
+
+use std::path::{Path, PathBuf};
+
+use testflinger_agent::config::Config;
+use testflinger_agent::json::Json;
+
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions").join(target);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        out.push((entry.path(), bytes));
+    }
+    out
+}
+
+#[test]
+fn config_regressions_give_one_line_errors() {
+    let cases = inputs("config");
+    assert!(!cases.is_empty(), "fuzz/regressions/config holds the crash the fuzzer found");
+    for (path, bytes) in cases {
+        let text = String::from_utf8_lossy(&bytes);
+        if let Err(e) = Config::parse(&text, Path::new("fuzz.conf")) {
+            let line = e.to_string();
+            assert!(!line.contains(['\n', '\r']), "{}: {line:?}", path.display());
+        }
+    }
+}
+
+#[test]
+fn json_regressions_round_trip() {
+    for (path, bytes) in inputs("json") {
+        if let Ok(v) = Json::parse_bytes(&bytes) {
+            assert_eq!(Json::parse(&v.to_string_compact()).ok(), Some(v), "{}", path.display());
+        }
+    }
+}
