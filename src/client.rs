@@ -111,11 +111,21 @@ pub struct Client {
     /// When the last refresh was refused: a server that refuses our refresh
     /// token is not asked again on every call (no 401 storm of our own).
     refresh_refused: Option<std::time::Instant>,
+    /// Refused refreshes in a row: the hold-off doubles with each.
+    refresh_failures: u32,
     pub policy: RetryPolicy,
 }
 
-/// After a refused refresh, calls go out without a new attempt for this long.
-const REFRESH_HOLD_OFF: Duration = Duration::from_secs(30);
+/// After a refused refresh, calls go out without a new attempt for this
+/// long, doubled for each further refusal in a row up to the cap: a token
+/// endpoint that fails for a moment is retried within seconds, one that
+/// keeps refusing is asked every few minutes.
+const REFRESH_HOLD_OFF: Duration = Duration::from_secs(1);
+const REFRESH_HOLD_OFF_MAX: Duration = Duration::from_secs(300);
+
+fn refresh_hold_off(failures: u32) -> Duration {
+    (REFRESH_HOLD_OFF * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(REFRESH_HOLD_OFF_MAX)
+}
 
 impl Client {
     /// `server_address` may lack a scheme: `host:port` means `http://host:port`.
@@ -130,6 +140,7 @@ impl Client {
             token_file,
             access_token: None,
             refresh_refused: None,
+            refresh_failures: 0,
             policy: RetryPolicy::default(),
         }
     }
@@ -166,7 +177,7 @@ impl Client {
     /// Exchanges the refresh token for an access token. Returns whether we
     /// now hold one.
     fn refresh(&mut self) -> bool {
-        if self.refresh_refused.is_some_and(|t| t.elapsed() < REFRESH_HOLD_OFF) {
+        if self.refresh_refused.is_some_and(|t| t.elapsed() < refresh_hold_off(self.refresh_failures)) {
             return false;
         }
         let Some(refresh_token) = self.read_refresh_token() else {
@@ -180,6 +191,7 @@ impl Client {
                     log::debug!("got a new access token from {url}");
                     self.access_token = Some(token);
                     self.refresh_refused = None;
+                    self.refresh_failures = 0;
                     true
                 }
                 None => {
@@ -188,7 +200,12 @@ impl Client {
                 }
             },
             Ok(a) => {
-                log::error!("{url}: token refresh refused with HTTP {}", a.status);
+                self.refresh_failures = self.refresh_failures.saturating_add(1);
+                log::error!(
+                    "{url}: token refresh refused with HTTP {}; next attempt in {:?} at the earliest",
+                    a.status,
+                    refresh_hold_off(self.refresh_failures)
+                );
                 self.access_token = None;
                 self.refresh_refused = Some(std::time::Instant::now());
                 false
@@ -533,6 +550,15 @@ mod tests {
         for bad in ["", "..", "../x", "a/b", "a b"] {
             assert!(!is_safe_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn refresh_hold_off_doubles_up_to_five_minutes() {
+        assert_eq!(refresh_hold_off(1), Duration::from_secs(1));
+        assert_eq!(refresh_hold_off(2), Duration::from_secs(2));
+        assert_eq!(refresh_hold_off(4), Duration::from_secs(8));
+        assert_eq!(refresh_hold_off(20), Duration::from_secs(300));
+        assert_eq!(refresh_hold_off(u32::MAX), Duration::from_secs(300));
     }
 
     #[test]
