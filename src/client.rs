@@ -240,12 +240,27 @@ impl Client {
         let conn_err = |e: minreq::Error| ClientError::Connection { url: url.to_string(), reason: e.to_string() };
         let resp = req.send_lazy().map_err(conn_err)?;
         let status = u16::try_from(resp.status_code).unwrap_or(0);
+        // minreq takes the end of the stream for the end of a line, so an
+        // answer cut off inside its head ("HTTP/1.1 200 OK\r\nContent-Le")
+        // looks like a whole answer without a length. The server always
+        // frames its answers (Content-Length or chunked): one that is not
+        // framed, or has no real status, was cut off, and the request may
+        // not have been handled. Likewise a body shorter than announced.
+        let length = resp.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = resp.headers.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+        if !(100..=599).contains(&status) || !(bodyless || chunked || length.is_some()) {
+            return Err(ClientError::Connection { url: url.to_string(), reason: "answer cut off (no complete status line and headers)".into() });
+        }
         let mut body = Vec::new();
         let n = Read::take(resp, cap as u64 + 1)
             .read_to_end(&mut body)
             .map_err(|e| ClientError::Connection { url: url.to_string(), reason: format!("reading answer: {e}") })?;
         if n > cap {
             return Err(ClientError::TooLarge { url: url.to_string(), limit: cap });
+        }
+        if !bodyless && length.is_some_and(|l| (n as u64) < l) {
+            return Err(ClientError::Connection { url: url.to_string(), reason: format!("answer cut off after {n} of {} bytes", length.unwrap_or(0)) });
         }
         Ok(Answer { status, body })
     }
