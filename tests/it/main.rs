@@ -7,6 +7,7 @@ mod core;
 mod job_flow;
 mod fleet;
 mod streaming;
+mod faults;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
