@@ -8,6 +8,7 @@ mod job_flow;
 mod fleet;
 mod streaming;
 mod faults;
+mod soak;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
