@@ -47,6 +47,10 @@ pub struct Agent<'a> {
     last_post: Instant,
     /// The server state last seen, to log changes once rather than per poll.
     last_state: String,
+    /// Kept outcomes failed to go: the next attempt waits until then, with
+    /// a wait that doubles per failure (not every polling cycle).
+    kept_retry_at: Option<Instant>,
+    kept_backoff: Duration,
 }
 
 impl<'a> Agent<'a> {
@@ -60,6 +64,8 @@ impl<'a> Agent<'a> {
             metrics,
             last_post: Instant::now(),
             last_state: String::new(),
+            kept_retry_at: None,
+            kept_backoff: Duration::ZERO,
         }
     }
 
@@ -179,10 +185,17 @@ impl<'a> Agent<'a> {
 
     /// One polling cycle; `Some` ends the loop.
     fn cycle(&mut self) -> Option<Exit> {
-        if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir) {
-            log::warn!("earlier outcomes are still undelivered; not taking a job");
+        if self.kept_retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
+        if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir) {
+            self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
+            self.kept_retry_at = Some(Instant::now() + self.kept_backoff);
+            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);
+            return None;
+        }
+        self.kept_retry_at = None;
+        self.kept_backoff = Duration::ZERO;
         let agent_data = match self.client.get_agent_data() {
             Ok(d) => d,
             Err(e) => {

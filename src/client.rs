@@ -111,11 +111,21 @@ pub struct Client {
     /// When the last refresh was refused: a server that refuses our refresh
     /// token is not asked again on every call (no 401 storm of our own).
     refresh_refused: Option<std::time::Instant>,
+    /// Refused refreshes in a row: the hold-off doubles with each.
+    refresh_failures: u32,
     pub policy: RetryPolicy,
 }
 
-/// After a refused refresh, calls go out without a new attempt for this long.
-const REFRESH_HOLD_OFF: Duration = Duration::from_secs(30);
+/// After a refused refresh, calls go out without a new attempt for this
+/// long, doubled for each further refusal in a row up to the cap: a token
+/// endpoint that fails for a moment is retried within seconds, one that
+/// keeps refusing is asked every few minutes.
+const REFRESH_HOLD_OFF: Duration = Duration::from_secs(1);
+const REFRESH_HOLD_OFF_MAX: Duration = Duration::from_secs(300);
+
+fn refresh_hold_off(failures: u32) -> Duration {
+    (REFRESH_HOLD_OFF * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(REFRESH_HOLD_OFF_MAX)
+}
 
 impl Client {
     /// `server_address` may lack a scheme: `host:port` means `http://host:port`.
@@ -130,6 +140,7 @@ impl Client {
             token_file,
             access_token: None,
             refresh_refused: None,
+            refresh_failures: 0,
             policy: RetryPolicy::default(),
         }
     }
@@ -166,7 +177,7 @@ impl Client {
     /// Exchanges the refresh token for an access token. Returns whether we
     /// now hold one.
     fn refresh(&mut self) -> bool {
-        if self.refresh_refused.is_some_and(|t| t.elapsed() < REFRESH_HOLD_OFF) {
+        if self.refresh_refused.is_some_and(|t| t.elapsed() < refresh_hold_off(self.refresh_failures)) {
             return false;
         }
         let Some(refresh_token) = self.read_refresh_token() else {
@@ -180,6 +191,7 @@ impl Client {
                     log::debug!("got a new access token from {url}");
                     self.access_token = Some(token);
                     self.refresh_refused = None;
+                    self.refresh_failures = 0;
                     true
                 }
                 None => {
@@ -188,7 +200,12 @@ impl Client {
                 }
             },
             Ok(a) => {
-                log::error!("{url}: token refresh refused with HTTP {}", a.status);
+                self.refresh_failures = self.refresh_failures.saturating_add(1);
+                log::error!(
+                    "{url}: token refresh refused with HTTP {}; next attempt in {:?} at the earliest",
+                    a.status,
+                    refresh_hold_off(self.refresh_failures)
+                );
                 self.access_token = None;
                 self.refresh_refused = Some(std::time::Instant::now());
                 false
@@ -223,12 +240,27 @@ impl Client {
         let conn_err = |e: minreq::Error| ClientError::Connection { url: url.to_string(), reason: e.to_string() };
         let resp = req.send_lazy().map_err(conn_err)?;
         let status = u16::try_from(resp.status_code).unwrap_or(0);
+        // minreq takes the end of the stream for the end of a line, so an
+        // answer cut off inside its head ("HTTP/1.1 200 OK\r\nContent-Le")
+        // looks like a whole answer without a length. The server always
+        // frames its answers (Content-Length or chunked): one that is not
+        // framed, or has no real status, was cut off, and the request may
+        // not have been handled. Likewise a body shorter than announced.
+        let length = resp.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = resp.headers.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+        if !(100..=599).contains(&status) || !(bodyless || chunked || length.is_some()) {
+            return Err(ClientError::Connection { url: url.to_string(), reason: "answer cut off (no complete status line and headers)".into() });
+        }
         let mut body = Vec::new();
         let n = Read::take(resp, cap as u64 + 1)
             .read_to_end(&mut body)
             .map_err(|e| ClientError::Connection { url: url.to_string(), reason: format!("reading answer: {e}") })?;
         if n > cap {
             return Err(ClientError::TooLarge { url: url.to_string(), limit: cap });
+        }
+        if !bodyless && length.is_some_and(|l| (n as u64) < l) {
+            return Err(ClientError::Connection { url: url.to_string(), reason: format!("answer cut off after {n} of {} bytes", length.unwrap_or(0)) });
         }
         Ok(Answer { status, body })
     }
@@ -533,6 +565,15 @@ mod tests {
         for bad in ["", "..", "../x", "a/b", "a b"] {
             assert!(!is_safe_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn refresh_hold_off_doubles_up_to_five_minutes() {
+        assert_eq!(refresh_hold_off(1), Duration::from_secs(1));
+        assert_eq!(refresh_hold_off(2), Duration::from_secs(2));
+        assert_eq!(refresh_hold_off(4), Duration::from_secs(8));
+        assert_eq!(refresh_hold_off(20), Duration::from_secs(300));
+        assert_eq!(refresh_hold_off(u32::MAX), Duration::from_secs(300));
     }
 
     #[test]

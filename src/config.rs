@@ -73,6 +73,11 @@ pub struct Config {
     /// collector (a `*.prom` file in its directory); none by default.
     #[serde(default)]
     pub metrics_textfile: Option<PathBuf>,
+    /// Seconds one request to the server may take (connect, send, answer)
+    /// before it counts as failed and is retried; at least 1. Not an
+    /// upstream key.
+    #[serde(default = "default_server_timeout")]
+    pub server_timeout: u64,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -94,6 +99,9 @@ fn default_results_basedir() -> PathBuf {
 }
 fn default_logging_level() -> String {
     "INFO".into()
+}
+fn default_server_timeout() -> u64 {
+    30
 }
 fn default_output_bytes() -> u64 {
     10 * 1024 * 1024
@@ -171,6 +179,9 @@ impl Config {
         }
         if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
             return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
+        }
+        if config.server_timeout == 0 {
+            return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
         }
         if crate::logging::parse_level(&config.logging_level).is_none() {
             return Err(err(
@@ -272,6 +283,7 @@ mod tests {
         assert_eq!(c.results_basedir, PathBuf::from("/tmp/testflinger/results"));
         assert_eq!(c.logging_level, "INFO");
         assert_eq!(c.output_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.server_timeout, 30);
         assert_eq!(c.command("test"), "");
         assert!(c.string_env.contains(&("agent_id".into(), "a1".into())));
     }
@@ -289,6 +301,15 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some("polling_interval"), "{e}");
         let e = parse(&format!("{MINIMAL}logging_level: LOUD\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("logging_level"));
+    }
+
+    #[test]
+    fn server_timeout_is_seconds_and_at_least_one() {
+        assert_eq!(parse(&format!("{MINIMAL}server_timeout: 2\n")).unwrap().server_timeout, 2);
+        for bad in ["0", "-1", "soon", "1.5"] {
+            let e = parse(&format!("{MINIMAL}server_timeout: {bad}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("server_timeout"), "{bad}: {e}");
+        }
     }
 
     #[test]

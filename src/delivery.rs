@@ -23,6 +23,8 @@ pub struct PendingStream {
     pub kind: String,
     pub phase: String,
     pub sent: u64,
+    /// End of a fragment sent but not acknowledged (see `LiveStream::inflight_end`).
+    pub inflight_end: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +44,7 @@ impl JobState {
                     .with("kind", Json::str(p.kind.as_str()))
                     .with("phase", Json::str(p.phase.as_str()))
                     .with("sent", Json::int(p.sent as i64))
+                    .with("inflight_end", p.inflight_end.map_or(Json::Null, |e| Json::int(e as i64)))
             })
             .collect();
         let json = Json::object()
@@ -65,6 +68,7 @@ impl JobState {
                     kind: p.get("kind")?.as_str()?.to_string(),
                     phase: p.get("phase")?.as_str()?.to_string(),
                     sent: p.get("sent")?.as_i64()?.max(0) as u64,
+                    inflight_end: p.get("inflight_end").and_then(Json::as_i64).map(|e| e.max(0) as u64),
                 })
             })
             .collect();
@@ -91,9 +95,11 @@ pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), C
         let path = rundir.join(log_name);
         let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut stream = LiveStream::new(job_id, kind, &p.phase, &path, p.sent);
+        stream.inflight_end = p.inflight_end;
         let result = stream.flush(client, counter, written);
         if let Some(first) = state.pending.first_mut() {
             first.sent = stream.sent;
+            first.inflight_end = stream.inflight_end;
         }
         if let Err(e) = result {
             let _ = state.save(rundir);

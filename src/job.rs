@@ -124,7 +124,7 @@ struct Progress<'a> {
 impl Progress<'_> {
     fn save(&mut self, output_next: u64, sent: u64) {
         let mut pending = self.earlier.to_vec();
-        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent });
+        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
         let state = delivery::JobState { output_next, serial_next: self.serial_next, pending };
         if let Err(e) = state.save(self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
@@ -422,7 +422,7 @@ impl<'a> JobRunner<'a> {
         if let Some((mut stream, client, counter)) = watcher.live.take() {
             if let Err(e) = stream.flush(client, counter, written) {
                 log::warn!("{phase} output not fully sent, kept for later: {e}");
-                self.pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent });
+                self.pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
             }
         }
         self.send_serial_log(phase);
@@ -436,7 +436,7 @@ impl<'a> JobRunner<'a> {
         let mut stream = LiveStream::new(&self.job_id, "serial", phase, &path, 0);
         if let Err(e) = stream.flush(client, &mut self.serial_fragments, meta.len()) {
             log::warn!("{phase} serial log not fully sent, kept for later: {e}");
-            self.pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: stream.sent });
+            self.pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
         }
     }
 
@@ -743,8 +743,10 @@ impl<'a> JobRunner<'a> {
             let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let kind = if p.kind == "serial" { "serial" } else { "output" };
             let mut stream = LiveStream::new(&self.job_id, kind, &p.phase, &path, p.sent);
+            stream.inflight_end = p.inflight_end;
             let result = stream.flush(client, counter, written);
             p.sent = stream.sent;
+            p.inflight_end = stream.inflight_end;
             if let Err(e) = result {
                 log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
                 left.push(p);

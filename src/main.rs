@@ -109,7 +109,8 @@ fn main() -> ExitCode {
                 };
             }
             let metrics = metrics.with_textfile(config.metrics_textfile.clone());
-            let client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
+            let mut client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
+            client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
             match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),

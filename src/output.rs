@@ -116,6 +116,10 @@ pub struct LiveStream {
     path: PathBuf,
     /// Bytes of the file already delivered.
     pub sent: u64,
+    /// End of a fragment that was sent but not acknowledged (timeout,
+    /// reset): the server may hold it under its number, so the retry sends
+    /// the same bytes under the same number, never more.
+    pub inflight_end: Option<u64>,
     last_send: Instant,
     retry_at: Option<Instant>,
     failures: u32,
@@ -130,6 +134,7 @@ impl LiveStream {
             reader: None,
             path: path.to_path_buf(),
             sent,
+            inflight_end: None,
             last_send: Instant::now() - SEND_INTERVAL,
             retry_at: None,
             failures: 0,
@@ -182,7 +187,12 @@ impl LiveStream {
             Json::str(now_iso8601()).to_string_compact(),
             Json::str(self.phase.as_str()).to_string_compact()
         );
-        let plan = match fragment::plan(reader, self.sent, written, last, prefix, MAX_BODY) {
+        // A retry covers exactly the unacknowledged fragment's bytes.
+        let (avail, last) = match self.inflight_end {
+            Some(end) if end > self.sent && end <= written => (end, true),
+            _ => (written, last),
+        };
+        let plan = match fragment::plan(reader, self.sent, avail, last, prefix, MAX_BODY) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()),
             Err(e) => return Err(local(&self.path, e)),
@@ -193,11 +203,13 @@ impl LiveStream {
             Ok(()) => {
                 *counter += 1;
                 self.sent = plan.end;
+                self.inflight_end = None;
                 self.retry_at = None;
                 self.failures = 0;
                 Ok(())
             }
             Err(e) => {
+                self.inflight_end = Some(plan.end);
                 self.failures += 1;
                 let backoff = Duration::from_millis(500 << self.failures.min(6));
                 log::warn!("{} log fragment not sent, will retry in {backoff:?}: {e}", self.kind);

@@ -100,6 +100,9 @@ fn send_on<S: Read + Write>(stream: S, head: &[u8], body: &mut BodyWriter) -> io
     read_status(stream)
 }
 
+/// The answer's status, once its whole head (status line and headers, up to
+/// the empty line) has arrived: a head cut off by a reset says nothing about
+/// whether the server took the body, so it is an error, not a status.
 fn read_status<S: Read>(stream: S) -> io::Result<u16> {
     let mut r = BufReader::new(stream.take(64 * 1024));
     let mut line = String::new();
@@ -108,8 +111,18 @@ fn read_status<S: Read>(stream: S) -> io::Result<u16> {
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
+        .filter(|s| (100..=599).contains(s))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {:?}", line.trim())))?;
-    Ok(status)
+    let mut header = String::new();
+    loop {
+        header.clear();
+        if r.read_line(&mut header)? == 0 || !header.ends_with('\n') {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "answer cut off inside its headers"));
+        }
+        if header.trim_end().is_empty() {
+            return Ok(status);
+        }
+    }
 }
 
 #[cfg(feature = "tls")]
@@ -138,6 +151,14 @@ fn send_tls(_: TcpStream, host: &str, _: &[u8], _: &mut BodyWriter) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_cut_off_is_an_error_not_a_status() {
+        assert_eq!(read_status(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"[..]).unwrap(), 200);
+        for cut in [&b"HTTP/1.1 200 OK\r\nContent-Le"[..], b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 2", b""] {
+            assert!(read_status(cut).is_err(), "{:?}", String::from_utf8_lossy(cut));
+        }
+    }
 
     #[test]
     fn parses_urls() {

@@ -95,6 +95,17 @@ pub enum FaultAction {
     Stall(Duration),
     /// Answer exactly this.
     Body { status: u16, content_type: String, body: Vec<u8> },
+    /// Handle the request normally (state changes happen), then send only
+    /// the first half of the answer's bytes and close: the client cannot
+    /// tell whether the server took it. Recorded with status 0.
+    ResetMidAnswer,
+    /// Do not handle the request: send exactly these bytes (e.g. half a
+    /// status line or headers) and close. Recorded with status 0.
+    RawThenClose(Vec<u8>),
+    /// Answer 200 `application/json` with a `Content-Length` of `len` bytes,
+    /// generated as it is written (`{"a":"xxxx...`), never held in memory.
+    /// Writing stops when the client closes.
+    Huge { len: u64 },
 }
 
 /// Matches requests whose method equals `method` (any when `None`) and whose
@@ -563,12 +574,21 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
         }
         let keep_alive = req.keep_alive;
         match handle(&shared, req) {
-            Some(resp) => {
+            Reply::Full(resp) => {
                 if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive {
                     break;
                 }
             }
-            None => break,
+            Reply::Close => break,
+            Reply::Raw(bytes) => {
+                let _ = writer.write_all(&bytes);
+                let _ = writer.flush();
+                break;
+            }
+            Reply::Huge(len) => {
+                let _ = write_huge(&mut writer, len);
+                break;
+            }
         }
     }
     let _ = writer.shutdown(Shutdown::Both);
@@ -753,6 +773,10 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn write_response(w: &mut TcpStream, resp: &Response, keep_alive: bool) -> std::io::Result<()> {
+    write_response_to(w, resp, keep_alive)
+}
+
+fn write_response_to(w: &mut dyn Write, resp: &Response, keep_alive: bool) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     head.push_str("Server: fake-testflinger\r\n");
     for (k, v) in &resp.headers {
@@ -774,8 +798,45 @@ fn write_response(w: &mut TcpStream, resp: &Response, keep_alive: bool) -> std::
 
 // ---- routing -----------------------------------------------------------------
 
-/// Applies faults, routes, records. `None` means close without answering.
-fn handle(shared: &Shared, req: Request) -> Option<Response> {
+/// What to send back on the connection.
+enum Reply {
+    Full(Response),
+    /// Close without a (complete) answer.
+    Close,
+    /// Send these bytes, then close.
+    Raw(Vec<u8>),
+    /// A 200 JSON answer of this many bytes, generated while writing.
+    Huge(u64),
+}
+
+fn serialize(resp: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = write_response_to(&mut out, resp, false);
+    out
+}
+
+/// `{"a":"xxx...` up to `len` bytes, in 64 KiB writes.
+fn write_huge(w: &mut TcpStream, len: u64) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nServer: fake-testflinger\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    w.write_all(head.as_bytes())?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let start = b"{\"a\":\"";
+    let mut left = len;
+    let n = left.min(start.len() as u64) as usize;
+    w.write_all(&start[..n])?;
+    left -= n as u64;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    w.flush()
+}
+
+/// Applies faults, routes, records.
+fn handle(shared: &Shared, req: Request) -> Reply {
     let action = {
         let mut st = shared.lock();
         let found = st.faults.iter_mut().find(|f| {
@@ -795,7 +856,22 @@ fn handle(shared: &Shared, req: Request) -> Option<Response> {
         }
         Some(FaultAction::CloseWithoutAnswer) => {
             shared.lock().requests.push(req.record(0));
-            return None;
+            return Reply::Close;
+        }
+        Some(FaultAction::RawThenClose(bytes)) => {
+            shared.lock().requests.push(req.record(0));
+            return Reply::Raw(bytes);
+        }
+        Some(FaultAction::Huge { len }) => {
+            shared.lock().requests.push(req.record(200));
+            return Reply::Huge(len);
+        }
+        Some(FaultAction::ResetMidAnswer) => {
+            let resp = route(&mut shared.lock(), &req);
+            let mut bytes = serialize(&resp);
+            bytes.truncate(bytes.len() / 2);
+            shared.lock().requests.push(req.record(0));
+            return Reply::Raw(bytes);
         }
         Some(FaultAction::Stall(d)) => {
             thread::sleep(d);
@@ -804,7 +880,7 @@ fn handle(shared: &Shared, req: Request) -> Option<Response> {
         None => route(&mut shared.lock(), &req),
     };
     shared.lock().requests.push(req.record(resp.status));
-    Some(resp)
+    Reply::Full(resp)
 }
 
 fn route(st: &mut State, req: &Request) -> Response {

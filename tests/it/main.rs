@@ -9,6 +9,8 @@ mod job_flow;
 mod regressions;
 mod fleet;
 mod streaming;
+mod faults;
+mod soak;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
