@@ -188,7 +188,7 @@ impl<'a> Agent<'a> {
         if self.kept_retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir) {
+        if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
             self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
             self.kept_retry_at = Some(Instant::now() + self.kept_backoff);
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);

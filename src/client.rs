@@ -66,6 +66,13 @@ impl ClientError {
     }
 }
 
+impl ClientError {
+    /// The server refuses this request for good: trying again cannot help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. } if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
+    }
+}
+
 fn is_retryable(status: u16) -> bool {
     matches!(status, 500 | 502 | 503 | 504)
 }

@@ -86,7 +86,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// missed output, artifacts, then the outcome. Each step that succeeds is
 /// recorded, so a retry resumes rather than repeats.
 pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), ClientError> {
-    let mut state = JobState::load(rundir);
+    let outcome_text = fs::read_to_string(rundir.join("testflinger-outcome.json")).unwrap_or_default();
+    let outcome = match Json::parse(&outcome_text) {
+        Ok(j @ Json::Object(_)) => j,
+        _ => Json::object().with("status", Json::object()),
+    };
+    deliver_with(client, rundir, job_id, JobState::load(rundir), outcome)
+}
+
+/// `deliver`, with the delivery state and the outcome given rather than read
+/// from the run dir: on a full disk the files may be stale or missing, and
+/// what the agent holds in memory is the truth.
+pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state: JobState, mut outcome: Json) -> Result<(), ClientError> {
     while let Some(p) = state.pending.first().cloned() {
         let (log_name, kind, counter) = match p.kind.as_str() {
             "serial" => (format!("{}-serial.log", p.phase), "serial", &mut state.serial_next),
@@ -115,16 +126,13 @@ pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), C
         let _ = fs::write(rundir.join(ARCHIVE_SENT), "");
     }
 
-    let outcome_text = fs::read_to_string(rundir.join("testflinger-outcome.json")).unwrap_or_default();
-    let mut outcome = match Json::parse(&outcome_text) {
-        Ok(j @ Json::Object(_)) => j,
-        _ => Json::object().with("status", Json::object()),
-    };
     outcome.set("job_state", Json::str("complete"));
     client.post_result(job_id, &outcome)
 }
 
-/// Moves `rundir` into `results_basedir` to be delivered later.
+/// Moves `rundir` into `results_basedir` to be delivered later. When that
+/// fails (results_basedir full or not writable) the run dir stays where it
+/// is, and the polling loop delivers it from there.
 pub fn keep(results_basedir: &Path, rundir: &Path, job_id: &str) {
     let dest = results_basedir.join(job_id);
     let moved = fs::create_dir_all(results_basedir).and_then(|_| {
@@ -135,7 +143,6 @@ pub fn keep(results_basedir: &Path, rundir: &Path, job_id: &str) {
     });
     match moved {
         Ok(()) => log::info!("job {job_id}: kept in {} for a later delivery", dest.display()),
-        // Left in the execution dir: it is found there at the next start.
         Err(e) => log::error!("job {job_id}: cannot move {} to {}: {e}", rundir.display(), dest.display()),
     }
 }
@@ -174,14 +181,35 @@ pub fn kept_jobs(results_basedir: &Path) -> Vec<(String, PathBuf)> {
     jobs.into_iter().map(|(_, n, p)| (n, p)).collect()
 }
 
-/// Delivers every kept job. Returns true when none is left.
-pub fn deliver_kept(client: &mut Client, results_basedir: &Path) -> bool {
-    for (job_id, dir) in kept_jobs(results_basedir) {
+/// Where jobs the server refused for good are set aside, inside
+/// `results_basedir` (a name no job id can have), for an operator to look at.
+pub const SET_ASIDE: &str = ".undeliverable";
+
+/// Delivers every kept job: those in `results_basedir`, and finished run
+/// dirs still in `execution_basedir` because they could not be moved. Returns
+/// true when none is left. A job the server refuses for good (a 4xx other
+/// than 401/408/429: the job is gone, the body is refused) is set aside rather
+/// than blocking every later job.
+pub fn deliver_kept(client: &mut Client, results_basedir: &Path, execution_basedir: &Path) -> bool {
+    let mut kept = kept_jobs(results_basedir);
+    kept.extend(kept_jobs(execution_basedir).into_iter().filter(|(_, dir)| dir.join("testflinger.json").is_file()));
+    for (job_id, dir) in kept {
         match deliver(client, &dir, &job_id) {
             Ok(()) => {
                 log::info!("job {job_id}: kept outcome delivered");
                 if let Err(e) = fs::remove_dir_all(&dir) {
                     log::warn!("cannot remove {}: {e}", dir.display());
+                }
+            }
+            Err(e) if e.is_refusal() => {
+                let aside = results_basedir.join(SET_ASIDE).join(&job_id);
+                let moved = fs::create_dir_all(results_basedir.join(SET_ASIDE)).and_then(|_| fs::rename(&dir, &aside));
+                match moved {
+                    Ok(()) => log::error!("job {job_id}: the server refuses its outcome ({e}); set aside in {}", aside.display()),
+                    Err(me) => {
+                        log::error!("job {job_id}: the server refuses its outcome ({e}) and it cannot be set aside: {me}");
+                        return false;
+                    }
                 }
             }
             Err(e) => {

@@ -779,10 +779,12 @@ impl<'a> JobRunner<'a> {
         if let Err(e) = state.save(&self.rundir) {
             log::error!("cannot save delivery state in {}: {e}", self.rundir.display());
         }
+        // Delivered from memory: on a full disk the outcome file may be stale.
+        let outcome = self.outcome();
         let Some(client) = self.client.as_deref_mut() else {
             return false;
         };
-        match delivery::deliver(client, &self.rundir, &self.job_id) {
+        match delivery::deliver_with(client, &self.rundir, &self.job_id, state, outcome) {
             Ok(()) => {
                 if let Err(e) = fs::remove_dir_all(&self.rundir) {
                     log::warn!("cannot remove {}: {e}", self.rundir.display());

@@ -5,6 +5,7 @@ mod fake_server;
 mod harness;
 mod json;
 mod core;
+mod disk;
 mod job_flow;
 mod regressions;
 mod fleet;
