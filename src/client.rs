@@ -276,6 +276,19 @@ impl Client {
     pub fn call(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize) -> Result<Answer, ClientError> {
         let url = self.url(path);
         let body_text = body.map(|b| b.to_string_compact());
+        self.with_retries(method, &url, &mut |c| c.send_once(method, &url, body_text.as_deref().map(str::as_bytes), cap, true))
+    }
+
+    /// The one retry mechanism every call goes through: a token first when
+    /// there is a token file and no token yet; on a 401 one refresh and one
+    /// replay; connection errors and 500/502/503/504 retried with doubling
+    /// backoff up to `policy.attempts`. What `send` answers last is returned.
+    fn with_retries(
+        &mut self,
+        method: &str,
+        url: &str,
+        send: &mut dyn FnMut(&Client) -> Result<Answer, ClientError>,
+    ) -> Result<Answer, ClientError> {
         if self.access_token.is_none() && self.token_file.is_some() {
             self.refresh();
         }
@@ -284,8 +297,7 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = self.send_once(method, &url, body_text.as_deref().map(str::as_bytes), cap, true);
-            match result {
+            match send(self) {
                 Ok(a) if a.status == 401 && !refreshed && self.token_file.is_some() => {
                     refreshed = true;
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
@@ -447,72 +459,41 @@ impl Client {
     }
 
     /// POST with a body written by `body` (exactly `len` bytes), retried
-    /// like `call`, including the 401 refresh.
+    /// like `call`, including the 401 refresh. Only a 2xx is a success.
     pub fn call_streaming(&mut self, path: &str, content_type: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
         let url = self.url(path);
-        if self.access_token.is_none() && self.token_file.is_some() {
-            self.refresh();
-        }
-        let mut refreshed = false;
-        let mut backoff = self.policy.first_backoff;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
-            if let Some(token) = &self.access_token {
+        let a = self.with_retries("POST", &url, &mut |c| {
+            let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", c.agent_id))];
+            if let Some(token) = &c.access_token {
                 headers.push(("Authorization".into(), format!("Bearer {token}")));
             }
-            let result = stream::post(&url, &headers, content_type, len, body, self.policy.timeout);
-            match result {
-                Ok(status) if (200..300).contains(&status) => return Ok(()),
-                Ok(401) if !refreshed && self.token_file.is_some() => {
-                    refreshed = true;
-                    if !self.refresh() {
-                        return Err(ClientError::Status { url, status: 401, body: String::new() });
-                    }
-                    continue;
-                }
-                Ok(status) if is_retryable(status) && attempt < self.policy.attempts => {
-                    log::warn!("POST {url}: HTTP {status} (attempt {attempt}), retrying in {backoff:?}");
-                }
-                Ok(status) => return Err(ClientError::Status { url, status, body: String::new() }),
-                Err(e) if attempt < self.policy.attempts => {
-                    log::warn!("POST {url}: {e} (attempt {attempt}), retrying in {backoff:?}");
-                }
-                Err(e) => return Err(ClientError::Connection { url, reason: e.to_string() }),
+            match stream::post(&url, &headers, content_type, len, body, c.policy.timeout) {
+                Ok(status) => Ok(Answer { status, body: Vec::new() }),
+                Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.policy.max_backoff);
+        })?;
+        if (200..300).contains(&a.status) {
+            Ok(())
+        } else {
+            Err(ClientError::Status { url, status: a.status, body: String::new() })
         }
     }
 
     /// Downloads the job's attachments archive to `dest`, streaming.
     /// Returns false when the server has none (204).
     pub fn download_attachments(&mut self, job_id: &str, dest: &Path) -> Result<bool, ClientError> {
-        let path = format!("/v1/job/{job_id}/attachments");
-        let url = self.url(&path);
-        if self.access_token.is_none() && self.token_file.is_some() {
-            self.refresh();
+        let url = self.url(&format!("/v1/job/{job_id}/attachments"));
+        let a = self.with_retries("GET", &url, &mut |c| c.download_once(&url, dest))?;
+        match a.status {
+            200 => Ok(true),
+            204 => Ok(false),
+            status => Err(ClientError::Status { url, status, body: String::new() }),
         }
-        let mut last = None;
-        for attempt in 1..=self.policy.attempts {
-            match self.download_once(&url, dest) {
-                Ok(done) => return Ok(done),
-                Err(e) if e.is_transient() => {
-                    log::warn!("{e} (attempt {attempt})");
-                    if matches!(e, ClientError::Status { status: 401, .. }) {
-                        self.refresh();
-                    }
-                    last = Some(e);
-                    std::thread::sleep(self.policy.first_backoff * attempt);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or(ClientError::Connection { url, reason: "no attempt made".into() }))
     }
 
-    fn download_once(&self, url: &str, dest: &Path) -> Result<bool, ClientError> {
+    /// One download attempt; the body goes to `dest` only on a 200 (the
+    /// answer's own body is left empty).
+    fn download_once(&self, url: &str, dest: &Path) -> Result<Answer, ClientError> {
         let mut req = minreq::get(url)
             .with_timeout(self.policy.timeout.as_secs().max(1) * 10)
             .with_max_headers_size(64 * 1024)
@@ -522,12 +503,10 @@ impl Client {
         }
         let resp = req.send_lazy().map_err(|e| ClientError::Connection { url: url.into(), reason: e.to_string() })?;
         let status = u16::try_from(resp.status_code).unwrap_or(0);
-        if status == 204 {
-            return Ok(false);
-        }
         if status != 200 {
-            return Err(ClientError::Status { url: url.into(), status, body: String::new() });
+            return Ok(Answer { status, body: Vec::new() });
         }
+        let announced: Option<u64> = resp.headers.get("content-length").and_then(|v| v.trim().parse().ok());
         let local = |e: std::io::Error| ClientError::Local { path: dest.to_path_buf(), reason: e.to_string() };
         let mut file = std::fs::File::create(dest).map_err(local)?;
         let n = std::io::copy(&mut Read::take(resp, ATTACHMENTS_MAX + 1), &mut file)
@@ -535,7 +514,12 @@ impl Client {
         if n > ATTACHMENTS_MAX {
             return Err(ClientError::TooLarge { url: url.into(), limit: ATTACHMENTS_MAX as usize });
         }
-        Ok(true)
+        // minreq ends a body at end of stream without complaint: a cut-off
+        // download must be retried, not unpacked.
+        if announced.is_some_and(|len| len != n) {
+            return Err(ClientError::Connection { url: url.into(), reason: format!("attachments cut off after {n} bytes") });
+        }
+        Ok(Answer { status, body: Vec::new() })
     }
 }
 
