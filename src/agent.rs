@@ -259,6 +259,9 @@ impl<'a> Agent<'a> {
             self.recovery_failed = true;
             after.set("state", Json::str("offline"));
             after.set("comment", Json::str(format!("Device recovery failed in job {}", summary.job_id)));
+        } else if let Some(held) = self.client.held_state() {
+            // Set by an operator while the job ran: keep it.
+            log::info!("agent is {held} on the server; not posting waiting");
         } else {
             after.set("state", Json::str("waiting"));
         }

@@ -357,6 +357,15 @@ impl Client {
         }
     }
 
+    /// The state an operator holds the agent in (`offline` or
+    /// `maintenance`), read from the server; `None` when there is none or it
+    /// cannot be read. Posting a state over it would undo the operator.
+    pub fn held_state(&mut self) -> Option<String> {
+        let data = self.get_agent_data().ok().flatten()?;
+        let state = data.get("state").and_then(Json::as_str)?;
+        matches!(state, "offline" | "maintenance").then(|| state.to_string())
+    }
+
     pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {
         self.call_ok("POST", "/v1/agents/queues", Some(queues), SMALL_ANSWER).map(drop)
     }

@@ -281,6 +281,12 @@ impl<'a> JobRunner<'a> {
 
     fn post_agent_state(&mut self, state: &str) {
         if let Some(client) = self.client.as_deref_mut() {
+            // An operator may put the agent in maintenance while a job runs;
+            // the phase name must not overwrite that (upstream's does).
+            if let Some(held) = client.held_state() {
+                log::info!("agent is {held} on the server; not posting state {state}");
+                return;
+            }
             if let Err(e) = client.post_agent_data(&Json::object().with("state", Json::str(state))) {
                 log::warn!("agent state not posted: {e}");
             }

@@ -102,6 +102,11 @@ fn offline_and_maintenance_stop_intake_within_one_cycle_until_cleared() {
         // Cleared: intake resumes.
         server.set_agent_state(AGENT_ID, "waiting", "");
         server.wait_until(T, "job run after the state was cleared", |s| completed(s, &job));
+        // Let the agent finish its after-job state post (a read, then a
+        // post) before the next change; a change inside that window is a race
+        // the server API cannot close.
+        let gets = agent_data_gets(&server);
+        server.wait_until(T, "next cycle after the job", |s| agent_data_gets(s) >= gets + 2);
     }
     assert!(p.log_text().contains("offline on the server (operator: cabling)"), "reason logged:\n{}", p.log_text());
 }
