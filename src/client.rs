@@ -255,9 +255,17 @@ impl Client {
         // not have been handled. Likewise a body shorter than announced.
         let length = resp.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
         let chunked = resp.headers.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        // A body may also end with the connection, when the server says so.
+        let closes = resp.headers.get("connection").is_some_and(|v| v.to_ascii_lowercase().contains("close"));
         let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
-        if !(100..=599).contains(&status) || !(bodyless || chunked || length.is_some()) {
+        if !(100..=599).contains(&status) || !(bodyless || chunked || closes || length.is_some()) {
             return Err(ClientError::Connection { url: url.to_string(), reason: "answer cut off (no complete status line and headers)".into() });
+        }
+        if bodyless {
+            // Nothing to read, and nothing may be waited for: minreq would
+            // read a 204 without a length until the server closes a
+            // keep-alive connection, seconds later, on every empty poll.
+            return Ok(Answer { status, body: Vec::new() });
         }
         let mut body = Vec::new();
         let n = Read::take(resp, cap as u64 + 1)
@@ -266,7 +274,7 @@ impl Client {
         if n > cap {
             return Err(ClientError::TooLarge { url: url.to_string(), limit: cap });
         }
-        if !bodyless && length.is_some_and(|l| (n as u64) < l) {
+        if length.is_some_and(|l| (n as u64) < l) {
             return Err(ClientError::Connection { url: url.to_string(), reason: format!("answer cut off after {n} of {} bytes", length.unwrap_or(0)) });
         }
         Ok(Answer { status, body })

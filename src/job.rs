@@ -33,6 +33,10 @@ const ATTACHMENTS_FAILED: i32 = 100;
 const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
 const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
 const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
+/// How often the agent's state is re-posted while one phase (or an
+/// allocation hold) lasts: reservations last days, and the server forgets
+/// agents it has not heard from; twice a day keeps "at least daily".
+const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
 /// How often a running phase asks the server whether the job was cancelled.
 const CANCEL_CHECK: Duration = Duration::from_secs(3);
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -111,6 +115,7 @@ struct PhaseWatcher<'a> {
     /// Fragment progress is saved as it happens, so that an agent killed
     /// mid-phase resumes numbering (and the log) where the server is.
     progress: Progress<'a>,
+    next_heartbeat: Instant,
 }
 
 struct Progress<'a> {
@@ -150,6 +155,10 @@ impl Watcher for PhaseWatcher<'_> {
             if **counter != self.progress.saved_output_next {
                 self.progress.save(**counter, stream.sent);
             }
+            if now >= self.next_heartbeat {
+                self.next_heartbeat = now + PHASE_HEARTBEAT;
+                client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+            }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
                 // One short attempt: a slow server must not hold the phase's output.
@@ -170,6 +179,9 @@ impl Watcher for PhaseWatcher<'_> {
         }
         if let Some(t) = self.next_cancel_check {
             wake = wake.min(t);
+        }
+        if self.live.is_some() {
+            wake = wake.min(self.next_heartbeat);
         }
         if let Some(t) = self.metrics.as_deref().and_then(|m| m.next_wake(now)) {
             wake = wake.min(t);
@@ -281,15 +293,7 @@ impl<'a> JobRunner<'a> {
 
     fn post_agent_state(&mut self, state: &str) {
         if let Some(client) = self.client.as_deref_mut() {
-            // An operator may put the agent in maintenance while a job runs;
-            // the phase name must not overwrite that (upstream's does).
-            if let Some(held) = client.held_state() {
-                log::info!("agent is {held} on the server; not posting state {state}");
-                return;
-            }
-            if let Err(e) = client.post_agent_data(&Json::object().with("state", Json::str(state))) {
-                log::warn!("agent state not posted: {e}");
-            }
+            post_state_unless_held(client, state);
         }
     }
 
@@ -418,6 +422,7 @@ impl<'a> JobRunner<'a> {
             honour_interrupt: phase != "cleanup",
             metrics: self.metrics.as_deref_mut(),
             progress,
+            next_heartbeat: Instant::now() + PHASE_HEARTBEAT,
         };
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
         if let Some(sig) = outcome.signal {
@@ -495,7 +500,12 @@ impl<'a> JobRunner<'a> {
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
         let Some(client) = self.client.as_deref_mut() else { return };
         let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
+        let mut next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
         loop {
+            if Instant::now() >= next_heartbeat {
+                next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
+                post_state_unless_held(client, "allocate");
+            }
             if over(client.job_state(&self.job_id)) || parent.as_deref().is_some_and(|p| over(client.job_state(p))) {
                 return;
             }
@@ -809,6 +819,20 @@ impl<'a> JobRunner<'a> {
     fn finish_without_rundir(&mut self) {
         let outcome = self.outcome().with("job_state", Json::str("complete"));
         self.post_result(outcome);
+    }
+}
+
+/// Posts the agent's `state` (a phase name), unless an operator holds the
+/// agent offline or in maintenance: an operator may put the agent in
+/// maintenance while a job runs, and a phase name must not overwrite that
+/// (upstream's does). Also the heartbeat of long phases.
+fn post_state_unless_held(client: &mut Client, state: &str) {
+    if let Some(held) = client.held_state() {
+        log::info!("agent is {held} on the server; not posting state {state}");
+        return;
+    }
+    if let Err(e) = client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+        log::warn!("agent state {state} not posted: {e}");
     }
 }
 

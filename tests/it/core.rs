@@ -262,3 +262,16 @@ fn local_job_runs_without_a_server_and_reports_failure() {
     let written = std::fs::read_to_string(dir.path().join("run/bench-1/testflinger.json")).unwrap();
     assert!(!written.contains("hunter2"), "secrets never reach the disk");
 }
+
+#[test]
+fn an_empty_poll_does_not_wait_for_the_server_to_close_the_connection() {
+    // The fake keeps connections alive for 5 s and, as the HTTP spec asks,
+    // sends a 204 without Content-Length. Reading that 204's "body" until
+    // the connection closes cost 5 s per poll; five polls at 0.1 s must come
+    // well before one such stall could end.
+    let server = FakeServer::start();
+    let mut p = Agent::new(&server).spawn();
+    server.wait_until(Duration::from_secs(4), "five empty polls", |s| s.requests_to("GET", "/v1/job").len() >= 5);
+    assert!(server.requests_to("GET", "/v1/job").iter().all(|r| r.status == 204));
+    p.kill();
+}

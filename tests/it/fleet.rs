@@ -80,6 +80,10 @@ fn offline_and_maintenance_stop_intake_within_one_cycle_until_cleared() {
     for state in ["offline", "maintenance"] {
         server.set_agent_state(AGENT_ID, state, "operator: cabling");
         let at = server.requests().len();
+        // A cycle in flight at the change may have read the old state; the
+        // job is offered once such a cycle is surely over (two reads later).
+        let gets = agent_data_gets(&server);
+        server.wait_until(T, "two reads after the change", |s| agent_data_gets(s) >= gets + 2);
         let job = unique_id();
         server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
         let polls = agent_data_gets(&server);
@@ -377,3 +381,4 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     assert!(!rundir.exists());
     assert!(p.try_wait().is_none());
 }
+
