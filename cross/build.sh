@@ -26,6 +26,8 @@
 #   --cross         require cross (fail if cross or Docker is unavailable)
 #   --no-fallback   fail instead of falling back to a static glibc build
 set -euo pipefail
+# shellcheck source=cross/targets.sh
+. "$(dirname "$0")/targets.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -79,13 +81,6 @@ gcc_prefix() {
     armv7-*)     echo arm-linux-gnueabihf ;;
     riscv64gc-*) echo riscv64-linux-gnu ;;
     x86_64-*)    echo "" ;;
-  esac
-}
-fallback_of() {
-  case "$1" in
-    aarch64-unknown-linux-musl)     echo aarch64-unknown-linux-gnu ;;
-    armv7-unknown-linux-musleabihf) echo armv7-unknown-linux-gnueabihf ;;
-    riscv64gc-unknown-linux-musl)   echo riscv64gc-unknown-linux-gnu ;;
   esac
 }
 have_std() {

@@ -9,6 +9,8 @@
 # A target whose standard library rustup cannot fetch is reported, not fatal:
 # build.sh then falls back to a static glibc build for it (see README section).
 set -euo pipefail
+# shellcheck source=cross/targets.sh
+. "$(dirname "$0")/targets.sh"
 
 DEFAULT_TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl
                  armv7-unknown-linux-musleabihf riscv64gc-unknown-linux-musl)
@@ -47,14 +49,6 @@ else
   echo "install-deps: apt packages present"
 fi
 
-# musl target -> the glibc target used for a static fallback build
-fallback_of() {
-  case "$1" in
-    aarch64-unknown-linux-musl)     echo aarch64-unknown-linux-gnu ;;
-    armv7-unknown-linux-musleabihf) echo armv7-unknown-linux-gnueabihf ;;
-    riscv64gc-unknown-linux-musl)   echo riscv64gc-unknown-linux-gnu ;;
-  esac
-}
 
 add_target() {   # add_target TRIPLE -> 0 when the rust-std is (now) installed
   if rustup target list --installed | grep -qx "$1"; then

@@ -19,6 +19,8 @@
 # Fails if qemu or the binary is missing, if --version fails, if the filter
 # matches no test, or if any test fails.
 set -euo pipefail
+# shellcheck source=cross/targets.sh
+. "$(dirname "$0")/targets.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -47,12 +49,7 @@ case "$target" in
   riscv64gc-*) qemu="qemu-riscv64-static" ;;
   *) echo "qemu-check: unknown target $target" >&2; exit 2 ;;
 esac
-case "$target" in
-  armv7-unknown-linux-musleabihf) fb=armv7-unknown-linux-gnueabihf ;;
-  riscv64gc-unknown-linux-musl)   fb=riscv64gc-unknown-linux-gnu ;;
-  aarch64-unknown-linux-musl)     fb=aarch64-unknown-linux-gnu ;;
-  *) fb="" ;;
-esac
+fb=$(fallback_of "$target")
 
 if [ "$build" = 1 ]; then
   "$ROOT/cross/build.sh" "${tls_flag[@]}" "$target"

@@ -165,9 +165,10 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Job dirs kept in `results_basedir`, oldest first.
-pub fn kept_jobs(results_basedir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(dir) = fs::read_dir(results_basedir) else { return Vec::new() };
+/// Job dirs in `base` (directories named like a job id; so not
+/// `.undeliverable`), oldest first.
+pub fn job_dirs(base: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(dir) = fs::read_dir(base) else { return Vec::new() };
     let mut jobs: Vec<_> = dir
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
@@ -181,6 +182,11 @@ pub fn kept_jobs(results_basedir: &Path) -> Vec<(String, PathBuf)> {
     jobs.into_iter().map(|(_, n, p)| (n, p)).collect()
 }
 
+/// Run dirs in `base` (job dirs holding a job), oldest first.
+pub fn run_dirs(base: &Path) -> Vec<(String, PathBuf)> {
+    job_dirs(base).into_iter().filter(|(_, dir)| dir.join("testflinger.json").is_file()).collect()
+}
+
 /// Where jobs the server refused for good are set aside, inside
 /// `results_basedir` (a name no job id can have), for an operator to look at.
 pub const SET_ASIDE: &str = ".undeliverable";
@@ -191,8 +197,8 @@ pub const SET_ASIDE: &str = ".undeliverable";
 /// than 401/408/429: the job is gone, the body is refused) is set aside rather
 /// than blocking every later job.
 pub fn deliver_kept(client: &mut Client, results_basedir: &Path, execution_basedir: &Path) -> bool {
-    let mut kept = kept_jobs(results_basedir);
-    kept.extend(kept_jobs(execution_basedir).into_iter().filter(|(_, dir)| dir.join("testflinger.json").is_file()));
+    let mut kept = job_dirs(results_basedir);
+    kept.extend(run_dirs(execution_basedir));
     for (job_id, dir) in kept {
         match deliver(client, &dir, &job_id) {
             Ok(()) => {

@@ -16,7 +16,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, is_safe_id};
+use crate::client::Client;
 use crate::config::Config;
 use crate::job::{JobRunner, PHASES};
 use crate::json::Json;
@@ -50,30 +50,14 @@ pub fn inspect(config: &Config, job_id: &str, dir: &Path) -> Leftover {
     Leftover { job_id: job_id.to_string(), dir: dir.to_path_buf(), interrupted, needs_cleanup }
 }
 
-/// Run dirs left in `base`, oldest first.
-fn run_dirs(base: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(dir) = fs::read_dir(base) else { return Vec::new() };
-    let mut found: Vec<_> = dir
-        .flatten()
-        .filter(|e| e.path().join("testflinger.json").is_file())
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_string();
-            let mtime = e.metadata().and_then(|m| m.modified()).ok();
-            is_safe_id(&name).then(|| (mtime, name, e.path()))
-        })
-        .collect();
-    found.sort();
-    found.into_iter().map(|(_, n, p)| (n, p)).collect()
-}
-
 /// Finishes every job an earlier agent left unfinished. Jobs that only
 /// await delivery stay in `results_basedir` for the polling loop.
 pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
     let mut todo = Vec::new();
-    for (job_id, dir) in run_dirs(&config.execution_basedir) {
+    for (job_id, dir) in crate::delivery::run_dirs(&config.execution_basedir) {
         todo.push(inspect(config, &job_id, &dir));
     }
-    for (job_id, dir) in run_dirs(&config.results_basedir) {
+    for (job_id, dir) in crate::delivery::run_dirs(&config.results_basedir) {
         let left = inspect(config, &job_id, &dir);
         if left.interrupted.is_some() || left.needs_cleanup {
             todo.push(left);
