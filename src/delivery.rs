@@ -32,6 +32,9 @@ pub struct JobState {
     pub output_next: u64,
     pub serial_next: u64,
     pub pending: Vec<PendingStream>,
+    /// The job's events body whose last post failed: the webhook must still
+    /// hear how the job ended (each post carries the whole list).
+    pub events: Option<Json>,
 }
 
 impl JobState {
@@ -50,7 +53,8 @@ impl JobState {
         let json = Json::object()
             .with("output_next", Json::int(self.output_next as i64))
             .with("serial_next", Json::int(self.serial_next as i64))
-            .with("pending", Json::Array(pending));
+            .with("pending", Json::Array(pending))
+            .with("events", self.events.clone().unwrap_or(Json::Null));
         write_atomic(&rundir.join(STATE_FILE), json.to_string_compact().as_bytes())
     }
 
@@ -72,7 +76,8 @@ impl JobState {
                 })
             })
             .collect();
-        JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending }
+        let events = json.get("events").filter(|e| matches!(e, Json::Object(_))).cloned();
+        JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending, events }
     }
 }
 
@@ -117,6 +122,18 @@ pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state:
             return Err(e);
         }
         state.pending.remove(0);
+        let _ = state.save(rundir);
+    }
+
+    if let Some(events) = &state.events {
+        match client.post_events(job_id, events) {
+            Ok(()) => {}
+            // Refused for good: the events are the webhook's, not the
+            // outcome; they must not hold the outcome back.
+            Err(e) if e.is_refusal() => log::error!("job {job_id}: events refused, dropped: {e}"),
+            Err(e) => return Err(e),
+        }
+        state.events = None;
         let _ = state.save(rundir);
     }
 

@@ -70,6 +70,8 @@ impl Summary {
 struct Events {
     list: Vec<Json>,
     header: Option<Json>,
+    /// The last post failed: the whole list is owed to the server.
+    unsent: bool,
 }
 
 impl Events {
@@ -81,7 +83,7 @@ impl Events {
                 .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
                 .with("job_status_webhook", Json::str(w))
         });
-        Events { list: Vec::new(), header }
+        Events { list: Vec::new(), header, unsent: false }
     }
 
     fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
@@ -95,10 +97,20 @@ impl Events {
         );
         if let Some(client) = client {
             let body = header.clone().with("events", Json::Array(self.list.clone()));
-            if let Err(e) = client.post_events(job_id, &body) {
-                log::warn!("event {name} not posted: {e}");
-            }
+            self.unsent = match client.post_events(job_id, &body) {
+                Ok(()) => false,
+                Err(e) => {
+                    log::warn!("event {name} not posted: {e}");
+                    true
+                }
+            };
         }
+    }
+
+    /// The whole events body, when the server has not had all of it yet.
+    fn owed(&self) -> Option<Json> {
+        let header = self.header.as_ref().filter(|_| self.unsent)?;
+        Some(header.clone().with("events", Json::Array(self.list.clone())))
     }
 }
 
@@ -130,7 +142,7 @@ impl Progress<'_> {
     fn save(&mut self, output_next: u64, sent: u64) {
         let mut pending = self.earlier.to_vec();
         pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
-        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending };
+        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None };
         if let Err(e) = state.save(self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
         }
@@ -269,6 +281,7 @@ impl<'a> JobRunner<'a> {
             output_next: self.output_fragments,
             serial_next: self.serial_fragments,
             pending: self.pending.clone(),
+            events: None,
         };
         if let Err(e) = state.save(&self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
@@ -791,6 +804,7 @@ impl<'a> JobRunner<'a> {
             output_next: self.output_fragments,
             serial_next: self.serial_fragments,
             pending: std::mem::take(&mut self.pending),
+            events: self.events.owed(),
         };
         if let Err(e) = state.save(&self.rundir) {
             log::error!("cannot save delivery state in {}: {e}", self.rundir.display());

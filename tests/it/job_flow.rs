@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::fake_server::FakeServer;
+use crate::fake_server::{Fault, FakeServer};
 use crate::harness::{AGENT_ID, Agent, AgentSetup, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -181,4 +181,28 @@ fn cancelled_job_stops_before_next_phase_and_runs_cleanup() {
     assert_eq!(phases_run(&server, &job), ["setup"]);
     let st = status_of(&server, &job);
     assert!(st.get("cleanup").is_some(), "{st}");
+}
+
+#[test]
+fn events_the_server_missed_at_the_end_are_delivered_with_the_outcome() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#));
+    // Every events post of the job's run fails, and so does the outcome:
+    // the job is kept, and delivered with its events after a restart.
+    server.add_fault(Fault::status("POST", &format!("/v1/job/{job}/events"), 1000, 503));
+    server.add_fault(Fault::status("POST", &format!("/v1/result/{job}"), 1000, 503));
+    let agent = Agent::new(&server).command("test", "echo hi");
+    assert!(agent.run_once(T).status.success());
+    assert!(server.events(&job).is_empty());
+    server.clear_faults();
+    assert!(agent.run_once(T).status.success());
+    let events = server.events(&job);
+    assert_eq!(events.first().map(String::as_str), Some("job_start"), "{events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("job_end"), "{events:?}");
+    assert!(final_state_complete(&server, &job));
+}
+
+fn final_state_complete(server: &FakeServer, job: &str) -> bool {
+    server.results_posted(job).iter().any(|r| r.get("job_state").and_then(Json::as_str) == Some("complete"))
 }
