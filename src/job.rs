@@ -155,6 +155,14 @@ impl Watcher for PhaseWatcher<'_> {
         self.log.write(data);
     }
 
+    fn splice_target(&self) -> Option<std::os::fd::RawFd> {
+        self.log.raw_sink()
+    }
+
+    fn spliced(&mut self, n: usize) {
+        self.log.account(n);
+    }
+
     fn check(&mut self, now: Instant) -> Option<Stop> {
         if self.honour_interrupt && signals::interrupted() {
             return Some(Stop::Interrupted);

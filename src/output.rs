@@ -8,7 +8,7 @@
 //! equals the log file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,8 +53,10 @@ impl PhaseLog {
     /// Opens `path` for appending; `echo` also copies the output to stdout
     /// (the local `--job` mode).
     pub fn open(path: &Path, secrets: &[String], echo: bool) -> io::Result<PhaseLog> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let written = file.metadata()?.len();
+        // Not O_APPEND: splice(2) refuses such files. The file is ours alone
+        // while the phase runs, so writing at its end is the same thing.
+        let mut file = OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+        let written = file.seek(SeekFrom::End(0))?;
         Ok(PhaseLog {
             file,
             path: path.to_path_buf(),
@@ -70,6 +72,18 @@ impl PhaseLog {
         self.scratch.clear();
         self.masker.feed(data, &mut self.scratch);
         self.emit();
+    }
+
+    /// The file descriptor output may be spliced into: only when nothing
+    /// needs to see the bytes on the way (no secrets, no echo).
+    pub fn raw_sink(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        (self.masker.is_empty() && !self.echo && !self.failed).then(|| self.file.as_raw_fd())
+    }
+
+    /// Counts `n` bytes spliced into the file behind our back.
+    pub fn account(&mut self, n: usize) {
+        self.written += n as u64;
     }
 
     /// Flushes what the masker held back; call when the phase has ended.
