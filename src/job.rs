@@ -14,12 +14,12 @@ use crate::attachments;
 use crate::client::Client;
 use crate::config::Config;
 use crate::delivery::{self, PendingStream};
+use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::runner::{self, Limits, Stop, Watcher};
 use crate::signals;
-use crate::timestamp::now_iso8601;
 
 /// The phases before cleanup, in order.
 pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
@@ -63,54 +63,6 @@ pub struct Summary {
 impl Summary {
     pub fn failed(&self) -> bool {
         self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != "normal_exit"
-    }
-}
-
-/// The job's events, posted whole each time when the job has a webhook.
-struct Events {
-    list: Vec<Json>,
-    header: Option<Json>,
-    /// The last post failed: the whole list is owed to the server.
-    unsent: bool,
-}
-
-impl Events {
-    fn new(job: &Json, agent_id: &str) -> Events {
-        let webhook = job.get("job_status_webhook").and_then(Json::as_str).filter(|w| !w.is_empty());
-        let header = webhook.map(|w| {
-            Json::object()
-                .with("agent_id", Json::str(agent_id))
-                .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
-                .with("job_status_webhook", Json::str(w))
-        });
-        Events { list: Vec::new(), header, unsent: false }
-    }
-
-    fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
-        log::info!("job {job_id}: event {name} {detail}");
-        let Some(header) = &self.header else { return };
-        self.list.push(
-            Json::object()
-                .with("event_name", Json::str(name))
-                .with("timestamp", Json::str(now_iso8601()))
-                .with("detail", Json::str(detail)),
-        );
-        if let Some(client) = client {
-            let body = header.clone().with("events", Json::Array(self.list.clone()));
-            self.unsent = match client.post_events(job_id, &body) {
-                Ok(()) => false,
-                Err(e) => {
-                    log::warn!("event {name} not posted: {e}");
-                    true
-                }
-            };
-        }
-    }
-
-    /// The whole events body, when the server has not had all of it yet.
-    fn owed(&self) -> Option<Json> {
-        let header = self.header.as_ref().filter(|_| self.unsent)?;
-        Some(header.clone().with("events", Json::Array(self.list.clone())))
     }
 }
 

@@ -9,6 +9,7 @@ pub mod attachments;
 pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod events;
 pub mod job;
 pub mod json;
 pub mod logging;

@@ -1,0 +1,57 @@
+//! A job's events (`job_start`, `<phase>_start/_success/_fail`, ...), posted
+//! to `/v1/job/<id>/events` with the whole list each time, only when the job
+//! has a `job_status_webhook`. A failed post is logged, never fatal; what the
+//! server missed at the end is delivered with the outcome (`owed`).
+
+use crate::client::Client;
+use crate::json::Json;
+use crate::timestamp::now_iso8601;
+
+/// The job's events, posted whole each time when the job has a webhook.
+pub struct Events {
+    list: Vec<Json>,
+    header: Option<Json>,
+    /// The last post failed: the whole list is owed to the server.
+    unsent: bool,
+}
+
+impl Events {
+    pub fn new(job: &Json, agent_id: &str) -> Events {
+        let webhook = job.get("job_status_webhook").and_then(Json::as_str).filter(|w| !w.is_empty());
+        let header = webhook.map(|w| {
+            Json::object()
+                .with("agent_id", Json::str(agent_id))
+                .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
+                .with("job_status_webhook", Json::str(w))
+        });
+        Events { list: Vec::new(), header, unsent: false }
+    }
+
+    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
+        log::info!("job {job_id}: event {name} {detail}");
+        let Some(header) = &self.header else { return };
+        self.list.push(
+            Json::object()
+                .with("event_name", Json::str(name))
+                .with("timestamp", Json::str(now_iso8601()))
+                .with("detail", Json::str(detail)),
+        );
+        if let Some(client) = client {
+            let body = header.clone().with("events", Json::Array(self.list.clone()));
+            self.unsent = match client.post_events(job_id, &body) {
+                Ok(()) => false,
+                Err(e) => {
+                    log::warn!("event {name} not posted: {e}");
+                    true
+                }
+            };
+        }
+    }
+
+    /// The whole events body, when the server has not had all of it yet.
+    pub fn owed(&self) -> Option<Json> {
+        let header = self.header.as_ref().filter(|_| self.unsent)?;
+        Some(header.clone().with("events", Json::Array(self.list.clone())))
+    }
+}
+
