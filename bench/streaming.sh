@@ -108,6 +108,14 @@ done
 echo "throughput command: $BENCH_CMD (two runs; the machine is shared, so look at the better one)"
 for run in 1 2; do
     echo "run $run:"
+    # Each phase run is paired with a redirect run just before it, both
+    # after a sync: 1 GiB of dirty page cache left by the previous run
+    # otherwise slows whichever write comes next (seen: 1.2x vs 2.1x).
+    sync
+    sh -c "$(timed "$BENCH_CMD > $work/baseline.out" "$work/baseline.t")"
+    pair=$(awk '{print $2 - $1}' "$work/baseline.t")
+    rm -f "$work/baseline.out"
+    sync
     write_config big$run "$(timed "$BENCH_CMD" "$work/big$run.t")" \
         "stat -c %s test.log > $work/log_size; sha256sum test.log | cut -d' ' -f1 > $work/log_sha"
     push_job big-job-$run ""
@@ -121,7 +129,8 @@ for run in 1 2; do
     numbers_ok=$(json 'd["numbers_ok"]' < "$work/big$run.json")
     last_at=$(json 'd["last_at"]' < "$work/big$run.json")
     rss=$(awk -F': ' '/Maximum resident/ {print $2}' "$work/big$run/time.txt")
-    printf 'throughput: redirected to a file %.2f s, as a phase %.2f s, ratio %.3f   (target: <= 1.25)\n' "$best" "$phase" "$(calc "$phase / $best")"
+    printf 'throughput: redirected to a file %.2f s (best of 3 earlier), as a phase %.2f s, ratio %.3f   (target: <= 1.25)\n' "$best" "$phase" "$(calc "$phase / $best")"
+    printf 'throughput, paired: redirected to a file just before %.2f s, ratio %.3f\n' "$pair" "$(calc "$phase / $pair")"
     printf 'agent drain rate: %.0f MB/s\n' "$(calc "$(cat "$work/log_size") / $phase / 1e6")"
     echo "bytes: in test.log $(cat "$work/log_size"), at server $server_bytes, sha256 equal: $([ "$server_sha" = "$(cat "$work/log_sha")" ] && echo yes || echo NO), fragments $frags, numbered without gaps: $numbers_ok"
     printf 'last byte at server: %.2f s after the phase ended   (target: <= 10 s)\n' "$(calc "$last_at - $phase_end")"
