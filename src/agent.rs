@@ -95,16 +95,9 @@ impl<'a> Agent<'a> {
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
         // The `offline` this agent posts itself when it restarts is not kept.
-        let current = self.client.get_agent_data().ok().flatten();
-        let comment = current.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("");
-        let held = current
-            .as_ref()
-            .and_then(|d| d.get("state"))
-            .and_then(Json::as_str)
-            .filter(|s| matches!(*s, "offline" | "maintenance"))
-            .filter(|_| !comment.starts_with(RESTARTING));
+        let held = self.client.held_state().filter(|(_, comment)| !comment.starts_with(RESTARTING));
         match held {
-            Some(state) => log::info!("the server has this agent {state}; keeping that state"),
+            Some((state, _)) => log::info!("the server has this agent {state}; keeping that state"),
             None => {
                 data.set("state", Json::str("waiting"));
                 data.set("comment", Json::str(""));
@@ -259,7 +252,7 @@ impl<'a> Agent<'a> {
             self.recovery_failed = true;
             after.set("state", Json::str("offline"));
             after.set("comment", Json::str(format!("Device recovery failed in job {}", summary.job_id)));
-        } else if let Some(held) = self.client.held_state() {
+        } else if let Some((held, _)) = self.client.held_state() {
             // Set by an operator while the job ran: keep it.
             log::info!("agent is {held} on the server; not posting waiting");
         } else {

@@ -56,17 +56,6 @@ impl fmt::Display for ClientError {
 impl std::error::Error for ClientError {}
 
 impl ClientError {
-    /// True when trying again later may succeed (as opposed to a refusal).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ClientError::Connection { .. } => true,
-            ClientError::Status { status, .. } => is_retryable(*status) || *status == 401 || *status == 429,
-            _ => false,
-        }
-    }
-}
-
-impl ClientError {
     /// The server refuses this request for good: trying again cannot help.
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Status { status, .. } if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
@@ -365,13 +354,14 @@ impl Client {
         }
     }
 
-    /// The state an operator holds the agent in (`offline` or
-    /// `maintenance`), read from the server; `None` when there is none or it
-    /// cannot be read. Posting a state over it would undo the operator.
-    pub fn held_state(&mut self) -> Option<String> {
+    /// The state the agent is held in on the server (`offline` or
+    /// `maintenance`) and its comment; `None` when there is none or it
+    /// cannot be read. Posting a state over it would undo an operator.
+    pub fn held_state(&mut self) -> Option<(String, String)> {
         let data = self.get_agent_data().ok().flatten()?;
         let state = data.get("state").and_then(Json::as_str)?;
-        matches!(state, "offline" | "maintenance").then(|| state.to_string())
+        let comment = data.get("comment").and_then(Json::as_str).unwrap_or("");
+        matches!(state, "offline" | "maintenance").then(|| (state.to_string(), comment.to_string()))
     }
 
     pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {

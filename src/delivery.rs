@@ -27,6 +27,25 @@ pub struct PendingStream {
     pub inflight_end: Option<u64>,
 }
 
+impl PendingStream {
+    /// Sends the rest of this log (from `sent`) as fragments numbered from
+    /// `counter`; `sent` and `inflight_end` record how far it got.
+    pub fn send_rest(&mut self, client: &mut Client, rundir: &Path, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
+        let (log_name, kind) = match self.kind.as_str() {
+            "serial" => (format!("{}-serial.log", self.phase), "serial"),
+            _ => (format!("{}.log", self.phase), "output"),
+        };
+        let path = rundir.join(log_name);
+        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut stream = LiveStream::new(job_id, kind, &self.phase, &path, self.sent);
+        stream.inflight_end = self.inflight_end;
+        let result = stream.flush(client, counter, written);
+        self.sent = stream.sent;
+        self.inflight_end = stream.inflight_end;
+        result
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct JobState {
     pub output_next: u64,
@@ -103,20 +122,10 @@ pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), C
 /// from the run dir: on a full disk the files may be stale or missing, and
 /// what the agent holds in memory is the truth.
 pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state: JobState, mut outcome: Json) -> Result<(), ClientError> {
-    while let Some(p) = state.pending.first().cloned() {
-        let (log_name, kind, counter) = match p.kind.as_str() {
-            "serial" => (format!("{}-serial.log", p.phase), "serial", &mut state.serial_next),
-            _ => (format!("{}.log", p.phase), "output", &mut state.output_next),
-        };
-        let path = rundir.join(log_name);
-        let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let mut stream = LiveStream::new(job_id, kind, &p.phase, &path, p.sent);
-        stream.inflight_end = p.inflight_end;
-        let result = stream.flush(client, counter, written);
-        if let Some(first) = state.pending.first_mut() {
-            first.sent = stream.sent;
-            first.inflight_end = stream.inflight_end;
-        }
+    while let Some(mut p) = state.pending.first().cloned() {
+        let counter = if p.kind == "serial" { &mut state.serial_next } else { &mut state.output_next };
+        let result = p.send_rest(client, rundir, job_id, counter);
+        state.pending[0] = p;
         if let Err(e) = result {
             let _ = state.save(rundir);
             return Err(e);

@@ -248,10 +248,6 @@ impl<'a> JobRunner<'a> {
         }
     }
 
-    pub fn rundir(&self) -> &Path {
-        &self.rundir
-    }
-
     fn emit(&mut self, name: &str, detail: &str) {
         self.events.emit(self.client.as_deref_mut(), &self.job_id, name, detail);
     }
@@ -440,13 +436,20 @@ impl<'a> JobRunner<'a> {
         detail
     }
 
-    fn post_device_info(&mut self) -> bool {
-        let Ok(text) = fs::read_to_string(self.rundir.join("device-info.json")) else { return true };
+    /// What the connector left in `device-info.json` (its `device_info`
+    /// member, or the whole object); `None` when there is none or it is
+    /// not JSON.
+    fn device_info(&self) -> Option<Json> {
+        let text = fs::read_to_string(self.rundir.join("device-info.json")).ok()?;
         let Ok(info) = Json::parse(&text) else {
-            log::warn!("device-info.json is not valid JSON; not posted");
-            return true;
+            log::warn!("device-info.json is not valid JSON; ignored");
+            return None;
         };
-        let info = info.get("device_info").cloned().unwrap_or(info);
+        Some(info.get("device_info").cloned().unwrap_or(info))
+    }
+
+    fn post_device_info(&mut self) -> bool {
+        let Some(info) = self.device_info() else { return true };
         match self.client.as_deref_mut() {
             Some(client) => match client.post_result(&self.job_id, &Json::object().with("device_info", info)) {
                 Ok(()) => true,
@@ -655,10 +658,9 @@ impl<'a> JobRunner<'a> {
     /// else `unknown` (upstream asks the device over SSH, which would block
     /// this single-threaded agent for up to half a minute).
     fn device_release(&self) -> String {
-        let Ok(text) = fs::read_to_string(self.rundir.join("device-info.json")) else { return "unknown".into() };
-        let Ok(json) = Json::parse(&text) else { return "unknown".into() };
-        let info = json.get("device_info").unwrap_or(&json);
-        info.get("release").and_then(Json::as_str).filter(|r| !r.is_empty()).unwrap_or("unknown").to_string()
+        let info = self.device_info();
+        let release = info.as_ref().and_then(|i| i.get("release")).and_then(Json::as_str).filter(|r| !r.is_empty());
+        release.unwrap_or("unknown").to_string()
     }
 
     /// Finishes a job whose agent was killed (or lost power) while it ran,
@@ -725,18 +727,8 @@ impl<'a> JobRunner<'a> {
         let Some(client) = self.client.as_deref_mut() else { return };
         let mut left = Vec::new();
         for mut p in std::mem::take(&mut self.pending) {
-            let (path, counter) = match p.kind.as_str() {
-                "serial" => (self.rundir.join(format!("{}-serial.log", p.phase)), &mut self.serial_fragments),
-                _ => (self.rundir.join(format!("{}.log", p.phase)), &mut self.output_fragments),
-            };
-            let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let kind = if p.kind == "serial" { "serial" } else { "output" };
-            let mut stream = LiveStream::new(&self.job_id, kind, &p.phase, &path, p.sent);
-            stream.inflight_end = p.inflight_end;
-            let result = stream.flush(client, counter, written);
-            p.sent = stream.sent;
-            p.inflight_end = stream.inflight_end;
-            if let Err(e) = result {
+            let counter = if p.kind == "serial" { &mut self.serial_fragments } else { &mut self.output_fragments };
+            if let Err(e) = p.send_rest(client, &self.rundir, &self.job_id, counter) {
                 log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
                 left.push(p);
             }
@@ -801,7 +793,7 @@ impl<'a> JobRunner<'a> {
 /// maintenance while a job runs, and a phase name must not overwrite that
 /// (upstream's does). Also the heartbeat of long phases.
 fn post_state_unless_held(client: &mut Client, state: &str) {
-    if let Some(held) = client.held_state() {
+    if let Some((held, _)) = client.held_state() {
         log::info!("agent is {held} on the server; not posting state {state}");
         return;
     }

@@ -113,13 +113,6 @@ impl Json {
         }
     }
 
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Number(n) => n.parse().ok(),
-            _ => None,
-        }
-    }
-
     /// Integers, and whole floats such as `30.0`, as i64.
     pub fn as_i64(&self) -> Option<i64> {
         match self {

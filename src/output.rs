@@ -155,10 +155,6 @@ impl LiveStream {
         }
     }
 
-    pub fn phase(&self) -> &str {
-        &self.phase
-    }
-
     /// When the next send is due, given `written` bytes in the file.
     pub fn due(&self, written: u64) -> Option<Instant> {
         if written <= self.sent {
