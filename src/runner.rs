@@ -103,6 +103,14 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: fcntl on a descriptor we own. Only our end is non-blocking:
+    // the loop reads until the pipe is empty, and a blocking read there
+    // would hold it past every deadline once the child goes quiet. The
+    // child's end stays blocking, as programs expect of their stdout.
+    unsafe {
+        let flags = libc::fcntl(fds[0], libc::F_GETFL);
+        libc::fcntl(fds[0], libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
     #[cfg(target_os = "linux")]
     // SAFETY: fcntl on a descriptor we own. A larger pipe lets the child keep
     // writing while the agent sends a fragment; failure (a lower
@@ -453,5 +461,18 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(10));
         assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))));
         assert!(String::from_utf8_lossy(&w.out).contains("Global timeout reached"));
+    }
+
+    #[test]
+    fn a_full_read_then_silence_does_not_block_the_loop() {
+        // Exactly one read buffer of output, then nothing: a blocking second
+        // read would hold the loop, and the timeout would never fire.
+        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = collect();
+        let limits = Limits { global: Some(Duration::from_millis(500)), output: None };
+        let cmd = format!("dd if=/dev/zero bs={READ_BUF} count=1 2>/dev/null; sleep 30");
+        let o = run(&cmd, Path::new("/"), &[], limits, &mut w);
+        assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))), "{o:?}");
+        assert_eq!(w.out.iter().filter(|&&b| b == 0).count(), READ_BUF);
     }
 }
