@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::json::Json;
 
-pub use stream::BodyWriter;
+pub use stream::{BodyWriter, Idle};
 
 /// Cap on ordinary answers (agent data, results, token).
 const SMALL_ANSWER: usize = 1 << 20;
@@ -414,8 +414,15 @@ impl Client {
 
     /// Posts one log fragment (`kind` is `output` or `serial`) whose JSON body, exactly `len` bytes, `body`
     /// writes straight into the socket (fragments can be megabytes).
-    pub fn post_log_fragment_streamed(&mut self, job_id: &str, kind: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
-        self.call_streaming(&format!("/v1/result/{job_id}/log/{kind}"), "application/json", len, body)
+    pub fn post_log_fragment_streamed(
+        &mut self,
+        job_id: &str,
+        kind: &str,
+        len: u64,
+        body: &mut BodyWriter,
+        idle: Option<&mut Idle>,
+    ) -> Result<(), ClientError> {
+        self.call_streaming(&format!("/v1/result/{job_id}/log/{kind}"), "application/json", len, body, idle)
     }
 
     /// Runs `f` with one attempt per call and `timeout` per request, for
@@ -462,19 +469,26 @@ impl Client {
             }
             w.write_all(tail.as_bytes())
         };
-        self.call_streaming(&path, &content_type, len, &mut write_body)
+        self.call_streaming(&path, &content_type, len, &mut write_body, None)
     }
 
     /// POST with a body written by `body` (exactly `len` bytes), retried
     /// like `call`, including the 401 refresh. Only a 2xx is a success.
-    pub fn call_streaming(&mut self, path: &str, content_type: &str, len: u64, body: &mut BodyWriter) -> Result<(), ClientError> {
+    pub fn call_streaming(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        len: u64,
+        body: &mut BodyWriter,
+        mut idle: Option<&mut Idle>,
+    ) -> Result<(), ClientError> {
         let url = self.url(path);
         let a = self.with_retries("POST", &url, &mut |c| {
             let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", c.agent_id))];
             if let Some(token) = &c.access_token {
                 headers.push(("Authorization".into(), format!("Bearer {token}")));
             }
-            match stream::post(&url, &headers, content_type, len, body, c.policy.timeout) {
+            match stream::post(&url, &headers, content_type, len, body, c.policy.timeout, idle.as_deref_mut()) {
                 Ok(status) => Ok(Answer { status, body: Vec::new() }),
                 Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
             }

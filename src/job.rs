@@ -107,15 +107,7 @@ impl Watcher for PhaseWatcher<'_> {
         self.log.write(data);
     }
 
-    fn splice_target(&self) -> Option<std::os::fd::RawFd> {
-        self.log.raw_sink()
-    }
-
-    fn spliced(&mut self, n: usize) {
-        self.log.account(n);
-    }
-
-    fn check(&mut self, now: Instant) -> Option<Stop> {
+    fn check(&mut self, now: Instant, drain: &mut dyn FnMut()) -> Option<Stop> {
         if self.honour_interrupt && signals::interrupted() {
             return Some(Stop::Interrupted);
         }
@@ -123,7 +115,7 @@ impl Watcher for PhaseWatcher<'_> {
             m.service(now);
         }
         if let Some((stream, client, counter)) = &mut self.live {
-            stream.pump(client, counter, self.log.written, now);
+            stream.pump(client, counter, self.log.written, now, drain);
             if **counter != self.progress.saved_output_next {
                 self.progress.save(**counter, stream.sent);
             }

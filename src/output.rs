@@ -12,7 +12,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::timestamp::now_iso8601;
@@ -53,9 +53,7 @@ impl PhaseLog {
     /// Opens `path` for appending; `echo` also copies the output to stdout
     /// (the local `--job` mode).
     pub fn open(path: &Path, secrets: &[String], echo: bool) -> io::Result<PhaseLog> {
-        // Not O_APPEND: splice(2) refuses such files. The file is ours alone
-        // while the phase runs, so writing at its end is the same thing.
-        let mut file = OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+        let mut file = OpenOptions::new().create(true).append(true).open(path)?;
         let written = file.seek(SeekFrom::End(0))?;
         Ok(PhaseLog {
             file,
@@ -69,36 +67,33 @@ impl PhaseLog {
     }
 
     pub fn write(&mut self, data: &[u8]) {
-        self.scratch.clear();
-        self.masker.feed(data, &mut self.scratch);
-        self.emit();
-    }
-
-    /// The file descriptor output may be spliced into: only when nothing
-    /// needs to see the bytes on the way (no secrets, no echo).
-    pub fn raw_sink(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        (self.masker.is_empty() && !self.echo && !self.failed).then(|| self.file.as_raw_fd())
-    }
-
-    /// Counts `n` bytes spliced into the file behind our back.
-    pub fn account(&mut self, n: usize) {
-        self.written += n as u64;
+        if self.masker.is_empty() {
+            // Nothing to mask: no copy on the way to the file.
+            self.emit(data);
+            return;
+        }
+        let mut masked = std::mem::take(&mut self.scratch);
+        masked.clear();
+        self.masker.feed(data, &mut masked);
+        self.emit(&masked);
+        self.scratch = masked;
     }
 
     /// Flushes what the masker held back; call when the phase has ended.
     pub fn finish(&mut self) {
-        self.scratch.clear();
-        self.masker.finish(&mut self.scratch);
-        self.emit();
+        let mut rest = std::mem::take(&mut self.scratch);
+        rest.clear();
+        self.masker.finish(&mut rest);
+        self.emit(&rest);
+        self.scratch = rest;
     }
 
-    fn emit(&mut self) {
-        if self.scratch.is_empty() {
+    fn emit(&mut self, data: &[u8]) {
+        if data.is_empty() {
             return;
         }
-        match self.file.write_all(&self.scratch) {
-            Ok(()) => self.written += self.scratch.len() as u64,
+        match self.file.write_all(data) {
+            Ok(()) => self.written += data.len() as u64,
             Err(e) => {
                 // Disk full: the phase goes on; say so once rather than per write.
                 if !self.failed {
@@ -109,7 +104,7 @@ impl PhaseLog {
         }
         if self.echo {
             let mut out = io::stdout().lock();
-            let _ = out.write_all(&self.scratch);
+            let _ = out.write_all(data);
             let _ = out.flush();
         }
     }
@@ -170,22 +165,30 @@ impl LiveStream {
     }
 
     /// Sends one fragment if one is due: a single attempt with a short
-    /// timeout. Failures are logged and retried later with backoff.
-    pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant) {
+    /// timeout, doing `idle` (the runner draining the child's pipe) while
+    /// it waits. Failures are logged and retried later with backoff.
+    pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
         if self.due(written).is_some_and(|t| now >= t) {
-            let _ = client.once(LIVE_TIMEOUT, |c| self.send_one(c, counter, written, false));
+            let _ = client.once(LIVE_TIMEOUT, |c| self.send_one(c, counter, written, false, Some(idle)));
         }
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
     pub fn flush(&mut self, client: &mut Client, counter: &mut u64, written: u64) -> Result<(), ClientError> {
         while self.sent < written {
-            self.send_one(client, counter, written, true)?;
+            self.send_one(client, counter, written, true, None)?;
         }
         Ok(())
     }
 
-    fn send_one(&mut self, client: &mut Client, counter: &mut u64, written: u64, last: bool) -> Result<(), ClientError> {
+    fn send_one(
+        &mut self,
+        client: &mut Client,
+        counter: &mut u64,
+        written: u64,
+        last: bool,
+        mut idle: Option<&mut Idle>,
+    ) -> Result<(), ClientError> {
         let local = |path: &Path, e: io::Error| ClientError::Local { path: path.to_path_buf(), reason: e.to_string() };
         if self.reader.is_none() {
             self.reader = Some(File::open(&self.path).map_err(|e| local(&self.path, e))?);
@@ -202,14 +205,19 @@ impl LiveStream {
             Some(end) if end > self.sent && end <= written => (end, true),
             _ => (written, last),
         };
-        let plan = match fragment::plan(reader, self.sent, avail, last, prefix, MAX_BODY) {
+        let mut no_idle = || {};
+        let plan_idle: &mut dyn FnMut() = match idle.as_deref_mut() {
+            Some(f) => f,
+            None => &mut no_idle,
+        };
+        let plan = match fragment::plan(reader, self.sent, avail, last, prefix, MAX_BODY, plan_idle) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()),
             Err(e) => return Err(local(&self.path, e)),
         };
         self.last_send = Instant::now();
         let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
-        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body) {
+        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle) {
             Ok(()) => {
                 *counter += 1;
                 self.sent = plan.end;

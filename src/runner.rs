@@ -47,18 +47,12 @@ impl Stop {
 pub trait Watcher {
     /// Bytes the command wrote (stdout and stderr merged, in order).
     fn output(&mut self, data: &[u8]);
-    /// Called on every wake-up; returning `Some` stops the phase.
-    fn check(&mut self, now: Instant) -> Option<Stop>;
+    /// Called on every wake-up; returning `Some` stops the phase. A
+    /// watcher that blocks in here (sending output to a slow server) calls
+    /// `drain` meanwhile, so the child does not wait on a full pipe.
+    fn check(&mut self, now: Instant, drain: &mut dyn FnMut()) -> Option<Stop>;
     /// When the watcher next needs `check` without new output.
     fn next_wake(&self, now: Instant) -> Instant;
-    /// A file the output may be moved to with splice(2), without passing
-    /// through the agent's memory: only when the watcher would write the
-    /// bytes there unchanged (no secret to mask, no terminal to echo to).
-    fn splice_target(&self) -> Option<RawFd> {
-        None
-    }
-    /// `n` bytes were spliced into `splice_target`.
-    fn spliced(&mut self, _n: usize) {}
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -97,6 +91,36 @@ pub fn become_subreaper() {
     }
 }
 
+/// Empties the child's pipe while the watcher is inside a blocking call
+/// (a live fragment on its way to the server), into a bounded buffer the
+/// watcher gets afterwards, in order.
+struct Drain {
+    pipe: RawFd,
+    held: Vec<u8>,
+    eof: bool,
+}
+
+/// The most a [`Drain`] holds in memory; past that the child waits.
+const HOLD_MAX: usize = 4 << 20;
+
+impl Drain {
+    fn run(&mut self) {
+        while !self.eof && self.held.len() < HOLD_MAX {
+            let old = self.held.len();
+            self.held.resize(old + READ_BUF.min(HOLD_MAX - old), 0);
+            // SAFETY: reads into the initialised tail of `held`.
+            let r = unsafe { libc::read(self.pipe, self.held[old..].as_mut_ptr().cast(), self.held.len() - old) };
+            self.held.truncate(old + r.max(0) as usize);
+            if r == 0 {
+                self.eof = true;
+            }
+            if r <= 0 {
+                return;
+            }
+        }
+    }
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
@@ -113,8 +137,8 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     #[cfg(target_os = "linux")]
     // SAFETY: fcntl on a descriptor we own. A larger pipe lets the child keep
-    // writing while the agent sends a fragment; failure (a lower
-    // pipe-max-size) just keeps the default 64 KiB.
+    // writing while the agent is in a call that does not drain it (a cancel
+    // check); failure (a lower pipe-max-size) just keeps the default 64 KiB.
     unsafe {
         libc::fcntl(fds[0], libc::F_SETPIPE_SZ, PIPE_SIZE);
     }
@@ -155,7 +179,6 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
     let start = Instant::now();
     let mut last_output = start;
     let mut buf = vec![0u8; READ_BUF];
-    let mut splice_ok = true;
     let mut open = true;
     let mut status = None;
     let mut exited_at: Option<Instant> = None;
@@ -183,7 +206,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             } else if limits.output.is_some_and(|o| now.duration_since(last_output) >= o) {
                 limits.output.map(|o| Stop::OutputTimeout(o.as_secs()))
             } else {
-                watcher.check(now)
+                check(watcher, now, &read, &mut open, &mut last_output)
             };
             if let Some(reason) = reason {
                 log::info!("stopping the phase: {}", reason.event());
@@ -199,7 +222,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         }
         if stopped.is_some() {
             // Keep the watcher's own work (sending output) going while we wait.
-            watcher.check(now);
+            check(watcher, now, &read, &mut open, &mut last_output);
         }
 
         // Sleep until output arrives or the next thing to check is due.
@@ -221,6 +244,10 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         if let Some(t) = term_sent {
             wake = wake.min(t + GRACE);
         }
+        if !open && status.is_none() {
+            // The output has ended, so the shell is about to exit.
+            wake = wake.min(now + Duration::from_millis(5));
+        }
         let timeout_ms = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
         if !open {
             std::thread::sleep(Duration::from_millis(timeout_ms.max(1) as u64));
@@ -239,27 +266,6 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         }
         if n == 0 {
             continue;
-        }
-        // Heavy output without secrets goes pipe → log file in the kernel:
-        // a third of the copies, so the phase runs near the speed of the
-        // same command redirected to a file.
-        if let Some(fd) = watcher.splice_target().filter(|_| splice_ok) {
-            match splice_some(read.as_raw_fd(), fd) {
-                Ok(0) => open = false,
-                Ok(n) => {
-                    watcher.spliced(n);
-                    last_output = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Left in the pipe: the plain reads below take over.
-                    log::debug!("splice unavailable ({e}); reading the output instead");
-                    splice_ok = false;
-                }
-            }
-            if splice_ok {
-                continue;
-            }
         }
         // Read what is there; several reads per wake under heavy output.
         for _ in 0..16 {
@@ -301,27 +307,22 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
     Outcome { code, signal, stopped }
 }
 
-/// Moves up to 16 MiB from the pipe to the file; the bytes consumed (0 at
-/// end of output). Stops early when the pipe is empty (non-blocking).
-fn splice_some(from: RawFd, to: RawFd) -> io::Result<usize> {
-    let mut total = 0;
-    while total < 16 << 20 {
-        // SAFETY: plain splice(2) between two descriptors we own; null
-        // offsets mean "the descriptors' own positions".
-        let r = unsafe {
-            libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), 1 << 20, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
-        };
-        match r {
-            0 if total == 0 => return Ok(0),
-            0 => return Ok(total),
-            r if r > 0 => total += r as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                return if total > 0 && e.kind() == io::ErrorKind::WouldBlock { Ok(total) } else { Err(e) };
-            }
-        }
+/// Runs the watcher's check with a [`Drain`] of the pipe, and hands the
+/// watcher what the drain read.
+fn check(watcher: &mut dyn Watcher, now: Instant, read: &OwnedFd, open: &mut bool, last_output: &mut Instant) -> Option<Stop> {
+    if !*open {
+        return watcher.check(now, &mut || {});
     }
-    Ok(total)
+    let mut drain = Drain { pipe: read.as_raw_fd(), held: Vec::new(), eof: false };
+    let stop = watcher.check(now, &mut || drain.run());
+    if !drain.held.is_empty() {
+        watcher.output(&drain.held);
+        *last_output = Instant::now();
+    }
+    if drain.eof {
+        *open = false;
+    }
+    stop
 }
 
 fn signal_group(pgid: i32, sig: i32) {
@@ -407,7 +408,7 @@ mod tests {
         fn output(&mut self, data: &[u8]) {
             self.out.extend_from_slice(data);
         }
-        fn check(&mut self, now: Instant) -> Option<Stop> {
+        fn check(&mut self, now: Instant, _drain: &mut dyn FnMut()) -> Option<Stop> {
             self.stop_after.filter(|t| now >= *t).map(|_| Stop::Cancelled)
         }
         fn next_wake(&self, now: Instant) -> Instant {

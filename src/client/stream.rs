@@ -9,10 +9,62 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Writes exactly the announced number of body bytes.
 pub type BodyWriter<'a> = dyn FnMut(&mut dyn Write) -> io::Result<()> + 'a;
+
+/// Work the caller must keep doing while the request is in progress: the
+/// phase runner drains its child's pipe here, so a fragment sent to a slow
+/// server does not hold the child on a full pipe. Called before every
+/// socket read and write, and every [`IDLE_TICK`] while the socket waits.
+pub type Idle<'a> = dyn FnMut() + 'a;
+
+/// How often [`Idle`] runs while the socket is blocked: a 1 MiB pipe fills
+/// in about a millisecond under heavy output, so the child may wait this
+/// long at most.
+const IDLE_TICK: Duration = Duration::from_millis(5);
+
+/// The socket, with the caller's [`Idle`] work done between and during its
+/// blocking calls. `timeout` still bounds each call's wait for progress.
+struct Socket<'a, 'b> {
+    tcp: TcpStream,
+    idle: Option<&'a mut Idle<'b>>,
+    timeout: Duration,
+}
+
+impl Socket<'_, '_> {
+    fn io<T>(&mut self, mut op: impl FnMut(&mut TcpStream) -> io::Result<T>) -> io::Result<T> {
+        let Some(idle) = self.idle.as_deref_mut() else { return op(&mut self.tcp) };
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            idle();
+            match op(&mut self.tcp) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if Instant::now() >= deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress in {:?}", self.timeout)));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Read for Socket<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io(|t| t.read(buf))
+    }
+}
+
+impl Write for Socket<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.io(|t| t.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.io(|t| t.flush())
+    }
+}
 
 struct Target {
     tls: bool,
@@ -45,7 +97,8 @@ fn parse_url(url: &str) -> io::Result<Target> {
 }
 
 /// Sends the POST and returns the answer's status code. The answer's body
-/// is not read beyond its status line and headers.
+/// is not read beyond its status line and headers. `idle`, when given, runs
+/// while the request waits on the socket.
 pub fn post(
     url: &str,
     headers: &[(String, String)],
@@ -53,6 +106,7 @@ pub fn post(
     len: u64,
     body: &mut BodyWriter,
     timeout: Duration,
+    idle: Option<&mut Idle>,
 ) -> io::Result<u16> {
     let t = parse_url(url)?;
     let addrs = (t.host.as_str(), t.port).to_socket_addrs()?;
@@ -68,9 +122,11 @@ pub fn post(
         }
     }
     let tcp = tcp.ok_or(last)?;
-    tcp.set_read_timeout(Some(timeout))?;
-    tcp.set_write_timeout(Some(timeout))?;
+    let wait = if idle.is_some() { IDLE_TICK } else { timeout };
+    tcp.set_read_timeout(Some(wait))?;
+    tcp.set_write_timeout(Some(wait))?;
     tcp.set_nodelay(true)?;
+    let socket = Socket { tcp, idle, timeout };
 
     let host_header = if (t.tls && t.port == 443) || (!t.tls && t.port == 80) { t.host.clone() } else { format!("{}:{}", t.host, t.port) };
     let mut head = format!(
@@ -84,9 +140,9 @@ pub fn post(
     head.push_str("\r\n");
 
     if t.tls {
-        send_tls(tcp, &t.host, head.as_bytes(), body)
+        send_tls(socket, &t.host, head.as_bytes(), body)
     } else {
-        send_on(tcp, head.as_bytes(), body)
+        send_on(socket, head.as_bytes(), body)
     }
 }
 
@@ -126,7 +182,7 @@ fn read_status<S: Read>(stream: S) -> io::Result<u16> {
 }
 
 #[cfg(feature = "tls")]
-fn send_tls(tcp: TcpStream, host: &str, head: &[u8], body: &mut BodyWriter) -> io::Result<u16> {
+fn send_tls(tcp: Socket, host: &str, head: &[u8], body: &mut BodyWriter) -> io::Result<u16> {
     use std::sync::{Arc, OnceLock};
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     let config = CONFIG
@@ -144,7 +200,7 @@ fn send_tls(tcp: TcpStream, host: &str, head: &[u8], body: &mut BodyWriter) -> i
 }
 
 #[cfg(not(feature = "tls"))]
-fn send_tls(_: TcpStream, host: &str, _: &[u8], _: &mut BodyWriter) -> io::Result<u16> {
+fn send_tls(_: Socket, host: &str, _: &[u8], _: &mut BodyWriter) -> io::Result<u16> {
     Err(io::Error::new(io::ErrorKind::Unsupported, format!("https to {host}: this build has no TLS (feature `tls`)")))
 }
 

@@ -54,14 +54,23 @@ pub struct Plan {
 /// Sizes the fragment that starts at `start`: as much of `[start, avail)`
 /// as fits in `max_body` bytes of JSON. Unless `last`, a trailing partial
 /// UTF-8 character is left for the next fragment. `None` when there is
-/// nothing to send yet.
-pub fn plan(file: &File, start: u64, avail: u64, last: bool, prefix: String, max_body: u64) -> io::Result<Option<Plan>> {
+/// nothing to send yet. `idle` runs between chunks (see `client::Idle`).
+pub fn plan(
+    file: &File,
+    start: u64,
+    avail: u64,
+    last: bool,
+    prefix: String,
+    max_body: u64,
+    idle: &mut dyn FnMut(),
+) -> io::Result<Option<Plan>> {
     const SUFFIX: u64 = 2; // `"}`
     let mut buf = vec![0u8; CHUNK];
     let mut pos = start;
     let mut len = prefix.len() as u64 + SUFFIX;
     let mut cuts = Vec::new();
     while pos < avail {
+        idle();
         let n = (avail - pos).min(CHUNK as u64) as usize;
         file.read_exact_at(&mut buf[..n], pos)?;
         let at_end = pos + n as u64 == avail;
@@ -203,7 +212,7 @@ mod tests {
     fn fragments(bytes: &[u8], max_body: u64) -> (Vec<Vec<u8>>, String) {
         let (f, path) = file_with(bytes);
         let (mut pos, mut bodies, mut data) = (0u64, Vec::new(), String::new());
-        while let Some(p) = plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body).unwrap() {
+        while let Some(p) = plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body, &mut || {}).unwrap() {
             let mut body = Vec::new();
             write(&f, &p, &mut body).unwrap();
             assert_eq!(body.len() as u64, p.len, "announced length is exact");
@@ -239,10 +248,10 @@ mod tests {
     fn partial_character_waits_unless_last() {
         let e = "é".as_bytes();
         let (f, path) = file_with(&[b'a', e[0]]);
-        let p = plan(&f, 0, 2, false, String::new(), 100).unwrap().unwrap();
+        let p = plan(&f, 0, 2, false, String::new(), 100, &mut || {}).unwrap().unwrap();
         assert_eq!(p.end, 1);
-        assert!(plan(&f, 1, 2, false, String::new(), 100).unwrap().is_none());
-        assert_eq!(plan(&f, 1, 2, true, String::new(), 100).unwrap().unwrap().end, 2);
+        assert!(plan(&f, 1, 2, false, String::new(), 100, &mut || {}).unwrap().is_none());
+        assert_eq!(plan(&f, 1, 2, true, String::new(), 100, &mut || {}).unwrap().unwrap().end, 2);
         std::fs::remove_file(path).unwrap();
     }
 

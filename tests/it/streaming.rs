@@ -266,6 +266,34 @@ fn killed_by_signal_is_reported_distinctly() {
 }
 
 #[test]
+fn the_child_keeps_writing_while_a_fragment_waits_for_its_answer() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // The first fragment's answer comes 2 s late (the live timeout is 2 s:
+    // it may or may not count as sent). Meanwhile the phase writes 3 MiB,
+    // three times what the pipe holds: the agent drains it while it waits,
+    // so the writer never blocks for the answer.
+    let stall = Duration::from_millis(2000);
+    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(stall)));
+    let agent = keep_test_log(Agent::new(&server)).command(
+        "test",
+        "echo first line; sleep 0.5; s=$(date +%s%N); head -c 3145728 /dev/zero | tr '\\0' x; \
+         e=$(date +%s%N); echo; echo \"writing took $(( (e - s) / 1000000 )) ms\"",
+    );
+    assert!(agent.run_once(T).status.success());
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    let text = String::from_utf8_lossy(&log);
+    assert_eq!(text.bytes().filter(|&b| b == b'x').count(), 3 << 20, "every byte in test.log");
+    let ms: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("writing took ")?.strip_suffix(" ms")?.parse().ok())
+        .expect("the phase's timing line");
+    assert!(ms < stall.as_millis() as u64 / 2, "the writer waited {ms} ms: the pipe was not drained during the send");
+    assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+}
+
+#[test]
 fn a_stalled_server_does_not_stall_the_phase() {
     let server = FakeServer::start();
     let job = unique_id();
