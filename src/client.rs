@@ -398,7 +398,34 @@ impl Client {
 
     /// The job's `job_state` on the server, if it can be read.
     pub fn job_state(&mut self, job_id: &str) -> Option<String> {
-        match self.get_result(job_id) {
+        Self::state_of(self.get_result(job_id))
+    }
+
+    /// [`Client::job_state`] while a phase runs: `idle` (the runner draining
+    /// the child's pipe) runs while the request waits on the server.
+    pub fn job_state_while(&mut self, job_id: &str, idle: &mut Idle) -> Option<String> {
+        let path = format!("/v1/result/{job_id}");
+        let url = self.url(&path);
+        let mut idle = Some(idle);
+        let answer = self.with_retries("GET", &url, &mut |c| match stream::get(&url, &c.auth_headers(), JOB_ANSWER, c.policy.timeout, idle.as_deref_mut()) {
+            Ok((status, body)) => Ok(Answer { status, body }),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Err(ClientError::TooLarge { url: url.clone(), limit: JOB_ANSWER }),
+            Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
+        });
+        let result = match answer {
+            Ok(a) if a.status == 204 || ((200..300).contains(&a.status) && a.body.is_empty()) => Ok(None),
+            Ok(a) if (200..300).contains(&a.status) => a.json(&url).map(Some),
+            Ok(a) => {
+                let snippet = String::from_utf8_lossy(&a.body[..a.body.len().min(200)]).trim().to_string();
+                Err(ClientError::Status { url: url.clone(), status: a.status, body: snippet })
+            }
+            Err(e) => Err(e),
+        };
+        Self::state_of(result)
+    }
+
+    fn state_of(result: Result<Option<Json>, ClientError>) -> Option<String> {
+        match result {
             Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
             Ok(None) => None,
             Err(e) => {
@@ -406,6 +433,15 @@ impl Client {
                 None
             }
         }
+    }
+
+    /// The agent's cookie and, when it has one, its bearer token.
+    fn auth_headers(&self) -> Vec<(String, String)> {
+        let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
+        if let Some(token) = &self.access_token {
+            headers.push(("Authorization".into(), format!("Bearer {token}")));
+        }
+        headers
     }
 
     pub fn post_result(&mut self, job_id: &str, data: &Json) -> Result<(), ClientError> {
@@ -484,11 +520,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let url = self.url(path);
         let a = self.with_retries("POST", &url, &mut |c| {
-            let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", c.agent_id))];
-            if let Some(token) = &c.access_token {
-                headers.push(("Authorization".into(), format!("Bearer {token}")));
-            }
-            match stream::post(&url, &headers, content_type, len, body, c.policy.timeout, idle.as_deref_mut()) {
+            match stream::post(&url, &c.auth_headers(), content_type, len, body, c.policy.timeout, idle.as_deref_mut()) {
                 Ok(status) => Ok(Answer { status, body: Vec::new() }),
                 Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
             }

@@ -108,6 +108,30 @@ pub fn post(
     timeout: Duration,
     idle: Option<&mut Idle>,
 ) -> io::Result<u16> {
+    let extra = format!("Content-Type: {content_type}\r\nContent-Length: {len}\r\n");
+    exchange("POST", url, headers, &extra, Some(body), None, timeout, idle).map(|(status, _)| status)
+}
+
+/// A GET whose answer (at most `cap` bytes of body) is read whole, with
+/// `idle` run while it waits: for the calls made while a phase runs.
+/// A body over `cap` is an error of kind `FileTooLarge`.
+pub fn get(url: &str, headers: &[(String, String)], cap: usize, timeout: Duration, idle: Option<&mut Idle>) -> io::Result<(u16, Vec<u8>)> {
+    exchange("GET", url, headers, "", None, Some(cap), timeout, idle)
+}
+
+/// One request on a fresh connection; the answer's body is read when `cap`
+/// is given.
+#[allow(clippy::too_many_arguments)]
+fn exchange(
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    extra_headers: &str,
+    body: Option<&mut BodyWriter>,
+    cap: Option<usize>,
+    timeout: Duration,
+    idle: Option<&mut Idle>,
+) -> io::Result<(u16, Vec<u8>)> {
     let t = parse_url(url)?;
     let addrs = (t.host.as_str(), t.port).to_socket_addrs()?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", t.host));
@@ -130,7 +154,7 @@ pub fn post(
 
     let host_header = if (t.tls && t.port == 443) || (!t.tls && t.port == 80) { t.host.clone() } else { format!("{}:{}", t.host, t.port) };
     let mut head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
+        "{method} {} HTTP/1.1\r\nHost: {host_header}\r\n{extra_headers}Connection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
         t.path,
         env!("CARGO_PKG_VERSION")
     );
@@ -140,49 +164,115 @@ pub fn post(
     head.push_str("\r\n");
 
     if t.tls {
-        send_tls(socket, &t.host, head.as_bytes(), body)
+        exchange_tls(socket, &t.host, head.as_bytes(), body, cap)
     } else {
-        send_on(socket, head.as_bytes(), body)
+        exchange_on(socket, head.as_bytes(), body, cap)
     }
 }
 
-fn send_on<S: Read + Write>(stream: S, head: &[u8], body: &mut BodyWriter) -> io::Result<u16> {
+fn exchange_on<S: Read + Write>(stream: S, head: &[u8], body: Option<&mut BodyWriter>, cap: Option<usize>) -> io::Result<(u16, Vec<u8>)> {
     // 64 KiB chunks keep syscalls few and memory flat.
     let mut w = io::BufWriter::with_capacity(64 * 1024, stream);
     w.write_all(head)?;
-    body(&mut w)?;
+    if let Some(body) = body {
+        body(&mut w)?;
+    }
     w.flush()?;
     let stream = w.into_inner().map_err(|e| e.into_error())?;
-    read_status(stream)
+    read_answer(stream, cap)
 }
 
-/// The answer's status, once its whole head (status line and headers, up to
-/// the empty line) has arrived: a head cut off by a reset says nothing about
-/// whether the server took the body, so it is an error, not a status.
-fn read_status<S: Read>(stream: S) -> io::Result<u16> {
-    let mut r = BufReader::new(stream.take(64 * 1024));
+/// What the head of an answer says about its body.
+struct Head {
+    status: u16,
+    length: Option<u64>,
+    chunked: bool,
+}
+
+/// The answer's status, and its body when `cap` is given. The status counts
+/// only once the whole head (status line and headers, up to the empty line)
+/// has arrived: a head cut off by a reset says nothing about whether the
+/// server took the request, so it is an error, not a status. Likewise a
+/// body shorter than announced.
+fn read_answer<S: Read>(stream: S, cap: Option<usize>) -> io::Result<(u16, Vec<u8>)> {
+    let mut r = BufReader::new(stream);
+    let head = read_head(&mut r)?;
+    let Some(cap) = cap else { return Ok((head.status, Vec::new())) };
+    if head.status == 204 || head.status == 304 || (100..200).contains(&head.status) {
+        return Ok((head.status, Vec::new()));
+    }
+    let too_large = || io::Error::new(io::ErrorKind::FileTooLarge, format!("answer larger than {cap} bytes"));
+    let mut body = Vec::new();
+    if head.chunked {
+        loop {
+            let mut line = String::new();
+            (&mut r).take(1024).read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {:?}", line.trim())))?;
+            if size == 0 {
+                return Ok((head.status, body));
+            }
+            if body.len() + size > cap {
+                return Err(too_large());
+            }
+            let at = body.len();
+            body.resize(at + size, 0);
+            r.read_exact(&mut body[at..])?;
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+        }
+    }
+    match head.length {
+        Some(len) if len > cap as u64 => Err(too_large()),
+        Some(len) => {
+            body.resize(len as usize, 0);
+            r.read_exact(&mut body).map_err(|e| io::Error::new(e.kind(), format!("answer cut off: {e}")))?;
+            Ok((head.status, body))
+        }
+        // We asked for `Connection: close`: the body ends with the stream.
+        None => {
+            if r.take(cap as u64 + 1).read_to_end(&mut body)? > cap {
+                return Err(too_large());
+            }
+            Ok((head.status, body))
+        }
+    }
+}
+
+fn read_head<R: BufRead>(r: &mut R) -> io::Result<Head> {
+    let mut limited = r.take(64 * 1024);
     let mut line = String::new();
-    r.read_line(&mut line)?;
+    limited.read_line(&mut line)?;
     let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .filter(|s| (100..=599).contains(s))
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {:?}", line.trim())))?;
+    let mut head = Head { status, length: None, chunked: false };
     let mut header = String::new();
     loop {
         header.clear();
-        if r.read_line(&mut header)? == 0 || !header.ends_with('\n') {
+        if limited.read_line(&mut header)? == 0 || !header.ends_with('\n') {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "answer cut off inside its headers"));
         }
-        if header.trim_end().is_empty() {
-            return Ok(status);
+        let text = header.trim_end();
+        if text.is_empty() {
+            return Ok(head);
+        }
+        if let Some((name, value)) = text.split_once(':') {
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                head.length = value.parse().ok();
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                head.chunked = value.to_ascii_lowercase().contains("chunked");
+            }
         }
     }
 }
 
 #[cfg(feature = "tls")]
-fn send_tls(tcp: Socket, host: &str, head: &[u8], body: &mut BodyWriter) -> io::Result<u16> {
+fn exchange_tls(tcp: Socket, host: &str, head: &[u8], body: Option<&mut BodyWriter>, cap: Option<usize>) -> io::Result<(u16, Vec<u8>)> {
     use std::sync::{Arc, OnceLock};
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     let config = CONFIG
@@ -196,11 +286,11 @@ fn send_tls(tcp: Socket, host: &str, head: &[u8], body: &mut BodyWriter) -> io::
         .clone();
     let name = rustls::ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| io::Error::other(e.to_string()))?;
-    send_on(rustls::StreamOwned::new(conn, tcp), head, body)
+    exchange_on(rustls::StreamOwned::new(conn, tcp), head, body, cap)
 }
 
 #[cfg(not(feature = "tls"))]
-fn send_tls(_: Socket, host: &str, _: &[u8], _: &mut BodyWriter) -> io::Result<u16> {
+fn exchange_tls(_: Socket, host: &str, _: &[u8], _: Option<&mut BodyWriter>, _: Option<usize>) -> io::Result<(u16, Vec<u8>)> {
     Err(io::Error::new(io::ErrorKind::Unsupported, format!("https to {host}: this build has no TLS (feature `tls`)")))
 }
 
@@ -210,9 +300,23 @@ mod tests {
 
     #[test]
     fn a_head_cut_off_is_an_error_not_a_status() {
-        assert_eq!(read_status(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"[..]).unwrap(), 200);
+        assert_eq!(read_answer(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"[..], None).unwrap().0, 200);
         for cut in [&b"HTTP/1.1 200 OK\r\nContent-Le"[..], b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 2", b""] {
-            assert!(read_status(cut).is_err(), "{:?}", String::from_utf8_lossy(cut));
+            assert!(read_answer(cut, None).is_err(), "{:?}", String::from_utf8_lossy(cut));
+        }
+    }
+
+    #[test]
+    fn reads_bodies_by_length_chunks_or_close_within_the_cap() {
+        let read = |raw: &[u8], cap| read_answer(raw, Some(cap)).map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned()));
+        assert_eq!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 10).unwrap(), (200, "hello".into()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n";
+        assert_eq!(read(chunked, 10).unwrap(), (200, "hello".into()));
+        assert_eq!(read(b"HTTP/1.0 200 OK\r\n\r\nuntil close", 20).unwrap(), (200, "until close".into()));
+        assert_eq!(read(b"HTTP/1.1 204 No Content\r\n\r\n", 10).unwrap(), (204, String::new()));
+        assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello", 10).is_err(), "short body");
+        for big in [&b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"[..], chunked, b"HTTP/1.0 200 OK\r\n\r\nhello world"] {
+            assert_eq!(read(big, 4).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
         }
     }
 

@@ -294,6 +294,36 @@ fn the_child_keeps_writing_while_a_fragment_waits_for_its_answer() {
 }
 
 #[test]
+fn the_child_keeps_writing_while_a_cancel_check_waits_for_its_answer() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // The job's state is read once before the phases (answered late too)
+    // and then every 3 s while one runs: the first check, 3 s into the
+    // phase, is answered 1.8 s late while the phase writes 3 MiB, three
+    // times what the pipe holds.
+    let stall = Duration::from_millis(1800);
+    server.add_fault(Fault::new(Some("GET"), &format!("/v1/result/{job}"), 2, FaultAction::Stall(stall)));
+    let agent = keep_test_log(Agent::new(&server)).command(
+        "test",
+        "sleep 3.4; s=$(date +%s%N); head -c 3145728 /dev/zero | tr '\\0' x; \
+         e=$(date +%s%N); echo; echo \"writing took $(( (e - s) / 1000000 )) ms\"",
+    );
+    assert!(agent.run_once(T).status.success());
+    let checks = server.requests().iter().filter(|r| r.method == "GET" && r.path == format!("/v1/result/{job}")).count();
+    assert!(checks >= 2, "the agent checked for cancellation during the phase");
+
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    let text = String::from_utf8_lossy(&log);
+    assert_eq!(text.bytes().filter(|&b| b == b'x').count(), 3 << 20, "every byte in test.log");
+    let ms: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("writing took ")?.strip_suffix(" ms")?.parse().ok())
+        .expect("the phase's timing line");
+    assert!(ms < 900, "the writer waited {ms} ms: the pipe was not drained during the cancel check");
+}
+
+#[test]
 fn a_stalled_server_does_not_stall_the_phase() {
     let server = FakeServer::start();
     let job = unique_id();
