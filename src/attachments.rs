@@ -157,7 +157,7 @@ struct Unpacker<'a> {
     /// Extension records that apply to the next real member.
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
-    pax: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+    pax: Option<PaxPaths>,
 }
 
 impl Unpacker<'_> {
@@ -196,7 +196,7 @@ impl Unpacker<'_> {
         let name = String::from_utf8_lossy(trim_nul(&name_bytes)).into_owned();
         let refuse = |why: &str| UnpackError::Refused { member: name.clone(), why: why.to_string() };
 
-        let rel = member_path(trim_nul(&name_bytes)).map_err(|why| refuse(why))?;
+        let rel = member_path(trim_nul(&name_bytes)).map_err(refuse)?;
         let is_top = rel.components().count() == 1;
         let mode = entry.header().mode().unwrap_or(0o644);
         match kind {
@@ -348,10 +348,13 @@ fn read_record<R: Read>(entry: &mut tar::Entry<R>, name: &str) -> Result<Vec<u8>
     Ok(buf)
 }
 
+/// A pax record's `path` and `linkpath`, when it sets them.
+type PaxPaths = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// The `path` and `linkpath` of a pax record. A `size` other than the
 /// header's is refused: in raw mode the tar crate frames members by the
 /// header's size, and sizes that need pax are beyond the limit anyway.
-fn parse_pax(record: &[u8], name: &str) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), UnpackError> {
+fn parse_pax(record: &[u8], name: &str) -> Result<PaxPaths, UnpackError> {
     let (mut path, mut link) = (None, None);
     for ext in tar::PaxExtensions::new(record) {
         let ext = ext.map_err(|e| UnpackError::Corrupt { reason: format!("pax record {name:?}: {e}") })?;

@@ -573,7 +573,7 @@ impl<'a> JobRunner<'a> {
             self.save_progress();
             self.post_result(self.outcome());
             if let Some(stop) = &stopped {
-                self.emit(stop.event(), &stop.message().trim().to_string());
+                self.emit(stop.event(), stop.message().trim());
             }
             let mut detail = self.connector_error(phase);
             if let Some(sig) = signal {

@@ -22,8 +22,9 @@ impl Masker {
             .filter(|v| !v.is_empty())
             .map(|v| (v.as_bytes().to_vec(), mask_for(v).into_bytes()))
             .collect();
-        // Longest first, so the first full match found is the longest.
-        secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        // Longest first, so the first full match found is the longest; equal
+        // values side by side, so dedup removes every repeat.
+        secrets.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         secrets.dedup_by(|a, b| a.0 == b.0);
         let mut first = [false; 256];
         for (s, _) in &secrets {
