@@ -8,6 +8,7 @@
 #   BENCH_CMD="seq 1 200000000 | head -c 1073741824" bench/streaming.sh
 #   ROUNDS=3 BENCH_DIR=/dev/shm bench/streaming.sh   # files on tmpfs
 #   ONLY=throughput bench/streaming.sh   # one section: latency, idle, throughput, reaction
+#   BENCH_SECRET=s3cr3t-token bench/streaming.sh   # output through the masker
 #
 # Everything it starts stops by itself: the server has a lifetime, each
 # agent run a timeout.
@@ -63,9 +64,12 @@ with open(d + "/agent.conf", "w") as f:
 EOF
 }
 
+# BENCH_SECRET=value: every job carries that secret, so the output goes
+# through the masker (it must not occur in the output: nothing to replace).
+secrets=${BENCH_SECRET:+", \"secrets\": {\"BENCH_TOKEN\": \"$BENCH_SECRET\"}"}
 # push_job JOB_ID EXTRA_JSON_FIELDS
 push_job() {
-    curl -s -X POST -d "{\"job_id\": \"$1\", \"job_queue\": \"bench\", \"test_data\": {\"test_cmds\": \"x\"}$2}" "$base/bench/job" >/dev/null
+    curl -s -X POST -d "{\"job_id\": \"$1\", \"job_queue\": \"bench\", \"test_data\": {\"test_cmds\": \"x\"$secrets}$2}" "$base/bench/job" >/dev/null
 }
 
 # run_agent NAME TIMEOUT: runs the agent --once under /usr/bin/time -v.

@@ -18,7 +18,7 @@ use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
-use crate::runner::{self, Limits, Stop, Watcher};
+use crate::runner::{self, Drain, Limits, Stop, Watcher};
 use crate::signals;
 
 /// The phases before cleanup, in order.
@@ -107,7 +107,7 @@ impl Watcher for PhaseWatcher<'_> {
         self.log.write(data);
     }
 
-    fn check(&mut self, now: Instant, drain: &mut dyn FnMut()) -> Option<Stop> {
+    fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop> {
         if self.honour_interrupt && signals::interrupted() {
             return Some(Stop::Interrupted);
         }
@@ -115,7 +115,14 @@ impl Watcher for PhaseWatcher<'_> {
             m.service(now);
         }
         if let Some((stream, client, counter)) = &mut self.live {
-            stream.pump(client, counter, self.log.written, now, drain);
+            // While a call waits on the server, the child's output keeps
+            // going into the log (the fragment in flight is a fixed range
+            // of it).
+            let log = &mut self.log;
+            let written = log.written;
+            let mut drain = || drain(&mut |data| log.write(data));
+            let drain = &mut drain;
+            stream.pump(client, counter, written, now, drain);
             if **counter != self.progress.saved_output_next {
                 self.progress.save(**counter, stream.sent);
             }

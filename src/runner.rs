@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -49,8 +49,10 @@ pub trait Watcher {
     fn output(&mut self, data: &[u8]);
     /// Called on every wake-up; returning `Some` stops the phase. A
     /// watcher that blocks in here (sending output to a slow server) calls
-    /// `drain` meanwhile, so the child does not wait on a full pipe.
-    fn check(&mut self, now: Instant, drain: &mut dyn FnMut()) -> Option<Stop>;
+    /// `drain` meanwhile, so the child does not wait on a full pipe: it hands
+    /// what the pipe holds to its argument, which must take it as `output`
+    /// would.
+    fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop>;
     /// When the watcher next needs `check` without new output.
     fn next_wake(&self, now: Instant) -> Instant;
 }
@@ -91,31 +93,44 @@ pub fn become_subreaper() {
     }
 }
 
-/// Empties the child's pipe while the watcher is inside a blocking call
-/// (a live fragment on its way to the server), into a bounded buffer the
-/// watcher gets afterwards, in order.
-struct Drain {
-    pipe: RawFd,
-    held: Vec<u8>,
-    eof: bool,
+/// Reads what the child's pipe holds now and hands it, in order, to the
+/// sink it is given.
+pub type Drain<'a> = dyn FnMut(&mut dyn FnMut(&[u8])) + 'a;
+
+/// The read end of the phase's pipe (non-blocking) and what was seen on it.
+struct Pipe {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    open: bool,
+    /// When output last arrived.
+    last_output: Instant,
 }
 
-/// The most a [`Drain`] holds in memory; past that the child waits.
-const HOLD_MAX: usize = 4 << 20;
-
-impl Drain {
-    fn run(&mut self) {
-        while !self.eof && self.held.len() < HOLD_MAX {
-            let old = self.held.len();
-            self.held.resize(old + READ_BUF.min(HOLD_MAX - old), 0);
-            // SAFETY: reads into the initialised tail of `held`.
-            let r = unsafe { libc::read(self.pipe, self.held[old..].as_mut_ptr().cast(), self.held.len() - old) };
-            self.held.truncate(old + r.max(0) as usize);
-            if r == 0 {
-                self.eof = true;
-            }
-            if r <= 0 {
+impl Pipe {
+    /// Reads until the pipe is empty, 1 MiB at most (so a child that writes
+    /// faster than we read does not keep us here), into `sink`.
+    fn drain(&mut self, sink: &mut dyn FnMut(&[u8])) {
+        for _ in 0..16 {
+            if !self.open {
                 return;
+            }
+            // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+            let r = unsafe { libc::read(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
+            if r > 0 {
+                sink(&self.buf[..r as usize]);
+                self.last_output = Instant::now();
+                if (r as usize) < self.buf.len() {
+                    return;
+                }
+            } else if r == 0 {
+                self.open = false;
+            } else {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return,
+                    _ => self.open = false,
+                }
             }
         }
     }
@@ -177,9 +192,7 @@ pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watc
 fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
     let pgid = child.id() as i32;
     let start = Instant::now();
-    let mut last_output = start;
-    let mut buf = vec![0u8; READ_BUF];
-    let mut open = true;
+    let mut pipe = Pipe { fd: read, buf: vec![0u8; READ_BUF], open: true, last_output: start };
     let mut status = None;
     let mut exited_at: Option<Instant> = None;
     let mut stopped: Option<Stop> = None;
@@ -196,17 +209,17 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         // Done: the shell exited and the pipe is closed, or the shell exited a
         // while ago and a leftover holds the pipe (it gets killed below).
         if let Some(at) = exited_at {
-            if !open || now.duration_since(at) >= DRAIN {
+            if !pipe.open || now.duration_since(at) >= DRAIN {
                 break;
             }
         }
         if stopped.is_none() {
             let reason = if limits.global.is_some_and(|g| now.duration_since(start) >= g) {
                 limits.global.map(|g| Stop::GlobalTimeout(g.as_secs()))
-            } else if limits.output.is_some_and(|o| now.duration_since(last_output) >= o) {
+            } else if limits.output.is_some_and(|o| now.duration_since(pipe.last_output) >= o) {
                 limits.output.map(|o| Stop::OutputTimeout(o.as_secs()))
             } else {
-                check(watcher, now, &read, &mut open, &mut last_output)
+                watcher.check(now, &mut |sink| pipe.drain(sink))
             };
             if let Some(reason) = reason {
                 log::info!("stopping the phase: {}", reason.event());
@@ -222,7 +235,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         }
         if stopped.is_some() {
             // Keep the watcher's own work (sending output) going while we wait.
-            check(watcher, now, &read, &mut open, &mut last_output);
+            watcher.check(now, &mut |sink| pipe.drain(sink));
         }
 
         // Sleep until output arrives or the next thing to check is due.
@@ -239,21 +252,21 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             wake = wake.min(start + g);
         }
         if let Some(o) = limits.output {
-            wake = wake.min(last_output + o);
+            wake = wake.min(pipe.last_output + o);
         }
         if let Some(t) = term_sent {
             wake = wake.min(t + GRACE);
         }
-        if !open && status.is_none() {
+        if !pipe.open && status.is_none() {
             // The output has ended, so the shell is about to exit.
             wake = wake.min(now + Duration::from_millis(5));
         }
         let timeout_ms = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
-        if !open {
+        if !pipe.open {
             std::thread::sleep(Duration::from_millis(timeout_ms.max(1) as u64));
             continue;
         }
-        let mut pfd = libc::pollfd { fd: read.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd { fd: pipe.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if n < 0 {
@@ -267,29 +280,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         if n == 0 {
             continue;
         }
-        // Read what is there; several reads per wake under heavy output.
-        for _ in 0..16 {
-            // SAFETY: buf is a valid writable buffer of buf.len() bytes.
-            let r = unsafe { libc::read(read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if r > 0 {
-                watcher.output(&buf[..r as usize]);
-                last_output = Instant::now();
-                if (r as usize) < buf.len() {
-                    break;
-                }
-            } else if r == 0 {
-                open = false;
-                break;
-            } else {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        open = false;
-                    }
-                    break;
-                }
-            }
-        }
+        pipe.drain(&mut |data| watcher.output(data));
     }
 
     // The phase is over: nothing of it may outlive it.
@@ -305,24 +296,6 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         (None, None) => (1, None),
     };
     Outcome { code, signal, stopped }
-}
-
-/// Runs the watcher's check with a [`Drain`] of the pipe, and hands the
-/// watcher what the drain read.
-fn check(watcher: &mut dyn Watcher, now: Instant, read: &OwnedFd, open: &mut bool, last_output: &mut Instant) -> Option<Stop> {
-    if !*open {
-        return watcher.check(now, &mut || {});
-    }
-    let mut drain = Drain { pipe: read.as_raw_fd(), held: Vec::new(), eof: false };
-    let stop = watcher.check(now, &mut || drain.run());
-    if !drain.held.is_empty() {
-        watcher.output(&drain.held);
-        *last_output = Instant::now();
-    }
-    if drain.eof {
-        *open = false;
-    }
-    stop
 }
 
 fn signal_group(pgid: i32, sig: i32) {
@@ -408,7 +381,7 @@ mod tests {
         fn output(&mut self, data: &[u8]) {
             self.out.extend_from_slice(data);
         }
-        fn check(&mut self, now: Instant, _drain: &mut dyn FnMut()) -> Option<Stop> {
+        fn check(&mut self, now: Instant, _drain: &mut Drain) -> Option<Stop> {
             self.stop_after.filter(|t| now >= *t).map(|_| Stop::Cancelled)
         }
         fn next_wake(&self, now: Instant) -> Instant {
