@@ -8,7 +8,7 @@
 //! with a plain length rather than chunked uploads.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// Writes exactly the announced number of body bytes.
@@ -24,6 +24,91 @@ pub type Idle<'a> = dyn FnMut() + 'a;
 /// in about a millisecond under heavy output, so the child may wait this
 /// long at most.
 const IDLE_TICK: Duration = Duration::from_millis(5);
+
+/// Connects without blocking, running `idle` every [`IDLE_TICK`] until
+/// the connection is up or `timeout` passes: a server whose packets are
+/// dropped must not hold the phase's pipe for the whole connect timeout.
+fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) just returned this descriptor, owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: storage holds a sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len as libc::socklen_t) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            idle();
+            let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, IDLE_TICK.as_millis() as i32) };
+            if n > 0 {
+                let mut err: libc::c_int = 0;
+                let mut err_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: SO_ERROR into an int of the stated size.
+                let r = unsafe {
+                    libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut err_len)
+                };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
+                break;
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer in {timeout:?}")));
+            }
+        }
+    }
+    let tcp = TcpStream::from(sock);
+    // Back to blocking: the socket timeouts set next bound each call.
+    tcp.set_nonblocking(false)?;
+    Ok(tcp)
+}
 
 /// The socket, with the caller's [`Idle`] work done between and during its
 /// blocking calls. `timeout` still bounds each call's wait for progress.
@@ -135,9 +220,14 @@ fn exchange(
     let t = parse_url(url)?;
     let addrs = (t.host.as_str(), t.port).to_socket_addrs()?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", t.host));
+    let mut idle = idle;
     let mut tcp = None;
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        let attempt = match idle.as_deref_mut() {
+            Some(idle) => connect_idling(&addr, timeout, idle),
+            None => TcpStream::connect_timeout(&addr, timeout),
+        };
+        match attempt {
             Ok(s) => {
                 tcp = Some(s);
                 break;
@@ -318,6 +408,49 @@ mod tests {
         for big in [&b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"[..], chunked, b"HTTP/1.0 200 OK\r\n\r\nhello world"] {
             assert_eq!(read(big, 4).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
         }
+    }
+
+    /// A listener that never accepts, its backlog full: further connects
+    /// get no answer, like a server whose packets are dropped.
+    fn blackhole() -> (std::os::fd::OwnedFd, TcpStream, u16) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket/bind/listen on loopback with checked results.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len), 0);
+            assert_eq!(libc::listen(fd, 0), 0);
+            let mut bound: libc::sockaddr_in = std::mem::zeroed();
+            let mut blen = len;
+            assert_eq!(libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut blen), 0);
+            let port = u16::from_be(bound.sin_port);
+            // Fills the one-entry accept queue.
+            let first = TcpStream::connect(("127.0.0.1", port)).expect("first connect");
+            (owned, first, port)
+        }
+    }
+
+    #[test]
+    fn a_connect_that_gets_no_answer_keeps_the_caller_working() {
+        let (_listener, _first, port) = blackhole();
+        let url = format!("http://127.0.0.1:{port}/v1/result/x");
+        let mut calls = 0;
+        let mut idle = || calls += 1;
+        let t = Instant::now();
+        let r = get(&url, &[], 1024, Duration::from_millis(400), Some(&mut idle));
+        let waited = t.elapsed();
+        // Either the connect or the answer waits; the caller worked throughout.
+        assert!(r.is_err(), "no answer expected: {r:?}");
+        assert!(waited >= Duration::from_millis(300), "it waited {waited:?}");
+        assert!(calls >= 20, "idle ran {calls} times in {waited:?}");
     }
 
     #[test]
