@@ -6,7 +6,7 @@
 //! run dir and the terminal see the output.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::archive;
@@ -18,8 +18,11 @@ use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
-use crate::runner::{self, Drain, Limits, Stop, Watcher};
+use crate::runner::{self, Limits, Stop};
 use crate::signals;
+
+mod watcher;
+use watcher::{PhaseWatcher, Progress};
 
 /// The phases before cleanup, in order.
 pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
@@ -63,101 +66,6 @@ pub struct Summary {
 impl Summary {
     pub fn failed(&self) -> bool {
         self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != "normal_exit"
-    }
-}
-
-/// Watches one running phase: output to the log and the live stream,
-/// cancellation and agent signals as stop conditions.
-struct PhaseWatcher<'a> {
-    log: PhaseLog,
-    live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
-    job_id: &'a str,
-    next_cancel_check: Option<Instant>,
-    honour_interrupt: bool,
-    /// Served here too, so that scrapes are answered while a phase runs.
-    metrics: Option<&'a mut Metrics>,
-    /// Fragment progress is saved as it happens, so that an agent killed
-    /// mid-phase resumes numbering (and the log) where the server is.
-    progress: Progress<'a>,
-    next_heartbeat: Instant,
-}
-
-struct Progress<'a> {
-    rundir: &'a Path,
-    phase: &'a str,
-    serial_next: u64,
-    earlier: &'a [PendingStream],
-    saved_output_next: u64,
-}
-
-impl Progress<'_> {
-    fn save(&mut self, output_next: u64, sent: u64) {
-        let mut pending = self.earlier.to_vec();
-        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
-        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None };
-        if let Err(e) = state.save(self.rundir) {
-            log::debug!("cannot save fragment progress: {e}");
-        }
-        self.saved_output_next = output_next;
-    }
-}
-
-impl Watcher for PhaseWatcher<'_> {
-    fn output(&mut self, data: &[u8]) {
-        self.log.write(data);
-    }
-
-    fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop> {
-        if self.honour_interrupt && signals::interrupted() {
-            return Some(Stop::Interrupted);
-        }
-        if let Some(m) = self.metrics.as_deref_mut() {
-            m.service(now);
-        }
-        if let Some((stream, client, counter)) = &mut self.live {
-            // While a call waits on the server, the child's output keeps
-            // going into the log (the fragment in flight is a fixed range
-            // of it).
-            let log = &mut self.log;
-            let written = log.written;
-            let mut drain = || drain(&mut |data| log.write(data));
-            let drain = &mut drain;
-            stream.pump(client, counter, written, now, drain);
-            if **counter != self.progress.saved_output_next {
-                self.progress.save(**counter, stream.sent);
-            }
-            if now >= self.next_heartbeat {
-                self.next_heartbeat = now + PHASE_HEARTBEAT;
-                client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
-            }
-            if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(now + CANCEL_CHECK);
-                // One short attempt: a slow server must not hold the phase's output.
-                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state_while(self.job_id, drain)).as_deref() == Some("cancelled") {
-                    return Some(Stop::Cancelled);
-                }
-            }
-        }
-        None
-    }
-
-    fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = now + Duration::from_secs(1);
-        if let Some((stream, _, _)) = &self.live {
-            if let Some(t) = stream.due(self.log.written) {
-                wake = wake.min(t);
-            }
-        }
-        if let Some(t) = self.next_cancel_check {
-            wake = wake.min(t);
-        }
-        if self.live.is_some() {
-            wake = wake.min(self.next_heartbeat);
-        }
-        if let Some(t) = self.metrics.as_deref().and_then(|m| m.next_wake(now)) {
-            wake = wake.min(t);
-        }
-        wake
     }
 }
 

@@ -1,0 +1,109 @@
+//! Watching one running phase: its output into the log and the live
+//! stream, and what stops it (cancellation on the server, agent signals).
+//! The runner calls back here on every wake-up.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{post_state_unless_held, CANCEL_CHECK, CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use crate::client::Client;
+use crate::delivery::{self, PendingStream};
+use crate::metrics::Metrics;
+use crate::output::{LiveStream, PhaseLog};
+use crate::runner::{Drain, Stop, Watcher};
+use crate::signals;
+
+/// Watches one running phase: output to the log and the live stream,
+/// cancellation and agent signals as stop conditions.
+pub(super) struct PhaseWatcher<'a> {
+    pub(super) log: PhaseLog,
+    pub(super) live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
+    pub(super) job_id: &'a str,
+    pub(super) next_cancel_check: Option<Instant>,
+    pub(super) honour_interrupt: bool,
+    /// Served here too, so that scrapes are answered while a phase runs.
+    pub(super) metrics: Option<&'a mut Metrics>,
+    /// Fragment progress is saved as it happens, so that an agent killed
+    /// mid-phase resumes numbering (and the log) where the server is.
+    pub(super) progress: Progress<'a>,
+    pub(super) next_heartbeat: Instant,
+}
+
+pub(super) struct Progress<'a> {
+    pub(super) rundir: &'a Path,
+    pub(super) phase: &'a str,
+    pub(super) serial_next: u64,
+    pub(super) earlier: &'a [PendingStream],
+    pub(super) saved_output_next: u64,
+}
+
+impl Progress<'_> {
+    pub(super) fn save(&mut self, output_next: u64, sent: u64) {
+        let mut pending = self.earlier.to_vec();
+        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
+        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None };
+        if let Err(e) = state.save(self.rundir) {
+            log::debug!("cannot save fragment progress: {e}");
+        }
+        self.saved_output_next = output_next;
+    }
+}
+
+impl Watcher for PhaseWatcher<'_> {
+    fn output(&mut self, data: &[u8]) {
+        self.log.write(data);
+    }
+
+    fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop> {
+        if self.honour_interrupt && signals::interrupted() {
+            return Some(Stop::Interrupted);
+        }
+        if let Some(m) = self.metrics.as_deref_mut() {
+            m.service(now);
+        }
+        if let Some((stream, client, counter)) = &mut self.live {
+            // While a call waits on the server, the child's output keeps
+            // going into the log (the fragment in flight is a fixed range
+            // of it).
+            let log = &mut self.log;
+            let written = log.written;
+            let mut drain = || drain(&mut |data| log.write(data));
+            let drain = &mut drain;
+            stream.pump(client, counter, written, now, drain);
+            if **counter != self.progress.saved_output_next {
+                self.progress.save(**counter, stream.sent);
+            }
+            if now >= self.next_heartbeat {
+                self.next_heartbeat = now + PHASE_HEARTBEAT;
+                client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+            }
+            if self.next_cancel_check.is_some_and(|t| now >= t) {
+                self.next_cancel_check = Some(now + CANCEL_CHECK);
+                // One short attempt: a slow server must not hold the phase's output.
+                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state_while(self.job_id, drain)).as_deref() == Some("cancelled") {
+                    return Some(Stop::Cancelled);
+                }
+            }
+        }
+        None
+    }
+
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + Duration::from_secs(1);
+        if let Some((stream, _, _)) = &self.live {
+            if let Some(t) = stream.due(self.log.written) {
+                wake = wake.min(t);
+            }
+        }
+        if let Some(t) = self.next_cancel_check {
+            wake = wake.min(t);
+        }
+        if self.live.is_some() {
+            wake = wake.min(self.next_heartbeat);
+        }
+        if let Some(t) = self.metrics.as_deref().and_then(|m| m.next_wake(now)) {
+            wake = wake.min(t);
+        }
+        wake
+    }
+}
