@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::atomic::write_atomic;
 use crate::client::{Client, ClientError, is_safe_id};
 use crate::json::Json;
 use crate::output::LiveStream;
@@ -98,12 +99,6 @@ impl JobState {
         let events = json.get("events").filter(|e| matches!(e, Json::Object(_))).cloned();
         JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending, events }
     }
-}
-
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
 }
 
 /// Sends what the server still lacks of the job in `rundir`, in order:

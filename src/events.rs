@@ -2,10 +2,21 @@
 //! to `/v1/job/<id>/events` with the whole list each time, only when the job
 //! has a `job_status_webhook`. A failed post is logged, never fatal; what the
 //! server missed at the end is delivered with the outcome (`owed`).
+//!
+//! The list is also kept in the run dir as it grows, so that a job resumed
+//! after the agent died posts the events from before the crash too: the
+//! webhook sees the whole list each time, and a shorter one would drop them.
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::atomic::write_atomic;
 use crate::client::Client;
 use crate::json::Json;
 use crate::timestamp::now_iso8601;
+
+/// Where in the run dir the list is kept.
+const EVENTS_FILE: &str = ".events.json";
 
 /// The job's events, posted whole each time when the job has a webhook.
 pub struct Events {
@@ -13,6 +24,8 @@ pub struct Events {
     header: Option<Json>,
     /// The last post failed: the whole list is owed to the server.
     unsent: bool,
+    /// Where the list is kept as it grows.
+    file: Option<PathBuf>,
 }
 
 impl Events {
@@ -24,7 +37,24 @@ impl Events {
                 .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
                 .with("job_status_webhook", Json::str(w))
         });
-        Events { list: Vec::new(), header, unsent: false }
+        Events { list: Vec::new(), header, unsent: false, file: None }
+    }
+
+    /// Keeps the list in `rundir` from now on.
+    pub fn keep_in(&mut self, rundir: &Path) {
+        self.file = Some(rundir.join(EVENTS_FILE));
+    }
+
+    /// Takes back the list an earlier run of the agent kept in `rundir`,
+    /// and keeps it there from now on.
+    pub fn restore(&mut self, rundir: &Path) {
+        self.keep_in(rundir);
+        let Some(file) = &self.file else { return };
+        let Ok(text) = fs::read_to_string(file) else { return };
+        match Json::parse(&text) {
+            Ok(Json::Array(list)) => self.list = list,
+            _ => log::warn!("{}: not an events list, starting a new one", file.display()),
+        }
     }
 
     pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
@@ -36,6 +66,11 @@ impl Events {
                 .with("timestamp", Json::str(now_iso8601()))
                 .with("detail", Json::str(detail)),
         );
+        if let Some(file) = &self.file {
+            if let Err(e) = write_atomic(file, Json::Array(self.list.clone()).to_string_compact().as_bytes()) {
+                log::debug!("cannot keep the events in {}: {e}", file.display());
+            }
+        }
         if let Some(client) = client {
             let body = header.clone().with("events", Json::Array(self.list.clone()));
             self.unsent = match client.post_events(job_id, &body) {

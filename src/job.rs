@@ -437,6 +437,7 @@ impl<'a> JobRunner<'a> {
             self.finish_without_rundir();
             return summary;
         }
+        self.events.keep_in(&self.rundir);
 
         let mut end_reason = "normal_exit".to_string();
         if let Err(why) = self.fetch_attachments() {
@@ -585,6 +586,7 @@ impl<'a> JobRunner<'a> {
                 }
             }
         }
+        self.events.restore(&self.rundir);
         let saved = delivery::JobState::load(&self.rundir);
         self.output_fragments = saved.output_next;
         self.serial_fragments = saved.serial_next;

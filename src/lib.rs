@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod archive;
+pub mod atomic;
 pub mod attachments;
 pub mod client;
 pub mod config;

@@ -16,9 +16,10 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::atomic::write_atomic;
 use crate::signals;
 
 /// Upstream's buckets, in seconds: phases last minutes to hours.
@@ -362,17 +363,6 @@ fn float(v: f64) -> String {
 /// Label values escape backslash, double quote and newline.
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Writes beside `path` under a name node_exporter ignores (it reads only
-/// `*.prom`), then renames: the collector never sees a half-written file.
-fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("metrics");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 #[cfg(test)]

@@ -365,6 +365,10 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     let events = server.events(&job);
     assert!(events.iter().any(|e| e == "test_fail"), "{events:?}");
     assert!(events.iter().any(|e| e == "cleanup_success"), "{events:?}");
+    // The webhook gets the whole list each time: the last one still holds
+    // the events from before the crash, in order, once each.
+    let before: Vec<&str> = events.iter().map(String::as_str).take_while(|e| *e != "test_fail").collect();
+    assert_eq!(before, ["job_start", "setup_start", "setup_success", "test_start"], "{events:?}");
     // The leftover phase process was stopped before cleanup ran.
     assert!(!alive(pid), "leftover test command still running");
     // Fragment numbers never repeat across the two agent runs.
