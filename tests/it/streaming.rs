@@ -265,61 +265,57 @@ fn killed_by_signal_is_reported_distinctly() {
     assert!(detail.contains("killed by signal 9"), "{last}");
 }
 
-#[test]
-fn the_child_keeps_writing_while_a_fragment_waits_for_its_answer() {
+/// Runs one job whose test phase waits `wait`, then writes 3 MiB (three
+/// times what the pipe holds) and prints how long the writing took, with
+/// `fault` set on the server. Returns the server, the job and that time in ms,
+/// after checking every byte reached `test.log` and the fragments.
+fn timed_write_under(wait: &str, fault: impl FnOnce(&str) -> Fault) -> (FakeServer, String, u64) {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
-    // The first fragment's answer comes 2 s late (the live timeout is 2 s:
-    // it may or may not count as sent). Meanwhile the phase writes 3 MiB,
-    // three times what the pipe holds: the agent drains it while it waits,
-    // so the writer never blocks for the answer.
-    let stall = Duration::from_millis(2000);
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(stall)));
+    server.add_fault(fault(&job));
     let agent = keep_test_log(Agent::new(&server)).command(
         "test",
-        "echo first line; sleep 0.5; s=$(date +%s%N); head -c 3145728 /dev/zero | tr '\\0' x; \
-         e=$(date +%s%N); echo; echo \"writing took $(( (e - s) / 1000000 )) ms\"",
+        &format!(
+            "{wait}; s=$(date +%s%N); head -c 3145728 /dev/zero | tr '\\0' x; \
+             e=$(date +%s%N); echo; echo \"writing took $(( (e - s) / 1000000 )) ms\""
+        ),
     );
     assert!(agent.run_once(T).status.success());
     let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
     let text = String::from_utf8_lossy(&log);
     assert_eq!(text.bytes().filter(|&b| b == b'x').count(), 3 << 20, "every byte in test.log");
-    let ms: u64 = text
+    assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+    let ms = text
         .lines()
         .find_map(|l| l.strip_prefix("writing took ")?.strip_suffix(" ms")?.parse().ok())
         .expect("the phase's timing line");
-    assert!(ms < stall.as_millis() as u64 / 2, "the writer waited {ms} ms: the pipe was not drained during the send");
-    assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+    (server, job, ms)
+}
+
+#[test]
+fn the_child_keeps_writing_while_a_fragment_waits_for_its_answer() {
+    // The first fragment's answer comes 2 s late (the live timeout is 2 s:
+    // it may or may not count as sent), while the phase writes: the agent
+    // drains the pipe while it waits, so the writer never blocks for it.
+    let stall = Duration::from_millis(2000);
+    let (_, _, ms) = timed_write_under("echo first line; sleep 0.5", |job| {
+        Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(stall))
+    });
+    assert!(ms < 1000, "the writer waited {ms} ms: the pipe was not drained during the send");
 }
 
 #[test]
 fn the_child_keeps_writing_while_a_cancel_check_waits_for_its_answer() {
-    let server = FakeServer::start();
-    let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     // The job's state is read once before the phases (answered late too)
     // and then every 3 s while one runs: the first check, 3 s into the
-    // phase, is answered 1.8 s late while the phase writes 3 MiB, three
-    // times what the pipe holds.
+    // phase, is answered 1.8 s late while the phase writes.
     let stall = Duration::from_millis(1800);
-    server.add_fault(Fault::new(Some("GET"), &format!("/v1/result/{job}"), 2, FaultAction::Stall(stall)));
-    let agent = keep_test_log(Agent::new(&server)).command(
-        "test",
-        "sleep 3.4; s=$(date +%s%N); head -c 3145728 /dev/zero | tr '\\0' x; \
-         e=$(date +%s%N); echo; echo \"writing took $(( (e - s) / 1000000 )) ms\"",
-    );
-    assert!(agent.run_once(T).status.success());
+    let (server, job, ms) = timed_write_under("sleep 3.4", |job| {
+        Fault::new(Some("GET"), &format!("/v1/result/{job}"), 2, FaultAction::Stall(stall))
+    });
     let checks = server.requests().iter().filter(|r| r.method == "GET" && r.path == format!("/v1/result/{job}")).count();
     assert!(checks >= 2, "the agent checked for cancellation during the phase");
-
-    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
-    let text = String::from_utf8_lossy(&log);
-    assert_eq!(text.bytes().filter(|&b| b == b'x').count(), 3 << 20, "every byte in test.log");
-    let ms: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("writing took ")?.strip_suffix(" ms")?.parse().ok())
-        .expect("the phase's timing line");
     assert!(ms < 900, "the writer waited {ms} ms: the pipe was not drained during the cancel check");
 }
 
