@@ -97,6 +97,17 @@ impl Answer {
     fn json(&self, url: &str) -> Result<Json, ClientError> {
         Json::parse_bytes(&self.body).map_err(|e| ClientError::BadAnswer { url: url.to_string(), reason: e.to_string() })
     }
+
+    /// Only a 2xx is a success; anything else is an error quoting the start
+    /// of the answer.
+    fn ok(self, url: &str) -> Result<Answer, ClientError> {
+        if (200..300).contains(&self.status) {
+            Ok(self)
+        } else {
+            let snippet = String::from_utf8_lossy(&self.body[..self.body.len().min(200)]).trim().to_string();
+            Err(ClientError::Status { url: url.to_string(), status: self.status, body: snippet })
+        }
+    }
 }
 
 pub struct Client {
@@ -318,13 +329,7 @@ impl Client {
 
     /// A call whose only success is a 2xx; anything else becomes an error.
     fn call_ok(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize) -> Result<Answer, ClientError> {
-        let a = self.call(method, path, body, cap)?;
-        if (200..300).contains(&a.status) {
-            Ok(a)
-        } else {
-            let snippet = String::from_utf8_lossy(&a.body[..a.body.len().min(200)]).trim().to_string();
-            Err(ClientError::Status { url: self.url(path), status: a.status, body: snippet })
-        }
+        self.call(method, path, body, cap)?.ok(&self.url(path))
     }
 
     /// Any answer below 500 means the server is up (a 404 on `/v1` too).
@@ -387,44 +392,17 @@ impl Client {
         }
     }
 
-    pub fn get_result(&mut self, job_id: &str) -> Result<Option<Json>, ClientError> {
-        let path = format!("/v1/result/{job_id}");
-        let a = self.call_ok("GET", &path, None, JOB_ANSWER)?;
-        if a.status == 204 || a.body.is_empty() {
-            return Ok(None);
-        }
-        a.json(&self.url(&path)).map(Some)
-    }
-
-    /// The job's `job_state` on the server, if it can be read.
-    pub fn job_state(&mut self, job_id: &str) -> Option<String> {
-        Self::state_of(self.get_result(job_id))
-    }
-
-    /// [`Client::job_state`] while a phase runs: `idle` (the runner draining
-    /// the child's pipe) runs while the request waits on the server.
-    pub fn job_state_while(&mut self, job_id: &str, idle: &mut Idle) -> Option<String> {
-        let path = format!("/v1/result/{job_id}");
-        let url = self.url(&path);
-        let mut idle = Some(idle);
+    /// The job's `job_state` on the server, if it can be read. `idle`, when
+    /// given (the runner draining a phase's pipe), runs while the request
+    /// waits on the server.
+    pub fn job_state(&mut self, job_id: &str, mut idle: Option<&mut Idle>) -> Option<String> {
+        let url = self.url(&format!("/v1/result/{job_id}"));
         let answer = self.with_retries("GET", &url, &mut |c| match stream::get(&url, &c.auth_headers(), JOB_ANSWER, c.policy.timeout, idle.as_deref_mut()) {
             Ok((status, body)) => Ok(Answer { status, body }),
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Err(ClientError::TooLarge { url: url.clone(), limit: JOB_ANSWER }),
             Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
         });
-        let result = match answer {
-            Ok(a) if a.status == 204 || ((200..300).contains(&a.status) && a.body.is_empty()) => Ok(None),
-            Ok(a) if (200..300).contains(&a.status) => a.json(&url).map(Some),
-            Ok(a) => {
-                let snippet = String::from_utf8_lossy(&a.body[..a.body.len().min(200)]).trim().to_string();
-                Err(ClientError::Status { url: url.clone(), status: a.status, body: snippet })
-            }
-            Err(e) => Err(e),
-        };
-        Self::state_of(result)
-    }
-
-    fn state_of(result: Result<Option<Json>, ClientError>) -> Option<String> {
+        let result = answer.and_then(|a| a.ok(&url)).and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
         match result {
             Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
             Ok(None) => None,

@@ -175,7 +175,7 @@ impl<'a> JobRunner<'a> {
 
     fn is_cancelled(&mut self) -> bool {
         match self.client.as_deref_mut() {
-            Some(client) => client.job_state(&self.job_id).as_deref() == Some("cancelled"),
+            Some(client) => client.job_state(&self.job_id, None).as_deref() == Some("cancelled"),
             None => false,
         }
     }
@@ -389,7 +389,7 @@ impl<'a> JobRunner<'a> {
                 next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
                 post_state_unless_held(client, "allocate");
             }
-            if over(client.job_state(&self.job_id)) || parent.as_deref().is_some_and(|p| over(client.job_state(p))) {
+            if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
                 return;
             }
             if signals::interrupted() {

@@ -152,8 +152,9 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     #[cfg(target_os = "linux")]
     // SAFETY: fcntl on a descriptor we own. A larger pipe lets the child keep
-    // writing while the agent is in a call that does not drain it (a cancel
-    // check); failure (a lower pipe-max-size) just keeps the default 64 KiB.
+    // writing while the agent is in a call that does not drain it (the state
+    // re-posted every 12 h of a long phase); failure (a lower pipe-max-size)
+    // just keeps the default 64 KiB.
     unsafe {
         libc::fcntl(fds[0], libc::F_SETPIPE_SZ, PIPE_SIZE);
     }

@@ -80,7 +80,7 @@ impl Watcher for PhaseWatcher<'_> {
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state_while(self.job_id, drain)).as_deref() == Some("cancelled") {
+                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id, Some(drain))).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
                 }
             }
