@@ -48,6 +48,20 @@ fn fd_count(pid: u32) -> usize {
     fd_targets(pid).iter().filter(|t| !t.contains("socket:")).count()
 }
 
+/// The fewest non-socket fds seen over 0.5 s: the agent opens a file or a
+/// directory (reading the results dir, a run dir file) for a moment in its
+/// loop, which a single look may catch; a leaked fd is there every time.
+fn settled_fd_count(pid: u32) -> usize {
+    (0..50)
+        .map(|_| {
+            let n = fd_count(pid);
+            std::thread::sleep(Duration::from_millis(10));
+            n
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 fn socket_count(pid: u32) -> usize {
     fd_targets(pid).iter().filter(|t| t.contains("socket:")).count()
 }
@@ -171,7 +185,7 @@ fn soak_many_short_jobs_with_random_faults() {
         }
         if start_figures.is_none() {
             // Warm: one job done, before any fault.
-            start_figures = Some((proc_status_kb(pid, "VmRSS").unwrap_or(0), fd_count(pid)));
+            start_figures = Some((proc_status_kb(pid, "VmRSS").unwrap_or(0), settled_fd_count(pid)));
             println!("soak: fds at start: {:?}", fd_targets(pid));
         }
         for _ in before..done {
@@ -195,7 +209,7 @@ fn soak_many_short_jobs_with_random_faults() {
     let (rss0, fd0) = start_figures.unwrap_or((0, 0));
     let rss1 = proc_status_kb(pid, "VmRSS").unwrap_or(0);
     let hwm = proc_status_kb(pid, "VmHWM").unwrap_or(0);
-    let fd1 = fd_count(pid);
+    let fd1 = settled_fd_count(pid);
     let leftovers = leftover_processes(pid);
     let t = tally(&server, &jobs, expected);
     let agent_id = AGENT_ID;
