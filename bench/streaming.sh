@@ -174,23 +174,25 @@ gone_at() {
     now
 }
 
-write_config timeout "$(tree "$work/timeout.start" 301.5)"
-push_job to-job ', "global_timeout": 2'
-run_agent timeout 60 &
-runner=$!
-for _ in $(seq 1 500); do [ "$(procs 301.5)" -ge 3 ] && break; sleep 0.01; done
-started=$(procs 301.5)
+# start_tree NAME JOB_ID MARK EXTRA_JOB_FIELDS: runs a job whose phase is a
+# tree of MARK sleeps, in the background (pid in $runner), and waits until
+# the tree is up; $started is how many processes it has.
+start_tree() {
+    write_config "$1" "$(tree "$work/$1.start" "$3")"
+    push_job "$2" "$4"
+    run_agent "$1" 60 &
+    runner=$!
+    for _ in $(seq 1 500); do [ "$(procs "$3")" -ge 3 ] && break; sleep 0.01; done
+    started=$(procs "$3")
+}
+
+start_tree timeout to-job 301.5 ', "global_timeout": 2'
 gone=$(gone_at 301.5)
 wait "$runner"
 printf 'reaction to the global timeout: tree of %d processes gone %.2f s after the deadline   (target: <= 2 s)\n' \
     "$started" "$(calc "$gone - ($(cat "$work/timeout.start") + 2)")"
 
-write_config cancel "$(tree "$work/cancel.start" 302.5)"
-push_job cancel-job ""
-run_agent cancel 60 &
-runner=$!
-for _ in $(seq 1 500); do [ "$(procs 302.5)" -ge 3 ] && break; sleep 0.01; done
-started=$(procs 302.5)
+start_tree cancel cancel-job 302.5 ""
 sleep 0.5
 asked=$(now)
 curl -s -X POST "$base/bench/cancel/cancel-job" >/dev/null
