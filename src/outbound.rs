@@ -1,0 +1,119 @@
+//! The one place where a job's text becomes outbound text.
+//!
+//! Rule: every byte that leaves the agent (server, webhook, metrics labels)
+//! or lands on disk outside the phase command's own files, and that can
+//! hold text the job controls (its commands' output, the connector's files,
+//! names from the job), goes through the job's [`JobSecrets`] first. Phase
+//! output and serial logs stream through [`JobSecrets::stream`]; a piece
+//! of text through [`JobSecrets::text`], which gives a [`Masked`]; a JSON
+//! value through [`JobSecrets::json`].
+//!
+//! [`Masked`] is what the outbound side takes (events, the provision log
+//! detail), so text that skipped the masker does not type-check there. Text
+//! the agent composed from its own words and values no job controls (phase
+//! names, exit codes, ids already checked) may be marked with
+//! [`Masked::agent`], which names that choice where it is made.
+
+use crate::json::Json;
+use crate::mask::Masker;
+
+/// The secret values of one job. They live in memory only: a job resumed
+/// after a crash has none (its `testflinger.json` never held them), so what
+/// it sends must come from files masked while it first ran.
+#[derive(Clone, Debug, Default)]
+pub struct JobSecrets {
+    values: Vec<String>,
+}
+
+/// Text that went through a job's secrets (or is the agent's own).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Masked(String);
+
+impl Masked {
+    /// Text the agent wrote itself from values no job controls.
+    pub fn agent(text: impl Into<String>) -> Masked {
+        Masked(text.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Appends more masked text.
+    pub fn push(&mut self, more: &Masked) {
+        self.0.push_str(&more.0);
+    }
+}
+
+impl std::fmt::Display for Masked {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl JobSecrets {
+    pub fn new(values: impl IntoIterator<Item = String>) -> JobSecrets {
+        JobSecrets { values: values.into_iter().filter(|v| !v.is_empty()).collect() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// A masker for one stream (a phase's output, a serial log, a file).
+    pub fn stream(&self) -> Masker {
+        Masker::new(self.values.iter().map(String::as_str))
+    }
+
+    /// Masks a whole piece of text.
+    pub fn text(&self, text: &str) -> Masked {
+        if self.values.is_empty() {
+            return Masked(text.to_string());
+        }
+        Masked(String::from_utf8_lossy(&self.bytes(text.as_bytes())).into_owned())
+    }
+
+    /// Masks a whole buffer.
+    pub fn bytes(&self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut m = self.stream();
+        m.feed(data, &mut out);
+        m.finish(&mut out);
+        out
+    }
+
+    /// Masks every string and key in `value`. Numbers and literals are left
+    /// alone: masking one would change its type for the reader.
+    pub fn json(&self, value: &Json) -> Json {
+        if self.values.is_empty() {
+            return value.clone();
+        }
+        match value {
+            Json::Str(s) => Json::Str(self.text(s).0),
+            Json::Array(items) => Json::Array(items.iter().map(|v| self.json(v)).collect()),
+            Json::Object(members) => Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect()),
+            other => other.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::mask_for;
+
+    #[test]
+    fn text_and_json_are_masked_whole() {
+        let s = JobSecrets::new(["hunter2".to_string(), String::new()]);
+        let m = mask_for("hunter2");
+        assert_eq!(s.text("pw hunter2 and hunter2").as_str(), format!("pw {m} and {m}"));
+        let j = Json::parse(r#"{"k":"xhunter2","hunter2":[1,"hunter2",{"a":"hunter2"}],"n":7}"#).unwrap();
+        let expected = format!(r#"{{"k":"x{m}","{m}":[1,"{m}",{{"a":"{m}"}}],"n":7}}"#);
+        assert_eq!(s.json(&j).to_string_compact(), expected);
+        assert_eq!(JobSecrets::default().text("hunter2").as_str(), "hunter2");
+    }
+}
