@@ -685,7 +685,8 @@ impl<'a> JobRunner<'a> {
         let artifacts = self.rundir.join("artifacts");
         if archive::has_content(&artifacts) {
             let dest = self.rundir.join(delivery::ARCHIVE_NAME);
-            match archive::pack_artifacts(&artifacts, &dest) {
+            let mask = self.config.mask_artifacts.then_some(&self.masks);
+            match archive::pack_artifacts(&artifacts, &dest, mask) {
                 // pack_artifacts logs the size and the time it took.
                 Ok(_) => {}
                 Err(e) => {

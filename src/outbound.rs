@@ -14,6 +14,8 @@
 //! names, exit codes, ids already checked) may be marked with
 //! [`Masked::agent`], which names that choice where it is made.
 
+use std::io::{self, Read};
+
 use crate::json::Json;
 use crate::mask::Masker;
 
@@ -86,6 +88,16 @@ impl JobSecrets {
         out
     }
 
+    /// `inner`, read through a masker of its own.
+    pub fn reader<R: Read>(&self, inner: R) -> MaskedRead<R> {
+        MaskedRead { inner, masker: self.stream(), out: Vec::new(), pos: 0, done: false, buf: vec![0; 64 * 1024] }
+    }
+
+    /// How many bytes `inner` gives once masked (read to its end).
+    pub fn masked_len(&self, inner: impl Read) -> io::Result<u64> {
+        io::copy(&mut self.reader(inner), &mut io::sink())
+    }
+
     /// Masks every string and key in `value`. Numbers and literals are left
     /// alone: masking one would change its type for the reader.
     pub fn json(&self, value: &Json) -> Json {
@@ -98,6 +110,39 @@ impl JobSecrets {
             Json::Object(members) => Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect()),
             other => other.clone(),
         }
+    }
+}
+
+/// A reader that masks what it reads (see [`JobSecrets::reader`]).
+pub struct MaskedRead<R> {
+    inner: R,
+    masker: Masker,
+    out: Vec<u8>,
+    pos: usize,
+    done: bool,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> Read for MaskedRead<R> {
+    fn read(&mut self, dest: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.out.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.out.clear();
+            self.pos = 0;
+            let n = self.inner.read(&mut self.buf)?;
+            if n == 0 {
+                self.masker.finish(&mut self.out);
+                self.done = true;
+            } else {
+                self.masker.feed(&self.buf[..n], &mut self.out);
+            }
+        }
+        let n = dest.len().min(self.out.len() - self.pos);
+        dest[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -115,5 +160,16 @@ mod tests {
         let expected = format!(r#"{{"k":"x{m}","{m}":[1,"{m}",{{"a":"{m}"}}],"n":7}}"#);
         assert_eq!(s.json(&j).to_string_compact(), expected);
         assert_eq!(JobSecrets::default().text("hunter2").as_str(), "hunter2");
+    }
+
+    #[test]
+    fn reader_masks_across_its_reads_and_counts_the_masked_length() {
+        let s = JobSecrets::new(["hunter2".to_string()]);
+        let text = "a hunter2 b ".repeat(20_000);
+        let expected = text.replace("hunter2", &mask_for("hunter2"));
+        let mut got = String::new();
+        s.reader(text.as_bytes()).read_to_string(&mut got).unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(s.masked_len(text.as_bytes()).unwrap(), expected.len() as u64);
     }
 }
