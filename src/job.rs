@@ -17,7 +17,7 @@ use crate::delivery::{self, PendingStream};
 use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
-use crate::outbound::{JobSecrets, Masked};
+use crate::outbound::{JobSecrets, LogMasking, Masked};
 use crate::output::{LiveStream, PhaseLog};
 use crate::runner::{self, Limits, Stop};
 use crate::safe_fs;
@@ -83,6 +83,8 @@ pub struct JobRunner<'a> {
     /// The job's secret values: job text on its way out goes through them
     /// (see `outbound`).
     masks: JobSecrets,
+    /// The agent's log lines are masked with `masks` while the job lives.
+    _log_masking: LogMasking,
     events: Events,
     statuses: Vec<(String, i32)>,
     output_fragments: u64,
@@ -126,6 +128,7 @@ impl<'a> JobRunner<'a> {
             job_id,
             rundir,
             secrets,
+            _log_masking: masks.mask_log_lines(),
             masks,
             events,
             statuses: Vec::new(),

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::outbound::MaskedLines;
 use crate::safe_fs;
 use simplelog::{CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, WriteLogger};
 
@@ -35,12 +36,12 @@ pub fn init(level: LevelFilter, basedir: Option<&Path>, quiet: bool) {
         // link: the default dir is under /tmp.
         let opened = safe_fs::ensure_base_dir(dir, safe_fs::LOG_DIR).and_then(|_| safe_fs::open_append(&path, safe_fs::LOG_FILE));
         match opened {
-            Ok(file) => loggers.push(WriteLogger::new(level, config.clone(), file)),
+            Ok(file) => loggers.push(WriteLogger::new(level, config.clone(), MaskedLines::new(file))),
             Err(e) => file_error = Some(format!("cannot open log file {}: {e}", path.display())),
         }
     }
     if !quiet || loggers.is_empty() {
-        loggers.push(WriteLogger::new(level, config, std::io::stderr()));
+        loggers.push(WriteLogger::new(level, config, MaskedLines::new(std::io::stderr())));
     }
     // Only fails when a logger is already set (tests); nothing to do then.
     let _ = CombinedLogger::init(loggers);

@@ -14,7 +14,8 @@
 //! names, exit codes, ids already checked) may be marked with
 //! [`Masked::agent`], which names that choice where it is made.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::sync::Mutex;
 
 use crate::json::Json;
 use crate::mask::Masker;
@@ -113,6 +114,73 @@ impl JobSecrets {
     }
 }
 
+/// The secrets of the job that runs now: the agent's own log lines are
+/// masked with them whatever module writes the line (a client error quoting
+/// a body, an artifact's file name), so no log call can forget.
+static LOG_SECRETS: Mutex<Option<JobSecrets>> = Mutex::new(None);
+
+fn log_secrets() -> std::sync::MutexGuard<'static, Option<JobSecrets>> {
+    LOG_SECRETS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// While this lives, the agent's log lines are masked with one job's
+/// secrets (see [`JobSecrets::mask_log_lines`]).
+pub struct LogMasking(());
+
+impl Drop for LogMasking {
+    fn drop(&mut self) {
+        *log_secrets() = None;
+    }
+}
+
+impl JobSecrets {
+    /// Masks the agent's log lines with these secrets until the guard drops.
+    pub fn mask_log_lines(&self) -> LogMasking {
+        *log_secrets() = (!self.is_empty()).then(|| self.clone());
+        LogMasking(())
+    }
+}
+
+/// A log writer that masks each whole line with the running job's secrets
+/// (the logger writes a line in several pieces; a secret split between
+/// them is caught because lines are masked whole). A secret that itself
+/// holds a line break is not caught here.
+pub struct MaskedLines<W: Write> {
+    inner: W,
+    line: Vec<u8>,
+}
+
+impl<W: Write> MaskedLines<W> {
+    pub fn new(inner: W) -> MaskedLines<W> {
+        MaskedLines { inner, line: Vec::new() }
+    }
+
+    fn emit(&mut self, upto: usize) -> io::Result<()> {
+        let rest = self.line.split_off(upto);
+        let whole = std::mem::replace(&mut self.line, rest);
+        let masked = match log_secrets().as_ref() {
+            Some(secrets) => secrets.bytes(&whole),
+            None => whole,
+        };
+        self.inner.write_all(&masked)
+    }
+}
+
+impl<W: Write> Write for MaskedLines<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if let Some(last) = self.line.iter().rposition(|&b| b == b'\n') {
+            self.emit(last + 1)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.emit(self.line.len())?;
+        self.inner.flush()
+    }
+}
+
 /// A reader that masks what it reads (see [`JobSecrets::reader`]).
 pub struct MaskedRead<R> {
     inner: R,
@@ -160,6 +228,20 @@ mod tests {
         let expected = format!(r#"{{"k":"x{m}","{m}":[1,"{m}",{{"a":"{m}"}}],"n":7}}"#);
         assert_eq!(s.json(&j).to_string_compact(), expected);
         assert_eq!(JobSecrets::default().text("hunter2").as_str(), "hunter2");
+    }
+
+    #[test]
+    fn log_lines_are_masked_while_a_job_runs_and_only_then() {
+        let mut out = MaskedLines::new(Vec::new());
+        let s = JobSecrets::new(["hunter2".to_string()]);
+        {
+            let _guard = s.mask_log_lines();
+            out.write_all(b"[INFO] error: hun").unwrap();
+            out.write_all(b"ter2 said\n").unwrap();
+        }
+        out.write_all(b"after hunter2\n").unwrap();
+        let text = String::from_utf8(out.inner).unwrap();
+        assert_eq!(text, format!("[INFO] error: {} said\nafter hunter2\n", mask_for("hunter2")));
     }
 
     #[test]
