@@ -236,3 +236,37 @@ fn what_the_agent_creates_is_private_and_an_exposed_token_file_is_named() {
     let warning = log.lines().find(|l| l.contains("chmod 600")).unwrap_or_else(|| panic!("no warning:\n{log}"));
     assert!(warning.contains(&token.display().to_string()), "{warning}");
 }
+
+#[test]
+fn after_a_crash_the_serial_log_is_sent_only_from_its_masked_copy() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    let data = format!(r#"{{"test_data":{{"test_cmds":"x","secrets":{{"TOKEN":"{SECRET}"}}}}}}"#);
+    server.push_job(&job_json(&job, QUEUE, &data));
+    let agent = Agent::new(&server)
+        .command("test", "echo \"before the crash $TOKEN\" >> test-serial.log; echo started > started; exec sleep 300")
+        .command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn();
+    let m = mask(SECRET);
+    server.wait_until(T, "serial streamed while the phase runs", |s| s.log_text_phase(&job, "serial", "test").contains(&m));
+    p.kill();
+    // The connector goes on writing while no agent watches; a resumed job
+    // has no secrets to mask this with, so it must not be sent.
+    let raw = agent.run_dir(&job).join("test-serial.log");
+    let mut text = fs::read_to_string(&raw).expect("raw serial log");
+    text.push_str(&format!("after the crash {SECRET}\n"));
+    fs::write(&raw, text).unwrap();
+
+    let mut p = agent.spawn();
+    server.wait_until(T, "recovered outcome delivered", |s| s.job_states_posted(&job).iter().any(|x| x == "complete"));
+    p.kill();
+    for r in server.requests() {
+        assert!(!r.body_text().contains(SECRET), "secret sent in {}:\n{}", r.line(), r.body_text());
+    }
+    assert_eq!(server.log_text_phase(&job, "serial", "test"), format!("before the crash {m}\n"));
+    let mut numbers: Vec<i64> = server.fragments(&job, "serial").iter().map(|f| f.number).collect();
+    let len = numbers.len();
+    numbers.sort();
+    numbers.dedup();
+    assert_eq!(numbers.len(), len, "serial fragment numbers repeated across the restart");
+}
