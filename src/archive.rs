@@ -249,7 +249,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
-        let member = name.join(entry.file_name());
+        let member = name.join(masked_name(&entry.file_name(), mask));
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -272,6 +272,10 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
             h.set_metadata(&meta);
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
+            let target = match mask {
+                Some(secrets) => PathBuf::from(masked_name(target.as_os_str(), Some(secrets))),
+                None => target,
+            };
             tar.append_link(&mut h, &member, &target)?;
         } else if ft.is_file() {
             let mut f = match File::open(&path) {
@@ -308,6 +312,16 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
         }
     }
     Ok(())
+}
+
+/// A member's name (or a link's target) with the secrets masked, when
+/// masking; names are job text too.
+fn masked_name(name: &std::ffi::OsStr, mask: Option<&JobSecrets>) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    match mask {
+        Some(secrets) => std::ffi::OsString::from_vec(secrets.bytes(name.as_bytes())),
+        None => name.to_os_string(),
+    }
 }
 
 /// Bytes of text that are looked at to tell text from binary.
@@ -370,6 +384,7 @@ mod tests {
         fs::create_dir_all(&src).unwrap();
         fs::write(src.join("log.txt"), b"key=hunter2-XYZ\nagain hunter2-XYZ\n").unwrap();
         fs::write(src.join("after.txt"), b"next member intact\n").unwrap();
+        fs::write(src.join("name-hunter2-XYZ.txt"), b"x").unwrap();
         fs::write(src.join("core.bin"), b"\0\x01hunter2-XYZ\0").unwrap();
         let dest = base.join("a.tar.gz");
         let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
@@ -388,6 +403,7 @@ mod tests {
         assert_eq!(body("artifacts/log.txt"), format!("key={m}\nagain {m}\n").into_bytes());
         assert_eq!(body("artifacts/after.txt"), b"next member intact\n");
         assert_eq!(body("artifacts/core.bin"), b"\0\x01hunter2-XYZ\0");
+        assert_eq!(body(&format!("artifacts/name-{m}.txt")), b"x");
         fs::remove_dir_all(&base).unwrap();
     }
 

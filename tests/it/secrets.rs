@@ -66,7 +66,7 @@ fn leaky_agent(server: &FakeServer) -> crate::harness::AgentSetup {
         .set("metrics_textfile", &prom)
         .command("provision", provision)
         .command("test", test)
-        .command("cleanup", "mkdir -p artifacts; echo \"artifact $TOKEN\" > artifacts/out.txt; printf 'bin\\0%s' \"$TOKEN\" > artifacts/core.bin; mkfifo \"artifacts/fifo-$TOKEN\"")
+        .command("cleanup", "mkdir -p artifacts; echo \"artifact $TOKEN\" > artifacts/out.txt; printf 'bin\\0%s' \"$TOKEN\" > artifacts/core.bin; mkfifo \"artifacts/fifo-$TOKEN\"; echo named > \"artifacts/name-$TOKEN\"")
 }
 
 #[test]
@@ -136,6 +136,7 @@ fn a_secret_the_connector_echoes_everywhere_never_leaves_the_agent_unmasked() {
     let members = server.artifact_members(&job);
     let member = |n: &str| members.iter().find(|(p, _, _)| p == n).map(|(_, d, _)| d.clone()).unwrap_or_else(|| panic!("{n} in artifact"));
     assert_eq!(String::from_utf8_lossy(&member("artifacts/out.txt")), format!("artifact {m}\n"));
+    assert_eq!(member(&format!("artifacts/name-{m}")), b"named\n");
     // Binary files are left alone: masking is for text.
     assert_eq!(member("artifacts/core.bin"), [b"bin\0".as_slice(), SECRET.as_bytes()].concat());
 
