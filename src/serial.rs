@@ -131,6 +131,19 @@ impl SerialTail {
             self.raw = Some(raw);
         }
         let Some(mut raw) = self.raw.take() else { return Ok(()) };
+        if raw.metadata().map(|m| m.len() < self.read).unwrap_or(false) {
+            // Truncated and written anew: what was sent stays sent, the new
+            // content follows it from its start.
+            let mut held = Vec::new();
+            self.masker.finish(&mut held);
+            let appended = self.append(&held);
+            self.read = 0;
+            let rewound = std::io::Seek::rewind(&mut raw);
+            self.raw = Some(raw);
+            appended?;
+            rewound?;
+            return self.catch_up(limit);
+        }
         let mut budget = limit.unwrap_or(usize::MAX);
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(64 * 1024, 0);
@@ -198,6 +211,16 @@ mod tests {
         let copy = std::fs::read_to_string(dir.join(masked_name("test"))).unwrap();
         assert_eq!(copy, format!("boot: {} ok\n", mask_for("hunter2-XYZ")));
         assert_eq!(tail.written, copy.len() as u64);
+
+        // Rewritten from its start: the new content follows.
+        let mut tail = SerialTail::new(&dir, "cleanup", "job", &secrets);
+        let raw = dir.join("cleanup-serial.log");
+        std::fs::write(&raw, "first run, long line\n").unwrap();
+        tail.look(Instant::now());
+        std::fs::write(&raw, "again\n").unwrap();
+        tail.finish();
+        let copy = std::fs::read_to_string(dir.join(masked_name("cleanup"))).unwrap();
+        assert_eq!(copy, "first run, long line\nagain\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
