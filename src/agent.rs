@@ -106,7 +106,7 @@ impl<'a> Agent<'a> {
                 log::debug!("server still not reachable ({reason}); retrying in {backoff:?}");
             }
             if self.once && started.elapsed() + backoff > give_up_after {
-                log::error!("--once: server {} not reachable for {:?}; giving up", self.client.base_url(), started.elapsed());
+                log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
                 return false;
             }
             self.metrics.idle(backoff);
