@@ -4,7 +4,7 @@
 //! midnight with 6 days kept, as upstream's `TimedRotatingFileHandler` does.
 //!
 //! Written by hand rather than with simplelog: simplelog can neither rename
-//! levels nor rotate, and the whole logger is smaller than it.
+//! levels nor rotate, and the whole logger is not much code.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
