@@ -333,7 +333,9 @@ impl Client {
         loop {
             attempt += 1;
             match send(self) {
-                Ok(a) if a.status == 401 && !refreshed && self.token_file.is_some() => {
+                // Without a token file (the default path is usually absent)
+                // a 401 has nothing to refresh: it is the answer.
+                Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
                     refreshed = true;
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh() {
