@@ -73,7 +73,16 @@ impl Events {
         }
         if let Some(client) = client {
             let body = header.clone().with("events", Json::Array(self.list.clone()));
-            self.unsent = match client.post_events(job_id, &body) {
+            // After a failed post one attempt is enough: the whole list is
+            // owed and goes with the outcome anyway, and retrying each event
+            // of a job (skipped phases have theirs too) would hold the job.
+            let posted = if self.unsent {
+                let timeout = client.policy.timeout;
+                client.once(timeout, |c| c.post_events(job_id, &body))
+            } else {
+                client.post_events(job_id, &body)
+            };
+            self.unsent = match posted {
                 Ok(()) => false,
                 Err(e) => {
                     log::warn!("event {name} not posted: {e}");

@@ -35,13 +35,17 @@ pub(super) struct Progress<'a> {
     pub(super) serial_next: u64,
     pub(super) earlier: &'a [PendingStream],
     pub(super) saved_output_next: u64,
+    /// Kept through the saves, so a cancelled job resumed after a crash
+    /// still ends cancelled.
+    pub(super) cancelled: bool,
 }
 
 impl Progress<'_> {
     pub(super) fn save(&mut self, output_next: u64, sent: u64) {
         let mut pending = self.earlier.to_vec();
         pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
-        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None };
+        let state =
+            delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None, cancelled: self.cancelled };
         if let Err(e) = state.save(self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
         }
@@ -75,7 +79,10 @@ impl Watcher for PhaseWatcher<'_> {
             }
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + PHASE_HEARTBEAT;
-                client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+                // Cleanup has no agent state of its own (upstream posts none).
+                if self.progress.phase != "cleanup" {
+                    client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+                }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);
