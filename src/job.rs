@@ -614,6 +614,12 @@ impl<'a> JobRunner<'a> {
         }
 
         self.run_cleanup();
+        // A cancel can also land while a phase that cannot be cancelled
+        // (provision, cleanup) runs, or after the last check: the outcome
+        // must still not turn the job back into a completed one.
+        if !self.cancelled && self.is_cancelled() {
+            self.cancelled = true;
+        }
         summary.interrupted = signals::interrupted();
         summary.statuses = self.statuses.clone();
         summary.end_reason = end_reason.clone();

@@ -286,6 +286,21 @@ fn a_cancelled_job_stays_cancelled_after_its_outcome() {
     assert_eq!(outcome.get("job_state").and_then(Json::as_str), Some("cancelled"), "{posts:?}");
     assert!(outcome.get("status").and_then(|s| s.get("cleanup")).is_some(), "{outcome}");
     assert!(!server.job_states_posted(&job).iter().any(|s| s == "complete"), "{posts:?}");
+
+    // Cancelled while cleanup runs (no cancel check stops it): the same.
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server)
+        .command("test", "true")
+        .command("cleanup", "touch started; while [ ! -f go ]; do sleep 0.02; done");
+    let mut p = agent.spawn_with(&["--once"]);
+    let started = agent.run_dir(&job).join("started");
+    server.wait_until(T, "cleanup running", |_| started.exists());
+    server.cancel_job(&job);
+    fs::write(agent.run_dir(&job).join("go"), "").expect("release cleanup");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let posts = server.results_posted(&job);
+    assert_eq!(posts.last().and_then(|o| o.get("job_state")).and_then(Json::as_str), Some("cancelled"), "{posts:?}");
 }
 
 /// Item 20 (ours on purpose): a phase the agent kills reports 143
