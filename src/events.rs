@@ -1,6 +1,7 @@
 //! A job's events (`job_start`, `<phase>_start/_success/_fail`, ...), posted
 //! to `/v1/job/<id>/events` with the whole list each time, only when the job
-//! has a `job_status_webhook`. A failed post is logged, never fatal; what the
+//! has a `job_status_webhook`. A failed post is logged, never fatal, and holds
+//! the next posts back for a while (each carries the whole list); what the
 //! server missed at the end is delivered with the outcome (`owed`).
 //!
 //! The list is also kept in the run dir as it grows, so that a job resumed
