@@ -9,6 +9,7 @@ mod disk;
 mod job_flow;
 mod fidelity;
 mod regressions;
+mod secrets;
 mod fleet;
 mod streaming;
 mod faults;
