@@ -119,10 +119,12 @@ impl<'a> Agent<'a> {
         let mut data = Json::object()
             .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
-        for (key, value) in [("location", &c.location), ("provision_type", &c.provision_type), ("identifier", &c.identifier)] {
-            if let Some(v) = value {
-                data.set(key, Json::str(v.as_str()));
-            }
+        // As upstream: location and provision_type always ("" when unset),
+        // identifier only when set.
+        data.set("location", Json::str(c.location.as_deref().unwrap_or("")));
+        data.set("provision_type", Json::str(c.provision_type.as_deref().unwrap_or("")));
+        if let Some(id) = &c.identifier {
+            data.set("identifier", Json::str(id.as_str()));
         }
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
@@ -197,14 +199,16 @@ impl<'a> Agent<'a> {
 
     /// Re-posts the state when the server has not heard from us for a day,
     /// so that an agent kept offline for long is not forgotten.
-    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str) {
+    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str, comment: &str) {
         let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
         if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now()) {
             return;
         }
         let state = if state.is_empty() { "waiting" } else { state };
         log::info!("heartbeat: re-posting state {state}");
-        match self.client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+        // The comment goes along, or an operator's reason would be wiped.
+        let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(comment));
+        match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
@@ -244,7 +248,7 @@ impl<'a> Agent<'a> {
             self.last_post = Instant::now();
             return None;
         }
-        self.heartbeat(agent_data.as_ref(), &state);
+        self.heartbeat(agent_data.as_ref(), &state, &comment);
         let changed = state != self.last_state;
         self.last_state = state.clone();
         match state.as_str() {
@@ -285,12 +289,15 @@ impl<'a> Agent<'a> {
         if summary.recovery_failed {
             self.recovery_failed = true;
             after.set("state", Json::str("offline"));
-            after.set("comment", Json::str(format!("Device recovery failed in job {}", summary.job_id)));
+            // Upstream's words exactly: operators search for them.
+            let comment = format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
+            after.set("comment", Json::str(comment));
         } else if let Some((held, _)) = self.client.held_state() {
             // Set by an operator while the job ran: keep it.
             log::info!("agent is {held} on the server; not posting waiting");
         } else {
             after.set("state", Json::str("waiting"));
+            after.set("comment", Json::str(""));
         }
         match self.client.post_agent_data(&after) {
             Ok(()) => self.last_post = Instant::now(),

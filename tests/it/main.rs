@@ -7,6 +7,7 @@ mod json;
 mod core;
 mod disk;
 mod job_flow;
+mod fidelity;
 mod regressions;
 mod secrets;
 mod fleet;
