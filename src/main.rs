@@ -111,6 +111,7 @@ fn main() -> ExitCode {
             let metrics = metrics.with_textfile(config.metrics_textfile.clone());
             let mut client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
+            client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
             match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
