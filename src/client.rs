@@ -293,8 +293,8 @@ impl Client {
                 Err(e) => return refuse(e.to_string()),
             };
             if !origin.same_origin(&next) {
-                let why = if origin.https && !next.https { "https downgraded to http" } else { "another origin" };
-                return refuse(format!("{next} is {why} than the server {}://{}", origin.scheme(), origin.host_header()));
+                let why = if origin.https && !next.https { "a downgrade from https to http" } else { "on another origin" };
+                return refuse(format!("{next} is {why} (the server is {}://{})", origin.scheme(), origin.host_header()));
             }
             if hop == MAX_REDIRECTS {
                 return refuse(format!("more than {MAX_REDIRECTS} redirects"));
@@ -532,7 +532,7 @@ impl Client {
         let url = self.url(path);
         let a = self.with_retries("POST", &url, &mut |c| {
             let payload = Payload::Stream { content_type, len, write: &mut *body };
-            let reply = c.exchange("POST", &url, payload, Keep::Nothing, c.policy.timeout, idle.as_deref_mut(), true)?;
+            let reply = c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), c.policy.timeout, idle.as_deref_mut(), true)?;
             Ok(Answer { status: reply.status, body: Vec::new() })
         })?;
         if (200..300).contains(&a.status) {

@@ -177,9 +177,10 @@ impl Payload<'_, '_> {
 /// What becomes of the answer's body.
 #[derive(Clone, Copy)]
 pub enum Keep<'a> {
-    /// Not read: only the status counts (uploads, whose answers say nothing
-    /// more).
-    Nothing,
+    /// Read to its end and dropped (uploads, whose answers say nothing
+    /// more), at most this many bytes: a body that breaks its framing
+    /// means the answer may not be the server's, so it fails the call.
+    Drop(usize),
     /// Read into memory, at most this many bytes.
     Memory(usize),
     /// A 200's body written to this file (created only then), at most
@@ -387,7 +388,11 @@ fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
         Err(e) => Err(Failure::Net(e)),
     };
     match keep {
-        Keep::Nothing => {}
+        Keep::Drop(cap) => {
+            if io::copy(&mut body.take((cap as u64).saturating_add(1)), &mut io::sink())? > cap as u64 {
+                return Err(Failure::TooLarge(cap as u64));
+            }
+        }
         Keep::Memory(cap) => reply.body = memory(body, cap)?,
         Keep::File { other, .. } if head.status != 200 => reply.body = memory(body, other)?,
         Keep::File { path, cap, .. } => {
@@ -428,11 +433,25 @@ fn exchange_tls(net: &Net, socket: Socket, url: &Url, head: &[u8], payload: Payl
     // The handshake first, so that a certificate problem reads as one and
     // not as a failed write of the request.
     while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {}: {e}", url.authority())))?;
+        tls.conn.complete_io(&mut tls.sock).map_err(|e| {
+            let e = io::Error::new(e.kind(), format!("TLS handshake with {}: {}", url.authority(), tls_reason(&e)));
+            // Loud: a trust problem does not fix itself, and the caller may
+            // log its failures at a quieter level.
+            log::error!("{e}");
+            e
+        })?;
     }
     exchange_on(tls, head, payload, keep)
+}
+
+/// A TLS failure in words: our certificate verdict as it was written
+/// (rustls would show it in its debug form), anything else as rustls says.
+#[cfg(feature = "tls")]
+fn tls_reason(e: &io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => other.0.to_string(),
+        _ => e.to_string(),
+    }
 }
 
 #[cfg(not(feature = "tls"))]
