@@ -2,7 +2,7 @@
 //! token elsewhere, https with a lab CA the test makes (openssl CLI), and
 //! jobs through an HTTP proxy the test runs (plain and CONNECT).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -85,6 +85,7 @@ fn http_same_origin_redirect_is_followed() {
 mod tls {
     use super::*;
     use crate::harness::TempDir;
+    use std::io::Read;
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
@@ -271,11 +272,14 @@ mod tls {
     }
 }
 
+/// Request lines a proxy saw, each with its Proxy-Authorization.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// A forward HTTP proxy: absolute-form requests for http, CONNECT tunnels
 /// for https. Records each request line and its Proxy-Authorization.
 struct Proxy {
     port: u16,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Seen,
 }
 
 impl Proxy {
@@ -298,7 +302,7 @@ impl Proxy {
     }
 }
 
-fn proxy_one(client: TcpStream, log: Arc<Mutex<Vec<(String, Option<String>)>>>) {
+fn proxy_one(client: TcpStream, log: Seen) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
     let Ok(read_half) = client.try_clone() else { return };
     let mut r = BufReader::new(read_half);
