@@ -9,6 +9,7 @@ mod core;
 mod disk;
 mod job_flow;
 mod regressions;
+mod secrets;
 mod fleet;
 mod streaming;
 mod faults;
