@@ -251,6 +251,27 @@ mod tls {
     }
 
     #[test]
+    fn https_is_never_downgraded_by_a_redirect() {
+        let pki = Pki::new();
+        let server = FakeServer::start();
+        let front = TlsFront::start(&pki, server.port());
+        let plain = FakeServer::start();
+        // Same host and port with http, and the same host on a plain port.
+        let same_port = format!("http://localhost:{}/v1/job?queue={QUEUE}", front.port);
+        let plain_port = format!("http://localhost:{}/v1/job?queue={QUEUE}", plain.port());
+        server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, redirect(&same_port)));
+        server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, redirect(&plain_port)));
+        let setup = https_setup(&server, &front, "localhost").env("SSL_CERT_FILE", &pki.ca().to_string_lossy()).token("refresh-secret");
+        server.require_auth("refresh-secret");
+        let mut p = setup.spawn();
+        wait_log(&mut p, &format!("{plain_port} is a downgrade from https to http"));
+        let log = wait_log(&mut p, &format!("{same_port} is a downgrade from https to http"));
+        assert!(log.contains("redirect refused"), "{log}");
+        assert!(plain.requests().is_empty(), "plain http was used: {:?}", plain.request_lines());
+        assert!(p.try_wait().is_none(), "{}", p.diagnostics());
+    }
+
+    #[test]
     fn https_job_through_a_connect_proxy() {
         let pki = Pki::new();
         let server = FakeServer::start();
