@@ -78,6 +78,10 @@ pub struct Config {
     /// upstream key.
     #[serde(default = "default_server_timeout")]
     pub server_timeout: u64,
+    /// A PEM file of CA certificates trusted for an https server on top of
+    /// the system store (a lab's own CA). Not an upstream key.
+    #[serde(default)]
+    pub server_ca_file: Option<PathBuf>,
     /// Mask the job's secrets inside text files under `artifacts/` while
     /// packing them (binary files are left alone). Off by default: it
     /// reads every text artifact twice. Not an upstream key.
@@ -190,6 +194,9 @@ impl Config {
         if config.server_timeout == 0 {
             return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
         }
+        if let Some(ca) = &config.server_ca_file {
+            check_ca_file(ca).map_err(|reason| err(Some("server_ca_file".into()), None, reason))?;
+        }
         if crate::logging::parse_level(&config.logging_level).is_none() {
             return Err(err(
                 Some("logging_level".into()),
@@ -242,6 +249,16 @@ impl Config {
     pub fn advertised_images_json(&self) -> Option<Json> {
         self.advertised_images.as_ref().map(|m| yaml_to_json(&serde_yaml_ng::Value::Mapping(m.clone())))
     }
+}
+
+/// A CA file must be there and hold a PEM certificate: found at start, not
+/// at the first https request.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !text.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
+    }
+    Ok(())
 }
 
 /// Turns serde's messages ("unknown field `x`, expected one of ...",
@@ -436,6 +453,15 @@ mod tests {
             assert_eq!(e.key.as_deref(), Some("agent_id"), "{bad}: {e}");
         }
         assert!(parse(&MINIMAL.replace("a1", "\"lab rig #1\"")).is_ok());
+    }
+
+    #[test]
+    fn server_ca_file_must_hold_a_certificate() {
+        let e = parse(&format!("{MINIMAL}server_ca_file: /nonexistent/ca.pem\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server_ca_file"), "{e}");
+        let e = parse(&format!("{MINIMAL}server_ca_file: /dev/null\n")).unwrap_err();
+        assert!(e.reason.contains("no PEM certificate"), "{e}");
+        assert!(parse(MINIMAL).unwrap().server_ca_file.is_none());
     }
 
     #[test]

@@ -128,6 +128,7 @@ fn main() -> ExitCode {
             };
             let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()));
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
+            client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
             client.log_token_file(origin);
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {

@@ -3,6 +3,7 @@
 mod artifacts;
 mod fake_server;
 mod harness;
+mod http;
 mod json;
 mod core;
 mod disk;
