@@ -83,6 +83,15 @@ pub struct Config {
     /// reads every text artifact twice. Not an upstream key.
     #[serde(default)]
     pub mask_artifacts: bool,
+    /// Seconds: while a phase keeps printing, at most one fragment per log
+    /// this often (the first output after a quiet spell goes at once).
+    /// Not an upstream key (upstream sends one per 10 s).
+    #[serde(default = "default_output_interval")]
+    pub output_interval: f64,
+    /// Seconds between two checks of whether the running job was
+    /// cancelled. Not an upstream key.
+    #[serde(default = "default_cancel_check_interval")]
+    pub cancel_check_interval: f64,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -107,6 +116,12 @@ fn default_logging_level() -> String {
 }
 fn default_server_timeout() -> u64 {
     30
+}
+fn default_output_interval() -> f64 {
+    crate::budget::DEFAULT_OUTPUT_INTERVAL.as_secs_f64()
+}
+fn default_cancel_check_interval() -> f64 {
+    crate::budget::DEFAULT_CANCEL_INTERVAL.as_secs_f64()
 }
 fn default_output_bytes() -> u64 {
     10 * 1024 * 1024
@@ -185,6 +200,12 @@ impl Config {
         if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
             return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
         }
+        for (key, value) in [("output_interval", config.output_interval), ("cancel_check_interval", config.cancel_check_interval)] {
+            // Capped at a day so that Duration arithmetic cannot overflow.
+            if !(value.is_finite() && (0.0..=86400.0).contains(&value)) {
+                return Err(err(Some(key.into()), None, "must be a number of seconds from 0 to 86400".into()));
+            }
+        }
         if config.server_timeout == 0 {
             return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
         }
@@ -196,6 +217,14 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// The request budget these keys set (see `budget.rs`).
+    pub fn budget(&self) -> crate::budget::Budget {
+        crate::budget::Budget {
+            output_interval: std::time::Duration::from_secs_f64(self.output_interval),
+            cancel_interval: std::time::Duration::from_secs_f64(self.cancel_check_interval),
+        }
     }
 
     /// The command configured for `phase`, if any (empty means none).
@@ -314,6 +343,21 @@ mod tests {
         for bad in ["0", "-1", "soon", "1.5"] {
             let e = parse(&format!("{MINIMAL}server_timeout: {bad}\n")).unwrap_err();
             assert_eq!(e.key.as_deref(), Some("server_timeout"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn budget_keys_are_seconds() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.budget(), crate::budget::Budget::default());
+        let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\n")).unwrap();
+        assert_eq!(c.budget().output_interval, std::time::Duration::from_millis(500));
+        assert_eq!(c.budget().cancel_interval, std::time::Duration::from_secs(10));
+        for key in ["output_interval", "cancel_check_interval"] {
+            for bad in ["-1", "soon", "1e9"] {
+                let e = parse(&format!("{MINIMAL}{key}: {bad}\n")).unwrap_err();
+                assert_eq!(e.key.as_deref(), Some(key), "{bad}: {e}");
+            }
         }
     }
 

@@ -43,8 +43,7 @@ const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
 const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
-/// How often a running phase asks the server whether the job was cancelled.
-const CANCEL_CHECK: Duration = Duration::from_secs(3);
+/// One cancel check may wait this long (how often: `cancel_check_interval`).
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
@@ -323,7 +322,7 @@ impl<'a> JobRunner<'a> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + CANCEL_CHECK),
+            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
             honour_interrupt: phase != "cleanup",
             metrics: self.metrics.as_deref_mut(),
             progress,

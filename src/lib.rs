@@ -7,6 +7,7 @@ pub mod agent;
 pub mod archive;
 pub mod atomic;
 pub mod attachments;
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod delivery;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, client, job, logging, metrics, runner, safe_fs, signals};
+use testflinger_agent::{agent, budget, client, job, logging, metrics, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -93,6 +93,7 @@ fn main() -> ExitCode {
     let level = logging::parse_level(&config.logging_level).unwrap_or(simplelog::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
+    budget::set(config.budget());
     runner::become_subreaper();
     if let Some(w) = args.token_file.as_deref().and_then(safe_fs::exposed_secret_warning) {
         log::warn!("{w}");

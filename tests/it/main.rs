@@ -13,6 +13,7 @@ mod fleet;
 mod streaming;
 mod faults;
 mod soak;
+mod budget;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
