@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
+use crate::jitter;
 use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
@@ -51,6 +52,9 @@ pub struct Agent<'a> {
     /// a wait that doubles per failure (not every polling cycle).
     kept_retry_at: Option<Instant>,
     kept_backoff: Duration,
+    /// This agent's heartbeat period: a day shortened by a random part,
+    /// so that a fleet started together does not heartbeat together.
+    heartbeat_every: Duration,
 }
 
 impl<'a> Agent<'a> {
@@ -66,6 +70,7 @@ impl<'a> Agent<'a> {
             last_state: String::new(),
             kept_retry_at: None,
             kept_backoff: Duration::ZERO,
+            heartbeat_every: jitter::early(HEARTBEAT),
         }
     }
 
@@ -76,8 +81,11 @@ impl<'a> Agent<'a> {
     fn wait_for_server(&mut self) {
         let mut backoff = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
         while !signals::interrupted() && !self.client.is_reachable() {
-            log::warn!("server {} not reachable, retrying in {backoff:?}", self.client.base_url());
-            self.metrics.idle(backoff);
+            // Full jitter: a fleet that lost the server together must not
+            // come back together at each doubling.
+            let wait = jitter::full(backoff, Duration::from_millis(100));
+            log::warn!("server {} not reachable, retrying in {wait:?}", self.client.base_url());
+            self.metrics.idle(wait);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -148,7 +156,10 @@ impl<'a> Agent<'a> {
             if self.once {
                 return Exit::Once;
             }
-            self.metrics.idle_or_restart(self.interval());
+            // ±20 %: agents started together drift apart within a few polls.
+            let wait = jitter::spread(self.interval());
+            log::debug!("next poll in {wait:?}");
+            self.metrics.idle_or_restart(wait);
         }
     }
 
@@ -165,7 +176,7 @@ impl<'a> Agent<'a> {
     /// so that an agent kept offline for long is not forgotten.
     fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str) {
         let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
-        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now()) {
+        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now(), self.heartbeat_every) {
             return;
         }
         let state = if state.is_empty() { "waiting" } else { state };
@@ -183,7 +194,7 @@ impl<'a> Agent<'a> {
         }
         if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
             self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
-            self.kept_retry_at = Some(Instant::now() + self.kept_backoff);
+            self.kept_retry_at = Some(Instant::now() + jitter::spread(self.kept_backoff));
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);
             return None;
         }
@@ -274,13 +285,13 @@ impl<'a> Agent<'a> {
 
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
-fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime) -> bool {
+fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
     let server_age = updated_at
         .and_then(crate::timestamp::parse_iso8601)
         .and_then(|t| now.duration_since(t).ok());
     match server_age {
-        Some(age) => age >= HEARTBEAT,
-        None => since_last_post >= HEARTBEAT,
+        Some(age) => age >= every,
+        None => since_last_post >= every,
     }
 }
 
@@ -293,10 +304,10 @@ mod tests {
     fn heartbeat_once_a_day() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
         let hour = Duration::from_secs(3600);
-        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now), "server heard from us 2 h ago");
-        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now), "26 h ago");
-        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now), "space separator, no zone");
-        assert!(!heartbeat_due(None, hour, now));
-        assert!(heartbeat_due(Some("garbage"), 25 * hour, now));
+        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT), "server heard from us 2 h ago");
+        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now, HEARTBEAT), "26 h ago");
+        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now, HEARTBEAT), "space separator, no zone");
+        assert!(!heartbeat_due(None, hour, now, HEARTBEAT));
+        assert!(heartbeat_due(Some("garbage"), 25 * hour, now, HEARTBEAT));
     }
 }

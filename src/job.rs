@@ -326,7 +326,7 @@ impl<'a> JobRunner<'a> {
             honour_interrupt: phase != "cleanup",
             metrics: self.metrics.as_deref_mut(),
             progress,
-            next_heartbeat: Instant::now() + PHASE_HEARTBEAT,
+            next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
         };
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
         if let Some(sig) = outcome.signal {
@@ -417,10 +417,10 @@ impl<'a> JobRunner<'a> {
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
         let Some(client) = self.client.as_deref_mut() else { return };
         let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
-        let mut next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
+        let mut next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
         loop {
             if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
+                next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
                 post_state_unless_held(client, "allocate");
             }
             if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod delivery;
 pub mod events;
+pub mod jitter;
 pub mod job;
 pub mod json;
 pub mod logging;

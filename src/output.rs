@@ -243,7 +243,7 @@ impl LiveStream {
             Err(e) => {
                 self.inflight_end = Some(plan.end);
                 self.failures += 1;
-                let backoff = Duration::from_millis(500 << self.failures.min(6));
+                let backoff = crate::jitter::spread(Duration::from_millis(500 << self.failures.min(6)));
                 log::warn!("{} log fragment not sent, will retry in {backoff:?}: {e}", self.kind);
                 self.retry_at = Some(Instant::now() + backoff);
                 Err(e)

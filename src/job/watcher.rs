@@ -99,7 +99,7 @@ impl Watcher for PhaseWatcher<'_> {
                 self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
-                self.next_heartbeat = now + PHASE_HEARTBEAT;
+                self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
                 client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {

@@ -57,3 +57,50 @@ fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
     assert_eq!(test_fragments, 2, "the first output, then the rest in the final flush");
     p.kill();
 }
+
+/// A `Duration`'s Debug text ("412.5ms", "1.25s", "80µs") in seconds.
+fn secs(text: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("µs") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix("ns") {
+        (n, 1e-9)
+    } else {
+        (text.strip_suffix('s')?, 1.0)
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
+/// The waits the agent logged after `marker` (the rest of the line).
+fn waits(log: &str, marker: &str) -> Vec<f64> {
+    log.lines().filter_map(|l| secs(l.split_once(marker)?.1.trim())).collect()
+}
+
+/// Polls are spread ±20 % around `polling_interval`, and the retries while
+/// the server is away are spread over the whole (doubling) backoff, so a
+/// fleet started together does not stay in step.
+#[test]
+fn polling_and_outage_retries_are_jittered() {
+    let server = FakeServer::start();
+    server.stop_listening();
+    let agent = Agent::new(&server).set("polling_interval", "0.5");
+    let mut p = agent.spawn();
+    wait_for("four retries while the server is away", || waits(&p.log_text(), "not reachable, retrying in ").len() >= 4);
+    server.resume_listening();
+    wait_for("six polls", || waits(&p.log_text(), "next poll in ").len() >= 6);
+    p.kill();
+    let log = p.log_text();
+    let retries = waits(&log, "not reachable, retrying in ");
+    // Without jitter: 0.5, 1, 2, 4 s exactly.
+    let mut cap = 0.5;
+    for w in &retries[..4] {
+        assert!((0.1 - 1e-9..=cap + 1e-9).contains(w), "retry wait {w} outside [0.1, {cap}]: {retries:?}");
+        cap *= 2.0;
+    }
+    assert!(retries[..4].iter().zip([0.5, 1.0, 2.0, 4.0]).any(|(w, plain)| (w - plain).abs() > 1e-6), "{retries:?}");
+    let polls = waits(&log, "next poll in ");
+    assert!(polls.iter().all(|w| (0.4 - 1e-9..=0.6 + 1e-9).contains(w)), "poll waits outside 0.5 s ± 20 %: {polls:?}");
+    let (lo, hi) = polls.iter().fold((f64::MAX, 0.0f64), |(lo, hi), w| (lo.min(*w), hi.max(*w)));
+    assert!(hi - lo > 0.001, "poll waits all the same: {polls:?}");
+}
