@@ -15,6 +15,7 @@ pub mod events;
 pub mod jitter;
 pub mod job;
 pub mod json;
+pub mod lockfile;
 pub mod logging;
 pub mod mask;
 pub mod metrics;

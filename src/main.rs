@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, budget, client, job, logging, metrics, runner, safe_fs, signals};
+use testflinger_agent::{agent, budget, client, job, lockfile, logging, metrics, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
+/// Exit status when another agent holds `execution_basedir` (EX_CANTCREAT);
+/// not in RestartPreventExitStatus: the supervisor tries again later, and
+/// the new agent starts once the other one is gone.
+const EXIT_LOCKED: u8 = 73;
 /// Exit status asking the supervisor for a restart (EX_TEMPFAIL).
 const EXIT_RESTART: u8 = 75;
 
@@ -94,6 +98,17 @@ fn main() -> ExitCode {
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
     budget::set(config.budget());
+    // Held until exit: one agent per run dir.
+    let _lock = match lockfile::acquire(&config.execution_basedir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("testflinger-agent: {e}");
+            return ExitCode::from(match e {
+                lockfile::LockError::Busy { .. } => EXIT_LOCKED,
+                lockfile::LockError::Io { .. } => EXIT_USAGE,
+            });
+        }
+    };
     runner::become_subreaper();
     if let Some(w) = args.token_file.as_deref().and_then(safe_fs::exposed_secret_warning) {
         log::warn!("{w}");

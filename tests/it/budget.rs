@@ -104,3 +104,28 @@ fn polling_and_outage_retries_are_jittered() {
     let (lo, hi) = polls.iter().fold((f64::MAX, 0.0f64), |(lo, hi), w| (lo.min(*w), hi.max(*w)));
     assert!(hi - lo > 0.001, "poll waits all the same: {polls:?}");
 }
+
+/// A second agent on the same `execution_basedir` exits at once (73) with
+/// one line naming the first one's pid; once the first is gone (killed,
+/// so the kernel released its lock), an agent starts there again.
+#[test]
+fn a_second_agent_on_the_same_run_dir_exits_naming_the_first() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    let data_gets = |s: &FakeServer| s.requests_to("GET", "/v1/agents/data/").len();
+    let mut first = agent.spawn();
+    server.wait_until(T, "the first agent polling", |s| data_gets(s) >= 1);
+    let mut second = agent.spawn();
+    let status = second.wait_exit(T);
+    assert_eq!(status.code(), Some(73), "{}", second.diagnostics());
+    let err = second.stderr_text();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("in use by another agent (pid {})", first.pid())), "{err}");
+    assert!(first.try_wait().is_none(), "the first agent keeps running");
+    first.kill();
+    let before = data_gets(&server);
+    let mut third = agent.spawn();
+    server.wait_until(T, "an agent polling again", |s| data_gets(s) > before);
+    assert!(third.try_wait().is_none(), "{}", third.diagnostics());
+    third.kill();
+}
