@@ -92,6 +92,10 @@ pub struct Config {
     /// cancelled. Not an upstream key.
     #[serde(default = "default_cancel_check_interval")]
     pub cancel_check_interval: f64,
+    /// Seconds a stopped phase (timeout, cancel, agent stop) gets between
+    /// SIGTERM and SIGKILL. Not an upstream key.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: f64,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -122,6 +126,9 @@ fn default_output_interval() -> f64 {
 }
 fn default_cancel_check_interval() -> f64 {
     crate::budget::DEFAULT_CANCEL_INTERVAL.as_secs_f64()
+}
+fn default_kill_grace() -> f64 {
+    crate::runner::GRACE.as_secs_f64()
 }
 fn default_output_bytes() -> u64 {
     10 * 1024 * 1024
@@ -200,7 +207,11 @@ impl Config {
         if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
             return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
         }
-        for (key, value) in [("output_interval", config.output_interval), ("cancel_check_interval", config.cancel_check_interval)] {
+        for (key, value) in [
+            ("output_interval", config.output_interval),
+            ("cancel_check_interval", config.cancel_check_interval),
+            ("kill_grace", config.kill_grace),
+        ] {
             // Capped at a day so that Duration arithmetic cannot overflow.
             if !(value.is_finite() && (0.0..=86400.0).contains(&value)) {
                 return Err(err(Some(key.into()), None, "must be a number of seconds from 0 to 86400".into()));
@@ -225,6 +236,10 @@ impl Config {
             output_interval: std::time::Duration::from_secs_f64(self.output_interval),
             cancel_interval: std::time::Duration::from_secs_f64(self.cancel_check_interval),
         }
+    }
+
+    pub fn kill_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.kill_grace)
     }
 
     /// The command configured for `phase`, if any (empty means none).
@@ -353,7 +368,8 @@ mod tests {
         let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\n")).unwrap();
         assert_eq!(c.budget().output_interval, std::time::Duration::from_millis(500));
         assert_eq!(c.budget().cancel_interval, std::time::Duration::from_secs(10));
-        for key in ["output_interval", "cancel_check_interval"] {
+        assert_eq!(c.kill_grace(), crate::runner::GRACE);
+        for key in ["output_interval", "cancel_check_interval", "kill_grace"] {
             for bad in ["-1", "soon", "1e9"] {
                 let e = parse(&format!("{MINIMAL}{key}: {bad}\n")).unwrap_err();
                 assert_eq!(e.key.as_deref(), Some(key), "{bad}: {e}");

@@ -261,12 +261,16 @@ impl<'a> JobRunner<'a> {
                 .and_then(|d| d.get("timeout"))
                 .and_then(parse_duration)
                 .unwrap_or(DEFAULT_RESERVE_TIMEOUT);
-            return Limits { global: Some(Duration::from_secs(t)), output: None };
+            return Limits { global: Some(Duration::from_secs(t)), output: None, kill_grace: Some(self.config.kill_grace()) };
         }
         let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
         let output = (phase == "test")
             .then(|| pick(self.timeout_from_job("output_timeout"), self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
-        Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs) }
+        Limits {
+            global: Some(Duration::from_secs(global)),
+            output: output.map(Duration::from_secs),
+            kill_grace: Some(self.config.kill_grace()),
+        }
     }
 
     fn env(&self) -> Vec<(String, String)> {

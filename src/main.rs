@@ -98,15 +98,17 @@ fn main() -> ExitCode {
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
     budget::set(config.budget());
-    // Held until exit: one agent per run dir.
+    // Held until exit: one agent per run dir. A dir that cannot be made or
+    // locked is not fatal here: each job then reports it (status 100).
     let _lock = match lockfile::acquire(&config.execution_basedir) {
-        Ok(lock) => lock,
-        Err(e) => {
+        Ok(lock) => Some(lock),
+        Err(e @ lockfile::LockError::Busy { .. }) => {
             eprintln!("testflinger-agent: {e}");
-            return ExitCode::from(match e {
-                lockfile::LockError::Busy { .. } => EXIT_LOCKED,
-                lockfile::LockError::Io { .. } => EXIT_USAGE,
-            });
+            return ExitCode::from(EXIT_LOCKED);
+        }
+        Err(e) => {
+            log::warn!("{e}; running without the one-agent-per-dir guard");
+            None
         }
     };
     runner::become_subreaper();

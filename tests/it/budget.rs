@@ -129,3 +129,24 @@ fn a_second_agent_on_the_same_run_dir_exits_naming_the_first() {
     assert!(third.try_wait().is_none(), "{}", third.diagnostics());
     third.kill();
 }
+
+/// `kill_grace`: a cancelled phase that ignores SIGTERM gets SIGKILL after
+/// the configured period (the log names it), and the job still ends.
+#[test]
+fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("kill_grace", "0.1")
+        .set("cancel_check_interval", "0.1")
+        .command("test", "trap 'echo got-term' TERM; touch started; while :; do sleep 0.05; done")
+        .arg("--once");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    wait_for("the phase to start", || agent.run_dir(&job).join("started").exists());
+    server.cancel_job(&job);
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let log = p.log_text();
+    assert!(log.contains("the phase did not end within 100ms of SIGTERM; sending SIGKILL"), "{log}");
+    assert!(server.log_text_phase(&job, "output", "test").contains("got-term"));
+}
