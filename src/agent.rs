@@ -10,6 +10,7 @@ use crate::jitter;
 use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::recovery;
 use crate::signals;
 
@@ -84,6 +85,7 @@ impl<'a> Agent<'a> {
             // Full jitter: a fleet that lost the server together must not
             // come back together at each doubling.
             let wait = jitter::full(backoff, Duration::from_millis(100));
+            notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             log::warn!("server {} not reachable, retrying in {wait:?}", self.client.base_url());
             self.metrics.idle(wait);
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -196,6 +198,7 @@ impl<'a> Agent<'a> {
             self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
             self.kept_retry_at = Some(Instant::now() + jitter::spread(self.kept_backoff));
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);
+            notify::status("earlier outcomes undelivered; not taking jobs");
             return None;
         }
         self.kept_retry_at = None;
@@ -231,6 +234,7 @@ impl<'a> Agent<'a> {
                 return Some(Exit::Restart);
             }
             "offline" | "maintenance" => {
+                notify::status(&format!("{state} on the server: {comment}"));
                 if changed {
                     log::info!("agent is {state} on the server ({comment}); not taking jobs until that changes");
                 }
@@ -250,7 +254,10 @@ impl<'a> Agent<'a> {
         }
         let job = match self.client.get_job(&self.queues(agent_data.as_ref())) {
             Ok(Some(job)) => job,
-            Ok(None) => return None,
+            Ok(None) => {
+                notify::status("waiting for a job");
+                return None;
+            }
             Err(e) => {
                 log::error!("cannot get a job: {e}");
                 return None;

@@ -332,6 +332,7 @@ impl<'a> JobRunner<'a> {
             progress,
             next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
         };
+        crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
         if let Some(sig) = outcome.signal {
             watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());

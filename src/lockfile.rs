@@ -1,30 +1,29 @@
-//! One agent per `execution_basedir`: an `flock` on a lock file there,
+//! One agent per `execution_basedir`: an `flock` on the directory itself,
 //! held for the process's life and released by the kernel when it dies
 //! (however it dies). Upstream agents orphaned by a supervisor crash keep
 //! working in the same directories as their replacement; ours refuses.
+//!
+//! The directory, not a lock file in it: the run dir then holds nothing but
+//! run dirs (recovery, delivery and operators count on that), and the
+//! holder's pid comes from `/proc/locks`, so no stale pid file can mislead.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::safe_fs;
 
-/// The lock file's name inside `execution_basedir`; it holds the pid of the
-/// agent that has the lock.
-pub const NAME: &str = ".testflinger-agent.lock";
-
 /// Held for the agent's life; dropping it releases the lock.
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    _dir: File,
 }
 
 #[derive(Debug)]
 pub enum LockError {
-    /// Another live process holds the lock; its pid when it wrote one.
+    /// Another live process holds the lock; its pid when it could be found.
     Busy { dir: PathBuf, pid: Option<u32> },
     Io { path: PathBuf, reason: String },
 }
@@ -36,7 +35,7 @@ impl fmt::Display for LockError {
                 write!(f, "execution_basedir {} is in use by another agent (pid {pid}); exiting", dir.display())
             }
             LockError::Busy { dir, pid: None } => {
-                write!(f, "execution_basedir {} is in use by another agent (pid not yet written); exiting", dir.display())
+                write!(f, "execution_basedir {} is in use by another agent (pid unknown); exiting", dir.display())
             }
             LockError::Io { path, reason } => write!(f, "cannot lock {}: {reason}", path.display()),
         }
@@ -45,32 +44,38 @@ impl fmt::Display for LockError {
 
 /// Takes the lock on `dir` (created when missing) or says who holds it.
 pub fn acquire(dir: &Path) -> Result<Lock, LockError> {
-    let path = dir.join(NAME);
-    let io = |e: std::io::Error| LockError::Io { path: path.clone(), reason: e.to_string() };
+    let io = |e: std::io::Error| LockError::Io { path: dir.to_path_buf(), reason: e.to_string() };
     safe_fs::ensure_base_dir(dir, safe_fs::PRIVATE_DIR).map_err(io)?;
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
-        .write(true)
-        .create(true)
-        .mode(safe_fs::PRIVATE_FILE)
-        // Never through a link; close-on-exec so that phase commands (and
-        // what they leave running) do not hold the lock after we die.
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
+        // Close-on-exec so that phase commands (and what they leave
+        // running) do not hold the lock after we die.
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
         .map_err(io)?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            return Err(LockError::Busy { dir: dir.to_path_buf(), pid: text.trim().parse().ok() });
+            let pid = file.metadata().ok().and_then(|m| holder(m.dev(), m.ino()));
+            return Err(LockError::Busy { dir: dir.to_path_buf(), pid });
         }
         return Err(io(e));
     }
-    file.set_len(0).and_then(|_| file.seek(SeekFrom::Start(0))).map_err(io)?;
-    file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io)?;
-    Ok(Lock { _file: file })
+    Ok(Lock { _dir: file })
+}
+
+/// The pid holding an flock on the inode `(dev, ino)`, from `/proc/locks`
+/// (lines like `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`, the
+/// device as hex major:minor).
+fn holder(dev: u64, ino: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "->" marks a waiter (blocked request), which is not the holder.
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
+    })
 }
 
 #[cfg(test)]
@@ -87,6 +92,7 @@ mod tests {
             Err(LockError::Busy { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("{other:?}"),
         }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing created in the dir");
         drop(first);
         assert!(acquire(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -41,7 +41,11 @@ pub fn init(level: LevelFilter, basedir: Option<&Path>, quiet: bool) {
         }
     }
     if !quiet || loggers.is_empty() {
-        loggers.push(WriteLogger::new(level, config, MaskedLines::new(std::io::stderr())));
+        if crate::notify::stderr_is_journal() {
+            loggers.push(crate::journal::JournalLogger::new(level));
+        } else {
+            loggers.push(WriteLogger::new(level, config, MaskedLines::new(std::io::stderr())));
+        }
     }
     // Only fails when a logger is already set (tests); nothing to do then.
     let _ = CombinedLogger::init(loggers);

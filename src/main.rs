@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, budget, client, job, lockfile, logging, metrics, runner, safe_fs, signals};
+use testflinger_agent::{agent, budget, client, job, lockfile, notify, logging, metrics, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -97,6 +97,7 @@ fn main() -> ExitCode {
     let level = logging::parse_level(&config.logging_level).unwrap_or(simplelog::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
+    notify::init();
     budget::set(config.budget());
     // Held until exit: one agent per run dir. A dir that cannot be made or
     // locked is not fatal here: each job then reports it (status 100).
@@ -133,6 +134,9 @@ fn main() -> ExitCode {
             let mut client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
+            // Start-up checks are done (config, logging, run dir lock, metrics
+            // port); reaching the server is the agent's work, not start-up.
+            notify::ready("starting: contacting the server");
             match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
                 agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,

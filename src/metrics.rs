@@ -177,6 +177,8 @@ impl Metrics {
 
     /// Accepts, reads and answers whatever scrapers are ready; never waits.
     pub fn service(&mut self, now: Instant) {
+        // Every wake-up, idle or in a phase, passes here: the watchdog too.
+        crate::notify::tick();
         let Some(ep) = &mut self.endpoint else { return };
         ep.accept(now);
         if ep.conns.is_empty() {

@@ -150,3 +150,64 @@ fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
     assert!(log.contains("the phase did not end within 100ms of SIGTERM; sending SIGKILL"), "{log}");
     assert!(server.log_text_phase(&job, "output", "test").contains("got-term"));
 }
+
+/// Under systemd `Type=notify`: `READY=1` after start-up, `STATUS=` with
+/// what the agent does, `WATCHDOG=1` while `WATCHDOG_USEC` is set, and
+/// `STOPPING=1` on SIGTERM; messages as datagrams on `NOTIFY_SOCKET`.
+#[test]
+fn systemd_notify_ready_status_watchdog_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let server = FakeServer::start();
+    let agent = Agent::new(&server).set("polling_interval", "0.2");
+    let path = agent.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let agent = agent.env("NOTIFY_SOCKET", &path.to_string_lossy()).env("WATCHDOG_USEC", "100000");
+    let mut p = agent.spawn();
+    let mut got: Vec<String> = Vec::new();
+    let read_until = |what: &str, got: &mut Vec<String>, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + T;
+        let mut buf = [0u8; 4096];
+        while !done(got) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {got:?}");
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    let count = |got: &[String], msg: &str| got.iter().filter(|m| m.lines().any(|l| l == msg)).count();
+    read_until("READY, a status and watchdog pings", &mut got, &|g| {
+        count(g, "READY=1") == 1 && count(g, "WATCHDOG=1") >= 3 && count(g, "STATUS=waiting for a job") >= 1
+    });
+    assert!(got[0].starts_with("READY=1\nSTATUS="), "READY first: {got:?}");
+    assert_eq!(count(&got, "STATUS=waiting for a job"), 1, "a status is sent when it changes only: {got:?}");
+    p.signal(libc::SIGTERM);
+    read_until("STOPPING", &mut got, &|g| count(g, "STOPPING=1") == 1);
+    assert!(p.wait_exit(T).success());
+}
+
+/// When stderr is the journal (`JOURNAL_STREAM` names its device and
+/// inode), log lines there carry `<N>` priorities and no timestamp; the
+/// log file keeps its timestamps.
+#[test]
+fn journal_stderr_gets_priority_prefixes_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    // The harness opens stderr-0.txt with File::create: same inode.
+    let stderr = agent.dir().join("stderr-0.txt");
+    std::fs::write(&stderr, "").expect("create stderr file");
+    let meta = std::fs::metadata(&stderr).expect("stat");
+    let agent = agent.env("JOURNAL_STREAM", &format!("{}:{}", meta.dev(), meta.ino()));
+    let out = agent.run_once(T);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(["<3>", "<4>", "<6>", "<7>"].iter().any(|p| line.starts_with(p)), "{line:?} in\n{text}");
+        assert!(!line.contains("Z ["), "no timestamp: {line:?}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("<6>testflinger-agent ")), "{text}");
+    let log = std::fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).expect("log file");
+    assert!(log.lines().all(|l| l.starts_with("20") && !l.starts_with('<')), "{log}");
+}
