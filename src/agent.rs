@@ -56,6 +56,11 @@ pub struct Agent<'a> {
     /// This agent's heartbeat period: a day shortened by a random part,
     /// so that a fleet started together does not heartbeat together.
     heartbeat_every: Duration,
+    /// Free space under execution_basedir was below `min_free_mb` at the
+    /// last look: said once (log, state comment) until it returns.
+    disk_low: bool,
+    /// The state comment saying so, until the server has it.
+    disk_comment_unposted: Option<String>,
 }
 
 impl<'a> Agent<'a> {
@@ -72,6 +77,8 @@ impl<'a> Agent<'a> {
             kept_retry_at: None,
             kept_backoff: Duration::ZERO,
             heartbeat_every: jitter::early(HEARTBEAT),
+            disk_low: false,
+            disk_comment_unposted: None,
         }
     }
 
@@ -165,6 +172,49 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// The disk guard: below `min_free_mb` free under execution_basedir no
+    /// job is taken; the first time, the log and the agent's state comment
+    /// on the server say why, and again once space has returned.
+    fn disk_has_room(&mut self) -> bool {
+        let min = self.config.min_free_mb.saturating_mul(1 << 20);
+        let dir = &self.config.execution_basedir;
+        let free = match crate::vitals::disk_free(crate::vitals::existing_ancestor(dir)) {
+            Some(f) if min > 0 => f,
+            // Guard off, or nothing to measure: go on as before.
+            _ => return true,
+        };
+        let low = free < min;
+        if low != self.disk_low {
+            self.disk_low = low;
+            let comment = if low {
+                let c = format!(
+                    "Not taking jobs: {} MiB free under {}, below min_free_mb {}",
+                    free >> 20,
+                    dir.display(),
+                    self.config.min_free_mb
+                );
+                log::warn!("{c}");
+                notify::status(&c);
+                c
+            } else {
+                log::info!("{} MiB free under {} again; taking jobs", free >> 20, dir.display());
+                String::new()
+            };
+            self.disk_comment_unposted = Some(comment);
+        }
+        if let Some(comment) = self.disk_comment_unposted.take() {
+            let data = Json::object().with("state", Json::str("waiting")).with("comment", Json::str(comment.as_str()));
+            match self.client.post_agent_data(&data) {
+                Ok(()) => self.last_post = Instant::now(),
+                Err(e) => {
+                    log::debug!("cannot post the disk state yet: {e}");
+                    self.disk_comment_unposted = Some(comment);
+                }
+            }
+        }
+        !low
+    }
+
     /// Tells the server why the agent goes away for a moment.
     fn post_restarting(&mut self, comment: &str) {
         let comment = format!("{RESTARTING}{comment}");
@@ -246,6 +296,9 @@ impl<'a> Agent<'a> {
             }
             _ if changed => log::info!("agent state on the server: {state:?}; taking jobs"),
             _ => {}
+        }
+        if !self.disk_has_room() {
+            return None;
         }
         if let Some(queues) = self.config.advertised_queues_json() {
             if let Err(e) = self.client.post_queues(&queues) {

@@ -96,6 +96,10 @@ pub struct Config {
     /// SIGTERM and SIGKILL. Not an upstream key.
     #[serde(default = "default_kill_grace")]
     pub kill_grace: f64,
+    /// MiB that must be free under `execution_basedir` for a job to be
+    /// taken; 0 turns the guard off. Not an upstream key.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -126,6 +130,12 @@ fn default_output_interval() -> f64 {
 }
 fn default_cancel_check_interval() -> f64 {
     crate::budget::DEFAULT_CANCEL_INTERVAL.as_secs_f64()
+}
+/// 1 GiB: a job's logs, serial log, artifacts tarball and what connectors
+/// download (images are often several hundred MB) fit, and an SD card agent
+/// stops before a phase dies of ENOSPC mid-way and its output is lost.
+fn default_min_free_mb() -> u64 {
+    1024
 }
 fn default_kill_grace() -> f64 {
     crate::runner::GRACE.as_secs_f64()

@@ -29,3 +29,4 @@ pub mod safe_fs;
 pub mod serial;
 pub mod signals;
 pub mod timestamp;
+pub mod vitals;

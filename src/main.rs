@@ -130,7 +130,7 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            let metrics = metrics.with_textfile(config.metrics_textfile.clone());
+            let metrics = metrics.with_vitals(config.execution_basedir.clone()).with_textfile(config.metrics_textfile.clone());
             let mut client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());

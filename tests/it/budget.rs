@@ -211,3 +211,48 @@ fn journal_stderr_gets_priority_prefixes_and_no_timestamps() {
     let log = std::fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).expect("log file");
     assert!(log.lines().all(|l| l.starts_with("20") && !l.starts_with('<')), "{log}");
 }
+
+/// The disk guard: with less free space under execution_basedir than
+/// `min_free_mb` (here more MiB than any disk has), no job is taken, the
+/// agent's state comment on the server says why, the log says it once; and
+/// the metrics carry the host gauges.
+#[test]
+fn disk_guard_takes_no_job_says_why_once_and_metrics_show_host_vitals() {
+    let server = FakeServer::start();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let agent = Agent::new(&server).set("min_free_mb", "1000000000000").arg("-p").arg(&port.to_string());
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, ""));
+    server.wait_until(T, "the comment saying why", |s| {
+        s.agent_data(crate::harness::AGENT_ID)
+            .and_then(|d| d.get("comment").and_then(|c| c.as_str().map(String::from)))
+            .is_some_and(|c| c.starts_with("Not taking jobs: ") && c.contains("below min_free_mb 1000000000000"))
+    });
+    let polls = |s: &FakeServer| s.requests_to("GET", "/v1/agents/data/").len();
+    let seen = polls(&server);
+    server.wait_until(T, "five more polling cycles", |s| polls(s) >= seen + 5);
+    assert!(server.requests_to("GET", "/v1/job").is_empty(), "no job asked for");
+    assert_eq!(server.queued_jobs(), 1);
+    assert_eq!(p.log_text().matches("Not taking jobs: ").count(), 1, "logged once");
+
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    use std::io::{Read, Write};
+    c.set_read_timeout(Some(T)).expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("scrape");
+    let mut body = String::new();
+    c.read_to_string(&mut body).expect("read scrape");
+    let value = |name: &str| -> Option<f64> {
+        body.lines().find_map(|l| l.strip_prefix(name)?.split_once("} ")?.1.trim().parse().ok())
+    };
+    for name in ["testflinger_agent_disk_free_bytes", "testflinger_agent_memory_available_bytes", "testflinger_agent_resident_memory_bytes"] {
+        assert!(value(name).is_some_and(|v| v > 0.0), "{name} in\n{body}");
+    }
+    if std::path::Path::new("/sys/class/thermal/thermal_zone0/temp").exists() {
+        assert!(value("testflinger_agent_cpu_temperature_celsius").is_some(), "{body}");
+    }
+    p.kill();
+}
