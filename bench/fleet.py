@@ -79,7 +79,14 @@ class H(BaseHTTPRequestHandler):
             with LOCK: FRAGS.setdefault(parts[3], {})[f["fragment_number"]] = f["log_data"]
         self._send(200, b"OK")
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+ERRORS = [0]
+
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that gave up (timeout, reset): counted, not printed.
+        with LOCK: ERRORS[0] += 1
+
+srv = Server(("127.0.0.1", 0), H)
 srv.daemon_threads = True
 port = srv.server_address[1]
 threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -147,5 +154,6 @@ print(f"agents {a.agents} (polling {a.polling:g} s{', ' + ', '.join(a.extra) if 
 print(f"requests per agent-minute: idle {idle:.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
 print(f"requests/s: mean {mean:.1f}, peak in the 10 s after the server returned {max(after)} ({after})")
 print(f"jobs completed {len(COMPLETE)}/{a.agents}, outcomes lost {a.agents - len(COMPLETE)}, output lines lost {lost_lines}")
+print(f"requests the server could not answer (client gone: timeout or reset) {ERRORS[0]}")
 print(f"agents' CPU {cpu:.1f} s total, RSS now {rss/1024:.1f} MB total, largest peak RSS {hwm/1024:.1f} MB")
 subprocess.run(["rm", "-rf", tmp])
