@@ -127,6 +127,8 @@ fn one_line(s: &str) -> String {
 /// Whether stderr is the journal: `JOURNAL_STREAM` is `<dev>:<inode>` of
 /// the stream systemd connected, compared with stderr's (a child whose
 /// stderr was redirected inherits the variable but not the stream).
+// The stat types are u32 on some 32-bit targets.
+#[allow(clippy::useless_conversion)]
 pub fn stderr_is_journal() -> bool {
     let Ok(value) = std::env::var("JOURNAL_STREAM") else { return false };
     let Some((dev, ino)) = value.split_once(':') else { return false };
@@ -138,7 +140,7 @@ pub fn stderr_is_journal() -> bool {
     }
     // SAFETY: fstat succeeded, so the buffer is initialised.
     let st = unsafe { st.assume_init() };
-    st.st_dev as u64 == dev && st.st_ino as u64 == ino
+    u64::from(st.st_dev) == dev && u64::from(st.st_ino) == ino
 }
 
 /// The journal priority (syslog level) of a log level.

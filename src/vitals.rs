@@ -6,6 +6,8 @@
 use std::path::Path;
 
 /// Bytes available to unprivileged users on the filesystem of `path`.
+// The stat types are u32 on some 32-bit targets.
+#[allow(clippy::useless_conversion)]
 pub fn disk_free(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
@@ -16,7 +18,7 @@ pub fn disk_free(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs succeeded, so the buffer is initialised.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
 /// The first existing directory at or above `path`: the run dir may not
