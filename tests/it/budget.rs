@@ -256,3 +256,57 @@ fn disk_guard_takes_no_job_says_why_once_and_metrics_show_host_vitals() {
     }
     p.kill();
 }
+
+/// The disk guard lets go when space returns: on a small tmpfs (skipped
+/// where it cannot be mounted), a file fills it below `min_free_mb`, no
+/// job is taken; the file goes, the comment is cleared, the job runs.
+#[test]
+fn disk_guard_takes_jobs_again_when_space_returns() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    let small = agent.dir().join("small-disk");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![0u8; 6 << 20]).expect("fill the tmpfs");
+    let agent = agent
+        .set("execution_basedir", &crate::harness::yaml_str(&small.join("run").to_string_lossy()))
+        .set("min_free_mb", "4")
+        .command("test", "echo ran");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    let comment = |s: &FakeServer| {
+        s.agent_data(crate::harness::AGENT_ID).and_then(|d| d.get("comment").and_then(|c| c.as_str().map(String::from)))
+    };
+    server.wait_until(T, "the low-space comment", |s| comment(s).is_some_and(|c| c.contains("below min_free_mb 4")));
+    assert!(server.requests_to("GET", "/v1/job").is_empty(), "no job asked for");
+    std::fs::remove_file(&filler).expect("free the space");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    assert!(p.log_text().contains("again; taking jobs"), "{}", p.log_text());
+    // The comment was cleared after the low-space one.
+    let comments: Vec<String> = server
+        .requests_to("POST", "/v1/agents/data/")
+        .iter()
+        .filter_map(|r| r.json()?.get("comment")?.as_str().map(String::from))
+        .collect();
+    let low = comments.iter().position(|c| c.contains("below min_free_mb 4")).expect("low-space comment posted");
+    assert!(comments[low + 1..].iter().any(|c| c.is_empty()), "{comments:?}");
+    p.kill();
+}
