@@ -362,7 +362,7 @@ impl Client {
             self.refresh();
         }
         let mut refreshed = false;
-        let mut backoff = self.policy.first_backoff;
+        let mut backoff = crate::jitter::spread(self.policy.first_backoff);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -386,7 +386,8 @@ impl Client {
                 other => return other,
             }
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.policy.max_backoff);
+            // Spread (±20 %) so that agents failing together retry apart.
+            backoff = crate::jitter::spread((backoff * 2).min(self.policy.max_backoff));
         }
     }
 

@@ -16,6 +16,7 @@ mod streaming;
 mod faults;
 mod soak;
 mod startup;
+mod budget;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
