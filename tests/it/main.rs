@@ -12,6 +12,7 @@ mod fleet;
 mod streaming;
 mod faults;
 mod soak;
+mod minimal_image;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
