@@ -31,7 +31,7 @@ target=${1:?usage: cross/minimal-image.sh [--no-tls] <target>}
 
 # Debian architecture, `uname -m` inside the image, binfmt magic and mask.
 case "$target" in
-  x86_64-*)  debarch=amd64 arch=x86_64 ;;
+  x86_64-*)  debarch=amd64 arch=x86_64 magic="" mask="" ;;
   aarch64-*) debarch=arm64 arch=aarch64
              magic='\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00'
              mask='\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff' ;;
