@@ -79,6 +79,8 @@ version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -1)
 skips=()
 skip() { skips+=("$1"); echo "qemu-check: skip $1: $2"; }
 if [ -n "$qemu" ]; then
+  skip artifacts::attachments_bomb_stops_at_the_entry_limit \
+    "unpacks a 100,001-member attachments tarball, past the test's 60 s limit under emulation on 2 shared cores (measured: not done in 60 s under qemu-aarch64 10.0.2); the entry limit is the same code on every target and is proven natively"
   major=$("$qemu_bin" --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)
   if [ "${major:-0}" -lt 10 ]; then
     why="qemu-user $major returns EINVAL for prctl(PR_SET_CHILD_SUBREAPER) (measured: 7.2 does, 10.0 passes it through), so a setsid'd grandchild is re-parented past the agent and cannot be found; install qemu 10 (cross/install-deps.sh)"
