@@ -108,7 +108,7 @@ exec unshare --user --map-root-user --mount -- /bin/sh -c '
   mount --bind /tmp "\$r/tmp"
   if [ -n "$interp" ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-    echo ":tf-$arch:M::$magic:$mask:$interp:F" > /proc/sys/fs/binfmt_misc/register
+    echo ":tf-$arch:M::$magic:$mask:$interp:FP" > /proc/sys/fs/binfmt_misc/register
   fi
   exec chroot "\$r" "\$@"' "$r" "\$@"
 EOF
