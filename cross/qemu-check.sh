@@ -49,7 +49,7 @@ if [ "$build" = 1 ]; then
   "$ROOT/cross/build.sh" "${tls_flag[@]}" "$target"
 fi
 
-bin="$ROOT/target/dist/testflinger-agent-$target$suffix"
+bin="${QEMU_CHECK_BIN:-$ROOT/target/dist/testflinger-agent-$target$suffix}"   # QEMU_CHECK_BIN: check another copy
 [ -x "$bin" ] || { echo "qemu-check: $bin not built (run cross/build.sh ${tls_flag[*]} $target)" >&2; exit 1; }
 
 qemu_bin=""
