@@ -128,7 +128,8 @@ for t in "${targets[@]}"; do
     continue
   fi
   out="$DIST/testflinger-agent-$built$suffix"
-  cp "$TARGET_DIR/$built/release/testflinger-agent" "$out"
+  # Copy then rename: a qemu-check running the old binary keeps its inode.
+  cp "$TARGET_DIR/$built/release/testflinger-agent" "$out.tmp" && mv -f "$out.tmp" "$out"
   desc=$(file -b "$out")
   size=$(stat -c %s "$out")
   echo "file: $desc"
