@@ -17,6 +17,7 @@ mod faults;
 mod soak;
 mod startup;
 mod budget;
+mod minimal_image;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
