@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::notify;
 use crate::recovery;
 use crate::signals;
+use crate::wait::{self, Ends};
 
 /// Why the loop ended; `main` maps it to an exit status.
 #[derive(Debug, PartialEq)]
@@ -126,7 +127,7 @@ impl<'a> Agent<'a> {
                 log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
                 return false;
             }
-            self.metrics.idle(wait);
+            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::Stop);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -188,6 +189,8 @@ impl<'a> Agent<'a> {
         recovery::recover(self.config, &mut self.client, &mut self.metrics);
         loop {
             if signals::interrupted() {
+                // STOPPING=1, had no wait seen the signal yet.
+                notify::tick();
                 return Exit::Stopped;
             }
             if signals::restart_requested() {
@@ -204,7 +207,7 @@ impl<'a> Agent<'a> {
             // ±20 %: agents started together drift apart within a few polls.
             let wait = jitter::spread(self.interval());
             log::debug!("next poll in {wait:?}");
-            self.metrics.idle_or_restart(wait);
+            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::StopOrRestart);
         }
     }
 

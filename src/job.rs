@@ -30,8 +30,7 @@ use watcher::{PhaseWatcher, Progress};
 /// The phases before cleanup, in order.
 pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
 
-/// The exit code device connectors use for "the device could not be recovered".
-pub const RECOVERY_FAILED: i32 = 46;
+pub use crate::codes::RECOVERY_FAILED;
 /// The setup status of a job whose attachments were refused or could not
 /// be fetched (no command ran; like a command that could not start).
 const ATTACHMENTS_FAILED: i32 = 100;
@@ -155,10 +154,7 @@ impl<'a> JobRunner<'a> {
 
     /// Sleeps, answering metrics scrapes meanwhile.
     fn pause(metrics: Option<&mut Metrics>, d: Duration) {
-        match metrics {
-            Some(m) => m.idle(d),
-            None => signals::sleep(d),
-        }
+        crate::wait::sleep(d, metrics.map(|m| m as &mut dyn crate::wait::Source));
     }
 
     fn save_progress(&self) {

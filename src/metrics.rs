@@ -7,9 +7,11 @@
 //!
 //! The endpoint never blocks the agent: the listener and every connection
 //! are non-blocking, each connection has a small request buffer and a
-//! deadline, and the number of open connections is capped. The agent calls
-//! [`Metrics::service`] whenever it wakes (between polls, and from the phase
-//! watcher while a command runs) and [`Metrics::idle`] instead of sleeping.
+//! deadline, and the number of open connections is capped. The endpoint
+//! is a wake source of the agent's one waiting place (`wait`): its
+//! descriptors are polled along with the others, and it is served whenever
+//! the agent waits (between polls, in the allocation hold, and while a
+//! phase runs). Metrics never decides how long the agent sleeps.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +22,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic_mode;
-use crate::signals;
+use crate::codes::RECOVERY_FAILED;
+use crate::wait;
 
 /// Upstream's buckets, in seconds: phases last minutes to hours.
 pub const BUCKETS: [f64; 8] = [60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0];
@@ -34,8 +37,6 @@ const MAX_HEAD: usize = 4096;
 const MAX_CONNS: usize = 16;
 /// New connections taken per wake; the rest wait in the kernel's backlog.
 const ACCEPTS_PER_WAKE: usize = 16;
-/// While a phase runs, the watcher wakes at least this often to answer.
-const SERVICE_PERIOD: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -126,7 +127,7 @@ impl Metrics {
         if code != 0 {
             *self.failures.entry(phase.to_string()).or_default() += 1;
         }
-        if code == crate::job::RECOVERY_FAILED {
+        if code == RECOVERY_FAILED {
             self.recovery_failures += 1;
         }
         self.write_textfile();
@@ -204,8 +205,6 @@ impl Metrics {
 
     /// Accepts, reads and answers whatever scrapers are ready; never waits.
     pub fn service(&mut self, now: Instant) {
-        // Every wake-up, idle or in a phase, passes here: the watchdog too.
-        crate::notify::tick();
         let Some(ep) = &mut self.endpoint else { return };
         ep.accept(now);
         if ep.conns.is_empty() {
@@ -222,53 +221,29 @@ impl Metrics {
         }
     }
 
-    /// When the phase watcher must wake next to keep the endpoint answering.
-    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
-        self.endpoint.as_ref().map(|_| now + SERVICE_PERIOD)
-    }
-
-    /// Waits up to `d` while answering scrapers; returns early when the
-    /// agent is asked to stop. Replaces a plain sleep.
-    pub fn idle(&mut self, d: Duration) {
-        self.idle_until(d, signals::interrupted);
-    }
-
-    /// Like [`Metrics::idle`], also returning early when a restart is
-    /// asked for (SIGUSR1): for the agent's wait between polls, where it
-    /// is idle and can restart at once.
-    pub fn idle_or_restart(&mut self, d: Duration) {
-        self.idle_until(d, || signals::interrupted() || signals::restart_requested());
-    }
-
-    fn idle_until(&mut self, d: Duration, wake: fn() -> bool) {
-        let end = Instant::now() + d;
-        loop {
-            let now = Instant::now();
-            self.service(now);
-            if now >= end || wake() {
-                return;
-            }
-            // Signals interrupt poll(2) (no SA_RESTART), but one arriving
-            // just before it would be missed: 100 ms bounds that delay.
-            let mut timeout = (end - now).min(Duration::from_millis(100));
-            let Some(ep) = &self.endpoint else {
-                std::thread::sleep(timeout);
-                continue;
-            };
-            let mut fds = vec![libc::pollfd { fd: ep.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-            for c in &ep.conns {
-                let events = if c.out.is_some() { libc::POLLOUT } else { libc::POLLIN };
-                fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
-                timeout = timeout.min(c.deadline.saturating_duration_since(now));
-            }
-            // SAFETY: `fds` is a valid array of pollfd for the call's duration.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32) };
-        }
-    }
-
     #[cfg(test)]
     fn local_port(&self) -> Option<u16> {
         self.endpoint.as_ref().and_then(|e| e.listener.local_addr().ok()).map(|a| a.port())
+    }
+}
+
+impl wait::Source for Metrics {
+    fn fds(&self, out: &mut Vec<libc::pollfd>) {
+        let Some(ep) = &self.endpoint else { return };
+        out.push(libc::pollfd { fd: ep.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        for c in &ep.conns {
+            let events = if c.out.is_some() { libc::POLLOUT } else { libc::POLLIN };
+            out.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+        }
+    }
+
+    /// A connection's deadline: it is dropped then, ready or not.
+    fn due(&self) -> Option<Instant> {
+        self.endpoint.as_ref()?.conns.iter().map(|c| c.deadline).min()
+    }
+
+    fn service(&mut self, now: Instant) {
+        Metrics::service(self, now);
     }
 }
 

@@ -120,6 +120,17 @@ pub fn tick() {
     });
 }
 
+/// When the watchdog is next due: a wait must wake by then.
+pub fn next_due() -> Option<Instant> {
+    let mut due = None;
+    with(|s| {
+        if let Some(every) = s.watchdog_every {
+            due = Some(s.last_watchdog.map_or_else(Instant::now, |t| t + every));
+        }
+    });
+    due
+}
+
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }

@@ -1,5 +1,5 @@
 //! Runs one phase command: its own process group, one pipe for stdout and
-//! stderr, one `poll(2)` loop, stop conditions, and no orphans.
+//! stderr, one loop waiting in `wait`, stop conditions, and no orphans.
 //!
 //! The runner knows nothing of HTTP or jobs: it hands bytes to a [`Watcher`]
 //! and asks it, whenever it wakes, whether to stop.
@@ -11,6 +11,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::wait::{self, Ends, Woke};
 
 /// Why a phase was stopped before it ended by itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +57,10 @@ pub trait Watcher {
     fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop>;
     /// When the watcher next needs `check` without new output.
     fn next_wake(&self, now: Instant) -> Instant;
+    /// What the watcher serves while the runner waits (the metrics endpoint).
+    fn source(&mut self) -> Option<&mut dyn wait::Source> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -287,7 +293,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             watcher.check(now, &mut |sink| pipe.drain(sink));
         }
 
-        // Sleep until output arrives or the next thing to check is due.
+        // Wait until output arrives or the next thing to check is due.
         let mut wake = watcher.next_wake(now).min(now + Duration::from_secs(1));
         if status.is_none() {
             // Exit is noticed by polling try_wait; 100 ms keeps the idle cost
@@ -310,26 +316,12 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             // The output has ended, so the shell is about to exit.
             wake = wake.min(now + Duration::from_millis(5));
         }
-        let timeout_ms = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
-        if !pipe.open {
-            std::thread::sleep(Duration::from_millis(timeout_ms.max(1) as u64));
-            continue;
+        // Output, a signal (the watcher decides what it means), or the
+        // next deadline; the metrics endpoint is served meanwhile.
+        let fd = pipe.open.then(|| pipe.fd.as_raw_fd());
+        if wait::until(wake, watcher.source(), fd, Ends::AnySignal) == Woke::Ready {
+            pipe.drain(&mut |data| watcher.output(data));
         }
-        let mut pfd = libc::pollfd { fd: pipe.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                log::error!("poll failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            continue;
-        }
-        if n == 0 {
-            continue;
-        }
-        pipe.drain(&mut |data| watcher.output(data));
     }
 
     // The phase is over: nothing of it may outlive it.

@@ -25,7 +25,7 @@ pub(super) struct PhaseWatcher<'a> {
     pub(super) job_id: &'a str,
     pub(super) next_cancel_check: Option<Instant>,
     pub(super) honour_interrupt: bool,
-    /// Served here too, so that scrapes are answered while a phase runs.
+    /// A wake source of the runner's wait: scrapes are answered while a phase runs.
     pub(super) metrics: Option<&'a mut Metrics>,
     /// Fragment progress is saved as it happens, so that an agent killed
     /// mid-phase resumes numbering (and the log) where the server is.
@@ -77,9 +77,6 @@ impl Watcher for PhaseWatcher<'_> {
         if self.honour_interrupt && signals::interrupted() {
             return Some(Stop::Interrupted);
         }
-        if let Some(m) = self.metrics.as_deref_mut() {
-            m.service(now);
-        }
         if let Some((stream, client, counter)) = &mut self.live {
             // While a call waits on the server, the child's output keeps
             // going into the log (the fragment in flight is a fixed range
@@ -119,6 +116,10 @@ impl Watcher for PhaseWatcher<'_> {
         None
     }
 
+    fn source(&mut self) -> Option<&mut dyn crate::wait::Source> {
+        self.metrics.as_deref_mut().map(|m| m as &mut dyn crate::wait::Source)
+    }
+
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + Duration::from_secs(1);
         if let Some((stream, _, _)) = &self.live {
@@ -137,9 +138,6 @@ impl Watcher for PhaseWatcher<'_> {
         }
         if self.live.is_some() {
             wake = wake.min(self.next_heartbeat);
-        }
-        if let Some(t) = self.metrics.as_deref().and_then(|m| m.next_wake(now)) {
-            wake = wake.min(t);
         }
         wake
     }
