@@ -12,6 +12,7 @@ use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::recovery;
+use crate::retry::{Backoff, Jitter, Schedule};
 use crate::signals;
 use crate::wait::{self, Ends};
 
@@ -52,10 +53,9 @@ pub struct Agent<'a> {
     last_post: Instant,
     /// The server state last seen, to log changes once rather than per poll.
     last_state: String,
-    /// Kept outcomes failed to go: the next attempt waits until then, with
-    /// a wait that doubles per failure (not every polling cycle).
-    kept_retry_at: Option<Instant>,
-    kept_backoff: Duration,
+    /// Kept outcomes failed to go: the next attempt waits, doubling per
+    /// failure (not every polling cycle).
+    kept: Backoff,
     /// Why the server was last found unreachable (a short kind), to log
     /// each change of reason once rather than every attempt.
     unreachable: Option<&'static str>,
@@ -80,8 +80,11 @@ impl<'a> Agent<'a> {
             metrics,
             last_post: Instant::now(),
             last_state: String::new(),
-            kept_retry_at: None,
-            kept_backoff: Duration::ZERO,
+            kept: Backoff::new(Schedule::new(
+                Duration::from_secs_f64(config.polling_interval).max(Duration::from_secs(1)),
+                MAX_BACKOFF,
+                Jitter::Spread,
+            )),
             unreachable: None,
             heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
@@ -98,7 +101,10 @@ impl<'a> Agent<'a> {
     fn wait_for_server(&mut self) -> bool {
         let started = Instant::now();
         let give_up_after = Duration::from_secs(self.config.server_timeout);
-        let mut backoff = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
+        // Full jitter: a fleet that lost the server together must not
+        // come back together at each doubling.
+        let first = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_millis(100) }));
         loop {
             if signals::interrupted() {
                 return true;
@@ -112,11 +118,9 @@ impl<'a> Agent<'a> {
                 }
                 Err(reason) => reason,
             };
-            // Full jitter: a fleet that lost the server together must not
-            // come back together at each doubling.
-            let wait = jitter::full(backoff, Duration::from_millis(100));
+            let wait = backoff.failed(Instant::now());
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
-            let kind = unreachable_kind(&reason);
+            let kind = crate::client::unreachable_kind(&reason);
             if self.unreachable != Some(kind) {
                 log::warn!("server {} not reachable: {kind} ({reason}); waits doubling up to {MAX_BACKOFF:?}, retrying in {wait:?}", self.client.base_url());
                 self.unreachable = Some(kind);
@@ -128,7 +132,6 @@ impl<'a> Agent<'a> {
                 return false;
             }
             wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::Stop);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -282,18 +285,16 @@ impl<'a> Agent<'a> {
 
     /// One polling cycle; `Some` ends the loop.
     fn cycle(&mut self) -> Option<Exit> {
-        if self.kept_retry_at.is_some_and(|t| Instant::now() < t) {
+        if !self.kept.ready(Instant::now()) {
             return None;
         }
         if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
-            self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
-            self.kept_retry_at = Some(Instant::now() + jitter::spread(self.kept_backoff));
-            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);
+            let wait = self.kept.failed(Instant::now());
+            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {wait:?}");
             notify::status("earlier outcomes undelivered; not taking jobs");
             return None;
         }
-        self.kept_retry_at = None;
-        self.kept_backoff = Duration::ZERO;
+        self.kept.succeeded();
         let agent_data = match self.client.get_agent_data() {
             Ok(d) => d,
             Err(e) => {
@@ -387,32 +388,6 @@ impl<'a> Agent<'a> {
     }
 }
 
-/// The kind of reason the server cannot be reached, from the error's text
-/// (the HTTP crates give no finer types): what an operator acts on.
-fn unreachable_kind(reason: &str) -> &'static str {
-    let r = reason.to_ascii_lowercase();
-    let has = |words: &[&str]| words.iter().any(|w| r.contains(w));
-    if has(&["certificate", "unknownissuer", "invalidcert", "notvalidforname"]) {
-        "TLS certificate not accepted"
-    } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
-        "TLS failure"
-    } else if has(&["lookup", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
-        "host name not resolved"
-    } else if has(&["refused"]) {
-        "connection refused"
-    } else if has(&["timed out", "timeout", "would block"]) {
-        "no answer in time"
-    } else if has(&["network is unreachable", "no route", "host is unreachable"]) {
-        "network unreachable"
-    } else if has(&["reset", "broken pipe", "cut off", "closed"]) {
-        "connection dropped"
-    } else if reason.starts_with("HTTP 5") {
-        "server error"
-    } else {
-        "other error"
-    }
-}
-
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
 fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
@@ -429,22 +404,6 @@ fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: Syste
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
-
-    #[test]
-    fn unreachable_reasons_are_told_apart() {
-        let cases = [
-            ("http://x/v1/: no answer: Connection refused (os error 111)", "connection refused"),
-            ("no answer: failed to lookup address information: Name or service not known", "host name not resolved"),
-            ("no answer: invalid peer certificate: UnknownIssuer", "TLS certificate not accepted"),
-            ("no answer: received corrupt message of type InvalidContentType", "TLS failure"),
-            ("no answer: Resource temporarily unavailable: timed out", "no answer in time"),
-            ("HTTP 503", "server error"),
-            ("no answer: Connection reset by peer (os error 104)", "connection dropped"),
-        ];
-        for (reason, kind) in cases {
-            assert_eq!(unreachable_kind(reason), kind, "{reason}");
-        }
-    }
 
     #[test]
     fn heartbeat_once_a_day() {

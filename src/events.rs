@@ -96,8 +96,8 @@ impl Events {
             // While holding back after a failure one attempt is enough: the
             // hold is the retry schedule.
             let posted = if self.hold_until.is_some() {
-                let timeout = client.policy.timeout;
-                client.once(timeout, |c| c.post_events(job_id, &body))
+                let once = crate::retry::Retry::once(client.retry().timeout);
+                client.post_events_with(job_id, &body, once)
             } else {
                 client.post_events(job_id, &body)
             };

@@ -192,7 +192,7 @@ impl<'a> JobRunner<'a> {
     /// (upstream posts none, and dashboards show the last phase).
     fn post_agent_state(&mut self, state: &str) {
         if let Some(client) = self.client.as_deref_mut() {
-            post_state_unless_held(client, state);
+            post_state_unless_held(client, state, client.retry());
         }
     }
 
@@ -480,7 +480,7 @@ impl<'a> JobRunner<'a> {
         loop {
             if Instant::now() >= next_heartbeat {
                 next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
-                post_state_unless_held(client, "allocate");
+                post_state_unless_held(client, "allocate", client.retry());
             }
             if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
                 return;
@@ -822,14 +822,14 @@ impl<'a> JobRunner<'a> {
 /// agent offline or in maintenance: an operator may put the agent in
 /// maintenance while a job runs, and a phase name must not overwrite that
 /// (upstream's does). Also the heartbeat of long phases.
-fn post_state_unless_held(client: &mut Client, state: &str) {
-    if let Some((held, _)) = client.held_state() {
+fn post_state_unless_held(client: &mut Client, state: &str, retry: crate::retry::Retry) {
+    if let Some((held, _)) = client.held_state_with(retry) {
         log::info!("agent is {held} on the server; not posting state {state}");
         return;
     }
     // Always with a comment, as upstream posts a state.
     let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(""));
-    if let Err(e) = client.post_agent_data(&data) {
+    if let Err(e) = client.post_agent_data_with(&data, retry) {
         log::warn!("agent state {state} not posted: {e}");
     }
 }

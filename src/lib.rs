@@ -24,6 +24,7 @@ pub mod notify;
 pub mod outbound;
 pub mod output;
 pub mod recovery;
+pub mod retry;
 pub mod runner;
 pub mod safe_fs;
 pub mod serial;

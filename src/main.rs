@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, budget, client, job, lockfile, notify, logging, metrics, runner, safe_fs, signals};
+use testflinger_agent::{agent, budget, client, job, lockfile, notify, logging, metrics, retry, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -145,8 +145,8 @@ fn main() -> ExitCode {
                 Some(path) => (path.clone(), "--token-file"),
                 None => (PathBuf::from(DEFAULT_TOKEN_FILE), "the default"),
             };
-            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()));
-            client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
+            let retry = retry::Retry::patient(std::time::Duration::from_secs(config.server_timeout));
+            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone())).with_retry(retry);
             client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
             client.log_token_file(origin);

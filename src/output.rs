@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
+use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::safe_fs;
 use crate::timestamp::now_iso8601;
 
@@ -39,6 +40,8 @@ const HEAVY: u64 = 8 << 20;
 /// A live fragment is tried once with this timeout: the child waits on a
 /// full pipe while the agent waits on the server.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a fragment failed while the phase runs: 1 s, doubling to 32 s.
+const LIVE_BACKOFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Spread);
 
 /// The phase's log file, written through the secret masker.
 pub struct PhaseLog {
@@ -138,8 +141,8 @@ pub struct LiveStream {
     last_send: Option<Instant>,
     created: Instant,
     interval: Duration,
-    retry_at: Option<Instant>,
-    failures: u32,
+    /// After a failed fragment: when the next attempt is due.
+    backoff: Backoff,
 }
 
 impl LiveStream {
@@ -157,8 +160,7 @@ impl LiveStream {
             last_send: None,
             created: Instant::now(),
             interval,
-            retry_at: None,
-            failures: 0,
+            backoff: Backoff::new(LIVE_BACKOFF),
         }
     }
 
@@ -167,7 +169,7 @@ impl LiveStream {
         if written <= self.sent {
             return None;
         }
-        if let Some(t) = self.retry_at {
+        if let Some(t) = self.backoff.next() {
             return Some(t);
         }
         // Nothing sent yet: due since the stream began.
@@ -183,14 +185,14 @@ impl LiveStream {
     /// it waits. Failures are logged and retried later with backoff.
     pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
         if self.due(written).is_some_and(|t| now >= t) {
-            let _ = client.once(LIVE_TIMEOUT, |c| self.send_one(c, counter, written, false, Some(idle)));
+            let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
     pub fn flush(&mut self, client: &mut Client, counter: &mut u64, written: u64) -> Result<(), ClientError> {
         while self.sent < written {
-            self.send_one(client, counter, written, true, None)?;
+            self.send_one(client, counter, written, true, None, client.retry())?;
         }
         Ok(())
     }
@@ -202,6 +204,7 @@ impl LiveStream {
         written: u64,
         last: bool,
         mut idle: Option<&mut Idle>,
+        retry: Retry,
     ) -> Result<(), ClientError> {
         let local = |path: &Path, e: io::Error| ClientError::Local { path: path.to_path_buf(), reason: e.to_string() };
         if self.reader.is_none() {
@@ -231,21 +234,18 @@ impl LiveStream {
         };
         self.last_send = Some(Instant::now());
         let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
-        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle) {
+        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle, retry) {
             Ok(()) => {
                 *counter += 1;
                 self.sent = plan.end;
                 self.inflight_end = None;
-                self.retry_at = None;
-                self.failures = 0;
+                self.backoff.succeeded();
                 Ok(())
             }
             Err(e) => {
                 self.inflight_end = Some(plan.end);
-                self.failures += 1;
-                let backoff = crate::jitter::spread(Duration::from_millis(500 << self.failures.min(6)));
+                let backoff = self.backoff.failed(Instant::now());
                 log::warn!("{} log fragment not sent, will retry in {backoff:?}: {e}", self.kind);
-                self.retry_at = Some(Instant::now() + backoff);
                 Err(e)
             }
         }

@@ -10,6 +10,7 @@ use crate::client::Client;
 use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
+use crate::retry::Retry;
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
 use crate::signals;
@@ -102,13 +103,13 @@ impl Watcher for PhaseWatcher<'_> {
                 self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != "cleanup" {
-                    client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+                    post_state_unless_held(client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + crate::budget::get().cancel_interval);
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id, Some(drain))).as_deref() == Some("cancelled") {
+                if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
                 }
             }

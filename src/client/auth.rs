@@ -1,0 +1,123 @@
+//! The bearer token: read from the token file, exchanged for an access
+//! token, refreshed on a 401, and not asked for again and again when the
+//! server keeps refusing it.
+
+use std::time::{Duration, Instant};
+
+use super::{Client, SMALL_ANSWER};
+use crate::json::Json;
+use crate::retry::{Jitter, Schedule};
+
+/// After a refused refresh, calls go out without a new attempt for this
+/// long, doubled for each further refusal in a row up to the cap: a token
+/// endpoint that fails for a moment is retried within seconds, one that
+/// keeps refusing is asked every few minutes.
+pub(super) const REFRESH_HOLD_OFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(300), Jitter::None);
+
+impl Client {
+    /// The refresh token, or why there is none (`Err(None)`: no token file).
+    pub(super) fn token_file_state(&self) -> Result<String, Option<String>> {
+        let path = self.token_file.as_ref().ok_or(None)?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Some(format!("token file {} does not exist: requests go without a token", path.display())));
+            }
+            Err(e) => return Err(Some(format!("cannot read token file {}: {e}", path.display()))),
+        };
+        match Json::parse(&text).ok().and_then(|j| j.get("refresh_token")?.as_str().map(String::from)) {
+            Some(t) if !t.is_empty() => Ok(t),
+            _ => Err(Some(format!("token file {} has no \"refresh_token\" string", path.display()))),
+        }
+    }
+
+    /// Says once, at start, which token file is used and whether it can be.
+    pub fn log_token_file(&mut self, origin: &str) {
+        let Some(path) = self.token_file.clone() else {
+            log::info!("no token file: requests go without a token");
+            return;
+        };
+        let status = self.token_file_state().err().flatten();
+        match &status {
+            None => log::info!("token file {} ({origin})", path.display()),
+            Some(problem) if !path.exists() => log::info!("{problem} ({origin})"),
+            Some(problem) => log::warn!("{problem} ({origin})"),
+        }
+        self.token_status = status;
+    }
+
+    fn read_refresh_token(&mut self) -> Option<String> {
+        let state = self.token_file_state();
+        let status = state.as_ref().err().cloned().flatten();
+        if status != self.token_status {
+            match &status {
+                Some(problem) if self.token_file.as_ref().is_some_and(|p| !p.exists()) => log::info!("{problem}"),
+                Some(problem) => log::warn!("{problem}"),
+                None => log::info!("token file {} read", self.token_file.as_ref().map_or(String::new(), |p| p.display().to_string())),
+            }
+            self.token_status = status;
+        }
+        state.ok()
+    }
+
+    /// Exchanges the refresh token for an access token. Returns whether we
+    /// now hold one.
+    pub(super) fn refresh(&mut self) -> bool {
+        if !self.refresh_hold.ready(Instant::now()) {
+            return false;
+        }
+        let Some(refresh_token) = self.read_refresh_token() else {
+            return false;
+        };
+        let url = self.url("/v1/oauth2/refresh");
+        let body = Json::object().with("refresh_token", Json::str(refresh_token.as_str())).to_string_compact();
+        match self.send_once("POST", &url, Some(body.as_bytes()), SMALL_ANSWER, false, self.retry.timeout) {
+            Ok(a) if a.status == 200 => match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
+                Some(token) => {
+                    log::debug!("got a new access token from {url}");
+                    self.access_token = Some(token);
+                    self.refresh_hold.succeeded();
+                    true
+                }
+                None => {
+                    log::error!("{url}: answer has no access_token");
+                    false
+                }
+            },
+            Ok(a) => {
+                let hold = self.refresh_hold.failed(Instant::now());
+                log::error!("{url}: token refresh refused with HTTP {}; next attempt in {hold:?} at the earliest", a.status);
+                self.access_token = None;
+                false
+            }
+            Err(e) => {
+                log::error!("token refresh failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// The agent's cookie and, when asked and it has one, its bearer token.
+    pub(super) fn headers(&self, auth: bool) -> Vec<(String, String)> {
+        let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
+        if let Some(token) = self.access_token.as_ref().filter(|_| auth) {
+            headers.push(("Authorization".into(), format!("Bearer {token}")));
+        }
+        headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_hold_off_doubles_up_to_five_minutes() {
+        let refresh_hold_off = |n| REFRESH_HOLD_OFF.wait(n);
+        assert_eq!(refresh_hold_off(1), Duration::from_secs(1));
+        assert_eq!(refresh_hold_off(2), Duration::from_secs(2));
+        assert_eq!(refresh_hold_off(4), Duration::from_secs(8));
+        assert_eq!(refresh_hold_off(20), Duration::from_secs(300));
+        assert_eq!(refresh_hold_off(u32::MAX), Duration::from_secs(300));
+    }
+}
