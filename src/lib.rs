@@ -1,34 +1,42 @@
 //! The Testflinger agent as a library: the binary in `main.rs` is a thin
-//! shell over these modules; the fuzz targets in `fuzz/` call them directly.
+//! shell over these modules; the fuzz targets in `fuzz/` (and
+//! `tests/it/regressions.rs`) call a few of them directly.
 //!
-//! Data flows one way: config → agent → job → runner → output → client.
+//! Only the modules `main` and the fuzz targets use are public; the rest are
+//! the crate's own. Calls go config → agent → job → runner; the runner hands
+//! output back up to the job's watcher, which sends it through the client
+//! while the phase runs (see the README's architecture section).
 
+// Used by `main`.
 pub mod agent;
-pub mod archive;
-pub mod atomic;
-pub mod attachments;
 pub mod budget;
-pub mod codes;
-pub mod client;
-pub mod config;
-pub mod delivery;
-pub mod events;
-pub mod jitter;
 pub mod job;
-pub mod json;
 pub mod lockfile;
 pub mod logging;
-pub mod mask;
 pub mod metrics;
 pub mod notify;
-pub mod outbound;
-pub mod output;
-pub mod recovery;
 pub mod retry;
 pub mod runner;
 pub mod safe_fs;
-pub mod serial;
 pub mod signals;
-pub mod timestamp;
-pub mod vitals;
-pub mod wait;
+
+// Used by the fuzz targets (client, config and json by `main` too).
+pub mod attachments;
+pub mod client;
+pub mod config;
+pub mod json;
+pub mod mask;
+
+pub(crate) mod archive;
+pub(crate) mod atomic;
+pub(crate) mod codes;
+pub(crate) mod delivery;
+pub(crate) mod events;
+pub(crate) mod jitter;
+pub(crate) mod outbound;
+pub(crate) mod output;
+pub(crate) mod recovery;
+pub(crate) mod serial;
+pub(crate) mod timestamp;
+pub(crate) mod vitals;
+pub(crate) mod wait;
