@@ -160,8 +160,22 @@ mod tests {
         let (r, mut w) = std::os::unix::net::UnixStream::pair().expect("pair");
         std::io::Write::write_all(&mut w, b"x").expect("write");
         let t = Instant::now();
-        let woke = until(t + Duration::from_secs(10), None, Some(r.as_raw_fd()), Ends::AnySignal);
+        // Ends::Stop: the signal test beside this one may wake waits.
+        let woke = until(t + Duration::from_secs(10), None, Some(r.as_raw_fd()), Ends::Stop);
         assert_eq!(woke, Woke::Ready);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_signal_that_came_just_before_the_wait_still_ends_it() {
+        // SIGUSR1 (a restart request) marks only a flag no other unit test reads.
+        signals::install();
+        // SAFETY: raise(3) with a signal whose handler was just installed.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        let t = Instant::now();
+        assert_eq!(until(t + Duration::from_secs(10), None, None, Ends::AnySignal), Woke::Signal);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // The flag stays: a wait that ends on restarts ends at once, again.
+        assert_eq!(until(Instant::now() + Duration::from_secs(10), None, None, Ends::StopOrRestart), Woke::Signal);
     }
 }
