@@ -7,11 +7,14 @@
 //! data, and deflating that spends most of the packing time for nothing.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+
+use crate::outbound::JobSecrets;
+use crate::safe_fs;
 
 /// Deflate level for compressible data. Measured on 256 MiB of logs
 /// (bench/archive.sh): miniz_oxide level 5 is about twice as fast as
@@ -49,16 +52,21 @@ pub fn has_content(dir: &Path) -> bool {
 /// Packs `src` (the artifacts folder) into `dest` as tar.gz, members under
 /// `artifacts/`. Symlinks are stored as links and never followed; modes are
 /// kept; files that cannot be read are logged and skipped. Only an error
-/// writing `dest` (disk full) fails the whole archive.
-pub fn pack_artifacts(src: &Path, dest: &Path) -> Result<u64, ArchiveError> {
+/// writing `dest` (disk full) fails the whole archive. With `mask`
+/// (`mask_artifacts: true`), text files are packed with the job's secrets
+/// masked. `dest` is created new, never through a link.
+pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Result<u64, ArchiveError> {
     let werr = |e: io::Error| ArchiveError { path: dest.to_path_buf(), reason: e };
     let started = Instant::now();
-    let out = File::create(dest).map_err(werr)?;
+    // A leftover of an earlier attempt; remove_file never follows a link.
+    let _ = fs::remove_file(dest);
+    let out = safe_fs::create_new(dest, safe_fs::PRIVATE_FILE).map_err(werr)?;
     let gz = AdaptiveGz::new(BufWriter::with_capacity(128 * 1024, out)).map_err(werr)?;
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
-    add_dir(&mut tar, src, Path::new("artifacts")).map_err(werr)?;
+    let mask = mask.filter(|m| !m.is_empty());
+    add_dir(&mut tar, src, Path::new("artifacts"), mask).map_err(werr)?;
     let gz = tar.into_inner().map_err(werr)?;
     let (stored, deflated) = (gz.stored_bytes, gz.deflated_bytes);
     let mut buf = gz.finish().map_err(werr)?;
@@ -219,7 +227,7 @@ fn looks_incompressible(sample: &[u8]) -> bool {
 
 /// Adds `dir` and everything under it. Errors reading the source are logged
 /// and skipped; errors writing the archive are returned.
-fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::Result<()> {
+fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: Option<&JobSecrets>) -> io::Result<()> {
     let mut header = tar::Header::new_gnu();
     match fs::symlink_metadata(dir) {
         Ok(meta) => header.set_metadata(&meta),
@@ -241,7 +249,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
-        let member = name.join(entry.file_name());
+        let member = name.join(masked_name(&entry.file_name(), mask));
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -251,7 +259,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::
         };
         let ft = meta.file_type();
         if ft.is_dir() {
-            add_dir(tar, &path, &member)?;
+            add_dir(tar, &path, &member, mask)?;
         } else if ft.is_symlink() {
             let target = match fs::read_link(&path) {
                 Ok(t) => t,
@@ -264,6 +272,10 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::
             h.set_metadata(&meta);
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
+            let target = match mask {
+                Some(secrets) => PathBuf::from(masked_name(target.as_os_str(), Some(secrets))),
+                None => target,
+            };
             tar.append_link(&mut h, &member, &target)?;
         } else if ft.is_file() {
             let mut f = match File::open(&path) {
@@ -275,6 +287,22 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::
             };
             let mut h = tar::Header::new_gnu();
             h.set_metadata(&meta);
+            if let Some(secrets) = mask {
+                match masked_size(&mut f, secrets) {
+                    Ok(Some(len)) => {
+                        // The header's size is the masked content's.
+                        h.set_size(len);
+                        let mut exact = secrets.reader(&mut f).chain(io::repeat(0)).take(len);
+                        tar.append_data(&mut h, &member, &mut exact)?;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        log::warn!("artifacts: skipping unreadable {}: {e}", path.display());
+                        continue;
+                    }
+                }
+            }
             // append_data copies exactly the header's size; a file that
             // shrinks meanwhile would corrupt the archive, so pad/trim.
             let mut exact = (&mut f).chain(io::repeat(0)).take(meta.len());
@@ -284,6 +312,34 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path) -> io::
         }
     }
     Ok(())
+}
+
+/// A member's name (or a link's target) with the secrets masked, when
+/// masking; names are job text too.
+fn masked_name(name: &std::ffi::OsStr, mask: Option<&JobSecrets>) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    match mask {
+        Some(secrets) => std::ffi::OsString::from_vec(secrets.bytes(name.as_bytes())),
+        None => name.to_os_string(),
+    }
+}
+
+/// Bytes of text that are looked at to tell text from binary.
+const TEXT_SNIFF: u64 = 8192;
+
+/// For a text file (no NUL byte in its first 8 KiB, as grep and git
+/// decide), its size once masked, with `f` rewound; `None` for a binary
+/// file, which is packed as it is.
+fn masked_size(f: &mut File, secrets: &JobSecrets) -> io::Result<Option<u64>> {
+    let mut head = Vec::new();
+    (&mut *f).take(TEXT_SNIFF).read_to_end(&mut head)?;
+    f.rewind()?;
+    if head.contains(&0) {
+        return Ok(None);
+    }
+    let len = secrets.masked_len(&mut *f)?;
+    f.rewind()?;
+    Ok(Some(len))
 }
 
 #[cfg(test)]
@@ -301,7 +357,7 @@ mod tests {
         fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
         symlink("/etc/passwd", src.join("leak")).unwrap();
         let dest = base.join("a.tar.gz");
-        pack_artifacts(&src, &dest).unwrap();
+        pack_artifacts(&src, &dest, None).unwrap();
 
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(&dest).unwrap()));
         let mut seen = Vec::new();
@@ -318,6 +374,36 @@ mod tests {
         let leak = find("artifacts/leak");
         assert!(leak.1.is_symlink());
         assert!(leak.3.is_empty());
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn masked_text_gets_its_masked_size_and_binary_is_left_alone() {
+        let base = std::env::temp_dir().join(format!("tf-arch-mask-{}", std::process::id()));
+        let src = base.join("artifacts");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("log.txt"), b"key=hunter2-XYZ\nagain hunter2-XYZ\n").unwrap();
+        fs::write(src.join("after.txt"), b"next member intact\n").unwrap();
+        fs::write(src.join("name-hunter2-XYZ.txt"), b"x").unwrap();
+        fs::write(src.join("core.bin"), b"\0\x01hunter2-XYZ\0").unwrap();
+        let dest = base.join("a.tar.gz");
+        let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
+        pack_artifacts(&src, &dest, Some(&secrets)).unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(&dest).unwrap()));
+        let mut seen = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            assert_eq!(e.header().size().unwrap(), body.len() as u64);
+            seen.push((e.path().unwrap().to_string_lossy().into_owned(), body));
+        }
+        let m = crate::mask::mask_for("hunter2-XYZ");
+        let body = |n: &str| seen.iter().find(|s| s.0 == n).map(|s| s.1.clone()).unwrap_or_else(|| panic!("{n}"));
+        assert_eq!(body("artifacts/log.txt"), format!("key={m}\nagain {m}\n").into_bytes());
+        assert_eq!(body("artifacts/after.txt"), b"next member intact\n");
+        assert_eq!(body("artifacts/core.bin"), b"\0\x01hunter2-XYZ\0");
+        assert_eq!(body(&format!("artifacts/name-{m}.txt")), b"x");
         fs::remove_dir_all(&base).unwrap();
     }
 

@@ -78,6 +78,11 @@ pub struct Config {
     /// upstream key.
     #[serde(default = "default_server_timeout")]
     pub server_timeout: u64,
+    /// Mask the job's secrets inside text files under `artifacts/` while
+    /// packing them (binary files are left alone). Off by default: it
+    /// reads every text artifact twice. Not an upstream key.
+    #[serde(default)]
+    pub mask_artifacts: bool,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).

@@ -10,6 +10,8 @@ use crate::atomic::write_atomic;
 use crate::client::{Client, ClientError, is_safe_id};
 use crate::json::Json;
 use crate::output::LiveStream;
+use crate::safe_fs;
+use crate::serial;
 
 /// The packed artifacts, inside the run dir (beside, not in, `artifacts/`).
 pub const ARCHIVE_NAME: &str = ".artifacts.tar.gz";
@@ -30,10 +32,11 @@ pub struct PendingStream {
 
 impl PendingStream {
     /// Sends the rest of this log (from `sent`) as fragments numbered from
-    /// `counter`; `sent` and `inflight_end` record how far it got.
+    /// `counter`; `sent` and `inflight_end` record how far it got. A serial
+    /// log is sent from its masked copy, never from the connector's file.
     pub fn send_rest(&mut self, client: &mut Client, rundir: &Path, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
         let (log_name, kind) = match self.kind.as_str() {
-            "serial" => (format!("{}-serial.log", self.phase), "serial"),
+            "serial" => (serial::masked_name(&self.phase), "serial"),
             _ => (format!("{}.log", self.phase), "output"),
         };
         let path = rundir.join(log_name);
@@ -144,21 +147,59 @@ pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state:
     let archive = rundir.join(ARCHIVE_NAME);
     if archive.exists() && !rundir.join(ARCHIVE_SENT).exists() {
         client.post_artifact(job_id, &archive)?;
-        let _ = fs::write(rundir.join(ARCHIVE_SENT), "");
+        let _ = safe_fs::rewrite(&rundir.join(ARCHIVE_SENT), b"", safe_fs::PRIVATE_FILE);
     }
 
     outcome.set("job_state", Json::str("complete"));
     client.post_result(job_id, &outcome)
 }
 
-/// Moves `rundir` into `results_basedir` to be delivered later. When that
-/// fails (results_basedir full or not writable) the run dir stays where it
-/// is, and the polling loop delivers it from there.
+/// The files of a run dir a later delivery needs; all else in it is the
+/// connector's (raw serial logs, `device-connector-error.json`, the
+/// unpacked `artifacts/`...), may hold the job's secrets unmasked, and is
+/// not kept.
+fn needed_for_delivery(name: &str) -> bool {
+    const FILES: [&str; 6] = ["testflinger.json", "testflinger-outcome.json", STATE_FILE, ".events.json", ARCHIVE_NAME, ARCHIVE_SENT];
+    let phases = crate::job::PHASES.iter().chain(std::iter::once(&"cleanup"));
+    FILES.contains(&name) || phases.into_iter().any(|p| name == format!("{p}.log") || name == serial::masked_name(p))
+}
+
+/// Removes from `rundir` what a later delivery does not need.
+fn prune(rundir: &Path) {
+    let Ok(dir) = fs::read_dir(rundir) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if name.to_str().is_some_and(needed_for_delivery) {
+            continue;
+        }
+        let path = entry.path();
+        // Neither call follows a link.
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        if let Err(e) = gone {
+            log::warn!("cannot remove {} from the kept job: {e}", path.display());
+        }
+    }
+}
+
+/// Moves `rundir` into `results_basedir` (0700) to be delivered later,
+/// with only what that delivery needs. When the move fails
+/// (results_basedir full or not writable) the run dir stays where it is,
+/// and the polling loop delivers it from there.
 pub fn keep(results_basedir: &Path, rundir: &Path, job_id: &str) {
+    prune(rundir);
     let dest = results_basedir.join(job_id);
-    let moved = fs::create_dir_all(results_basedir).and_then(|_| {
-        if dest.exists() {
-            fs::remove_dir_all(&dest)?;
+    let moved = safe_fs::ensure_base_dir(results_basedir, safe_fs::PRIVATE_DIR).and_then(|_| {
+        match fs::symlink_metadata(&dest) {
+            // remove_dir_all would only unlink it; still, say so.
+            Ok(m) if m.file_type().is_symlink() => {
+                log::warn!("{}: a symbolic link where a kept job goes; removed", dest.display());
+                fs::remove_file(&dest)?;
+            }
+            Ok(_) => fs::remove_dir_all(&dest)?,
+            Err(_) => {}
         }
         fs::rename(rundir, &dest).or_else(|_| copy_tree(rundir, &dest).and_then(|_| fs::remove_dir_all(rundir)))
     });
@@ -170,7 +211,7 @@ pub fn keep(results_basedir: &Path, rundir: &Path, job_id: &str) {
 
 /// rename(2) fails across file systems; copy instead, links as links.
 fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(dest)?;
+    safe_fs::make_dir(dest, safe_fs::PRIVATE_DIR)?;
     for entry in fs::read_dir(src)? {
         let entry = entry?;
         let (from, to) = (entry.path(), dest.join(entry.file_name()));
@@ -180,7 +221,8 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
         } else {
-            fs::copy(&from, &to)?;
+            let mut input = fs::File::open(&from)?;
+            std::io::copy(&mut input, &mut safe_fs::create_new(&to, safe_fs::PRIVATE_FILE)?)?;
         }
     }
     Ok(())
@@ -230,7 +272,7 @@ pub fn deliver_kept(client: &mut Client, results_basedir: &Path, execution_based
             }
             Err(e) if e.is_refusal() => {
                 let aside = results_basedir.join(SET_ASIDE).join(&job_id);
-                let moved = fs::create_dir_all(results_basedir.join(SET_ASIDE)).and_then(|_| fs::rename(&dir, &aside));
+                let moved = safe_fs::ensure_base_dir(&results_basedir.join(SET_ASIDE), safe_fs::PRIVATE_DIR).and_then(|_| fs::rename(&dir, &aside));
                 match moved {
                     Ok(()) => log::error!("job {job_id}: the server refuses its outcome ({e}); set aside in {}", aside.display()),
                     Err(me) => {

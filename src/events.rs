@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::atomic::write_atomic;
 use crate::client::Client;
 use crate::json::Json;
+use crate::outbound::Masked;
 use crate::timestamp::now_iso8601;
 
 /// Where in the run dir the list is kept.
@@ -57,7 +58,10 @@ impl Events {
         }
     }
 
-    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &str) {
+    /// `detail` went through the job's secrets: it reaches the agent's
+    /// log, `.events.json`, the server and the webhook.
+    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &Masked) {
+        let detail = detail.as_str();
         log::info!("job {job_id}: event {name} {detail}");
         let Some(header) = &self.header else { return };
         self.list.push(

@@ -17,8 +17,11 @@ use crate::delivery::{self, PendingStream};
 use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
+use crate::outbound::{JobSecrets, LogMasking, Masked};
 use crate::output::{LiveStream, PhaseLog};
 use crate::runner::{self, Limits, Stop};
+use crate::safe_fs;
+use crate::serial::SerialTail;
 use crate::signals;
 
 mod watcher;
@@ -77,6 +80,11 @@ pub struct JobRunner<'a> {
     job_id: String,
     rundir: PathBuf,
     secrets: Vec<(String, String)>,
+    /// The job's secret values: job text on its way out goes through them
+    /// (see `outbound`).
+    masks: JobSecrets,
+    /// The agent's log lines are masked with `masks` while the job lives.
+    _log_masking: LogMasking,
     events: Events,
     statuses: Vec<(String, i32)>,
     output_fragments: u64,
@@ -111,6 +119,7 @@ impl<'a> JobRunner<'a> {
             }
         }
         let events = Events::new(&job, &config.agent_id);
+        let masks = JobSecrets::new(secrets.iter().map(|(_, v)| v.clone()));
         JobRunner {
             config,
             client,
@@ -119,6 +128,8 @@ impl<'a> JobRunner<'a> {
             job_id,
             rundir,
             secrets,
+            _log_masking: masks.mask_log_lines(),
+            masks,
             events,
             statuses: Vec::new(),
             output_fragments: 0,
@@ -155,7 +166,13 @@ impl<'a> JobRunner<'a> {
         }
     }
 
+    /// Emits an event; its detail goes through the job's secrets.
     fn emit(&mut self, name: &str, detail: &str) {
+        let detail = self.masks.text(detail);
+        self.emit_masked(name, &detail);
+    }
+
+    fn emit_masked(&mut self, name: &str, detail: &Masked) {
         self.events.emit(self.client.as_deref_mut(), &self.job_id, name, detail);
     }
 
@@ -180,15 +197,23 @@ impl<'a> JobRunner<'a> {
         }
     }
 
-    /// Creates the run dir and the files device connectors expect.
+    /// Creates the run dir (0700) and the files device connectors expect
+    /// (0600), none of them through a link.
     fn prepare(&mut self) -> std::io::Result<()> {
-        if self.rundir.exists() {
-            fs::remove_dir_all(&self.rundir)?;
+        safe_fs::ensure_base_dir(&self.config.execution_basedir, safe_fs::PRIVATE_DIR)?;
+        match fs::symlink_metadata(&self.rundir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(std::io::Error::other(format!("refusing {}: it is a symbolic link", self.rundir.display())));
+            }
+            Ok(_) => fs::remove_dir_all(&self.rundir)?,
+            Err(_) => {}
         }
-        fs::create_dir_all(&self.rundir)?;
-        fs::write(self.rundir.join("testflinger.json"), self.job.to_string_compact())?;
+        safe_fs::make_dir(&self.rundir, safe_fs::PRIVATE_DIR)?;
+        // The job as the connectors read it, secrets removed. Not masked:
+        // it is the phase commands' input, and the server holds it as is.
+        safe_fs::write_new(&self.rundir.join("testflinger.json"), self.job.to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)?;
         self.write_outcome()?;
-        fs::write(self.rundir.join("device-connector-error.json"), "")?;
+        safe_fs::write_new(&self.rundir.join("device-connector-error.json"), b"", safe_fs::PRIVATE_FILE)?;
         Ok(())
     }
 
@@ -198,7 +223,8 @@ impl<'a> JobRunner<'a> {
     }
 
     fn write_outcome(&self) -> std::io::Result<()> {
-        fs::write(self.rundir.join("testflinger-outcome.json"), self.outcome().to_string_compact())
+        let path = self.rundir.join("testflinger-outcome.json");
+        safe_fs::rewrite(&path, self.outcome().to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)
     }
 
     /// Why `phase` does not run, or `None` when it does.
@@ -254,8 +280,7 @@ impl<'a> JobRunner<'a> {
     /// the signal that killed it, if one did.
     fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
         let log_path = self.rundir.join(format!("{phase}.log"));
-        let secret_values: Vec<String> = self.secrets.iter().map(|(_, v)| v.clone()).collect();
-        let mut log = match PhaseLog::open(&log_path, &secret_values, self.echo) {
+        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
@@ -280,19 +305,23 @@ impl<'a> JobRunner<'a> {
             (LiveStream::new(&job_id, "output", phase, &log_path, start_offset), c, &mut self.output_fragments)
         });
         let has_live = live.is_some();
+        let serial_next = self.serial_fragments;
+        // The connector's serial log, masked and sent as it is written.
+        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut self.serial_fragments));
         let mut progress = Progress {
             rundir: &self.rundir,
             phase,
-            serial_next: self.serial_fragments,
             earlier: &self.pending,
             saved_output_next: u64::MAX,
+            saved_serial_next: serial_next,
         };
         if let Some((_, _, counter)) = &live {
-            progress.save(**counter, start_offset);
+            progress.save(**counter, start_offset, None);
         }
         let mut watcher = PhaseWatcher {
             log,
             live,
+            serial,
             job_id: &job_id,
             next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + CANCEL_CHECK),
             honour_interrupt: phase != "cleanup",
@@ -306,29 +335,35 @@ impl<'a> JobRunner<'a> {
         }
         watcher.log.finish();
         let written = watcher.log.written;
+        let serial = watcher.serial.take();
+        let mut pending = Vec::new();
         if let Some((mut stream, client, counter)) = watcher.live.take() {
             if let Err(e) = stream.flush(client, counter, written) {
                 log::warn!("{phase} output not fully sent, kept for later: {e}");
-                self.pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
+                pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
+            }
+            if let Some((mut tail, serial_counter)) = serial {
+                tail.finish();
+                if tail.started() {
+                    if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
+                        log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+                        let s = &tail.stream;
+                        pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: s.sent, inflight_end: s.inflight_end });
+                    }
+                }
             }
         }
-        self.send_serial_log(phase);
+        self.pending.extend(pending);
         (outcome.code, outcome.stopped, outcome.signal)
     }
 
-    fn send_serial_log(&mut self, phase: &str) {
-        let path = self.rundir.join(format!("{phase}-serial.log"));
-        let Ok(meta) = fs::metadata(&path) else { return };
-        let Some(client) = self.client.as_deref_mut() else { return };
-        let mut stream = LiveStream::new(&self.job_id, "serial", phase, &path, 0);
-        if let Err(e) = stream.flush(client, &mut self.serial_fragments, meta.len()) {
-            log::warn!("{phase} serial log not fully sent, kept for later: {e}");
-            self.pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
-        }
+    /// Text of the connector's failure detail for `phase`, if it left one,
+    /// masked: it goes to the log, the events and the provision log.
+    fn connector_error(&self, phase: &str) -> Masked {
+        self.masks.text(&self.connector_error_raw(phase))
     }
 
-    /// Text of the connector's failure detail for `phase`, if it left one.
-    fn connector_error(&self, phase: &str) -> String {
+    fn connector_error_raw(&self, phase: &str) -> String {
         let Ok(text) = fs::read_to_string(self.rundir.join("device-connector-error.json")) else {
             return String::new();
         };
@@ -344,15 +379,15 @@ impl<'a> JobRunner<'a> {
     }
 
     /// What the connector left in `device-info.json` (its `device_info`
-    /// member, or the whole object); `None` when there is none or it is
-    /// not JSON.
+    /// member, or the whole object), masked; `None` when there is none or
+    /// it is not JSON.
     fn device_info(&self) -> Option<Json> {
         let text = fs::read_to_string(self.rundir.join("device-info.json")).ok()?;
         let Ok(info) = Json::parse(&text) else {
             log::warn!("device-info.json is not valid JSON; ignored");
             return None;
         };
-        Some(info.get("device_info").cloned().unwrap_or(info))
+        Some(self.masks.json(info.get("device_info").unwrap_or(&info)))
     }
 
     fn post_device_info(&mut self) -> bool {
@@ -441,13 +476,14 @@ impl<'a> JobRunner<'a> {
 
         let mut end_reason = "normal_exit".to_string();
         if let Err(why) = self.fetch_attachments() {
+            let why = self.masks.text(&why);
             log::error!("job {}: setup failed: {why}", self.job_id);
             self.statuses.push(("setup".into(), ATTACHMENTS_FAILED));
             if let Err(e) = self.write_outcome() {
                 log::error!("cannot write the outcome file: {e}");
             }
             self.post_result(self.outcome());
-            self.emit("setup_fail", &why);
+            self.emit_masked("setup_fail", &why);
             end_reason = "setup_fail".into();
         }
         for phase in PHASES {
@@ -495,7 +531,7 @@ impl<'a> JobRunner<'a> {
             if let Some(sig) = signal {
                 // Distinct from an exit code of 128+N chosen by the command.
                 let sep = if detail.is_empty() { "" } else { "; " };
-                detail = format!("{detail}{sep}killed by signal {sig}");
+                detail.push(&Masked::agent(format!("{sep}killed by signal {sig}")));
             }
             if phase == "provision" {
                 if let Some(client) = self.client.as_deref_mut() {
@@ -515,7 +551,7 @@ impl<'a> JobRunner<'a> {
             if code == 0 {
                 self.emit(&format!("{phase}_success"), "");
             } else {
-                self.emit(&format!("{phase}_fail"), &detail);
+                self.emit_masked(&format!("{phase}_fail"), &detail);
             }
             if phase == "allocate" && code == 0 {
                 self.hold_allocation();
@@ -602,7 +638,7 @@ impl<'a> JobRunner<'a> {
             log::warn!("job {}: {detail}", self.job_id);
             let line = format!("\nERROR: {detail}\n");
             let log_path = self.rundir.join(format!("{phase}.log"));
-            if let Err(e) = fs::OpenOptions::new().append(true).open(&log_path).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
+            if let Err(e) = safe_fs::open_append(&log_path, safe_fs::PRIVATE_FILE).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
                 log::warn!("cannot note the interruption in {}: {e}", log_path.display());
             }
             if phase != "cleanup" {
@@ -652,7 +688,8 @@ impl<'a> JobRunner<'a> {
         let artifacts = self.rundir.join("artifacts");
         if archive::has_content(&artifacts) {
             let dest = self.rundir.join(delivery::ARCHIVE_NAME);
-            match archive::pack_artifacts(&artifacts, &dest) {
+            let mask = self.config.mask_artifacts.then_some(&self.masks);
+            match archive::pack_artifacts(&artifacts, &dest, mask) {
                 // pack_artifacts logs the size and the time it took.
                 Ok(_) => {}
                 Err(e) => {

@@ -1,9 +1,10 @@
 //! Logging set-up: the terminal (unless quiet) and
 //! `<logging_basedir>/testflinger-agent.log`, with Python level names.
 
-use std::fs::OpenOptions;
 use std::path::Path;
 
+use crate::outbound::MaskedLines;
+use crate::safe_fs;
 use simplelog::{CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, WriteLogger};
 
 /// Maps the upstream (Python) level names, and Rust's, to a filter.
@@ -31,13 +32,16 @@ pub fn init(level: LevelFilter, basedir: Option<&Path>, quiet: bool) {
     let mut file_error = None;
     if let Some(dir) = basedir {
         let path = dir.join("testflinger-agent.log");
-        match std::fs::create_dir_all(dir).and_then(|_| OpenOptions::new().create(true).append(true).open(&path)) {
-            Ok(file) => loggers.push(WriteLogger::new(level, config.clone(), file)),
+        // The logs dir (0750) and file (0640) are never opened through a
+        // link: the default dir is under /tmp.
+        let opened = safe_fs::ensure_base_dir(dir, safe_fs::LOG_DIR).and_then(|_| safe_fs::open_append(&path, safe_fs::LOG_FILE));
+        match opened {
+            Ok(file) => loggers.push(WriteLogger::new(level, config.clone(), MaskedLines::new(file))),
             Err(e) => file_error = Some(format!("cannot open log file {}: {e}", path.display())),
         }
     }
     if !quiet || loggers.is_empty() {
-        loggers.push(WriteLogger::new(level, config, std::io::stderr()));
+        loggers.push(WriteLogger::new(level, config, MaskedLines::new(std::io::stderr())));
     }
     // Only fails when a logger is already set (tests); nothing to do then.
     let _ = CombinedLogger::init(loggers);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, client, job, logging, metrics, runner, signals};
+use testflinger_agent::{agent, client, job, logging, metrics, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -94,6 +94,9 @@ fn main() -> ExitCode {
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
     runner::become_subreaper();
+    if let Some(w) = args.token_file.as_deref().and_then(safe_fs::exposed_secret_warning) {
+        log::warn!("{w}");
+    }
 
     match &args.job {
         Some(path) => run_local_job(&config, path),

@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::atomic::write_atomic;
+use crate::atomic::write_atomic_mode;
 use crate::signals;
 
 /// Upstream's buckets, in seconds: phases last minutes to hours.
@@ -162,7 +162,9 @@ impl Metrics {
 
     fn write_textfile(&mut self) {
         let Some(path) = &self.textfile else { return };
-        match write_atomic(path, self.render().as_bytes()) {
+        // 0644: node_exporter reads it as another user; it holds no job
+        // text but the release label, which comes masked.
+        match write_atomic_mode(path, self.render().as_bytes(), 0o644) {
             Ok(()) => self.textfile_failed = false,
             // Logged once per run of failures, not on every change.
             Err(e) if !self.textfile_failed => {

@@ -7,7 +7,7 @@
 //! the file when the server is back, and the concatenation of the fragments
 //! equals the log file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
+use crate::safe_fs;
 use crate::timestamp::now_iso8601;
 
 mod fragment;
@@ -52,13 +53,15 @@ pub struct PhaseLog {
 impl PhaseLog {
     /// Opens `path` for appending; `echo` also copies the output to stdout
     /// (the local `--job` mode).
-    pub fn open(path: &Path, secrets: &[String], echo: bool) -> io::Result<PhaseLog> {
-        let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    /// `masker` is the job's (`JobSecrets::stream`): nothing reaches the
+    /// file, the terminal or the server without going through it.
+    pub fn open(path: &Path, masker: Masker, echo: bool) -> io::Result<PhaseLog> {
+        let mut file = safe_fs::open_append(path, safe_fs::PRIVATE_FILE)?;
         let written = file.seek(SeekFrom::End(0))?;
         Ok(PhaseLog {
             file,
             path: path.to_path_buf(),
-            masker: Masker::new(secrets.iter().map(String::as_str)),
+            masker,
             echo,
             scratch: Vec::new(),
             written,
@@ -247,7 +250,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tf-out-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("test.log");
-        let mut log = PhaseLog::open(&path, &["s3cret".to_string()], false).unwrap();
+        let mut log = PhaseLog::open(&path, Masker::new(["s3cret"]), false).unwrap();
         log.write(b"token=s3c");
         log.write(b"ret done\n");
         log.finish();

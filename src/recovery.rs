@@ -78,7 +78,8 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, left: Lef
     let rundir = config.execution_basedir.join(&left.job_id);
     if left.dir != rundir {
         // JobRunner works in execution_basedir; bring the job back there.
-        if let Err(e) = fs::create_dir_all(&config.execution_basedir).and_then(|_| fs::rename(&left.dir, &rundir)) {
+        let base = crate::safe_fs::ensure_base_dir(&config.execution_basedir, crate::safe_fs::PRIVATE_DIR);
+        if let Err(e) = base.and_then(|_| fs::rename(&left.dir, &rundir)) {
             log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, left.dir.display(), rundir.display());
             return;
         }

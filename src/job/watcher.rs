@@ -11,6 +11,7 @@ use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::runner::{Drain, Stop, Watcher};
+use crate::serial::SerialTail;
 use crate::signals;
 
 /// Watches one running phase: output to the log and the live stream,
@@ -18,6 +19,9 @@ use crate::signals;
 pub(super) struct PhaseWatcher<'a> {
     pub(super) log: PhaseLog,
     pub(super) live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
+    /// The connector's serial log, masked and streamed as it grows (only
+    /// with a server, like `live`); the counter is the serial fragments'.
+    pub(super) serial: Option<(SerialTail, &'a mut u64)>,
     pub(super) job_id: &'a str,
     pub(super) next_cancel_check: Option<Instant>,
     pub(super) honour_interrupt: bool,
@@ -32,20 +36,32 @@ pub(super) struct PhaseWatcher<'a> {
 pub(super) struct Progress<'a> {
     pub(super) rundir: &'a Path,
     pub(super) phase: &'a str,
-    pub(super) serial_next: u64,
     pub(super) earlier: &'a [PendingStream],
     pub(super) saved_output_next: u64,
+    /// The serial fragments' next number as last saved (at first, as the
+    /// phase started).
+    pub(super) saved_serial_next: u64,
 }
 
 impl Progress<'_> {
-    pub(super) fn save(&mut self, output_next: u64, sent: u64) {
+    /// `serial`: the serial fragments' next number and how much of the
+    /// masked copy was sent, once the connector's serial log exists.
+    pub(super) fn save(&mut self, output_next: u64, sent: u64, serial: Option<(u64, u64)>) {
         let mut pending = self.earlier.to_vec();
         pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
-        let state = delivery::JobState { output_next, serial_next: self.serial_next, pending, events: None };
+        let serial_next = match serial {
+            Some((next, serial_sent)) => {
+                pending.push(PendingStream { kind: "serial".into(), phase: self.phase.into(), sent: serial_sent, inflight_end: None });
+                next
+            }
+            None => self.saved_serial_next,
+        };
+        let state = delivery::JobState { output_next, serial_next, pending, events: None };
         if let Err(e) = state.save(self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
         }
         self.saved_output_next = output_next;
+        self.saved_serial_next = serial_next;
     }
 }
 
@@ -70,8 +86,17 @@ impl Watcher for PhaseWatcher<'_> {
             let mut drain = || drain(&mut |data| log.write(data));
             let drain = &mut drain;
             stream.pump(client, counter, written, now, drain);
-            if **counter != self.progress.saved_output_next {
-                self.progress.save(**counter, stream.sent);
+            let mut serial_progress = None;
+            if let Some((tail, serial_counter)) = &mut self.serial {
+                tail.look(now);
+                if tail.started() {
+                    tail.stream.pump(client, serial_counter, tail.written, now, drain);
+                    serial_progress = Some((**serial_counter, tail.stream.sent));
+                }
+            }
+            let serial_moved = serial_progress.is_some_and(|(next, _)| next != self.progress.saved_serial_next);
+            if **counter != self.progress.saved_output_next || serial_moved {
+                self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + PHASE_HEARTBEAT;
@@ -97,6 +122,12 @@ impl Watcher for PhaseWatcher<'_> {
         }
         if let Some(t) = self.next_cancel_check {
             wake = wake.min(t);
+        }
+        if let Some((tail, _)) = &self.serial {
+            wake = wake.min(tail.next_look());
+            if let Some(t) = tail.stream.due(tail.written) {
+                wake = wake.min(t);
+            }
         }
         if self.live.is_some() {
             wake = wake.min(self.next_heartbeat);

@@ -8,6 +8,7 @@ mod core;
 mod disk;
 mod job_flow;
 mod regressions;
+mod secrets;
 mod fleet;
 mod streaming;
 mod faults;

@@ -1,0 +1,226 @@
+//! A connector's serial log, `<phase>-serial.log`, on its way to the
+//! server's `log/serial`.
+//!
+//! The connector writes that file itself, so the agent cannot mask it in
+//! place. Instead it tails it while the phase runs, through the job's masker
+//! (which holds back a possible partial secret at each read's end), into
+//! [`masked_name`] beside it, and streams the masked copy with the same
+//! [`LiveStream`] as phase output: fragments go as the connector writes,
+//! and what the server missed is sent from the copy later. The raw file is
+//! never sent.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::mask::Masker;
+use crate::output::LiveStream;
+use crate::outbound::JobSecrets;
+use crate::safe_fs;
+
+/// How often the connector's file is looked at while the phase runs.
+pub const POLL: Duration = Duration::from_millis(250);
+/// Bytes read from it per look: the agent's one thread must get back to the
+/// phase's pipe; serial lines come slowly anyway.
+const STEP: usize = 256 * 1024;
+
+/// The masked copy of `<phase>-serial.log` in the run dir.
+pub fn masked_name(phase: &str) -> String {
+    format!(".{phase}-serial.masked.log")
+}
+
+pub struct SerialTail {
+    raw_path: PathBuf,
+    raw: Option<File>,
+    /// Bytes of the raw file consumed.
+    read: u64,
+    masker: Masker,
+    masked_path: PathBuf,
+    out: Option<File>,
+    /// Bytes in the masked copy.
+    pub written: u64,
+    pub stream: LiveStream,
+    next_look: Instant,
+    failed: bool,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl SerialTail {
+    pub fn new(rundir: &Path, phase: &str, job_id: &str, secrets: &JobSecrets) -> SerialTail {
+        let masked_path = rundir.join(masked_name(phase));
+        // A cleanup run again after a crash appends to its earlier copy.
+        let written = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
+        SerialTail {
+            raw_path: rundir.join(format!("{phase}-serial.log")),
+            raw: None,
+            read: 0,
+            masker: secrets.stream(),
+            stream: LiveStream::new(job_id, "serial", phase, &masked_path, written),
+            masked_path,
+            out: None,
+            written,
+            next_look: Instant::now(),
+            failed: false,
+            buf: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// True once the connector's file existed (there is a copy to send).
+    pub fn started(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// When the file should next be looked at.
+    pub fn next_look(&self) -> Instant {
+        self.next_look
+    }
+
+    /// Masks what the connector added since the last look, at most one step
+    /// of it, when a look is due.
+    pub fn look(&mut self, now: Instant) {
+        if now < self.next_look {
+            return;
+        }
+        self.next_look = now + POLL;
+        if let Err(e) = self.catch_up(Some(STEP)) {
+            self.fail(&e);
+        }
+    }
+
+    /// The phase has ended: masks the rest of the file, and what the masker
+    /// held back.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.catch_up(None) {
+            self.fail(&e);
+        }
+        if self.out.is_some() {
+            let mut rest = Vec::new();
+            self.masker.finish(&mut rest);
+            if let Err(e) = self.append(&rest) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &io::Error) {
+        if !self.failed {
+            log::error!("serial log {}: {e}", self.raw_path.display());
+            self.failed = true;
+        }
+    }
+
+    fn catch_up(&mut self, limit: Option<usize>) -> io::Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        if self.raw.is_none() {
+            // O_NONBLOCK: a FIFO there must not hold the agent.
+            let raw = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(&self.raw_path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if !raw.metadata()?.is_file() {
+                return Err(io::Error::other("not a regular file; not sent"));
+            }
+            self.out = Some(safe_fs::open_append(&self.masked_path, safe_fs::PRIVATE_FILE)?);
+            self.raw = Some(raw);
+        }
+        let Some(mut raw) = self.raw.take() else { return Ok(()) };
+        if raw.metadata().map(|m| m.len() < self.read).unwrap_or(false) {
+            // Truncated and written anew: what was sent stays sent, the new
+            // content follows it from its start.
+            let mut held = Vec::new();
+            self.masker.finish(&mut held);
+            let appended = self.append(&held);
+            self.read = 0;
+            let rewound = std::io::Seek::rewind(&mut raw);
+            self.raw = Some(raw);
+            appended?;
+            rewound?;
+            return self.catch_up(limit);
+        }
+        let mut budget = limit.unwrap_or(usize::MAX);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(64 * 1024, 0);
+        let result = loop {
+            if budget == 0 {
+                break Ok(());
+            }
+            let want = buf.len().min(budget);
+            let n = match raw.read(&mut buf[..want]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            };
+            budget -= n;
+            self.read += n as u64;
+            let mut masked = std::mem::take(&mut self.scratch);
+            masked.clear();
+            self.masker.feed(&buf[..n], &mut masked);
+            let appended = self.append(&masked);
+            self.scratch = masked;
+            if let Err(e) = appended {
+                break Err(e);
+            }
+        };
+        self.buf = buf;
+        self.raw = Some(raw);
+        result
+    }
+
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let Some(out) = self.out.as_mut() else { return Ok(()) };
+        out.write_all(data)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::mask_for;
+
+    #[test]
+    fn the_copy_is_masked_across_the_connectors_writes() {
+        let dir = std::env::temp_dir().join(format!("tf-serial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
+        let mut tail = SerialTail::new(&dir, "test", "job", &secrets);
+        let now = Instant::now();
+        tail.look(now);
+        assert!(!tail.started(), "no file yet, no copy");
+        let raw = dir.join("test-serial.log");
+        let mut w = OpenOptions::new().create(true).append(true).open(&raw).unwrap();
+        w.write_all(b"boot: hunter").unwrap();
+        tail.look(now + POLL);
+        assert!(tail.started());
+        w.write_all(b"2-XYZ ok\n").unwrap();
+        tail.look(now + POLL * 2);
+        tail.finish();
+        let copy = std::fs::read_to_string(dir.join(masked_name("test"))).unwrap();
+        assert_eq!(copy, format!("boot: {} ok\n", mask_for("hunter2-XYZ")));
+        assert_eq!(tail.written, copy.len() as u64);
+
+        // Rewritten from its start: the new content follows.
+        let mut tail = SerialTail::new(&dir, "cleanup", "job", &secrets);
+        let raw = dir.join("cleanup-serial.log");
+        std::fs::write(&raw, "first run, long line\n").unwrap();
+        tail.look(Instant::now());
+        std::fs::write(&raw, "again\n").unwrap();
+        tail.finish();
+        let copy = std::fs::read_to_string(dir.join(masked_name("cleanup"))).unwrap();
+        assert_eq!(copy, "first run, long line\nagain\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
