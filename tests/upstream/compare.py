@@ -101,10 +101,9 @@ def normalise(snap):
     norm = normaliser(snap)
     drop_agent = {"_id", "updated_at", "name", "log"}
     events = [f"{e.get('event_name')}: {e.get('detail', '')}" for e in snap["events"]]
-    posts = [
-        {k: v for k, v in p.items() if k != "updated_at"} if isinstance(p, dict) else p
-        for p in snap["agent_posts"]
-    ]
+    posts = [p for p in snap["agent_posts"] if isinstance(p, dict)]
+    results_posted = [result_post(p) for p in snap["result_posts"]]
+    outcome = next((p for p in reversed(results_posted) if isinstance(p, dict) and "status" in p and "job_state" in p), None)
     # phase output is compared once, from `poll` (`results` holds the same)
     results = {k: v for k, v in snap["results"].items() if not k.endswith("_output")}
     logs, notices = {}, {}
@@ -121,9 +120,16 @@ def normalise(snap):
         "artifacts": sorted(json.dumps(m, sort_keys=True) for m in snap["artifacts"]),
         "job_state_history": collapse(snap["job_state_history"]),
         "refused": collapse(snap["refused"]),
-        "result_posts": collapse([json.dumps(result_post(p), sort_keys=True) for p in snap["result_posts"]]),
+        # the final outcome apart from the posts before it
+        "outcome_post": outcome,
+        "result_posts": collapse([json.dumps(p, sort_keys=True) for p in results_posted if p is not outcome]),
         "events": events,
-        "agent_posts": collapse([json.dumps(p, sort_keys=True) for p in posts]),
+        # agent data as a dashboard sees it: the states (with comments) in
+        # order, the job ids in order, and which fields were ever posted (how
+        # the fields are grouped into posts is not compared)
+        "agent_states": collapse([f"{p['state']} ({p.get('comment', '<no comment>')})" for p in posts if "state" in p]),
+        "agent_job_ids": collapse([p["job_id"] for p in posts if "job_id" in p]),
+        "agent_fields": sorted({k for p in posts for k in p if k != "updated_at"}),
         "agent_final": {k: v for k, v in snap["agent_final"].items() if k not in drop_agent},
         "provision_logs": [
             {k: v for k, v in e.items() if k != "timestamp"} for e in snap["provision_logs"]

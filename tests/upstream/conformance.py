@@ -202,6 +202,9 @@ class Run:
         while time.time() < end:
             if cond():
                 return
+            if self.proc and self.proc.poll() is not None:
+                tail = (self.dir / "agent.out").read_text(errors="replace")[-300:]
+                raise RuntimeError(f"{self.tag}: the agent exited ({self.proc.returncode}) while waiting for {what}: {tail}")
             time.sleep(0.3)
         raise TimeoutError(f"{self.tag}: timed out waiting for {what}")
 
@@ -368,6 +371,8 @@ def main():
     p.add_argument("--parallel", type=int, default=4,
                    help="scenarios run at once (each runs both agents); the server answers one request at a time")
     p.add_argument("--pgid-file", help="list the process groups started here in this file")
+    p.add_argument("--readme", default=str(HERE.parent.parent / "README.md"),
+                   help="the README whose differences table allowed.yaml cites")
     p.add_argument("--dump", help="write both sides' normalised snapshots here (JSON)")
     args = p.parse_args()
 
@@ -381,7 +386,7 @@ def main():
     if unknown:
         sys.exit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
 
-    readme = (HERE.parent.parent / "README.md").read_text()
+    readme = Path(args.readme).read_text()
     allowed, complaints = compare.load_allowed(HERE / "allowed.yaml", readme)
 
     started = time.time()

@@ -30,10 +30,13 @@ PGID_FILE = None  # also listed here, for the CI script's trap if we die hard
 
 
 def spawn(argv, log_path, env=None, cwd=None):
-    """Start a process in its own session (so its whole tree can be killed)."""
+    """Start a process in its own session (so its whole tree can be killed),
+    with /dev/null on an extra descriptor, 9, as a service manager or a
+    shell may leave one: it is not for the phase commands to see."""
     log = open(log_path, "ab")
     proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        ["/bin/sh", "-c", 'exec "$@" 9</dev/null', "sh", *map(str, argv)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=env, cwd=cwd, start_new_session=True,
     )
     log.close()

@@ -96,6 +96,15 @@ SCENARIOS = {
             },
             "reserve_data": {"timeout": 5},
         },
+        # what a phase command finds: the outcome file as the agent left it,
+        # and its open descriptors (both agents are started with an extra
+        # one, fd 9, which upstream does not pass on)
+        "commands": {
+            "setup_command": (
+                'echo "outcome file: $(cat testflinger-outcome.json 2>&1)";'
+                ' echo "descriptors: $(ls /proc/self/fd | sort -n | tr \'\\n\' \' \')"'
+            ),
+        },
         "drive": full,
     },
     "failing_provision": {
