@@ -139,15 +139,17 @@ def normalise(snap):
 
 
 def text_diff(a, b):
+    """The first three lines that differ (line by line), or what one side has more."""
     al, bl = a.splitlines(), b.splitlines()
-    for i, (x, y) in enumerate(zip(al, bl)):
-        if x != y:
-            return f"line {i + 1}: ours {x!r} / upstream {y!r}"
+    out = [
+        f"line {i + 1}: ours {x!r} / upstream {y!r}"
+        for i, (x, y) in enumerate(zip(al, bl)) if x != y
+    ]
     if len(al) != len(bl):
         longer, who = (al, "ours") if len(al) > len(bl) else (bl, "upstream")
         extra = longer[min(len(al), len(bl)):]
-        return f"only {who} has {len(extra)} more line(s), first {extra[0]!r}"
-    return "whitespace only"
+        out.append(f"only {who} has {len(extra)} more line(s), first {extra[0]!r}")
+    return "; ".join(out[:3]) + (f"; … {len(out) - 3} more" if len(out) > 3 else "") or "whitespace only"
 
 
 def list_diff(a, b):
