@@ -21,6 +21,8 @@ pub enum Exit {
     Once,
     /// The server (state `restart`) or SIGUSR1 asked for a restart.
     Restart,
+    /// `--once`, and the server stayed unreachable for `server_timeout`.
+    Unreachable,
 }
 
 /// How the comment of the `offline` state posted before a restart begins;
@@ -51,6 +53,9 @@ pub struct Agent<'a> {
     /// a wait that doubles per failure (not every polling cycle).
     kept_retry_at: Option<Instant>,
     kept_backoff: Duration,
+    /// Why the server was last found unreachable (a short kind), to log
+    /// each change of reason once rather than every attempt.
+    unreachable: Option<&'static str>,
 }
 
 impl<'a> Agent<'a> {
@@ -66,6 +71,7 @@ impl<'a> Agent<'a> {
             last_state: String::new(),
             kept_retry_at: None,
             kept_backoff: Duration::ZERO,
+            unreachable: None,
         }
     }
 
@@ -73,10 +79,36 @@ impl<'a> Agent<'a> {
         Duration::from_secs_f64(self.config.polling_interval)
     }
 
-    fn wait_for_server(&mut self) {
+    /// Waits until the server answers. Returns false when `--once` gives
+    /// up: it waits no longer than `server_timeout`.
+    fn wait_for_server(&mut self) -> bool {
+        let started = Instant::now();
+        let give_up_after = Duration::from_secs(self.config.server_timeout);
         let mut backoff = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
-        while !signals::interrupted() && !self.client.is_reachable() {
-            log::warn!("server {} not reachable, retrying in {backoff:?}", self.client.base_url());
+        loop {
+            if signals::interrupted() {
+                return true;
+            }
+            let reason = match self.client.reachability() {
+                Ok(()) => {
+                    if self.unreachable.take().is_some() {
+                        log::info!("server {} reachable again", self.client.base_url());
+                    }
+                    return true;
+                }
+                Err(reason) => reason,
+            };
+            let kind = unreachable_kind(&reason);
+            if self.unreachable != Some(kind) {
+                log::warn!("server {} not reachable: {kind} ({reason}); retrying, waits doubling up to {MAX_BACKOFF:?}", self.client.base_url());
+                self.unreachable = Some(kind);
+            } else {
+                log::debug!("server still not reachable ({reason}); retrying in {backoff:?}");
+            }
+            if self.once && started.elapsed() + backoff > give_up_after {
+                log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
+                return false;
+            }
             self.metrics.idle(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -87,10 +119,12 @@ impl<'a> Agent<'a> {
         let mut data = Json::object()
             .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
-        for (key, value) in [("location", &c.location), ("provision_type", &c.provision_type), ("identifier", &c.identifier)] {
-            if let Some(v) = value {
-                data.set(key, Json::str(v.as_str()));
-            }
+        // As upstream: location and provision_type always ("" when unset),
+        // identifier only when set.
+        data.set("location", Json::str(c.location.as_deref().unwrap_or("")));
+        data.set("provision_type", Json::str(c.provision_type.as_deref().unwrap_or("")));
+        if let Some(id) = &c.identifier {
+            data.set("identifier", Json::str(id.as_str()));
         }
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
@@ -129,7 +163,9 @@ impl<'a> Agent<'a> {
     }
 
     pub fn run(&mut self) -> Exit {
-        self.wait_for_server();
+        if !self.wait_for_server() {
+            return Exit::Unreachable;
+        }
         self.announce();
         // Jobs a killed agent left behind are finished before any new one.
         recovery::recover(self.config, &mut self.client, &mut self.metrics);
@@ -163,14 +199,16 @@ impl<'a> Agent<'a> {
 
     /// Re-posts the state when the server has not heard from us for a day,
     /// so that an agent kept offline for long is not forgotten.
-    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str) {
+    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str, comment: &str) {
         let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
         if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now()) {
             return;
         }
         let state = if state.is_empty() { "waiting" } else { state };
         log::info!("heartbeat: re-posting state {state}");
-        match self.client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+        // The comment goes along, or an operator's reason would be wiped.
+        let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(comment));
+        match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
@@ -193,8 +231,8 @@ impl<'a> Agent<'a> {
             Ok(d) => d,
             Err(e) => {
                 log::error!("cannot read agent data: {e}");
-                if !self.client.is_reachable() {
-                    self.wait_for_server();
+                if !self.client.is_reachable() && !self.wait_for_server() {
+                    return Some(Exit::Unreachable);
                 }
                 return None;
             }
@@ -210,7 +248,7 @@ impl<'a> Agent<'a> {
             self.last_post = Instant::now();
             return None;
         }
-        self.heartbeat(agent_data.as_ref(), &state);
+        self.heartbeat(agent_data.as_ref(), &state, &comment);
         let changed = state != self.last_state;
         self.last_state = state.clone();
         match state.as_str() {
@@ -251,12 +289,15 @@ impl<'a> Agent<'a> {
         if summary.recovery_failed {
             self.recovery_failed = true;
             after.set("state", Json::str("offline"));
-            after.set("comment", Json::str(format!("Device recovery failed in job {}", summary.job_id)));
+            // Upstream's words exactly: operators search for them.
+            let comment = format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
+            after.set("comment", Json::str(comment));
         } else if let Some((held, _)) = self.client.held_state() {
             // Set by an operator while the job ran: keep it.
             log::info!("agent is {held} on the server; not posting waiting");
         } else {
             after.set("state", Json::str("waiting"));
+            after.set("comment", Json::str(""));
         }
         match self.client.post_agent_data(&after) {
             Ok(()) => self.last_post = Instant::now(),
@@ -269,6 +310,32 @@ impl<'a> Agent<'a> {
             Err(e) => log::warn!("cannot post agent state: {e}"),
         }
         summary.interrupted.then_some(Exit::Stopped)
+    }
+}
+
+/// The kind of reason the server cannot be reached, from the error's text
+/// (the HTTP crates give no finer types): what an operator acts on.
+fn unreachable_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| r.contains(w));
+    if has(&["certificate", "unknownissuer", "invalidcert", "notvalidforname"]) {
+        "TLS certificate not accepted"
+    } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
+        "TLS failure"
+    } else if has(&["lookup", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
+        "host name not resolved"
+    } else if has(&["refused"]) {
+        "connection refused"
+    } else if has(&["timed out", "timeout", "would block"]) {
+        "no answer in time"
+    } else if has(&["network is unreachable", "no route", "host is unreachable"]) {
+        "network unreachable"
+    } else if has(&["reset", "broken pipe", "cut off", "closed"]) {
+        "connection dropped"
+    } else if reason.starts_with("HTTP 5") {
+        "server error"
+    } else {
+        "other error"
     }
 }
 
@@ -288,6 +355,22 @@ fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: Syste
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn unreachable_reasons_are_told_apart() {
+        let cases = [
+            ("http://x/v1/: no answer: Connection refused (os error 111)", "connection refused"),
+            ("no answer: failed to lookup address information: Name or service not known", "host name not resolved"),
+            ("no answer: invalid peer certificate: UnknownIssuer", "TLS certificate not accepted"),
+            ("no answer: received corrupt message of type InvalidContentType", "TLS failure"),
+            ("no answer: Resource temporarily unavailable: timed out", "no answer in time"),
+            ("HTTP 503", "server error"),
+            ("no answer: Connection reset by peer (os error 104)", "connection dropped"),
+        ];
+        for (reason, kind) in cases {
+            assert_eq!(unreachable_kind(reason), kind, "{reason}");
+        }
+    }
 
     #[test]
     fn heartbeat_once_a_day() {

@@ -6,8 +6,10 @@
 //! deflated. A test phase's artifacts are often half already-compressed
 //! data, and deflating that spends most of the packing time for nothing.
 
-use std::fs::{self, File};
+use std::ffi::CStr;
+use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -66,8 +68,11 @@ pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Res
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
     let mask = mask.filter(|m| !m.is_empty());
-    add_dir(&mut tar, src, Path::new("artifacts"), mask).map_err(werr)?;
-    let gz = tar.into_inner().map_err(werr)?;
+    let mut packing = Packing::default();
+    add_dir(&mut tar, src, Path::new("artifacts"), mask, &mut packing).map_err(werr)?;
+    let mut gz = tar.into_inner().map_err(werr)?;
+    // The last, partial block is counted once it is compressed.
+    gz.flush_block().map_err(werr)?;
     let (stored, deflated) = (gz.stored_bytes, gz.deflated_bytes);
     let mut buf = gz.finish().map_err(werr)?;
     buf.flush().map_err(werr)?;
@@ -77,7 +82,8 @@ pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Res
     file.sync_all().map_err(werr)?;
     let size = file.metadata().map_err(werr)?.len();
     log::info!(
-        "artifacts packed: {} bytes from {} in {:.2}s ({} deflated, {} stored)",
+        "artifacts packed: {} files, {} bytes from {} in {:.2}s ({} deflated, {} stored)",
+        packing.files,
         size,
         deflated + stored,
         started.elapsed().as_secs_f64(),
@@ -225,17 +231,96 @@ fn looks_incompressible(sample: &[u8]) -> bool {
     entropy > INCOMPRESSIBLE_ENTROPY
 }
 
+/// What packing has seen so far: the files (and links) packed, and the
+/// owner names looked up, once per id.
+#[derive(Default)]
+struct Packing {
+    files: u64,
+    users: Vec<(u32, String)>,
+    groups: Vec<(u32, String)>,
+}
+
+impl Packing {
+    /// A header for `meta` as Python's `tarfile` (upstream's packer) writes
+    /// it: permission bits only in the mode (`0o755`, not `0o40755`), and
+    /// the owner's user and group names.
+    fn header(&mut self, meta: &Metadata) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata(meta);
+        h.set_mode(meta.mode() & 0o7777);
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if !self.users.iter().any(|(id, _)| *id == uid) {
+            self.users.push((uid, user_name(uid)));
+        }
+        if !self.groups.iter().any(|(id, _)| *id == gid) {
+            self.groups.push((gid, group_name(gid)));
+        }
+        let user = self.users.iter().find(|(id, _)| *id == uid).map_or("", |(_, n)| n.as_str());
+        let group = self.groups.iter().find(|(id, _)| *id == gid).map_or("", |(_, n)| n.as_str());
+        // A name too long for the header is left out, as tarfile would fail.
+        let _ = h.set_username(user);
+        let _ = h.set_groupname(group);
+        h
+    }
+}
+
+/// The name of user `uid`, or "" when it has none (as `tarfile` leaves it).
+fn user_name(uid: u32) -> String {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter; buf outlives
+        // the call and the name is copied out before buf is touched again.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+            return String::new();
+        }
+        // SAFETY: pw_name points into buf, NUL-terminated by getpwuid_r.
+        return unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned();
+    }
+}
+
+/// The name of group `gid`, or "".
+fn group_name(gid: u32) -> String {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: as in user_name.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || grp.gr_name.is_null() {
+            return String::new();
+        }
+        // SAFETY: gr_name points into buf, NUL-terminated by getgrgid_r.
+        return unsafe { CStr::from_ptr(grp.gr_name) }.to_string_lossy().into_owned();
+    }
+}
+
 /// Adds `dir` and everything under it. Errors reading the source are logged
 /// and skipped; errors writing the archive are returned.
-fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: Option<&JobSecrets>) -> io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    match fs::symlink_metadata(dir) {
-        Ok(meta) => header.set_metadata(&meta),
+fn add_dir<W: Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &Path,
+    name: &Path,
+    mask: Option<&JobSecrets>,
+    packing: &mut Packing,
+) -> io::Result<()> {
+    let mut header = match fs::symlink_metadata(dir) {
+        Ok(meta) => packing.header(&meta),
         Err(e) => {
             log::warn!("artifacts: skipping {}: {e}", dir.display());
             return Ok(());
         }
-    }
+    };
     header.set_entry_type(tar::EntryType::Directory);
     header.set_size(0);
     tar.append_data(&mut header, name, io::empty())?;
@@ -259,7 +344,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
         };
         let ft = meta.file_type();
         if ft.is_dir() {
-            add_dir(tar, &path, &member, mask)?;
+            add_dir(tar, &path, &member, mask, packing)?;
         } else if ft.is_symlink() {
             let target = match fs::read_link(&path) {
                 Ok(t) => t,
@@ -268,8 +353,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
                     continue;
                 }
             };
-            let mut h = tar::Header::new_gnu();
-            h.set_metadata(&meta);
+            let mut h = packing.header(&meta);
             h.set_entry_type(tar::EntryType::Symlink);
             h.set_size(0);
             let target = match mask {
@@ -277,6 +361,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
                 None => target,
             };
             tar.append_link(&mut h, &member, &target)?;
+            packing.files += 1;
         } else if ft.is_file() {
             let mut f = match File::open(&path) {
                 Ok(f) => f,
@@ -285,8 +370,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
                     continue;
                 }
             };
-            let mut h = tar::Header::new_gnu();
-            h.set_metadata(&meta);
+            let mut h = packing.header(&meta);
             if let Some(secrets) = mask {
                 match masked_size(&mut f, secrets) {
                     Ok(Some(len)) => {
@@ -294,6 +378,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
                         h.set_size(len);
                         let mut exact = secrets.reader(&mut f).chain(io::repeat(0)).take(len);
                         tar.append_data(&mut h, &member, &mut exact)?;
+                        packing.files += 1;
                         continue;
                     }
                     Ok(None) => {}
@@ -307,6 +392,7 @@ fn add_dir<W: Write>(tar: &mut tar::Builder<W>, dir: &Path, name: &Path, mask: O
             // shrinks meanwhile would corrupt the archive, so pad/trim.
             let mut exact = (&mut f).chain(io::repeat(0)).take(meta.len());
             tar.append_data(&mut h, &member, &mut exact)?;
+            packing.files += 1;
         } else {
             log::warn!("artifacts: skipping {} (not a file, directory or link)", path.display());
         }

@@ -104,8 +104,7 @@ impl Answer {
         if (200..300).contains(&self.status) {
             Ok(self)
         } else {
-            let snippet = String::from_utf8_lossy(&self.body[..self.body.len().min(200)]).trim().to_string();
-            Err(ClientError::Status { url: url.to_string(), status: self.status, body: snippet })
+            Err(ClientError::Status { url: url.to_string(), status: self.status, body: body_snippet(&self.body) })
         }
     }
 }
@@ -120,6 +119,9 @@ pub struct Client {
     refresh_refused: Option<std::time::Instant>,
     /// Refused refreshes in a row: the hold-off doubles with each.
     refresh_failures: u32,
+    /// What was last said about the token file, so that a broken file is
+    /// reported once per change rather than on every request.
+    token_status: Option<String>,
     pub policy: RetryPolicy,
 }
 
@@ -148,6 +150,7 @@ impl Client {
             access_token: None,
             refresh_refused: None,
             refresh_failures: 0,
+            token_status: None,
             policy: RetryPolicy::default(),
         }
     }
@@ -160,25 +163,49 @@ impl Client {
         format!("{}{}", self.base, path)
     }
 
-    fn read_refresh_token(&self) -> Option<String> {
-        let path = self.token_file.as_ref()?;
+    /// The refresh token, or why there is none (`Err(None)`: no token file).
+    fn token_file_state(&self) -> Result<String, Option<String>> {
+        let path = self.token_file.as_ref().ok_or(None)?;
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) => {
-                // A missing token file means anonymous requests, as upstream.
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    log::warn!("cannot read token file {}: {e}", path.display());
-                }
-                return None;
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Some(format!("token file {} does not exist: requests go without a token", path.display())));
             }
+            Err(e) => return Err(Some(format!("cannot read token file {}: {e}", path.display()))),
         };
         match Json::parse(&text).ok().and_then(|j| j.get("refresh_token")?.as_str().map(String::from)) {
-            Some(t) if !t.is_empty() => Some(t),
-            _ => {
-                log::warn!("token file {} has no \"refresh_token\" string", path.display());
-                None
-            }
+            Some(t) if !t.is_empty() => Ok(t),
+            _ => Err(Some(format!("token file {} has no \"refresh_token\" string", path.display()))),
         }
+    }
+
+    /// Says once, at start, which token file is used and whether it can be.
+    pub fn log_token_file(&mut self, origin: &str) {
+        let Some(path) = self.token_file.clone() else {
+            log::info!("no token file: requests go without a token");
+            return;
+        };
+        let status = self.token_file_state().err().flatten();
+        match &status {
+            None => log::info!("token file {} ({origin})", path.display()),
+            Some(problem) if !path.exists() => log::info!("{problem} ({origin})"),
+            Some(problem) => log::warn!("{problem} ({origin})"),
+        }
+        self.token_status = status;
+    }
+
+    fn read_refresh_token(&mut self) -> Option<String> {
+        let state = self.token_file_state();
+        let status = state.as_ref().err().cloned().flatten();
+        if status != self.token_status {
+            match &status {
+                Some(problem) if self.token_file.as_ref().is_some_and(|p| !p.exists()) => log::info!("{problem}"),
+                Some(problem) => log::warn!("{problem}"),
+                None => log::info!("token file {} read", self.token_file.as_ref().map_or(String::new(), |p| p.display().to_string())),
+            }
+            self.token_status = status;
+        }
+        state.ok()
     }
 
     /// Exchanges the refresh token for an access token. Returns whether we
@@ -306,7 +333,9 @@ impl Client {
         loop {
             attempt += 1;
             match send(self) {
-                Ok(a) if a.status == 401 && !refreshed && self.token_file.is_some() => {
+                // Without a token file (the default path is usually absent)
+                // a 401 has nothing to refresh: it is the answer.
+                Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
                     refreshed = true;
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh() {
@@ -334,23 +363,27 @@ impl Client {
 
     /// Any answer below 500 means the server is up (a 404 on `/v1` too).
     pub fn is_reachable(&self) -> bool {
+        self.reachability().is_ok()
+    }
+
+    /// `Err` says why the server cannot be reached, for the log.
+    pub fn reachability(&self) -> Result<(), String> {
         match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false) {
-            Ok(a) => a.status < 500,
-            Err(e) => {
-                log::debug!("server not reachable: {e}");
-                false
-            }
+            Ok(a) if a.status < 500 => Ok(()),
+            Ok(a) => Err(format!("HTTP {}", a.status)),
+            Err(ClientError::Connection { reason, .. }) => Err(reason),
+            Err(e) => Err(e.to_string()),
         }
     }
 
     pub fn post_agent_data(&mut self, data: &Json) -> Result<(), ClientError> {
-        let path = format!("/v1/agents/data/{}", self.agent_id);
+        let path = format!("/v1/agents/data/{}", url_encode(&self.agent_id));
         self.call_ok("POST", &path, Some(data), SMALL_ANSWER).map(drop)
     }
 
     /// The agent's own record on the server; `None` when it has none yet.
     pub fn get_agent_data(&mut self) -> Result<Option<Json>, ClientError> {
-        let path = format!("/v1/agents/data/{}", self.agent_id);
+        let path = format!("/v1/agents/data/{}", url_encode(&self.agent_id));
         let a = self.call("GET", &path, None, SMALL_ANSWER)?;
         match a.status {
             200 => a.json(&self.url(&path)).map(Some),
@@ -451,7 +484,7 @@ impl Client {
     }
 
     pub fn post_provision_log(&mut self, data: &Json) -> Result<(), ClientError> {
-        let path = format!("/v1/agents/provision_logs/{}", self.agent_id);
+        let path = format!("/v1/agents/provision_logs/{}", url_encode(&self.agent_id));
         self.call_ok("POST", &path, Some(data), SMALL_ANSWER).map(drop)
     }
 
@@ -559,6 +592,14 @@ pub fn is_safe_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') && id != "." && id != ".."
 }
 
+/// The start of an error answer for a log line: one line (runs of white
+/// space and control characters become one space), at most 200 characters.
+fn body_snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
+    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    words.join(" ").chars().take(200).collect()
+}
+
 fn url_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -596,6 +637,15 @@ mod tests {
         assert_eq!(refresh_hold_off(4), Duration::from_secs(8));
         assert_eq!(refresh_hold_off(20), Duration::from_secs(300));
         assert_eq!(refresh_hold_off(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn error_bodies_become_one_short_line() {
+        let html = format!("<html>\r\n  <body>\n\tBad\x00 gateway {}</body>\n", "x".repeat(500));
+        let line = body_snippet(html.as_bytes());
+        assert!(line.starts_with("<html> <body> Bad gateway xxx"), "{line}");
+        assert_eq!(line.chars().count(), 200);
+        assert_eq!(body_snippet("é".repeat(300).as_bytes()).chars().count(), 200);
     }
 
     #[test]

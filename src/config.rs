@@ -179,6 +179,8 @@ impl Config {
                 return Err(err(Some(key.into()), None, "must not be empty".into()));
             }
         }
+        check_server_address(&config.server_address).map_err(|r| err(Some("server_address".into()), None, r))?;
+        check_agent_id(&config.agent_id).map_err(|r| err(Some("agent_id".into()), None, r))?;
         if config.job_queues.is_empty() {
             return Err(err(Some("job_queues".into()), None, "must list at least one queue".into()));
         }
@@ -196,6 +198,27 @@ impl Config {
             ));
         }
         Ok(config)
+    }
+
+    /// Creates the three base directories if need be and checks that the
+    /// agent can use them, so that a misconfigured agent stops at start
+    /// rather than taking jobs from the server and failing each of them.
+    /// `file` is the config file, for the error.
+    pub fn prepare_dirs(&self, file: &Path) -> Result<(), ConfigError> {
+        let dirs = [
+            ("execution_basedir", &self.execution_basedir, crate::safe_fs::PRIVATE_DIR),
+            ("results_basedir", &self.results_basedir, crate::safe_fs::PRIVATE_DIR),
+            ("logging_basedir", &self.logging_basedir, crate::safe_fs::LOG_DIR),
+        ];
+        for (key, dir, mode) in dirs {
+            usable_dir(dir, mode).map_err(|reason| ConfigError {
+                file: file.to_path_buf(),
+                key: Some(key.into()),
+                line: None,
+                reason: format!("{}: {reason}", dir.display()),
+            })?;
+        }
+        Ok(())
     }
 
     /// The command configured for `phase`, if any (empty means none).
@@ -244,6 +267,81 @@ fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
         }
     }
     (None, msg.to_string())
+}
+
+fn usable_dir(dir: &Path, mode: u32) -> Result<(), String> {
+    // Made private and without following planted links, like every
+    // directory the agent makes.
+    crate::safe_fs::ensure_base_dir(dir, mode).map_err(|e| format!("cannot create the directory: {e}"))?;
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err("not a directory".into());
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| "holds a NUL byte".to_string())?;
+    // SAFETY: access(2) on a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!("not usable: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `server_address` as upstream takes it: `http://` or `https://`, or a bare
+/// `host[:port]` meaning http; a host, and a port in 1..=65535 if one is given.
+fn check_server_address(address: &str) -> Result<(), String> {
+    let address = address.trim();
+    let rest = match address.split_once("://") {
+        Some((scheme, rest)) => {
+            let scheme = scheme.to_ascii_lowercase();
+            if scheme == "https" && !cfg!(feature = "tls") {
+                return Err(format!("{address:?}: this build has no TLS (built without the `tls` feature)"));
+            }
+            if scheme != "http" && scheme != "https" {
+                return Err(format!("{address:?}: the scheme must be http or https, not {scheme:?}"));
+            }
+            rest
+        }
+        None => address,
+    };
+    if rest.contains(['?', '#']) {
+        return Err(format!("{address:?}: must not hold a query or fragment"));
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, tail)) if h.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') => {
+                (h, if tail.is_empty() { None } else { Some(tail.strip_prefix(':').unwrap_or(tail)) })
+            }
+            _ => return Err(format!("{address:?}: bad IPv6 address")),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{address:?}: no host"));
+    }
+    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
+        return Err(format!("{address:?}: {host:?} is not a host name"));
+    }
+    if let Some(port) = port {
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(format!("{address:?}: bad port {port:?} (a number from 1 to 65535)"));
+        }
+    }
+    Ok(())
+}
+
+/// `agent_id` names the agent in URL paths (`/v1/agents/data/<agent_id>`):
+/// what could leave that path segment is refused; the client
+/// percent-encodes anything else that is not plain.
+fn check_agent_id(id: &str) -> Result<(), String> {
+    if id == "." || id == ".." || id.contains(['/', '\\']) || id.chars().any(char::is_control) {
+        return Err(format!("{id:?} cannot be used in a URL path (no `/`, `\\`, control characters, `.` or `..`)"));
+    }
+    Ok(())
 }
 
 /// YAML values as JSON for the server (advertised queues and images).
@@ -315,6 +413,29 @@ mod tests {
             let e = parse(&format!("{MINIMAL}server_timeout: {bad}\n")).unwrap_err();
             assert_eq!(e.key.as_deref(), Some("server_timeout"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn server_address_is_checked() {
+        for good in ["10.0.0.5:8000", "http://tf", "https://tf.example.com/", "HTTP://h:1", "http://[::1]:5000", "tf_x.lab:65535"] {
+            if good.starts_with("https") && !cfg!(feature = "tls") {
+                continue;
+            }
+            assert!(parse(&MINIMAL.replace("10.0.0.5:8000", good)).is_ok(), "{good}");
+        }
+        for bad in ["htp://x", "ftp://x", "http://", "http://:80", "x:0", "x:99999", "x:port", "http://a b", "http://h?q=1", "http://h:"] {
+            let e = parse(&MINIMAL.replace("10.0.0.5:8000", &format!("{bad:?}"))).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("server_address"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn agent_ids_that_leave_the_path_are_refused() {
+        for bad in ["../../etc", "..", "a/b", "a\\b", "a\tb"] {
+            let e = parse(&MINIMAL.replace("a1", &format!("{bad:?}"))).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("agent_id"), "{bad}: {e}");
+        }
+        assert!(parse(&MINIMAL.replace("a1", "\"lab rig #1\"")).is_ok());
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub const ARCHIVE_NAME: &str = ".artifacts.tar.gz";
 const ARCHIVE_SENT: &str = ".artifacts-sent";
 /// Fragment counters and unsent output, for a later delivery.
 const STATE_FILE: &str = ".delivery-state.json";
+/// Marks a run dir made by `--job`: server mode never recovers nor
+/// delivers it (its job id means nothing to the server).
+pub const LOCAL_MARKER: &str = ".local-job";
 
 /// A phase log (or serial log) the server has only part of.
 #[derive(Clone, Debug)]
@@ -58,6 +61,9 @@ pub struct JobState {
     /// The job's events body whose last post failed: the webhook must still
     /// hear how the job ended (each post carries the whole list).
     pub events: Option<Json>,
+    /// The job was cancelled: the outcome is posted with `job_state:
+    /// "cancelled"`, not `"complete"`, so it stays cancelled on the server.
+    pub cancelled: bool,
 }
 
 impl JobState {
@@ -77,7 +83,8 @@ impl JobState {
             .with("output_next", Json::int(self.output_next as i64))
             .with("serial_next", Json::int(self.serial_next as i64))
             .with("pending", Json::Array(pending))
-            .with("events", self.events.clone().unwrap_or(Json::Null));
+            .with("events", self.events.clone().unwrap_or(Json::Null))
+            .with("cancelled", Json::Bool(self.cancelled));
         write_atomic(&rundir.join(STATE_FILE), json.to_string_compact().as_bytes())
     }
 
@@ -100,7 +107,8 @@ impl JobState {
             })
             .collect();
         let events = json.get("events").filter(|e| matches!(e, Json::Object(_))).cloned();
-        JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending, events }
+        let cancelled = json.get("cancelled").and_then(Json::as_bool).unwrap_or(false);
+        JobState { output_next: num("output_next"), serial_next: num("serial_next"), pending, events, cancelled }
     }
 }
 
@@ -150,7 +158,9 @@ pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state:
         let _ = safe_fs::rewrite(&rundir.join(ARCHIVE_SENT), b"", safe_fs::PRIVATE_FILE);
     }
 
-    outcome.set("job_state", Json::str("complete"));
+    // Upstream posts "complete" here, turning a cancelled job into a
+    // completed one for the CLI and dashboards.
+    outcome.set("job_state", Json::str(if state.cancelled { "cancelled" } else { "complete" }));
     client.post_result(job_id, &outcome)
 }
 
@@ -229,7 +239,7 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
 }
 
 /// Job dirs in `base` (directories named like a job id; so not
-/// `.undeliverable`), oldest first.
+/// `.undeliverable`; and not those of local `--job` runs), oldest first.
 pub fn job_dirs(base: &Path) -> Vec<(String, PathBuf)> {
     let Ok(dir) = fs::read_dir(base) else { return Vec::new() };
     let mut jobs: Vec<_> = dir
@@ -237,6 +247,10 @@ pub fn job_dirs(base: &Path) -> Vec<(String, PathBuf)> {
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
+            if e.path().join(LOCAL_MARKER).exists() {
+                log::debug!("{}: a local --job run, left alone", e.path().display());
+                return None;
+            }
             let mtime = e.metadata().and_then(|m| m.modified()).ok();
             is_safe_id(&name).then(|| (mtime, name, e.path()))
         })

@@ -1,6 +1,7 @@
 //! A job's events (`job_start`, `<phase>_start/_success/_fail`, ...), posted
 //! to `/v1/job/<id>/events` with the whole list each time, only when the job
-//! has a `job_status_webhook`. A failed post is logged, never fatal; what the
+//! has a `job_status_webhook`. A failed post is logged, never fatal, and holds
+//! the next posts back for a while (each carries the whole list); what the
 //! server missed at the end is delivered with the outcome (`owed`).
 //!
 //! The list is also kept in the run dir as it grows, so that a job resumed
@@ -9,6 +10,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic;
 use crate::client::Client;
@@ -18,6 +20,12 @@ use crate::timestamp::now_iso8601;
 
 /// Where in the run dir the list is kept.
 const EVENTS_FILE: &str = ".events.json";
+/// After a failed post, events wait this long (doubling per failure, up to
+/// [`MAX_HOLD`]) before the next try: each post carries the whole list, so
+/// the ones in between lose nothing, and a job (skipped phases emit events
+/// too) is not held by a server that refuses them.
+const FIRST_HOLD: Duration = Duration::from_secs(1);
+const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// The job's events, posted whole each time when the job has a webhook.
 pub struct Events {
@@ -27,6 +35,9 @@ pub struct Events {
     unsent: bool,
     /// Where the list is kept as it grows.
     file: Option<PathBuf>,
+    /// After a failed post: no new try before then, and the current hold.
+    hold_until: Option<Instant>,
+    hold: Duration,
 }
 
 impl Events {
@@ -38,7 +49,7 @@ impl Events {
                 .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
                 .with("job_status_webhook", Json::str(w))
         });
-        Events { list: Vec::new(), header, unsent: false, file: None }
+        Events { list: Vec::new(), header, unsent: false, file: None, hold_until: None, hold: Duration::ZERO }
     }
 
     /// Keeps the list in `rundir` from now on.
@@ -76,14 +87,33 @@ impl Events {
             }
         }
         if let Some(client) = client {
+            if self.hold_until.is_some_and(|t| Instant::now() < t) {
+                log::debug!("event {name} held back; the whole list goes with the next post");
+                self.unsent = true;
+                return;
+            }
             let body = header.clone().with("events", Json::Array(self.list.clone()));
-            self.unsent = match client.post_events(job_id, &body) {
-                Ok(()) => false,
-                Err(e) => {
-                    log::warn!("event {name} not posted: {e}");
-                    true
-                }
+            // While holding back after a failure one attempt is enough: the
+            // hold is the retry schedule.
+            let posted = if self.hold_until.is_some() {
+                let timeout = client.policy.timeout;
+                client.once(timeout, |c| c.post_events(job_id, &body))
+            } else {
+                client.post_events(job_id, &body)
             };
+            match posted {
+                Ok(()) => {
+                    self.unsent = false;
+                    self.hold_until = None;
+                    self.hold = Duration::ZERO;
+                }
+                Err(e) => {
+                    self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
+                    log::warn!("event {name} not posted, holding events back for {:?}: {e}", self.hold);
+                    self.hold_until = Some(Instant::now() + self.hold);
+                    self.unsent = true;
+                }
+            }
         }
     }
 

@@ -38,7 +38,6 @@ const ATTACHMENTS_FAILED: i32 = 100;
 
 const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
 const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
-const DEFAULT_RESERVE_TIMEOUT: u64 = 3600;
 /// How often the agent's state is re-posted while one phase (or an
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
@@ -79,9 +78,13 @@ pub struct JobRunner<'a> {
     job: Json,
     job_id: String,
     rundir: PathBuf,
-    secrets: Vec<(String, String)>,
-    /// The job's secret values: job text on its way out goes through them
-    /// (see `outbound`).
+    /// Each phase's own `secrets`: its environment gets those only.
+    phase_secrets: Vec<(String, Vec<(String, String)>)>,
+    /// The job was cancelled on the server: the outcome must not turn it
+    /// back into a completed one.
+    cancelled: bool,
+    /// Every secret value of the job (all phases'): job text on its way
+    /// out goes through them (see `outbound`).
     masks: JobSecrets,
     /// The agent's log lines are masked with `masks` while the job lives.
     _log_masking: LogMasking,
@@ -102,19 +105,23 @@ impl<'a> JobRunner<'a> {
     pub fn new(config: &'a Config, client: Option<&'a mut Client>, mut job: Json, echo: bool) -> JobRunner<'a> {
         let job_id = job.get("job_id").and_then(Json::as_str).unwrap_or("local-job").to_string();
         let rundir = config.execution_basedir.join(&job_id);
-        // Secrets go to the phase's environment only: never to disk.
+        // Secrets go to their own phase's environment only: never to disk.
         let mut secrets = Vec::new();
-        for phase in PHASES {
+        let mut phase_secrets = Vec::new();
+        for phase in PHASES.iter().chain(std::iter::once(&"cleanup")) {
             if let Some(data) = job.get_mut(&format!("{phase}_data")) {
                 if let Some(Json::Object(map)) = data.remove("secrets") {
+                    let mut own = Vec::new();
                     for (k, v) in map {
                         let value = match v {
                             Json::Str(s) => s,
                             Json::Null => String::new(),
                             other => other.to_string_compact(),
                         };
-                        secrets.push((k, value));
+                        secrets.push((k.clone(), value.clone()));
+                        own.push((k, value));
                     }
+                    phase_secrets.push((phase.to_string(), own));
                 }
             }
         }
@@ -127,7 +134,8 @@ impl<'a> JobRunner<'a> {
             job,
             job_id,
             rundir,
-            secrets,
+            phase_secrets,
+            cancelled: false,
             _log_masking: masks.mask_log_lines(),
             masks,
             events,
@@ -160,6 +168,7 @@ impl<'a> JobRunner<'a> {
             serial_next: self.serial_fragments,
             pending: self.pending.clone(),
             events: None,
+            cancelled: self.cancelled,
         };
         if let Err(e) = state.save(&self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
@@ -184,6 +193,8 @@ impl<'a> JobRunner<'a> {
         }
     }
 
+    /// Posts the agent's state for a phase; there is none for cleanup
+    /// (upstream posts none, and dashboards show the last phase).
     fn post_agent_state(&mut self, state: &str) {
         if let Some(client) = self.client.as_deref_mut() {
             post_state_unless_held(client, state);
@@ -209,6 +220,11 @@ impl<'a> JobRunner<'a> {
             Err(_) => {}
         }
         safe_fs::make_dir(&self.rundir, safe_fs::PRIVATE_DIR)?;
+        if self.client.is_none() {
+            // Before testflinger.json, so that no moment exists when server
+            // mode would take this run dir for one of its own.
+            safe_fs::write_new(&self.rundir.join(delivery::LOCAL_MARKER), b"", safe_fs::PRIVATE_FILE)?;
+        }
         // The job as the connectors read it, secrets removed. Not masked:
         // it is the phase commands' input, and the server holds it as is.
         safe_fs::write_new(&self.rundir.join("testflinger.json"), self.job.to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)?;
@@ -217,7 +233,11 @@ impl<'a> JobRunner<'a> {
         Ok(())
     }
 
+    /// `{}` until a phase has a status, as upstream starts the file.
     fn outcome(&self) -> Json {
+        if self.statuses.is_empty() {
+            return Json::object();
+        }
         let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.clone(), Json::int(i64::from(*c)))).collect());
         Json::object().with("status", status)
     }
@@ -239,6 +259,7 @@ impl<'a> JobRunner<'a> {
         match data {
             None => Some(format!("no {phase}_data in the job")),
             Some(d) if d.is_empty_like() => Some(format!("empty {phase}_data in the job")),
+            Some(d) if !matches!(d, Json::Object(_)) => Some(format!("{phase}_data is not a mapping")),
             Some(d) if d.get("skip").and_then(Json::as_bool) == Some(true) => Some(format!("{phase}_data has skip: true")),
             Some(_) => None,
         }
@@ -256,13 +277,10 @@ impl<'a> JobRunner<'a> {
             (None, None) => default,
         };
         if phase == "reserve" {
-            let t = self
-                .job
-                .get("reserve_data")
-                .and_then(|d| d.get("timeout"))
-                .and_then(parse_duration)
-                .unwrap_or(DEFAULT_RESERVE_TIMEOUT);
-            return Limits { global: Some(Duration::from_secs(t)), output: None };
+            // The connector's reserve command waits out the reservation's
+            // timeout itself, after its own start-up: a limit here would
+            // always end it first. Only a cancel ends it early (upstream too).
+            return Limits { global: None, output: None };
         }
         let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
         let output = (phase == "test")
@@ -270,9 +288,48 @@ impl<'a> JobRunner<'a> {
         Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs) }
     }
 
-    fn env(&self) -> Vec<(String, String)> {
+    /// Typed job fields holding the wrong type, each with what is used
+    /// instead: a job no server validated (`--job`) still runs, and the
+    /// operator learns why it ran otherwise than written.
+    fn field_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let timeouts = [
+            ("global_timeout", self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT),
+            ("output_timeout", self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT),
+        ];
+        for (key, conf, default) in timeouts {
+            let Some(v) = self.job.get(key).filter(|v| !matches!(v, Json::Null)) else { continue };
+            if self.timeout_from_job(key).is_some() {
+                continue;
+            }
+            let mut shown = v.to_string_compact();
+            if shown.len() > 40 {
+                shown = format!("{}...", shown.chars().take(40).collect::<String>());
+            }
+            let used = match conf {
+                Some(c) => format!("the config's, {c} s"),
+                None => format!("the default, {default} s"),
+            };
+            warnings.push(format!("{key}: {shown} is not a positive number of seconds; using {used}"));
+        }
+        for phase in PHASES {
+            let key = format!("{phase}_data");
+            match self.job.get(&key) {
+                None | Some(Json::Object(_)) => {}
+                // Absent in upstream's eyes too: skipped without a word.
+                Some(v) if v.is_empty_like() => {}
+                Some(v) => warnings.push(format!("{key}: {}, not a mapping; the {phase} phase is skipped", kind_of(v))),
+            }
+        }
+        warnings
+    }
+
+    /// The config's strings, and `phase`'s own secrets (no other phase's).
+    fn env(&self, phase: &str) -> Vec<(String, String)> {
         let mut env = self.config.string_env.clone();
-        env.extend(self.secrets.iter().cloned());
+        if let Some((_, own)) = self.phase_secrets.iter().find(|(p, _)| p == phase) {
+            env.extend(own.iter().cloned());
+        }
         env
     }
 
@@ -297,7 +354,7 @@ impl<'a> JobRunner<'a> {
         if interrupted_cleanup {
             limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
         }
-        let env = self.env();
+        let env = self.env(phase);
         let cmd = self.config.command(phase).to_string();
         let job_id = self.job_id.clone();
         let can_cancel = phase != "provision" && phase != "cleanup";
@@ -313,6 +370,7 @@ impl<'a> JobRunner<'a> {
             phase,
             earlier: &self.pending,
             saved_output_next: u64::MAX,
+            cancelled: self.cancelled,
             saved_serial_next: serial_next,
         };
         if let Some((_, _, counter)) = &live {
@@ -460,6 +518,9 @@ impl<'a> JobRunner<'a> {
         }
         let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.job_id))).unwrap_or_default();
         self.emit("job_start", &job_url);
+        for warning in self.field_warnings() {
+            log::warn!("job {}: {warning}", self.job_id);
+        }
         if let Some(m) = self.metrics.as_deref_mut() {
             m.job_started();
         }
@@ -490,10 +551,6 @@ impl<'a> JobRunner<'a> {
             if end_reason == "setup_fail" {
                 break;
             }
-            if let Some(why) = self.skip_reason(phase) {
-                log::debug!("skipping {phase}: {why}");
-                continue;
-            }
             if signals::interrupted() {
                 end_reason = "agent_interrupted".into();
                 break;
@@ -501,12 +558,20 @@ impl<'a> JobRunner<'a> {
             if self.is_cancelled() {
                 self.emit("cancelled", &format!("before {phase}"));
                 end_reason = "cancelled".into();
+                self.cancelled = true;
                 break;
             }
+            // A skipped phase is still announced and succeeds, as upstream
+            // reports it: dashboards and webhooks see every phase.
             self.post_result(Json::object().with("job_state", Json::str(phase)));
             self.post_agent_state(phase);
-            self.post_device_info();
             self.emit(&format!("{phase}_start"), "");
+            if let Some(why) = self.skip_reason(phase) {
+                log::info!("job {}: skipping {phase}: {why}", self.job_id);
+                self.emit(&format!("{phase}_success"), "");
+                continue;
+            }
+            self.post_device_info();
             log::info!("job {}: running {phase}", self.job_id);
             let started = Instant::now();
             let (code, stopped, signal) = self.run_phase(phase);
@@ -534,11 +599,18 @@ impl<'a> JobRunner<'a> {
                 detail.push(&Masked::agent(format!("{sep}killed by signal {sig}")));
             }
             if phase == "provision" {
+                // The detail is the exit event's name, as upstream sends it;
+                // the connector's own detail goes with the event.
+                let exit_event = match code {
+                    0 => "provision_success",
+                    RECOVERY_FAILED => "recovery_fail",
+                    _ => "provision_fail",
+                };
                 if let Some(client) = self.client.as_deref_mut() {
                     let body = Json::object()
                         .with("job_id", Json::str(self.job_id.as_str()))
                         .with("exit_code", Json::int(i64::from(code)))
-                        .with("detail", Json::str(detail.as_str()));
+                        .with("detail", Json::str(exit_event));
                     if let Err(e) = client.post_provision_log(&body) {
                         log::warn!("provision log not posted: {e}");
                     }
@@ -559,6 +631,7 @@ impl<'a> JobRunner<'a> {
             match stopped {
                 Some(Stop::Cancelled) => {
                     end_reason = "cancelled".into();
+                    self.cancelled = true;
                     break;
                 }
                 Some(Stop::Interrupted) => {
@@ -574,6 +647,12 @@ impl<'a> JobRunner<'a> {
         }
 
         self.run_cleanup();
+        // A cancel can also land while a phase that cannot be cancelled
+        // (provision, cleanup) runs, or after the last check: the outcome
+        // must still not turn the job back into a completed one.
+        if !self.cancelled && self.is_cancelled() {
+            self.cancelled = true;
+        }
         summary.interrupted = signals::interrupted();
         summary.statuses = self.statuses.clone();
         summary.end_reason = end_reason.clone();
@@ -583,12 +662,15 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Cleanup runs whatever happened before, so the device is left sane.
+    /// Without a cleanup command the events still say it succeeded, as
+    /// upstream's do; no agent state or job state is posted for cleanup.
     fn run_cleanup(&mut self) {
+        self.emit("cleanup_start", "");
         if self.skip_reason("cleanup").is_some() {
+            self.emit("cleanup_success", "");
             return;
         }
-        self.post_agent_state("cleanup");
-        self.emit("cleanup_start", "");
+        self.post_device_info();
         let (code, _, _) = self.run_phase("cleanup");
         self.statuses.retain(|(p, _)| p != "cleanup");
         self.statuses.push(("cleanup".into(), code));
@@ -627,6 +709,7 @@ impl<'a> JobRunner<'a> {
         self.output_fragments = saved.output_next;
         self.serial_fragments = saved.serial_next;
         self.pending = saved.pending;
+        self.cancelled = saved.cancelled;
         if let Some(client) = self.client.as_deref_mut() {
             let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
         }
@@ -703,6 +786,7 @@ impl<'a> JobRunner<'a> {
             serial_next: self.serial_fragments,
             pending: std::mem::take(&mut self.pending),
             events: self.events.owed(),
+            cancelled: self.cancelled,
         };
         if let Err(e) = state.save(&self.rundir) {
             log::error!("cannot save delivery state in {}: {e}", self.rundir.display());
@@ -743,75 +827,51 @@ fn post_state_unless_held(client: &mut Client, state: &str) {
         log::info!("agent is {held} on the server; not posting state {state}");
         return;
     }
-    if let Err(e) = client.post_agent_data(&Json::object().with("state", Json::str(state))) {
+    // Always with a comment, as upstream posts a state.
+    let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(""));
+    if let Err(e) = client.post_agent_data(&data) {
         log::warn!("agent state {state} not posted: {e}");
     }
 }
 
-/// Reads a reservation timeout: seconds (number or digits) or a duration
-/// such as `2h30m`, `1d5h30m`, `30min`, `90s`.
-pub fn parse_duration(v: &Json) -> Option<u64> {
-    if let Some(n) = v.as_i64() {
-        return (n > 0).then_some(n as u64);
+/// What kind of JSON value `v` is, for a warning.
+fn kind_of(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::Str(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "a mapping",
     }
-    let s = v.as_str()?.trim().to_ascii_lowercase();
-    if let Ok(n) = s.parse::<u64>() {
-        return Some(n);
-    }
-    let mut total = 0u64;
-    let mut num = String::new();
-    let mut chars = s.chars().peekable();
-    let mut any = false;
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        if c.is_whitespace() {
-            continue;
-        }
-        let mut unit = c.to_string();
-        while let Some(&n) = chars.peek() {
-            if n.is_ascii_alphabetic() {
-                unit.push(n);
-                chars.next();
-            } else {
-                break;
-            }
-        }
-        let n: u64 = num.parse().ok()?;
-        num.clear();
-        let mult = match unit.as_str() {
-            "d" | "day" | "days" => 86_400,
-            "h" | "hr" | "hrs" | "hour" | "hours" => 3600,
-            "m" | "min" | "mins" | "minute" | "minutes" => 60,
-            "s" | "sec" | "secs" | "second" | "seconds" => 1,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(mult)?)?;
-        any = true;
-    }
-    if !num.is_empty() {
-        return None;
-    }
-    any.then_some(total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn config(extra: &str) -> Config {
+        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\n{extra}");
+        Config::parse(&text, std::path::Path::new("t.conf")).expect("test config")
+    }
+
     #[test]
-    fn reservation_durations() {
-        let d = |s: &str| parse_duration(&Json::str(s));
-        assert_eq!(d("2h30m"), Some(9000));
-        assert_eq!(d("1d5h30m"), Some(86_400 + 5 * 3600 + 1800));
-        assert_eq!(d("30min"), Some(1800));
-        assert_eq!(d("3600"), Some(3600));
-        assert_eq!(parse_duration(&Json::int(120)), Some(120));
-        assert_eq!(d("soon"), None);
-        assert_eq!(d("5"), Some(5));
-        assert_eq!(d("5x"), None);
-        assert_eq!(d("10m5"), None);
+    fn wrong_typed_fields_are_named_with_what_is_used() {
+        let job = Json::parse(
+            r#"{"job_id":"j","global_timeout":"soon","output_timeout":-3,"test_data":"a string","provision_data":{"url":"u"},"reserve_data":""}"#,
+        )
+        .unwrap();
+        let conf = config("output_timeout: 60\n");
+        let warnings = JobRunner::new(&conf, None, job, false).field_warnings();
+        assert_eq!(
+            warnings,
+            [
+                r#"global_timeout: "soon" is not a positive number of seconds; using the default, 14400 s"#,
+                "output_timeout: -3 is not a positive number of seconds; using the config's, 60 s",
+                "test_data: a string, not a mapping; the test phase is skipped",
+            ]
+        );
+        let fine = Json::parse(r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#).unwrap();
+        assert!(JobRunner::new(&conf, None, fine, false).field_warnings().is_empty());
     }
 }

@@ -11,6 +11,10 @@ use testflinger_agent::{agent, client, job, logging, metrics, runner, safe_fs, s
 const EXIT_USAGE: u8 = 2;
 /// Exit status asking the supervisor for a restart (EX_TEMPFAIL).
 const EXIT_RESTART: u8 = 75;
+/// Exit status of `--once` when the server stayed unreachable (EX_UNAVAILABLE).
+const EXIT_UNREACHABLE: u8 = 69;
+/// The token file upstream's agent reads when none is given.
+const DEFAULT_TOKEN_FILE: &str = "/var/lib/testflinger-agent/refresh_token";
 
 /// The command line, parsed once.
 struct Args {
@@ -83,19 +87,24 @@ fn main() -> ExitCode {
         Parsed::Run(a) => a,
         Parsed::Exit(code) => return ExitCode::from(code),
     };
-    let config = match Config::load(&args.config) {
+    // Descriptors the agent inherited (a pipe from a wrapper, whatever its
+    // supervisor left open) must not reach the phase commands.
+    runner::cloexec_inherited_fds();
+    let config = match Config::load(&args.config).and_then(|c| c.prepare_dirs(&args.config).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("testflinger-agent: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let level = logging::parse_level(&config.logging_level).unwrap_or(simplelog::LevelFilter::Info);
+    let level = logging::parse_level(&config.logging_level).unwrap_or(logging::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
     runner::become_subreaper();
-    if let Some(w) = args.token_file.as_deref().and_then(safe_fs::exposed_secret_warning) {
-        log::warn!("{w}");
+    if let (Some(path), Some(_)) = (&args.token_file, &args.job) {
+        if let Some(w) = safe_fs::exposed_secret_warning(path) {
+            log::warn!("{w}");
+        }
     }
 
     match &args.job {
@@ -112,11 +121,21 @@ fn main() -> ExitCode {
                 };
             }
             let metrics = metrics.with_textfile(config.metrics_textfile.clone());
-            let mut client = client::Client::new(&config.server_address, &config.agent_id, args.token_file.clone());
+            // Like upstream, upstream's default token file when none is given.
+            let (token_file, origin) = match &args.token_file {
+                Some(path) => (path.clone(), "--token-file"),
+                None => (PathBuf::from(DEFAULT_TOKEN_FILE), "the default"),
+            };
+            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()));
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
+            client.log_token_file(origin);
+            if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
+                log::warn!("{w}");
+            }
             match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
+                agent::Exit::Unreachable => ExitCode::from(EXIT_UNREACHABLE),
                 agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,
             }
         }

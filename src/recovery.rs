@@ -5,7 +5,9 @@
 //! cleanup never ran) is finished before any new job is taken: processes
 //! of its interrupted phase that outlived the agent are stopped, the phase
 //! is reported as interrupted, cleanup runs so the device is not left half
-//! provisioned, and the outcome is delivered (or kept for later).
+//! provisioned, and the outcome is delivered (or kept for later). Run dirs
+//! of local `--job` runs (marked `delivery::LOCAL_MARKER`) are not jobs of
+//! the server's and are left alone.
 //!
 //! What was running is read from the run dir alone: a phase whose
 //! `<phase>.log` exists but which has no code in `testflinger-outcome.json`

@@ -93,6 +93,39 @@ pub fn become_subreaper() {
     }
 }
 
+/// Marks every descriptor above 2 that the agent inherited close-on-exec,
+/// so that phase commands get only stdin, stdout and stderr, as upstream's
+/// (Python's `close_fds`). Everything the agent opens itself is already
+/// close-on-exec. Linux lists them in /proc; elsewhere a no-op (the
+/// `pre_exec` of `run` still covers Linux ≥ 5.11 and nothing else).
+pub fn cloexec_inherited_fds() {
+    let Ok(dir) = fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    for fd in fds {
+        // SAFETY: fcntl on a descriptor number; EBADF (the directory's own,
+        // closed by now) is harmless.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// In the child, between fork and exec: every descriptor above 2
+/// close-on-exec, in one system call (Linux ≥ 5.11; ENOSYS is ignored, the
+/// start-up pass above has done the work). Only async-signal-safe calls.
+fn cloexec_above_stderr() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+    // sets a flag, so std's own exec-error pipe keeps working.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC);
+    }
+    Ok(())
+}
+
 /// Reads what the child's pipe holds now and hands it, in order, to the
 /// sink it is given.
 pub type Drain<'a> = dyn FnMut(&mut dyn FnMut(&[u8])) + 'a;
@@ -166,7 +199,12 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
     let spawned = pipe().and_then(|(read, write)| {
         let write2 = write.try_clone()?;
-        let child = Command::new("/bin/sh")
+        let mut command = Command::new("/bin/sh");
+        // SAFETY: the hook makes one raw system call, async-signal-safe.
+        unsafe {
+            command.pre_exec(cloexec_above_stderr);
+        }
+        let child = command
             .arg("-c")
             .arg(cmd)
             .current_dir(cwd)

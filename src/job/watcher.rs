@@ -41,6 +41,9 @@ pub(super) struct Progress<'a> {
     /// The serial fragments' next number as last saved (at first, as the
     /// phase started).
     pub(super) saved_serial_next: u64,
+    /// Kept through the saves, so a cancelled job resumed after a crash
+    /// still ends cancelled.
+    pub(super) cancelled: bool,
 }
 
 impl Progress<'_> {
@@ -56,7 +59,7 @@ impl Progress<'_> {
             }
             None => self.saved_serial_next,
         };
-        let state = delivery::JobState { output_next, serial_next, pending, events: None };
+        let state = delivery::JobState { output_next, serial_next, pending, events: None, cancelled: self.cancelled };
         if let Err(e) = state.save(self.rundir) {
             log::debug!("cannot save fragment progress: {e}");
         }
@@ -100,7 +103,10 @@ impl Watcher for PhaseWatcher<'_> {
             }
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + PHASE_HEARTBEAT;
-                client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+                // Cleanup has no agent state of its own (upstream posts none).
+                if self.progress.phase != "cleanup" {
+                    client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
+                }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(now + CANCEL_CHECK);

@@ -1,10 +1,11 @@
 //! Directories the agent cannot write, and outcomes the server refuses for
 //! good: reported, never silently dropped, and the agent goes on.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::fake_server::{Fault, FakeServer};
-use crate::harness::{Agent, QUEUE, job_json, unique_id, yaml_str};
+use crate::harness::{Agent, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
@@ -23,17 +24,24 @@ fn final_status(server: &FakeServer, job: &str) -> Option<Json> {
         .and_then(|r| r.get("status").cloned())
 }
 
+/// Once the agent is running, `dir` stops being usable: it becomes a
+/// regular file, so that mkdir under it fails even for root. (An unusable
+/// directory at start is a config error: see `startup.rs`.)
+fn break_dir_after_start(server: &FakeServer, dir: &Path) {
+    server.wait_until(T, "the agent polling", |s| !s.requests_to("GET", "/v1/job").is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::write(dir, "").unwrap();
+}
+
 #[test]
 fn unwritable_execution_basedir_reports_the_job_as_failed() {
     let server = FakeServer::start();
-    let job = push_test_job(&server);
     let agent = Agent::new(&server).command("test", "echo never");
-    // A path under a regular file: mkdir fails even for root.
-    let blocker = agent.dir().join("not-a-dir");
-    std::fs::write(&blocker, "").unwrap();
-    let agent = agent.set("execution_basedir", &yaml_str(&blocker.join("run").to_string_lossy()));
-    let out = agent.run_once(T);
-    assert!(out.status.success());
+    let mut p = agent.spawn();
+    break_dir_after_start(&server, &agent.execution_dir());
+    let job = push_test_job(&server);
+    server.wait_until(T, "the outcome", |s| final_status(s, &job).is_some());
+    p.kill();
     let status = final_status(&server, &job).expect("the job is reported, not dropped");
     assert_eq!(status.get("setup").and_then(Json::as_i64), Some(100), "{status}");
     assert!(status.get("test").is_none());
@@ -44,13 +52,12 @@ fn unwritable_execution_basedir_reports_the_job_as_failed() {
 #[test]
 fn unwritable_results_basedir_keeps_the_job_in_place_and_delivers_it_later() {
     let server = FakeServer::start();
-    let job = push_test_job(&server);
+    let job = unique_id();
     let agent = Agent::new(&server).command("test", "echo kept in place");
-    let blocker = agent.dir().join("not-a-dir");
-    std::fs::write(&blocker, "").unwrap();
-    let agent = agent.set("results_basedir", &yaml_str(&blocker.join("results").to_string_lossy()));
     server.add_fault(Fault::status("POST", &format!("/v1/result/{job}"), 1000, 503));
     let mut p = agent.spawn();
+    break_dir_after_start(&server, &agent.results_dir());
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     // The outcome cannot go out and cannot be moved: it stays in the run dir.
     let deadline = std::time::Instant::now() + T;
     while !p.log_text().contains("cannot move") {

@@ -1277,6 +1277,35 @@ pub fn tar_gz_members(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>, u8)>, String
     Ok(out)
 }
 
+/// One member's header as written: path, the raw mode field, user and
+/// group names.
+#[derive(Clone, Debug)]
+pub struct TarHeader {
+    pub path: String,
+    pub mode: u32,
+    pub uname: String,
+    pub gname: String,
+}
+
+/// Un-gzips a tarball and lists its members' headers.
+pub fn tar_gz_headers(bytes: &[u8]) -> Result<Vec<TarHeader>, String> {
+    let gz = flate2::read::GzDecoder::new(bytes);
+    let mut archive = tar::Archive::new(gz);
+    let mut out = Vec::new();
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let h = entry.header();
+        let name = |n: Result<Option<&str>, std::str::Utf8Error>| n.ok().flatten().unwrap_or("").to_string();
+        out.push(TarHeader {
+            path: entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned(),
+            mode: h.mode().map_err(|e| e.to_string())?,
+            uname: name(h.username()),
+            gname: name(h.groupname()),
+        });
+    }
+    Ok(out)
+}
+
 /// Current UTC time as ISO 8601 (`2024-01-02T03:04:05Z`).
 pub fn now_iso() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;

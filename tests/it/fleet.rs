@@ -131,7 +131,8 @@ fn restart_state_exits_75_when_idle() {
     server.push_job(&job_json(&job, QUEUE, ""));
     let mut p = agent.spawn();
     server.wait_until(T, "job taken after the restart", |s| completed(s, &job));
-    assert_eq!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("waiting"));
+    // Posted after the outcome (the skipped phases posted theirs before).
+    server.wait_until(T, "waiting after the job", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
     assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
@@ -184,8 +185,9 @@ fn exit_46_marks_offline_emits_recovery_fail_and_stops_intake() {
         s.agent_data(AGENT_ID).and_then(|d| d.get("state")?.as_str().map(String::from)).as_deref() == Some("offline")
     });
     let data = server.agent_data(AGENT_ID).expect("agent data");
+    // Upstream's words exactly (item 7b of issue 11): operators search for them.
     let comment = data.get("comment").and_then(Json::as_str).unwrap_or("");
-    assert!(comment.contains(&first), "comment names the job: {comment}");
+    assert_eq!(comment, format!("Set to offline by agent. Recovery failed during job '{first}' execution."));
     let events = server.events(&first);
     assert!(events.iter().any(|e| e == "recovery_fail"), "{events:?}");
     assert!(events.iter().any(|e| e == "provision_fail"), "{events:?}");
@@ -235,28 +237,6 @@ fn allocate_holds_the_device_until_the_parent_job_is_over() {
     assert!(completed(&server, &child));
     assert_eq!(status(&server, &child, "allocate"), Some(0));
     assert_eq!(status(&server, &child, "cleanup"), Some(0));
-}
-
-#[test]
-fn reserve_is_bounded_by_its_own_timeout_not_the_global_one() {
-    let server = FakeServer::start();
-    // global_timeout 1 s would kill a 2 s reservation; reserve ignores it.
-    let agent = Agent::new(&server).set("global_timeout", "1").command("reserve", "sleep 2; echo reservation over");
-    let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"reserve_data":{"ssh_keys":["lp:x"],"timeout":"0h0m30s"}}"#));
-    assert!(agent.run_once(T).status.success());
-    assert_eq!(status(&server, &job, "reserve"), Some(0));
-    assert!(server.log_text_phase(&job, "output", "reserve").contains("reservation over"));
-
-    // A duration string ends the reservation when it runs out.
-    let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"reserve_data":{"ssh_keys":["lp:x"],"timeout":"1s"},"job_status_webhook":"http://h/x"}"#));
-    let agent = Agent::new(&server).command("reserve", "sleep 60");
-    let start = Instant::now();
-    assert!(agent.run_once(T).status.success());
-    assert!(start.elapsed() < Duration::from_secs(20), "reservation of 1s took {:?}", start.elapsed());
-    assert_ne!(status(&server, &job, "reserve"), Some(0));
-    assert!(server.events(&job).iter().any(|e| e == "global_timeout"), "{:?}", server.events(&job));
 }
 
 #[test]
@@ -368,7 +348,11 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     // The webhook gets the whole list each time: the last one still holds
     // the events from before the crash, in order, once each.
     let before: Vec<&str> = events.iter().map(String::as_str).take_while(|e| *e != "test_fail").collect();
-    assert_eq!(before, ["job_start", "setup_start", "setup_success", "test_start"], "{events:?}");
+    let skipped = ["provision_start", "provision_success", "firmware_update_start", "firmware_update_success"];
+    let mut expected = vec!["job_start", "setup_start", "setup_success"];
+    expected.extend(skipped);
+    expected.push("test_start");
+    assert_eq!(before, expected, "{events:?}");
     // The leftover phase process was stopped before cleanup ran.
     assert!(!alive(pid), "leftover test command still running");
     // Fragment numbers never repeat across the two agent runs.

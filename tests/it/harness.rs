@@ -111,6 +111,8 @@ pub struct AgentSetup {
     args: Vec<String>,
     env: Vec<(String, String)>,
     spawns: AtomicU64,
+    /// Descriptors the agent inherits besides 0, 1 and 2 (see `leak_fds`).
+    leak_fds: bool,
 }
 
 impl AgentSetup {
@@ -129,7 +131,7 @@ impl AgentSetup {
             ("logging_level".to_string(), "DEBUG".to_string()),
             ("job_queues".to_string(), format!("[{QUEUE}]")),
         ];
-        AgentSetup { dir, config, args: Vec::new(), env: Vec::new(), spawns: AtomicU64::new(0) }
+        AgentSetup { dir, config, args: Vec::new(), env: Vec::new(), spawns: AtomicU64::new(0), leak_fds: false }
     }
 
     /// Sets or replaces `key` with raw YAML text (`"0.5"`, `"[a, b]"`,
@@ -159,6 +161,8 @@ impl AgentSetup {
         let mut v = Json::obj();
         v.set("refresh_token", Json::str(refresh_token));
         fs::write(&path, v.to_string()).expect("write token file");
+        // Private, as the README tells operators; tests of the warning widen it.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod token file");
         let path = path.to_string_lossy().into_owned();
         self.arg("--token-file").arg(&path)
     }
@@ -176,6 +180,15 @@ impl AgentSetup {
     /// An environment variable for the agent process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts the agent with descriptors it did not open itself, as a
+    /// careless supervisor would leave them: `/dev/null` on fd 10 and both
+    /// ends of a pipe (at their own numbers and dup'ed to 11 and 12), none
+    /// close-on-exec.
+    pub fn leak_fds(mut self) -> Self {
+        self.leak_fds = true;
         self
     }
 
@@ -269,6 +282,18 @@ impl AgentSetup {
         // Own process group, so dropping the AgentProc also ends the
         // commands it started (unless they moved to their own group).
         cmd.process_group(0);
+        if self.leak_fds {
+            // SAFETY: only raw system calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut p = [0; 2];
+                    if libc::pipe(p.as_mut_ptr()) != 0 || libc::dup2(0, 10) < 0 || libc::dup2(p[0], 11) < 0 || libc::dup2(p[1], 12) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn agent {bin}: {e}"));
         AgentProc {
             child,

@@ -7,12 +7,14 @@ mod json;
 mod core;
 mod disk;
 mod job_flow;
+mod fidelity;
 mod regressions;
 mod secrets;
 mod fleet;
 mod streaming;
 mod faults;
 mod soak;
+mod startup;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
