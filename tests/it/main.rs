@@ -15,6 +15,7 @@ mod streaming;
 mod faults;
 mod soak;
 mod startup;
+mod upstream_parity;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {

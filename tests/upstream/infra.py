@@ -264,7 +264,9 @@ class Webhook:
 class Proxy:
     """A TCP relay in front of the server for one agent. `down()` closes the
     listening socket and every relayed connection (the agent sees
-    "connection refused"); `up()` listens on the same port again."""
+    "connection refused"); `up()` listens on the same port again.
+    `slow(s)` holds every answer the server sends for `s` seconds (the
+    server has handled the request already: slow, not lost)."""
 
     def __init__(self, target_port):
         self.target = ("127.0.0.1", target_port)
@@ -272,7 +274,11 @@ class Proxy:
         self.conns = []
         self.listener = None
         self.port = 0
+        self.delay = 0.0
         self.up()
+
+    def slow(self, seconds):
+        self.delay = seconds
 
     def up(self):
         sock = socket.socket()
@@ -310,16 +316,17 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst, answers):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if answers and self.delay:
+                    time.sleep(self.delay)
                 dst.sendall(data)
         except OSError:
             pass

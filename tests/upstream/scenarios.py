@@ -57,6 +57,16 @@ def server_unreachable(ctx):
     ctx.proxy.up()
 
 
+def slow_server(ctx):
+    # every answer comes 4 s late for a while: slow, not lost (the server
+    # has stored each request before its answer is held back)
+    ctx.wait_job_state("test")
+    ctx.wait_output("test", "tick 1")
+    ctx.proxy.slow(4)
+    ctx.sleep(12)
+    ctx.proxy.slow(0)
+
+
 def hostile_archive():
     """A tar.gz whose members try to leave the attachments directory."""
     buf = io.BytesIO()
@@ -208,6 +218,10 @@ SCENARIOS = {
     "operator_maintenance_mid_job": {
         "job": {"test_data": {"test_cmds": "for i in 1 2 3 4 5 6; do echo tick $i; sleep 2; done"}},
         "drive": operator_maintenance_mid_job,
+    },
+    "slow_server": {
+        "job": {"test_data": {"test_cmds": "for i in $(seq 1 12); do echo tick $i; sleep 1; done"}},
+        "drive": slow_server,
     },
     "server_unreachable": {
         "job": {"test_data": {"test_cmds": "for i in $(seq 1 15); do echo tick $i; sleep 2; done"}},
