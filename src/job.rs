@@ -632,7 +632,11 @@ impl<'a> JobRunner<'a> {
                 summary.recovery_failed = true;
                 log::error!("job {}: {phase} exited with 46: device recovery failed", self.job_id);
             }
-            self.emit_masked(&exit_event, &detail);
+            if code == 0 {
+                self.emit(&exit_event, "");
+            } else {
+                self.emit_masked(&exit_event, &detail);
+            }
             if phase == "allocate" && code == 0 {
                 self.hold_allocation();
             }
