@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Idle cost: peak RSS and CPU of the release agent polling an empty queue
 # for a while (default 20 s, polling every 0.2 s) against a minimal local
-# server. Prints the figures; stops by itself.
+# server. Prints the figures; stops by itself. AGENT_BIN=path measures that
+# binary instead (e.g. target/dist/testflinger-agent-x86_64-unknown-linux-musl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
-cargo build --release -q
+bin=${AGENT_BIN:-./target/release/testflinger-agent}
+[ -n "${AGENT_BIN:-}" ] || cargo build --release -q
 tmp=$(mktemp -d)
 trap 'kill $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
 python3 - "$tmp/port" <<'PY' &
@@ -41,8 +43,8 @@ logging_basedir: $tmp/logs
 results_basedir: $tmp/results
 logging_quiet: true
 CONF
-/usr/bin/time -v timeout -s INT "$secs" ./target/release/testflinger-agent -c "$tmp/agent.conf" 2> "$tmp/time.txt" || true
+/usr/bin/time -v timeout -s INT "$secs" "$bin" -c "$tmp/agent.conf" 2> "$tmp/time.txt" || true
 polls=$(grep -c . "$tmp/logs/testflinger-agent.log" || true)
 echo "idle polling ${secs}s every 0.2s:"
 grep -E "Maximum resident set size|User time|System time|Percent of CPU" "$tmp/time.txt" | sed 's/^\s*/  /'
-echo "  binary size: $(stat -c %s target/release/testflinger-agent) bytes (stripped)"
+echo "  binary: $bin, $(stat -c %s "$bin") bytes (stripped)"

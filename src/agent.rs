@@ -6,9 +6,11 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
+use crate::jitter;
 use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::recovery;
 use crate::signals;
 
@@ -56,6 +58,14 @@ pub struct Agent<'a> {
     /// Why the server was last found unreachable (a short kind), to log
     /// each change of reason once rather than every attempt.
     unreachable: Option<&'static str>,
+    /// This agent's heartbeat period: a day shortened by a random part,
+    /// so that a fleet started together does not heartbeat together.
+    heartbeat_every: Duration,
+    /// Free space under execution_basedir was below `min_free_mb` at the
+    /// last look: said once (log, state comment) until it returns.
+    disk_low: bool,
+    /// The state comment saying so, until the server has it.
+    disk_comment_unposted: Option<String>,
 }
 
 impl<'a> Agent<'a> {
@@ -72,6 +82,9 @@ impl<'a> Agent<'a> {
             kept_retry_at: None,
             kept_backoff: Duration::ZERO,
             unreachable: None,
+            heartbeat_every: jitter::early(HEARTBEAT),
+            disk_low: false,
+            disk_comment_unposted: None,
         }
     }
 
@@ -98,18 +111,22 @@ impl<'a> Agent<'a> {
                 }
                 Err(reason) => reason,
             };
+            // Full jitter: a fleet that lost the server together must not
+            // come back together at each doubling.
+            let wait = jitter::full(backoff, Duration::from_millis(100));
+            notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = unreachable_kind(&reason);
             if self.unreachable != Some(kind) {
-                log::warn!("server {} not reachable: {kind} ({reason}); retrying, waits doubling up to {MAX_BACKOFF:?}", self.client.base_url());
+                log::warn!("server {} not reachable: {kind} ({reason}); waits doubling up to {MAX_BACKOFF:?}, retrying in {wait:?}", self.client.base_url());
                 self.unreachable = Some(kind);
             } else {
-                log::debug!("server still not reachable ({reason}); retrying in {backoff:?}");
+                log::debug!("server still not reachable ({reason}), retrying in {wait:?}");
             }
-            if self.once && started.elapsed() + backoff > give_up_after {
+            if self.once && started.elapsed() + wait > give_up_after {
                 log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
                 return false;
             }
-            self.metrics.idle(backoff);
+            self.metrics.idle(wait);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -185,8 +202,54 @@ impl<'a> Agent<'a> {
             if self.once {
                 return Exit::Once;
             }
-            self.metrics.idle_or_restart(self.interval());
+            // ±20 %: agents started together drift apart within a few polls.
+            let wait = jitter::spread(self.interval());
+            log::debug!("next poll in {wait:?}");
+            self.metrics.idle_or_restart(wait);
         }
+    }
+
+    /// The disk guard: below `min_free_mb` free under execution_basedir no
+    /// job is taken; the first time, the log and the agent's state comment
+    /// on the server say why, and again once space has returned.
+    fn disk_has_room(&mut self) -> bool {
+        let min = self.config.min_free_mb.saturating_mul(1 << 20);
+        let dir = &self.config.execution_basedir;
+        let free = match crate::vitals::disk_free(crate::vitals::existing_ancestor(dir)) {
+            Some(f) if min > 0 => f,
+            // Guard off, or nothing to measure: go on as before.
+            _ => return true,
+        };
+        let low = free < min;
+        if low != self.disk_low {
+            self.disk_low = low;
+            let comment = if low {
+                let c = format!(
+                    "Not taking jobs: {} MiB free under {}, below min_free_mb {}",
+                    free >> 20,
+                    dir.display(),
+                    self.config.min_free_mb
+                );
+                log::warn!("{c}");
+                notify::status(&c);
+                c
+            } else {
+                log::info!("{} MiB free under {} again; taking jobs", free >> 20, dir.display());
+                String::new()
+            };
+            self.disk_comment_unposted = Some(comment);
+        }
+        if let Some(comment) = self.disk_comment_unposted.take() {
+            let data = Json::object().with("state", Json::str("waiting")).with("comment", Json::str(comment.as_str()));
+            match self.client.post_agent_data(&data) {
+                Ok(()) => self.last_post = Instant::now(),
+                Err(e) => {
+                    log::debug!("cannot post the disk state yet: {e}");
+                    self.disk_comment_unposted = Some(comment);
+                }
+            }
+        }
+        !low
     }
 
     /// Tells the server why the agent goes away for a moment.
@@ -202,7 +265,7 @@ impl<'a> Agent<'a> {
     /// so that an agent kept offline for long is not forgotten.
     fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str, comment: &str) {
         let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
-        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now()) {
+        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now(), self.heartbeat_every) {
             return;
         }
         let state = if state.is_empty() { "waiting" } else { state };
@@ -222,8 +285,9 @@ impl<'a> Agent<'a> {
         }
         if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
             self.kept_backoff = (self.kept_backoff * 2).clamp(self.interval().max(Duration::from_secs(1)), MAX_BACKOFF);
-            self.kept_retry_at = Some(Instant::now() + self.kept_backoff);
+            self.kept_retry_at = Some(Instant::now() + jitter::spread(self.kept_backoff));
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {:?}", self.kept_backoff);
+            notify::status("earlier outcomes undelivered; not taking jobs");
             return None;
         }
         self.kept_retry_at = None;
@@ -259,6 +323,7 @@ impl<'a> Agent<'a> {
                 return Some(Exit::Restart);
             }
             "offline" | "maintenance" => {
+                notify::status(&format!("{state} on the server: {comment}"));
                 if changed {
                     log::info!("agent is {state} on the server ({comment}); not taking jobs until that changes");
                 }
@@ -271,6 +336,9 @@ impl<'a> Agent<'a> {
             _ if changed => log::info!("agent state on the server: {state:?}; taking jobs"),
             _ => {}
         }
+        if !self.disk_has_room() {
+            return None;
+        }
         if let Some(queues) = self.config.advertised_queues_json() {
             if let Err(e) = self.client.post_queues(&queues) {
                 log::warn!("cannot post advertised queues: {e}");
@@ -278,7 +346,10 @@ impl<'a> Agent<'a> {
         }
         let job = match self.client.get_job(&self.queues(agent_data.as_ref())) {
             Ok(Some(job)) => job,
-            Ok(None) => return None,
+            Ok(None) => {
+                notify::status("waiting for a job");
+                return None;
+            }
             Err(e) => {
                 log::error!("cannot get a job: {e}");
                 return None;
@@ -342,13 +413,13 @@ fn unreachable_kind(reason: &str) -> &'static str {
 
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
-fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime) -> bool {
+fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
     let server_age = updated_at
         .and_then(crate::timestamp::parse_iso8601)
         .and_then(|t| now.duration_since(t).ok());
     match server_age {
-        Some(age) => age >= HEARTBEAT,
-        None => since_last_post >= HEARTBEAT,
+        Some(age) => age >= every,
+        None => since_last_post >= every,
     }
 }
 
@@ -377,10 +448,10 @@ mod tests {
     fn heartbeat_once_a_day() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
         let hour = Duration::from_secs(3600);
-        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now), "server heard from us 2 h ago");
-        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now), "26 h ago");
-        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now), "space separator, no zone");
-        assert!(!heartbeat_due(None, hour, now));
-        assert!(heartbeat_due(Some("garbage"), 25 * hour, now));
+        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT), "server heard from us 2 h ago");
+        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now, HEARTBEAT), "26 h ago");
+        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now, HEARTBEAT), "space separator, no zone");
+        assert!(!heartbeat_due(None, hour, now, HEARTBEAT));
+        assert!(heartbeat_due(Some("garbage"), 25 * hour, now, HEARTBEAT));
     }
 }

@@ -8,17 +8,29 @@
 //! again later: the client never drops anything on its own.
 //! Every answer read into memory is capped, so a broken or hostile server
 //! cannot make the agent allocate without bound.
+//!
+//! Redirects are followed only within the server's origin (scheme, host,
+//! port): the token, the cookie and the body never go anywhere else, and
+//! https is never given up for http. Such a redirect is refused and logged.
 
-mod stream;
+mod proxy;
+#[cfg(feature = "tls")]
+mod tls;
+mod transport;
+pub mod wire;
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::json::Json;
 
-pub use stream::{BodyWriter, Idle};
+pub use transport::{BodyWriter, Idle};
+use transport::{Failure, Keep, Net, Payload, Reply};
+use wire::Url;
+
+/// Same-origin redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
 
 /// Cap on ordinary answers (agent data, results, token).
 const SMALL_ANSWER: usize = 1 << 20;
@@ -123,6 +135,8 @@ pub struct Client {
     /// reported once per change rather than on every request.
     token_status: Option<String>,
     pub policy: RetryPolicy,
+    /// Proxies and TLS trust.
+    net: Net,
 }
 
 /// After a refused refresh, calls go out without a new attempt for this
@@ -152,7 +166,14 @@ impl Client {
             refresh_failures: 0,
             token_status: None,
             policy: RetryPolicy::default(),
+            net: Net::new(),
         }
+    }
+
+    /// A CA file (PEM) trusted for https on top of the system store: the
+    /// config's `server_ca_file`.
+    pub fn set_ca_file(&mut self, path: Option<PathBuf>) {
+        self.net.set_ca_file(path);
     }
 
     pub fn base_url(&self) -> &str {
@@ -251,60 +272,73 @@ impl Client {
         }
     }
 
-    /// One HTTP exchange, no retries.
+    /// One JSON (or empty) exchange, no retries.
     fn send_once(&self, method: &str, url: &str, body: Option<&[u8]>, cap: usize, auth: bool) -> Result<Answer, ClientError> {
-        let m = match method {
-            "GET" => minreq::Method::Get,
-            _ => minreq::Method::Post,
+        let payload = match body {
+            Some(bytes) => Payload::Bytes { content_type: "application/json", bytes },
+            None => Payload::None,
         };
-        let mut req = minreq::Request::new(m, url)
-            .with_timeout(self.policy.timeout.as_secs().max(1))
-            .with_max_headers_size(64 * 1024)
-            .with_max_status_line_length(4096)
-            .with_header("Cookie", format!("agent_name={}", self.agent_id))
-            .with_header("User-Agent", concat!("testflinger-agent-rs/", env!("CARGO_PKG_VERSION")));
-        if auth {
-            if let Some(token) = &self.access_token {
-                req = req.with_header("Authorization", format!("Bearer {token}"));
+        let reply = self.exchange(method, url, payload, Keep::Memory(cap), self.policy.timeout, None, auth)?;
+        Ok(Answer { status: reply.status, body: reply.body })
+    }
+
+    /// One exchange through the transport, following redirects that stay
+    /// on the server's origin and refusing the others.
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        method: &str,
+        url: &str,
+        mut payload: Payload,
+        keep: Keep,
+        timeout: Duration,
+        mut idle: Option<&mut Idle>,
+        auth: bool,
+    ) -> Result<Reply, ClientError> {
+        let origin = Url::parse(url).map_err(|e| ClientError::Connection { url: url.to_string(), reason: e.to_string() })?;
+        let headers = self.headers(auth);
+        let mut target = origin.clone();
+        let mut method = method;
+        for hop in 0..=MAX_REDIRECTS {
+            let reply = transport::exchange(&self.net, method, &target, &headers, payload.reborrow(), keep, timeout, idle.as_deref_mut())
+                .map_err(|f| match f {
+                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: e.to_string() },
+                    Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
+                    Failure::Local(path, e) => ClientError::Local { path, reason: e.to_string() },
+                })?;
+            let status = reply.status;
+            let location = match (&reply.location, status) {
+                (Some(l), 301 | 302 | 303 | 307 | 308) => l,
+                _ => return Ok(reply),
+            };
+            let refuse = |why: String| {
+                log::error!("{method} {target}: HTTP {status} redirect refused: {why}; the token, cookie and body were not sent there");
+                Err(ClientError::Status { url: target.to_string(), status, body: format!("redirect refused: {why}") })
+            };
+            let next = match target.join(location) {
+                Ok(next) => next,
+                Err(e) => return refuse(e.to_string()),
+            };
+            if !origin.same_origin(&next) {
+                let why = if origin.https && !next.https { "a downgrade from https to http" } else { "on another origin" };
+                return refuse(format!("{next} is {why} (the server is {}://{})", origin.scheme(), origin.host_header()));
             }
+            if hop == MAX_REDIRECTS {
+                return refuse(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            // As browsers and requests do: 303 always, and 301/302 after a
+            // POST, become a GET without the body.
+            if status == 303 || (matches!(status, 301 | 302) && method == "POST") {
+                if matches!(payload, Payload::Stream { .. }) {
+                    return refuse(format!("HTTP {status} would drop the upload"));
+                }
+                method = "GET";
+                payload = Payload::None;
+            }
+            log::info!("{method} {target}: following HTTP {status} to {next} (same server)");
+            target = next;
         }
-        if let Some(body) = body {
-            req = req.with_header("Content-Type", "application/json").with_body(body.to_vec());
-        }
-        let conn_err = |e: minreq::Error| ClientError::Connection { url: url.to_string(), reason: e.to_string() };
-        let resp = req.send_lazy().map_err(conn_err)?;
-        let status = u16::try_from(resp.status_code).unwrap_or(0);
-        // minreq takes the end of the stream for the end of a line, so an
-        // answer cut off inside its head ("HTTP/1.1 200 OK\r\nContent-Le")
-        // looks like a whole answer without a length. The server always
-        // frames its answers (Content-Length or chunked): one that is not
-        // framed, or has no real status, was cut off, and the request may
-        // not have been handled. Likewise a body shorter than announced.
-        let length = resp.headers.get("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-        let chunked = resp.headers.get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        // A body may also end with the connection, when the server says so.
-        let closes = resp.headers.get("connection").is_some_and(|v| v.to_ascii_lowercase().contains("close"));
-        let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
-        if !(100..=599).contains(&status) || !(bodyless || chunked || closes || length.is_some()) {
-            return Err(ClientError::Connection { url: url.to_string(), reason: "answer cut off (no complete status line and headers)".into() });
-        }
-        if bodyless {
-            // Nothing to read, and nothing may be waited for: minreq would
-            // read a 204 without a length until the server closes a
-            // keep-alive connection, seconds later, on every empty poll.
-            return Ok(Answer { status, body: Vec::new() });
-        }
-        let mut body = Vec::new();
-        let n = Read::take(resp, cap as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| ClientError::Connection { url: url.to_string(), reason: format!("reading answer: {e}") })?;
-        if n > cap {
-            return Err(ClientError::TooLarge { url: url.to_string(), limit: cap });
-        }
-        if length.is_some_and(|l| (n as u64) < l) {
-            return Err(ClientError::Connection { url: url.to_string(), reason: format!("answer cut off after {n} of {} bytes", length.unwrap_or(0)) });
-        }
-        Ok(Answer { status, body })
+        unreachable!("the loop returns on its last hop")
     }
 
     /// One call with auth, the 401 refresh-and-replay, and retries.
@@ -328,7 +362,7 @@ impl Client {
             self.refresh();
         }
         let mut refreshed = false;
-        let mut backoff = self.policy.first_backoff;
+        let mut backoff = crate::jitter::spread(self.policy.first_backoff);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -352,7 +386,8 @@ impl Client {
                 other => return other,
             }
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(self.policy.max_backoff);
+            // Spread (±20 %) so that agents failing together retry apart.
+            backoff = crate::jitter::spread((backoff * 2).min(self.policy.max_backoff));
         }
     }
 
@@ -430,10 +465,9 @@ impl Client {
     /// waits on the server.
     pub fn job_state(&mut self, job_id: &str, mut idle: Option<&mut Idle>) -> Option<String> {
         let url = self.url(&format!("/v1/result/{job_id}"));
-        let answer = self.with_retries("GET", &url, &mut |c| match stream::get(&url, &c.auth_headers(), JOB_ANSWER, c.policy.timeout, idle.as_deref_mut()) {
-            Ok((status, body)) => Ok(Answer { status, body }),
-            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => Err(ClientError::TooLarge { url: url.clone(), limit: JOB_ANSWER }),
-            Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
+        let answer = self.with_retries("GET", &url, &mut |c| {
+            let reply = c.exchange("GET", &url, Payload::None, Keep::Memory(JOB_ANSWER), c.policy.timeout, idle.as_deref_mut(), true)?;
+            Ok(Answer { status: reply.status, body: reply.body })
         });
         let result = answer.and_then(|a| a.ok(&url)).and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
         match result {
@@ -446,10 +480,10 @@ impl Client {
         }
     }
 
-    /// The agent's cookie and, when it has one, its bearer token.
-    fn auth_headers(&self) -> Vec<(String, String)> {
+    /// The agent's cookie and, when asked and it has one, its bearer token.
+    fn headers(&self, auth: bool) -> Vec<(String, String)> {
         let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
-        if let Some(token) = &self.access_token {
+        if let Some(token) = self.access_token.as_ref().filter(|_| auth) {
             headers.push(("Authorization".into(), format!("Bearer {token}")));
         }
         headers
@@ -531,10 +565,9 @@ impl Client {
     ) -> Result<(), ClientError> {
         let url = self.url(path);
         let a = self.with_retries("POST", &url, &mut |c| {
-            match stream::post(&url, &c.auth_headers(), content_type, len, body, c.policy.timeout, idle.as_deref_mut()) {
-                Ok(status) => Ok(Answer { status, body: Vec::new() }),
-                Err(e) => Err(ClientError::Connection { url: url.clone(), reason: e.to_string() }),
-            }
+            let payload = Payload::Stream { content_type, len, write: &mut *body };
+            let reply = c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), c.policy.timeout, idle.as_deref_mut(), true)?;
+            Ok(Answer { status: reply.status, body: Vec::new() })
         })?;
         if (200..300).contains(&a.status) {
             Ok(())
@@ -556,34 +589,12 @@ impl Client {
     }
 
     /// One download attempt; the body goes to `dest` only on a 200 (the
-    /// answer's own body is left empty).
+    /// answer's own body is left empty). A cut-off download is an error, to
+    /// be retried, never unpacked.
     fn download_once(&self, url: &str, dest: &Path) -> Result<Answer, ClientError> {
-        let mut req = minreq::get(url)
-            .with_timeout(self.policy.timeout.as_secs().max(1) * 10)
-            .with_max_headers_size(64 * 1024)
-            .with_header("Cookie", format!("agent_name={}", self.agent_id));
-        if let Some(token) = &self.access_token {
-            req = req.with_header("Authorization", format!("Bearer {token}"));
-        }
-        let resp = req.send_lazy().map_err(|e| ClientError::Connection { url: url.into(), reason: e.to_string() })?;
-        let status = u16::try_from(resp.status_code).unwrap_or(0);
-        if status != 200 {
-            return Ok(Answer { status, body: Vec::new() });
-        }
-        let announced: Option<u64> = resp.headers.get("content-length").and_then(|v| v.trim().parse().ok());
-        let local = |e: std::io::Error| ClientError::Local { path: dest.to_path_buf(), reason: e.to_string() };
-        let mut file = std::fs::File::create(dest).map_err(local)?;
-        let n = std::io::copy(&mut Read::take(resp, ATTACHMENTS_MAX + 1), &mut file)
-            .map_err(|e| ClientError::Connection { url: url.into(), reason: format!("reading attachments: {e}") })?;
-        if n > ATTACHMENTS_MAX {
-            return Err(ClientError::TooLarge { url: url.into(), limit: ATTACHMENTS_MAX as usize });
-        }
-        // minreq ends a body at end of stream without complaint: a cut-off
-        // download must be retried, not unpacked.
-        if announced.is_some_and(|len| len != n) {
-            return Err(ClientError::Connection { url: url.into(), reason: format!("attachments cut off after {n} bytes") });
-        }
-        Ok(Answer { status, body: Vec::new() })
+        let keep = Keep::File { path: dest, cap: ATTACHMENTS_MAX, other: SMALL_ANSWER };
+        let reply = self.exchange("GET", url, Payload::None, keep, self.policy.timeout, None, true)?;
+        Ok(Answer { status: reply.status, body: Vec::new() })
     }
 }
 

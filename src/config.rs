@@ -78,11 +78,32 @@ pub struct Config {
     /// upstream key.
     #[serde(default = "default_server_timeout")]
     pub server_timeout: u64,
+    /// A PEM file of CA certificates trusted for an https server on top of
+    /// the system store (a lab's own CA). Not an upstream key.
+    #[serde(default)]
+    pub server_ca_file: Option<PathBuf>,
     /// Mask the job's secrets inside text files under `artifacts/` while
     /// packing them (binary files are left alone). Off by default: it
     /// reads every text artifact twice. Not an upstream key.
     #[serde(default)]
     pub mask_artifacts: bool,
+    /// Seconds: while a phase keeps printing, at most one fragment per log
+    /// this often (the first output after a quiet spell goes at once).
+    /// Not an upstream key (upstream sends one per 10 s).
+    #[serde(default = "default_output_interval")]
+    pub output_interval: f64,
+    /// Seconds between two checks of whether the running job was
+    /// cancelled. Not an upstream key.
+    #[serde(default = "default_cancel_check_interval")]
+    pub cancel_check_interval: f64,
+    /// Seconds a stopped phase (timeout, cancel, agent stop) gets between
+    /// SIGTERM and SIGKILL. Not an upstream key.
+    #[serde(default = "default_kill_grace")]
+    pub kill_grace: f64,
+    /// MiB that must be free under `execution_basedir` for a job to be
+    /// taken; 0 turns the guard off. Not an upstream key.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
 
     /// Every top-level key whose value is a string, exported to phase
     /// commands as environment variables (as upstream does).
@@ -107,6 +128,21 @@ fn default_logging_level() -> String {
 }
 fn default_server_timeout() -> u64 {
     30
+}
+fn default_output_interval() -> f64 {
+    crate::budget::DEFAULT_OUTPUT_INTERVAL.as_secs_f64()
+}
+fn default_cancel_check_interval() -> f64 {
+    crate::budget::DEFAULT_CANCEL_INTERVAL.as_secs_f64()
+}
+/// 1 GiB: a job's logs, serial log, artifacts tarball and what connectors
+/// download (images are often several hundred MB) fit, and an SD card agent
+/// stops before a phase dies of ENOSPC mid-way and its output is lost.
+fn default_min_free_mb() -> u64 {
+    1024
+}
+fn default_kill_grace() -> f64 {
+    crate::runner::GRACE.as_secs_f64()
 }
 fn default_output_bytes() -> u64 {
     10 * 1024 * 1024
@@ -187,8 +223,21 @@ impl Config {
         if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
             return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
         }
+        for (key, value) in [
+            ("output_interval", config.output_interval),
+            ("cancel_check_interval", config.cancel_check_interval),
+            ("kill_grace", config.kill_grace),
+        ] {
+            // Capped at a day so that Duration arithmetic cannot overflow.
+            if !(value.is_finite() && (0.0..=86400.0).contains(&value)) {
+                return Err(err(Some(key.into()), None, "must be a number of seconds from 0 to 86400".into()));
+            }
+        }
         if config.server_timeout == 0 {
             return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
+        }
+        if let Some(ca) = &config.server_ca_file {
+            check_ca_file(ca).map_err(|reason| err(Some("server_ca_file".into()), None, reason))?;
         }
         if crate::logging::parse_level(&config.logging_level).is_none() {
             return Err(err(
@@ -221,6 +270,18 @@ impl Config {
         Ok(())
     }
 
+    /// The request budget these keys set (see `budget.rs`).
+    pub fn budget(&self) -> crate::budget::Budget {
+        crate::budget::Budget {
+            output_interval: std::time::Duration::from_secs_f64(self.output_interval),
+            cancel_interval: std::time::Duration::from_secs_f64(self.cancel_check_interval),
+        }
+    }
+
+    pub fn kill_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.kill_grace)
+    }
+
     /// The command configured for `phase`, if any (empty means none).
     pub fn command(&self, phase: &str) -> &str {
         match phase {
@@ -242,6 +303,16 @@ impl Config {
     pub fn advertised_images_json(&self) -> Option<Json> {
         self.advertised_images.as_ref().map(|m| yaml_to_json(&serde_yaml_ng::Value::Mapping(m.clone())))
     }
+}
+
+/// A CA file must be there and hold a PEM certificate: found at start, not
+/// at the first https request.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !text.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
+    }
+    Ok(())
 }
 
 /// Turns serde's messages ("unknown field `x`, expected one of ...",
@@ -430,12 +501,37 @@ mod tests {
     }
 
     #[test]
+    fn budget_keys_are_seconds() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.budget(), crate::budget::Budget::default());
+        let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\n")).unwrap();
+        assert_eq!(c.budget().output_interval, std::time::Duration::from_millis(500));
+        assert_eq!(c.budget().cancel_interval, std::time::Duration::from_secs(10));
+        assert_eq!(c.kill_grace(), crate::runner::GRACE);
+        for key in ["output_interval", "cancel_check_interval", "kill_grace"] {
+            for bad in ["-1", "soon", "1e9"] {
+                let e = parse(&format!("{MINIMAL}{key}: {bad}\n")).unwrap_err();
+                assert_eq!(e.key.as_deref(), Some(key), "{bad}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn agent_ids_that_leave_the_path_are_refused() {
         for bad in ["../../etc", "..", "a/b", "a\\b", "a\tb"] {
             let e = parse(&MINIMAL.replace("a1", &format!("{bad:?}"))).unwrap_err();
             assert_eq!(e.key.as_deref(), Some("agent_id"), "{bad}: {e}");
         }
         assert!(parse(&MINIMAL.replace("a1", "\"lab rig #1\"")).is_ok());
+    }
+
+    #[test]
+    fn server_ca_file_must_hold_a_certificate() {
+        let e = parse(&format!("{MINIMAL}server_ca_file: /nonexistent/ca.pem\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server_ca_file"), "{e}");
+        let e = parse(&format!("{MINIMAL}server_ca_file: /dev/null\n")).unwrap_err();
+        assert!(e.reason.contains("no PEM certificate"), "{e}");
+        assert!(parse(MINIMAL).unwrap().server_ca_file.is_none());
     }
 
     #[test]

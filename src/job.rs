@@ -42,8 +42,7 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
 const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
-/// How often a running phase asks the server whether the job was cancelled.
-const CANCEL_CHECK: Duration = Duration::from_secs(3);
+/// One cancel check may wait this long (how often: `cancel_check_interval`).
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
@@ -280,12 +279,16 @@ impl<'a> JobRunner<'a> {
             // The connector's reserve command waits out the reservation's
             // timeout itself, after its own start-up: a limit here would
             // always end it first. Only a cancel ends it early (upstream too).
-            return Limits { global: None, output: None };
+            return Limits { global: None, output: None, kill_grace: Some(self.config.kill_grace()) };
         }
         let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
         let output = (phase == "test")
             .then(|| pick(self.timeout_from_job("output_timeout"), self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
-        Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs) }
+        Limits {
+            global: Some(Duration::from_secs(global)),
+            output: output.map(Duration::from_secs),
+            kill_grace: Some(self.config.kill_grace()),
+        }
     }
 
     /// Typed job fields holding the wrong type, each with what is used
@@ -381,12 +384,13 @@ impl<'a> JobRunner<'a> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + CANCEL_CHECK),
+            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
             honour_interrupt: phase != "cleanup",
             metrics: self.metrics.as_deref_mut(),
             progress,
-            next_heartbeat: Instant::now() + PHASE_HEARTBEAT,
+            next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
         };
+        crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
         // A stop by the agent already has its line (the stop message, as
         // upstream prints it); a signal from elsewhere (the OOM killer, an
@@ -480,10 +484,10 @@ impl<'a> JobRunner<'a> {
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
         let Some(client) = self.client.as_deref_mut() else { return };
         let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
-        let mut next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
+        let mut next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
         loop {
             if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + PHASE_HEARTBEAT;
+                next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
                 post_state_unless_held(client, "allocate");
             }
             if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {

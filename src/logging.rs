@@ -174,6 +174,9 @@ fn is_date(s: &str) -> bool {
 struct Logger {
     level: LevelFilter,
     terminal: bool,
+    /// stderr is the journal: `<N>message` lines (N the syslog priority, so
+    /// `journalctl -p warning` works), no timestamp (the journal has its own).
+    journal: bool,
     file: Mutex<Option<DailyFile>>,
 }
 
@@ -197,7 +200,13 @@ impl log::Log for Logger {
             record.line().unwrap_or(0),
             record.args()
         ));
-        if self.terminal {
+        if self.terminal && self.journal {
+            // One message, one journal entry: a line break inside it would
+            // start an entry without a priority.
+            let text = record.args().to_string().replace('\n', " ");
+            let entry = outbound::mask_log_line(format!("<{}>{text}\n", crate::notify::priority(record.level())));
+            let _ = io::stderr().write_all(&entry);
+        } else if self.terminal {
             let _ = io::stderr().write_all(&line);
         }
         if let Ok(mut guard) = self.file.lock() {
@@ -230,7 +239,8 @@ pub fn init(level: LevelFilter, basedir: Option<&Path>, quiet: bool) {
         }
     });
     let terminal = !quiet || file.is_none();
-    let logger = Box::leak(Box::new(Logger { level, terminal, file: Mutex::new(file) }));
+    let journal = crate::notify::stderr_is_journal();
+    let logger = Box::leak(Box::new(Logger { level, terminal, journal, file: Mutex::new(file) }));
     // Only fails when a logger is already set (tests); nothing to do then.
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);

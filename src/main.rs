@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, client, job, logging, metrics, runner, safe_fs, signals};
+use testflinger_agent::{agent, budget, client, job, lockfile, notify, logging, metrics, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
+/// Exit status when another agent holds `execution_basedir` (EX_CANTCREAT);
+/// not in RestartPreventExitStatus: the supervisor tries again later, and
+/// the new agent starts once the other one is gone.
+const EXIT_LOCKED: u8 = 73;
 /// Exit status asking the supervisor for a restart (EX_TEMPFAIL).
 const EXIT_RESTART: u8 = 75;
 /// Exit status of `--once` when the server stayed unreachable (EX_UNAVAILABLE).
@@ -100,6 +104,21 @@ fn main() -> ExitCode {
     let level = logging::parse_level(&config.logging_level).unwrap_or(logging::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
+    notify::init();
+    budget::set(config.budget());
+    // Held until exit: one agent per run dir. A dir that cannot be made or
+    // locked is not fatal here: each job then reports it (status 100).
+    let _lock = match lockfile::acquire(&config.execution_basedir) {
+        Ok(lock) => Some(lock),
+        Err(e @ lockfile::LockError::Busy { .. }) => {
+            eprintln!("testflinger-agent: {e}");
+            return ExitCode::from(EXIT_LOCKED);
+        }
+        Err(e) => {
+            log::warn!("{e}; running without the one-agent-per-dir guard");
+            None
+        }
+    };
     runner::become_subreaper();
     if let (Some(path), Some(_)) = (&args.token_file, &args.job) {
         if let Some(w) = safe_fs::exposed_secret_warning(path) {
@@ -120,7 +139,7 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            let metrics = metrics.with_textfile(config.metrics_textfile.clone());
+            let metrics = metrics.with_vitals(config.execution_basedir.clone()).with_textfile(config.metrics_textfile.clone());
             // Like upstream, upstream's default token file when none is given.
             let (token_file, origin) = match &args.token_file {
                 Some(path) => (path.clone(), "--token-file"),
@@ -128,11 +147,15 @@ fn main() -> ExitCode {
             };
             let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()));
             client.policy.timeout = std::time::Duration::from_secs(config.server_timeout);
+            client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
             client.log_token_file(origin);
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
                 log::warn!("{w}");
             }
+            // Start-up checks are done (config, logging, run dir lock, metrics
+            // port); reaching the server is the agent's work, not start-up.
+            notify::ready("starting: contacting the server");
             match agent::Agent::new(&config, client, args.once, metrics).run() {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
                 agent::Exit::Unreachable => ExitCode::from(EXIT_UNREACHABLE),

@@ -68,6 +68,9 @@ pub struct Metrics {
     endpoint: Option<Endpoint>,
     textfile: Option<PathBuf>,
     textfile_failed: bool,
+    /// Where to measure free disk space for the host gauges; none: no
+    /// host gauges (unit tests compare exact output).
+    vitals_dir: Option<PathBuf>,
 }
 
 impl Metrics {
@@ -83,6 +86,7 @@ impl Metrics {
             endpoint: None,
             textfile: None,
             textfile_failed: false,
+            vitals_dir: None,
         }
     }
 
@@ -97,6 +101,13 @@ impl Metrics {
     }
 
     /// Also writes the exposition text to `path` (atomically) on every change.
+    /// Adds the host gauges (disk free under `dir`, memory, temperature,
+    /// throttling, own RSS), read at each scrape.
+    pub fn with_vitals(mut self, dir: PathBuf) -> Metrics {
+        self.vitals_dir = Some(dir);
+        self
+    }
+
     pub fn with_textfile(mut self, path: Option<PathBuf>) -> Metrics {
         self.textfile = path;
         self.write_textfile();
@@ -157,6 +168,22 @@ impl Metrics {
         }
         header(&mut s, "recovery_failures", "Total recovery failures since last agent restart", "counter");
         let _ = writeln!(s, "recovery_failures_total{{{agent}}} {}", float(self.recovery_failures as f64));
+        if let Some(dir) = &self.vitals_dir {
+            use crate::vitals;
+            let gauges = [
+                ("testflinger_agent_disk_free_bytes", "Bytes free under execution_basedir", vitals::disk_free(vitals::existing_ancestor(dir)).map(|b| b as f64)),
+                ("testflinger_agent_memory_available_bytes", "MemAvailable of the host", vitals::mem_available().map(|b| b as f64)),
+                ("testflinger_agent_cpu_temperature_celsius", "CPU temperature (thermal zone)", vitals::cpu_temperature()),
+                ("testflinger_agent_throttled_flags", "Raspberry Pi firmware throttling flags (get_throttled)", vitals::throttled().map(|b| b as f64)),
+                ("testflinger_agent_resident_memory_bytes", "Resident memory of the agent", vitals::own_rss().map(|b| b as f64)),
+            ];
+            for (name, help, value) in gauges {
+                if let Some(v) = value {
+                    header(&mut s, name, help, "gauge");
+                    let _ = writeln!(s, "{name}{{{agent}}} {}", float(v));
+                }
+            }
+        }
         s
     }
 
@@ -177,6 +204,8 @@ impl Metrics {
 
     /// Accepts, reads and answers whatever scrapers are ready; never waits.
     pub fn service(&mut self, now: Instant) {
+        // Every wake-up, idle or in a phase, passes here: the watchdog too.
+        crate::notify::tick();
         let Some(ep) = &mut self.endpoint else { return };
         ep.accept(now);
         if ep.conns.is_empty() {

@@ -23,9 +23,11 @@ mod fragment;
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
 const MAX_BODY: u64 = 12 << 20;
-/// Pending output is sent at most this often: a line printed on an idle
-/// phase reaches the server within this (plus one request).
-const SEND_INTERVAL: Duration = Duration::from_millis(250);
+/// Pending output goes at once after a quiet spell and then at most once per
+/// `output_interval` (budget.rs) while output keeps coming: a line printed
+/// on an idle phase reaches the server at once, a chatty phase costs the
+/// server one request per interval.
+///
 /// Under heavy output (a full fragment's worth waiting) fragments go at most
 /// once a second: each send holds the child on a full pipe for a few tens
 /// of ms, so sending less while it writes keeps it close to full speed. The
@@ -135,13 +137,17 @@ pub struct LiveStream {
     /// reset): the server may hold it under its number, so the retry sends
     /// the same bytes under the same number, never more.
     pub inflight_end: Option<u64>,
-    last_send: Instant,
+    /// When the last fragment went; `None` before the first.
+    last_send: Option<Instant>,
+    created: Instant,
+    interval: Duration,
     retry_at: Option<Instant>,
     failures: u32,
 }
 
 impl LiveStream {
     pub fn new(job_id: &str, kind: &'static str, phase: &str, path: &Path, sent: u64) -> LiveStream {
+        let interval = crate::budget::get().output_interval;
         LiveStream {
             job_id: job_id.to_string(),
             kind,
@@ -150,7 +156,10 @@ impl LiveStream {
             path: path.to_path_buf(),
             sent,
             inflight_end: None,
-            last_send: Instant::now() - SEND_INTERVAL,
+            // A start counts as after a quiet spell: the first output goes at once.
+            last_send: None,
+            created: Instant::now(),
+            interval,
             retry_at: None,
             failures: 0,
         }
@@ -164,10 +173,12 @@ impl LiveStream {
         if let Some(t) = self.retry_at {
             return Some(t);
         }
+        // Nothing sent yet: due since the stream began.
+        let Some(last) = self.last_send else { return Some(self.created) };
         if written - self.sent >= HEAVY {
-            return Some(self.last_send + HEAVY_INTERVAL);
+            return Some(last + HEAVY_INTERVAL.max(self.interval));
         }
-        Some(self.last_send + SEND_INTERVAL)
+        Some(last + self.interval)
     }
 
     /// Sends one fragment if one is due: a single attempt (timeout
@@ -221,7 +232,7 @@ impl LiveStream {
             Ok(None) => return Ok(()),
             Err(e) => return Err(local(&self.path, e)),
         };
-        self.last_send = Instant::now();
+        self.last_send = Some(Instant::now());
         let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
         match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle) {
             Ok(()) => {
@@ -235,7 +246,7 @@ impl LiveStream {
             Err(e) => {
                 self.inflight_end = Some(plan.end);
                 self.failures += 1;
-                let backoff = Duration::from_millis(500 << self.failures.min(6));
+                let backoff = crate::jitter::spread(Duration::from_millis(500 << self.failures.min(6)));
                 log::warn!("{} log fragment not sent, will retry in {backoff:?}: {e}", self.kind);
                 self.retry_at = Some(Instant::now() + backoff);
                 Err(e)

@@ -61,6 +61,9 @@ pub trait Watcher {
 pub struct Limits {
     pub global: Option<Duration>,
     pub output: Option<Duration>,
+    /// Between SIGTERM and SIGKILL when the phase is stopped (`kill_grace`);
+    /// `None`: [`GRACE`].
+    pub kill_grace: Option<Duration>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -72,8 +75,8 @@ pub struct Outcome {
     pub stopped: Option<Stop>,
 }
 
-/// How long a stopped phase gets between SIGTERM and SIGKILL.
-const GRACE: Duration = Duration::from_millis(1500);
+/// How long a stopped phase gets between SIGTERM and SIGKILL by default.
+pub const GRACE: Duration = Duration::from_millis(1500);
 /// Output of a command that exited, still arriving from a leftover process
 /// holding the pipe open, is read for at most this long.
 const DRAIN: Duration = Duration::from_millis(200);
@@ -229,6 +232,7 @@ pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watc
 }
 
 fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
+    let grace = limits.kill_grace.unwrap_or(GRACE);
     let pgid = child.id() as i32;
     let start = Instant::now();
     let mut pipe = Pipe { fd: read, buf: vec![0u8; READ_BUF], open: true, last_output: start };
@@ -240,7 +244,12 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
     loop {
         let now = Instant::now();
         if status.is_none() {
-            status = child.try_wait().ok().flatten();
+            status = match child.try_wait() {
+                Ok(s) => s,
+                // Reaped by kill_descendants after the grace period: it
+                // died of that SIGKILL (or just before; the code is lost).
+                Err(_) => Some(std::process::ExitStatus::from_raw(libc::SIGKILL)),
+            };
             if status.is_some() {
                 exited_at = Some(now);
             }
@@ -267,7 +276,8 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
                 term_sent = Some(now);
                 stopped = Some(reason);
             }
-        } else if term_sent.is_some_and(|t| now.duration_since(t) >= GRACE) {
+        } else if term_sent.is_some_and(|t| now.duration_since(t) >= grace) {
+            log::info!("the phase did not end within {grace:?} of SIGTERM; sending SIGKILL");
             signal_group(pgid, libc::SIGKILL);
             kill_descendants();
             term_sent = None;
@@ -294,7 +304,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             wake = wake.min(pipe.last_output + o);
         }
         if let Some(t) = term_sent {
-            wake = wake.min(t + GRACE);
+            wake = wake.min(t + grace);
         }
         if !pipe.open && status.is_none() {
             // The output has ended, so the shell is about to exit.
@@ -468,7 +478,7 @@ mod tests {
     fn global_timeout_kills_the_group() {
         let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = collect();
-        let limits = Limits { global: Some(Duration::from_millis(300)), output: None };
+        let limits = Limits { global: Some(Duration::from_millis(300)), output: None, kill_grace: None };
         let t = Instant::now();
         let o = run("sleep 30 & sleep 30", Path::new("/"), &[], limits, &mut w);
         assert!(t.elapsed() < Duration::from_secs(10));
@@ -482,7 +492,7 @@ mod tests {
         // read would hold the loop, and the timeout would never fire.
         let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = collect();
-        let limits = Limits { global: Some(Duration::from_millis(500)), output: None };
+        let limits = Limits { global: Some(Duration::from_millis(500)), output: None, kill_grace: None };
         let cmd = format!("dd if=/dev/zero bs={READ_BUF} count=1 2>/dev/null; sleep 30");
         let o = run(&cmd, Path::new("/"), &[], limits, &mut w);
         assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))), "{o:?}");

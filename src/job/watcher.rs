@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{post_state_unless_held, CANCEL_CHECK, CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use super::{post_state_unless_held, CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
 use crate::client::Client;
 use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;
@@ -102,14 +102,14 @@ impl Watcher for PhaseWatcher<'_> {
                 self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
-                self.next_heartbeat = now + PHASE_HEARTBEAT;
+                self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != "cleanup" {
                     client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(now + CANCEL_CHECK);
+                self.next_cancel_check = Some(now + crate::budget::get().cancel_interval);
                 // One short attempt: a slow server must not hold the phase's output.
                 if client.once(CANCEL_CHECK_TIMEOUT, |c| c.job_state(self.job_id, Some(drain))).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);

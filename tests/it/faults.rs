@@ -515,3 +515,34 @@ fn faults_a_401_storm_with_the_refresh_failing_too() {
     let refreshes = server.requests_to("POST", refresh);
     assert!(max_in_window(&refreshes, Duration::from_secs(1), |_| true) <= 3, "refresh storm: {}", refreshes.len());
 }
+
+/// Issue 12: a chunk size of `ffffffffffffffff` on any answer crashed the
+/// agent (an overflow in the answer reader). Hostile chunk sizes and
+/// lengths on every endpoint: each is a bad answer, logged and retried.
+#[test]
+fn faults_hostile_chunk_sizes_and_lengths_on_every_endpoint() {
+    let hostile: [&[u8]; 6] = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7fffffffffffffff\r\n{\"job_state\":\"complete\"}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000001\r\nab\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 99999999999999999999999\r\n\r\n{}",
+    ];
+    let server = FakeServer::start();
+    let jobs = push_jobs(&server, 3);
+    for (i, job) in jobs.iter().enumerate() {
+        for (k, (method, path)) in job_endpoints(job).into_iter().enumerate() {
+            let raw = hostile[(i + k) % hostile.len()].to_vec();
+            server.add_fault(Fault::new(Some(method), &path, 1, FaultAction::RawThenClose(raw)));
+        }
+    }
+    for (k, (method, path)) in loop_endpoints().into_iter().enumerate() {
+        for raw in [hostile[k % hostile.len()], hostile[(k + 3) % hostile.len()]] {
+            server.add_fault(Fault::new(Some(method), &path, 1, FaultAction::RawThenClose(raw.to_vec())));
+        }
+    }
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish("hostile chunk sizes and lengths on every endpoint", &server, &mut p, &setup, &jobs, Once::Exactly, &["bad chunk size", "bad Content-Length", "retrying"]);
+}

@@ -273,6 +273,12 @@ impl AgentSetup {
         cmd.arg("-c").arg(&config).args(&self.args).args(extra);
         cmd.current_dir(self.dir.path());
         cmd.env("RUST_BACKTRACE", "1");
+        // The loopback server must not be reached through a proxy or judged
+        // by a CA file from the machine's environment; tests that want one
+        // set it with `.env()`.
+        for k in ["http_proxy", "https_proxy", "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+            cmd.env_remove(k).env_remove(k.to_ascii_uppercase());
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -3,6 +3,7 @@
 mod artifacts;
 mod fake_server;
 mod harness;
+mod http;
 mod json;
 mod core;
 mod disk;
@@ -16,6 +17,7 @@ mod faults;
 mod soak;
 mod startup;
 mod upstream_parity;
+mod budget;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {

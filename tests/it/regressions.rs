@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use testflinger_agent::client::wire;
 use testflinger_agent::config::Config;
 use testflinger_agent::json::Json;
 
@@ -35,6 +36,24 @@ fn json_regressions_round_trip() {
     for (path, bytes) in inputs("json") {
         if let Ok(v) = Json::parse_bytes(&bytes) {
             assert_eq!(Json::parse(&v.to_string_compact()).ok(), Some(v), "{}", path.display());
+        }
+    }
+}
+
+/// Same checks as the `answer` target: the first byte picks the cap.
+#[test]
+fn answer_regressions_are_errors_or_capped_answers() {
+    let cases = inputs("answer");
+    assert!(!cases.is_empty(), "fuzz/regressions/answer holds the chunk-size crash of issue 12");
+    for (path, bytes) in cases {
+        let Some((&c, rest)) = bytes.split_first() else { continue };
+        let cap = [0usize, 1, 16, 4096, 1 << 20][c as usize % 5];
+        if let Ok((head, body)) = wire::read_answer(rest, cap) {
+            assert!(body.len() <= cap && (100..=599).contains(&head.status), "{}", path.display());
+            if let Some(location) = head.location {
+                let base = wire::Url::parse("https://tf.example.com:8443/v1/job?queue=q").expect("base URL");
+                let _ = base.join(&location).map(|next| base.same_origin(&next));
+            }
         }
     }
 }

@@ -1,0 +1,511 @@
+//! The one HTTP/1.1 transport every request goes through: plain calls,
+//! capped answers, bodies streamed from disk to the socket, downloads
+//! streamed to disk, and the calls made while a phase runs (the caller's
+//! [`Idle`] work is done while the socket waits). One request per
+//! connection (`Connection: close`), through a proxy when the environment
+//! names one (CONNECT for https), over TLS for https.
+//!
+//! Redirects are not followed here: the answer's `Location` goes back to
+//! the client, which alone knows whether the new URL may see its token.
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::proxy::{Proxies, Proxy};
+use super::wire::{self, BodyReader, Framing, Url};
+
+/// Writes exactly the announced number of body bytes.
+pub type BodyWriter<'a> = dyn FnMut(&mut dyn Write) -> io::Result<()> + 'a;
+
+/// Work the caller must keep doing while the request is in progress: the
+/// phase runner drains its child's pipe here, so a fragment sent to a slow
+/// server does not hold the child on a full pipe. Called before every
+/// socket read and write, and every [`IDLE_TICK`] while the socket waits.
+pub type Idle<'a> = dyn FnMut() + 'a;
+
+/// How often [`Idle`] runs while the socket is blocked: a 1 MiB pipe fills
+/// in about a millisecond under heavy output, so the child may wait this
+/// long at most.
+const IDLE_TICK: Duration = Duration::from_millis(5);
+
+/// Connects without blocking, running `idle` every [`IDLE_TICK`] until
+/// the connection is up or `timeout` passes: a server whose packets are
+/// dropped must not hold the phase's pipe for the whole connect timeout.
+fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) just returned this descriptor, owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: storage holds a sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len as libc::socklen_t) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            idle();
+            let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, IDLE_TICK.as_millis() as i32) };
+            if n > 0 {
+                let mut err: libc::c_int = 0;
+                let mut err_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: SO_ERROR into an int of the stated size.
+                let r = unsafe {
+                    libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut err_len)
+                };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
+                break;
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer in {timeout:?}")));
+            }
+        }
+    }
+    let tcp = TcpStream::from(sock);
+    // Back to blocking: the socket timeouts set next bound each call.
+    tcp.set_nonblocking(false)?;
+    Ok(tcp)
+}
+
+/// The socket, with the caller's [`Idle`] work done between and during its
+/// blocking calls. `timeout` still bounds each call's wait for progress.
+struct Socket<'a, 'b> {
+    tcp: TcpStream,
+    idle: Option<&'a mut Idle<'b>>,
+    timeout: Duration,
+}
+
+impl Socket<'_, '_> {
+    fn io<T>(&mut self, mut op: impl FnMut(&mut TcpStream) -> io::Result<T>) -> io::Result<T> {
+        let Some(idle) = self.idle.as_deref_mut() else { return op(&mut self.tcp) };
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            idle();
+            match op(&mut self.tcp) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if Instant::now() >= deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress in {:?}", self.timeout)));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Read for Socket<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io(|t| t.read(buf))
+    }
+}
+
+impl Write for Socket<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.io(|t| t.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.io(|t| t.flush())
+    }
+}
+
+/// What goes after the request head.
+pub enum Payload<'a, 'b> {
+    None,
+    Bytes { content_type: &'a str, bytes: &'a [u8] },
+    /// Written by `write` straight into the socket: exactly `len` bytes.
+    Stream { content_type: &'a str, len: u64, write: &'a mut BodyWriter<'b> },
+}
+
+impl Payload<'_, '_> {
+    pub fn reborrow(&mut self) -> Payload<'_, '_> {
+        match self {
+            Payload::None => Payload::None,
+            Payload::Bytes { content_type, bytes } => Payload::Bytes { content_type, bytes },
+            Payload::Stream { content_type, len, write } => Payload::Stream { content_type, len: *len, write: &mut **write },
+        }
+    }
+}
+
+/// What becomes of the answer's body.
+#[derive(Clone, Copy)]
+pub enum Keep<'a> {
+    /// Read to its end and dropped (uploads, whose answers say nothing
+    /// more), at most this many bytes: a body that breaks its framing
+    /// means the answer may not be the server's, so it fails the call.
+    Drop(usize),
+    /// Read into memory, at most this many bytes.
+    Memory(usize),
+    /// A 200's body written to this file (created only then), at most
+    /// `cap` bytes; other answers' bodies read into memory like `Memory`.
+    File { path: &'a Path, cap: u64, other: usize },
+}
+
+/// The answer: status, redirect target, and the body when kept in memory.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The network or the server: no usable answer.
+    Net(io::Error),
+    /// The body was over the cap.
+    TooLarge(u64),
+    /// The local file for a download.
+    Local(PathBuf, io::Error),
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Net(e)
+    }
+}
+
+/// The parts of the client's setup every connection needs.
+pub struct Net {
+    proxies: Proxies,
+    ca_file: Option<PathBuf>,
+    #[cfg(feature = "tls")]
+    tls: std::cell::OnceCell<Result<super::tls::Tls, String>>,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        Net {
+            proxies: Proxies::from_env(),
+            ca_file: None,
+            #[cfg(feature = "tls")]
+            tls: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// A CA file trusted on top of the store (config `server_ca_file`).
+    pub fn set_ca_file(&mut self, path: Option<PathBuf>) {
+        self.ca_file = path;
+        #[cfg(feature = "tls")]
+        {
+            self.tls = std::cell::OnceCell::new();
+        }
+    }
+
+    /// What the agent trusts for https, built on first use; logged once.
+    #[cfg(feature = "tls")]
+    fn tls(&self) -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
+        let built = self.tls.get_or_init(|| {
+            let t = super::tls::build(self.ca_file.as_deref());
+            match &t {
+                Ok(t) => log::info!("https: trusting {}", t.trusts),
+                Err(e) => log::error!("https: cannot set up the trust store: {e}"),
+            }
+            t
+        });
+        match built {
+            Ok(t) => Ok(t.config.clone()),
+            Err(e) => Err(io::Error::other(format!("trust store: {e}"))),
+        }
+    }
+}
+
+impl Default for Net {
+    fn default() -> Net {
+        Net::new()
+    }
+}
+
+fn connect(host: &str, port: u16, timeout: Duration, idle: &mut Option<&mut Idle>) -> io::Result<TcpStream> {
+    let addrs = (host, port).to_socket_addrs()?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+    for addr in addrs {
+        let attempt = match idle.as_deref_mut() {
+            Some(idle) => connect_idling(&addr, timeout, idle),
+            None => TcpStream::connect_timeout(&addr, timeout),
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// One request on a fresh connection.
+#[allow(clippy::too_many_arguments)]
+pub fn exchange(
+    net: &Net,
+    method: &str,
+    url: &Url,
+    headers: &[(String, String)],
+    payload: Payload,
+    keep: Keep,
+    timeout: Duration,
+    idle: Option<&mut Idle>,
+) -> Result<Reply, Failure> {
+    let proxy = net.proxies.for_url(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut idle = idle;
+    let tcp = match &proxy {
+        Some(p) => connect(&p.host, p.port, timeout, &mut idle)
+            .map_err(|e| io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)))?,
+        None => connect(&url.host, url.port, timeout, &mut idle)?,
+    };
+    let wait = if idle.is_some() { IDLE_TICK } else { timeout };
+    tcp.set_read_timeout(Some(wait))?;
+    tcp.set_write_timeout(Some(wait))?;
+    tcp.set_nodelay(true)?;
+    let mut socket = Socket { tcp, idle, timeout };
+
+    let mut all = headers.to_vec();
+    if let Some(p) = proxy.as_ref().filter(|_| !url.https) {
+        // Plain http through a proxy: the proxy reads the request itself.
+        if let Some(auth) = &p.authorization {
+            all.push(("Proxy-Authorization".into(), auth.clone()));
+        }
+    }
+    match &payload {
+        Payload::None if method == "POST" => all.push(("Content-Length".into(), "0".into())),
+        Payload::None => {}
+        Payload::Bytes { content_type, bytes } => {
+            all.push(("Content-Type".into(), content_type.to_string()));
+            all.push(("Content-Length".into(), bytes.len().to_string()));
+        }
+        Payload::Stream { content_type, len, .. } => {
+            all.push(("Content-Type".into(), content_type.to_string()));
+            all.push(("Content-Length".into(), len.to_string()));
+        }
+    }
+    let target = if proxy.is_some() && !url.https { url.to_string() } else { url.path.clone() };
+    let head = wire::request_head(method, &target, &url.host_header(), &all)?;
+
+    if url.https {
+        if let Some(p) = &proxy {
+            tunnel(&mut socket, p, url)?;
+        }
+        exchange_tls(net, socket, url, &head, payload, keep)
+    } else {
+        exchange_on(socket, &head, payload, keep)
+    }
+}
+
+/// Opens a CONNECT tunnel to `url` through the proxy.
+fn tunnel(socket: &mut Socket, proxy: &Proxy, url: &Url) -> io::Result<()> {
+    let mut headers = Vec::new();
+    if let Some(auth) = &proxy.authorization {
+        headers.push(("Proxy-Authorization".to_string(), auth.clone()));
+    }
+    let head = wire::request_head("CONNECT", &url.authority(), &url.authority(), &headers)?;
+    socket.write_all(&head)?;
+    socket.flush()?;
+    // Byte by byte: what follows the proxy's answer is the server's TLS,
+    // which must not be swallowed by a read-ahead buffer.
+    let mut r = BufReader::with_capacity(1, &mut *socket);
+    let answer = wire::read_head(&mut r, true)?;
+    if !(200..300).contains(&answer.status) {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("proxy {}:{} refused CONNECT to {}: HTTP {}", proxy.host, proxy.port, url.authority(), answer.status),
+        ));
+    }
+    Ok(())
+}
+
+fn exchange_on<S: Read + Write>(stream: S, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
+    // 64 KiB chunks keep syscalls few and memory flat.
+    let mut w = io::BufWriter::with_capacity(64 * 1024, stream);
+    w.write_all(head)?;
+    match payload {
+        Payload::None => {}
+        Payload::Bytes { bytes, .. } => w.write_all(bytes)?,
+        Payload::Stream { write, .. } => write(&mut w)?,
+    }
+    w.flush()?;
+    let stream = w.into_inner().map_err(|e| e.into_error())?;
+    read_reply(stream, keep)
+}
+
+/// The status counts only once the whole head (status line and headers,
+/// up to the empty line) has arrived: a head cut off by a reset says
+/// nothing about whether the server took the request, so it is an error,
+/// not a status. Likewise a body shorter than announced.
+fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
+    let mut r = BufReader::new(stream);
+    let head = wire::read_head(&mut r, false)?;
+    let mut reply = Reply { status: head.status, location: head.location, body: Vec::new() };
+    let body = BodyReader::new(&mut r, head.framing);
+    let memory = |body, cap: usize| match wire::read_body_capped(body, head.framing, cap) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => Err(Failure::TooLarge(cap as u64)),
+        Err(e) => Err(Failure::Net(e)),
+    };
+    match keep {
+        Keep::Drop(cap) => {
+            if io::copy(&mut body.take((cap as u64).saturating_add(1)), &mut io::sink())? > cap as u64 {
+                return Err(Failure::TooLarge(cap as u64));
+            }
+        }
+        Keep::Memory(cap) => reply.body = memory(body, cap)?,
+        Keep::File { other, .. } if head.status != 200 => reply.body = memory(body, other)?,
+        Keep::File { path, cap, .. } => {
+            if matches!(head.framing, Framing::Length(n) if n > cap) {
+                return Err(Failure::TooLarge(cap));
+            }
+            let local = |e: io::Error| Failure::Local(path.to_path_buf(), e);
+            let mut file = std::fs::File::create(path).map_err(local)?;
+            let mut limited = body.take(cap.saturating_add(1));
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut n: u64 = 0;
+            loop {
+                let got = match limited.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(got) => got,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Failure::Net(e)),
+                };
+                n = n.saturating_add(got as u64);
+                if n > cap {
+                    return Err(Failure::TooLarge(cap));
+                }
+                file.write_all(&buf[..got]).map_err(local)?;
+            }
+            file.flush().map_err(local)?;
+        }
+    }
+    Ok(reply)
+}
+
+#[cfg(feature = "tls")]
+fn exchange_tls(net: &Net, socket: Socket, url: &Url, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
+    let config = net.tls()?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a TLS server name: {e}", url.host)))?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut tls = rustls::StreamOwned::new(conn, socket);
+    // The handshake first, so that a certificate problem reads as one and
+    // not as a failed write of the request.
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).map_err(|e| {
+            let e = io::Error::new(e.kind(), format!("TLS handshake with {}: {}", url.authority(), tls_reason(&e)));
+            // Loud: a trust problem does not fix itself, and the caller may
+            // log its failures at a quieter level.
+            log::error!("{e}");
+            e
+        })?;
+    }
+    exchange_on(tls, head, payload, keep)
+}
+
+/// A TLS failure in words: our certificate verdict as it was written
+/// (rustls would show it in its debug form), anything else as rustls says.
+#[cfg(feature = "tls")]
+fn tls_reason(e: &io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => other.0.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn exchange_tls(_: &Net, _: Socket, url: &Url, _: &[u8], _: Payload, _: Keep) -> Result<Reply, Failure> {
+    Err(Failure::Net(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("https to {}: this build has no TLS (built without the `tls` feature)", url.host),
+    )))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that never accepts, its backlog full: further connects
+    /// get no answer, like a server whose packets are dropped.
+    fn blackhole() -> (std::os::fd::OwnedFd, TcpStream, u16) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket/bind/listen on loopback with checked results.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len), 0);
+            assert_eq!(libc::listen(fd, 0), 0);
+            let mut bound: libc::sockaddr_in = std::mem::zeroed();
+            let mut blen = len;
+            assert_eq!(libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut blen), 0);
+            let port = u16::from_be(bound.sin_port);
+            // Fills the one-entry accept queue.
+            let first = TcpStream::connect(("127.0.0.1", port)).expect("first connect");
+            (owned, first, port)
+        }
+    }
+
+    #[test]
+    fn a_connect_that_gets_no_answer_keeps_the_caller_working() {
+        let (_listener, _first, port) = blackhole();
+        let url = format!("http://127.0.0.1:{port}/v1/result/x");
+        let mut calls = 0;
+        let mut idle = || calls += 1;
+        let t = Instant::now();
+        let url = Url::parse(&url).unwrap();
+        let r = exchange(&Net::new(), "GET", &url, &[], Payload::None, Keep::Memory(1024), Duration::from_millis(400), Some(&mut idle));
+        let waited = t.elapsed();
+        // Either the connect or the answer waits; the caller worked throughout.
+        assert!(r.is_err(), "no answer expected: {r:?}");
+        assert!(waited >= Duration::from_millis(300), "it waited {waited:?}");
+        assert!(calls >= 20, "idle ran {calls} times in {waited:?}");
+    }
+}

@@ -1,0 +1,518 @@
+//! HTTP/1.1 as bytes: URLs, the request head we write, and the answer we
+//! read (status line, headers, a body framed by Content-Length, chunks or
+//! the end of the connection).
+//!
+//! Everything here reads from a server that may be broken or hostile (plain
+//! HTTP lets anyone on the path answer). So every length that comes from
+//! the network is parsed strictly and used only through checked arithmetic,
+//! no buffer is ever sized from it, and lines and heads are capped. A bad
+//! answer is an `io::Error`, never a panic. Pure over `Read`/`BufRead`, so
+//! the fuzz target (`fuzz/fuzz_targets/answer.rs`) drives it on bytes.
+
+use std::io::{self, BufRead, BufReader, Read};
+
+/// Cap on the status line plus headers of one answer.
+pub const MAX_HEAD: u64 = 64 * 1024;
+/// Cap on the number of header lines of one answer.
+const MAX_HEADERS: usize = 200;
+/// Cap on a chunk-size line (with extensions).
+const MAX_CHUNK_LINE: u64 = 1024;
+/// Interim answers (100 Continue...) skipped before giving up.
+const MAX_INTERIM: usize = 8;
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// An `http` or `https` URL, as far as the agent needs one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Url {
+    pub https: bool,
+    /// Lowercase; an IPv6 address without its brackets.
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(url: &str) -> io::Result<Url> {
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("bad URL {url:?}: {why}"));
+        let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+        let (https, rest) = if lower.starts_with("https://") {
+            (true, &url[8..])
+        } else if lower.starts_with("http://") {
+            (false, &url[7..])
+        } else {
+            return Err(bad("not http:// or https://"));
+        };
+        if url.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(bad("control characters or spaces"));
+        }
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        if authority.contains('@') {
+            return Err(bad("user names and passwords in the server URL are not supported"));
+        }
+        let path = path.split('#').next().unwrap_or("");
+        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        let default_port = if https { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            let port = match after {
+                "" => default_port,
+                p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(|| bad("bad port"))?,
+            };
+            (h, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, "")) => (h, default_port),
+                Some((h, p)) => (h, p.parse().map_err(|_| bad("bad port"))?),
+                None => (authority, default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(Url { https, host: host.to_ascii_lowercase(), port, path })
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
+    }
+
+    /// `host[:port]` as in a Host header: the port only when not the default.
+    pub fn host_header(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        if self.port == if self.https { 443 } else { 80 } { host } else { format!("{host}:{}", self.port) }
+    }
+
+    /// `host:port` always, as a CONNECT target.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        format!("{host}:{}", self.port)
+    }
+
+    /// Scheme, host and port: what tokens and cookies are bound to.
+    pub fn same_origin(&self, other: &Url) -> bool {
+        self.https == other.https && self.host == other.host && self.port == other.port
+    }
+
+    /// A `Location` value resolved against this URL.
+    pub fn join(&self, location: &str) -> io::Result<Url> {
+        let location = location.trim();
+        let lower = location.get(..8).unwrap_or(location).to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            return Url::parse(location);
+        }
+        if let Some(rest) = location.strip_prefix("//") {
+            return Url::parse(&format!("{}://{rest}", self.scheme()));
+        }
+        if location.contains("://") {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("redirect to a non-HTTP URL {location:?}")));
+        }
+        let path = if location.starts_with('/') {
+            location.to_string()
+        } else {
+            let dir = self.path.split('?').next().unwrap_or("/");
+            let dir = &dir[..dir.rfind('/').map_or(0, |i| i + 1)];
+            format!("{dir}{location}")
+        };
+        Url::parse(&format!("{}://{}{path}", self.scheme(), self.host_header()))
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme(), self.host_header(), self.path)
+    }
+}
+
+/// The request head: `target` is the path (or the absolute URL through a
+/// proxy). Header values with line breaks are refused: they would let a
+/// value inject headers of its own.
+pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, String)]) -> io::Result<Vec<u8>> {
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (k, v) in headers {
+        if k.bytes().chain(v.bytes()).any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header {k} holds a line break")));
+        }
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    Ok(head.into_bytes())
+}
+
+/// How the answer's body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (204, 304, or the answer to HEAD/CONNECT).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the server closes (we always ask for `Connection: close`).
+    UntilClose,
+}
+
+/// The answer's status line and the headers the agent uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub status: u16,
+    pub framing: Framing,
+    pub location: Option<String>,
+}
+
+/// One line of at most `cap` bytes, with its line break; an error when the
+/// stream ends first or the line is longer.
+fn read_line<R: BufRead>(r: &mut R, cap: u64, what: &str) -> io::Result<String> {
+    let mut buf = Vec::new();
+    r.take(cap).read_until(b'\n', &mut buf)?;
+    if buf.last() != Some(&b'\n') {
+        return Err(if (buf.len() as u64) < cap {
+            io::Error::new(io::ErrorKind::UnexpectedEof, format!("answer cut off inside its {what}"))
+        } else {
+            invalid(format!("{what} longer than {cap} bytes"))
+        });
+    }
+    // Header values are ASCII in practice; a stray byte must not fail the answer.
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Reads the head of an answer, skipping interim 1xx answers. `no_body`:
+/// the request was HEAD or CONNECT, whose answers have no body.
+pub fn read_head<R: BufRead>(r: &mut R, no_body: bool) -> io::Result<Head> {
+    let mut budget = MAX_HEAD;
+    for _ in 0..MAX_INTERIM {
+        let head = read_one_head(r, &mut budget, no_body)?;
+        // 101 would switch protocols, which we never ask for: an error below.
+        if (100..200).contains(&head.status) && head.status != 101 {
+            continue;
+        }
+        if head.status == 101 {
+            return Err(invalid("unasked-for protocol switch (HTTP 101)"));
+        }
+        return Ok(head);
+    }
+    Err(invalid("too many interim (1xx) answers"))
+}
+
+fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::Result<Head> {
+    let mut take_line = |r: &mut R, what: &str| -> io::Result<String> {
+        let line = read_line(r, *budget, what)?;
+        *budget = budget.saturating_sub(line.len() as u64);
+        Ok(line)
+    };
+    let line = take_line(r, "status line")?;
+    let status = parse_status_line(line.trim_end_matches(['\r', '\n']))?;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    let mut location = None;
+    for _ in 0..=MAX_HEADERS {
+        let line = take_line(r, "headers")?;
+        let text = line.trim_end_matches(['\r', '\n']);
+        if text.is_empty() {
+            let framing = if no_body || status == 204 || status == 304 || (100..200).contains(&status) {
+                Framing::Empty
+            } else if chunked {
+                // Chunked wins over a Content-Length sent along with it (RFC 9112 6.3).
+                Framing::Chunked
+            } else if encoded {
+                Framing::UntilClose
+            } else {
+                length.map_or(Framing::UntilClose, Framing::Length)
+            };
+            return Ok(Head { status, framing, location });
+        }
+        let Some((name, value)) = text.split_once(':') else {
+            return Err(invalid(format!("bad header line {:?}", cut(text))));
+        };
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(value)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("two different Content-Length headers"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            // Chunked counts only as the last coding applied.
+            chunked = value.rsplit(',').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("location") {
+            location = Some(value.to_string());
+        }
+    }
+    Err(invalid(format!("more than {MAX_HEADERS} header lines")))
+}
+
+/// At most 80 characters of a bad line, for an error message.
+fn cut(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+fn parse_status_line(line: &str) -> io::Result<u16> {
+    let bad = || invalid(format!("bad status line {:?}", cut(line)));
+    let rest = line.strip_prefix("HTTP/1.").ok_or_else(bad)?;
+    let mut parts = rest.splitn(3, ' ');
+    let _minor = parts.next().filter(|m| m.len() == 1 && m.bytes().all(|b| b.is_ascii_digit())).ok_or_else(bad)?;
+    let code = parts.next().filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit())).ok_or_else(bad)?;
+    let status: u16 = code.parse().map_err(|_| bad())?;
+    if (100..=599).contains(&status) { Ok(status) } else { Err(bad()) }
+}
+
+/// Digits only (no sign, no spaces inside), within u64.
+fn parse_length(value: &str) -> io::Result<u64> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(format!("bad Content-Length {:?}", cut(value))));
+    }
+    value.parse().map_err(|_| invalid(format!("bad Content-Length {:?}", cut(value))))
+}
+
+/// A chunk-size line: hex digits (at most 16: within u64), then optional
+/// extensions after `;`.
+fn parse_chunk_size(line: &str) -> io::Result<u64> {
+    let size = line.trim_end_matches(['\r', '\n']).split(';').next().unwrap_or("").trim_matches([' ', '\t']);
+    if size.is_empty() || size.len() > 16 || !size.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(format!("bad chunk size {:?}", cut(line.trim()))));
+    }
+    u64::from_str_radix(size, 16).map_err(|_| invalid(format!("bad chunk size {:?}", cut(size))))
+}
+
+#[derive(Debug)]
+enum State {
+    Length { left: u64 },
+    ChunkSize,
+    ChunkData { left: u64 },
+    ChunkEnd,
+    UntilClose,
+    Done,
+}
+
+/// The decoded body of an answer, as a `Read`. Ends with `Ok(0)` only where
+/// the framing says the body ends; a connection closed before that is an
+/// `UnexpectedEof` error, so a cut-off answer never passes for a whole one.
+pub struct BodyReader<R> {
+    inner: R,
+    state: State,
+}
+
+impl<R: BufRead> BodyReader<R> {
+    pub fn new(inner: R, framing: Framing) -> BodyReader<R> {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(left) => State::Length { left },
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyReader { inner, state }
+    }
+
+    fn data(&mut self, buf: &mut [u8], left: u64) -> io::Result<usize> {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("answer cut off with {left} bytes of the body missing")));
+        }
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::UntilClose => return self.inner.read(buf),
+                State::Length { left } => {
+                    let n = self.data(buf, left)?;
+                    // n <= left by construction; checked all the same.
+                    let left = left.checked_sub(n as u64).ok_or_else(|| invalid("read past the body"))?;
+                    self.state = if left == 0 { State::Done } else { State::Length { left } };
+                    return Ok(n);
+                }
+                State::ChunkData { left } => {
+                    let n = self.data(buf, left)?;
+                    let left = left.checked_sub(n as u64).ok_or_else(|| invalid("read past the chunk"))?;
+                    self.state = if left == 0 { State::ChunkEnd } else { State::ChunkData { left } };
+                    return Ok(n);
+                }
+                State::ChunkSize => {
+                    let line = read_line(&mut self.inner, MAX_CHUNK_LINE, "chunk size")?;
+                    let size = parse_chunk_size(&line)?;
+                    if size == 0 {
+                        // Trailers, up to the empty line.
+                        let mut budget = MAX_HEAD;
+                        loop {
+                            let line = read_line(&mut self.inner, budget, "trailers")?;
+                            budget = budget.saturating_sub(line.len() as u64);
+                            if line.trim_end_matches(['\r', '\n']).is_empty() {
+                                break;
+                            }
+                        }
+                        self.state = State::Done;
+                    } else {
+                        self.state = State::ChunkData { left: size };
+                    }
+                }
+                State::ChunkEnd => {
+                    let line = read_line(&mut self.inner, 2, "chunk")?;
+                    if !line.trim_end_matches(['\r', '\n']).is_empty() {
+                        return Err(invalid("chunk longer than its size"));
+                    }
+                    self.state = State::ChunkSize;
+                }
+            }
+        }
+    }
+}
+
+/// A body read whole, at most `cap` bytes: more is an error of kind
+/// `FileTooLarge` (found without reading more than `cap + 1` bytes).
+pub fn read_body_capped<R: Read>(body: R, framing: Framing, cap: usize) -> io::Result<Vec<u8>> {
+    let too_large = || io::Error::new(io::ErrorKind::FileTooLarge, format!("answer larger than {cap} bytes"));
+    if let Framing::Length(len) = framing {
+        if len > cap as u64 {
+            return Err(too_large());
+        }
+    }
+    let mut out = Vec::new();
+    let limit = (cap as u64).saturating_add(1);
+    body.take(limit).read_to_end(&mut out)?;
+    if out.len() > cap {
+        return Err(too_large());
+    }
+    Ok(out)
+}
+
+/// A whole answer from bytes: its head and at most `cap` bytes of body.
+/// The entry point for the fuzz target and the unit tests.
+pub fn read_answer<R: Read>(stream: R, cap: usize) -> io::Result<(Head, Vec<u8>)> {
+    let mut r = BufReader::new(stream);
+    let head = read_head(&mut r, false)?;
+    let body = read_body_capped(BodyReader::new(&mut r, head.framing), head.framing, cap)?;
+    Ok((head, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(raw: &[u8], cap: usize) -> io::Result<(u16, String)> {
+        read_answer(raw, cap).map(|(h, b)| (h.status, String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    #[test]
+    fn a_head_cut_off_is_an_error_not_a_status() {
+        assert_eq!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK", 10).unwrap().0, 200);
+        for cut in [&b"HTTP/1.1 200 OK\r\nContent-Le"[..], b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 2", b""] {
+            assert!(read(cut, 10).is_err(), "{:?}", String::from_utf8_lossy(cut));
+        }
+    }
+
+    #[test]
+    fn reads_bodies_by_length_chunks_or_close_within_the_cap() {
+        assert_eq!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 10).unwrap(), (200, "hello".into()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(read(chunked, 10).unwrap(), (200, "hello".into()));
+        assert_eq!(read(b"HTTP/1.0 200 OK\r\n\r\nuntil close", 20).unwrap(), (200, "until close".into()));
+        assert_eq!(read(b"HTTP/1.1 204 No Content\r\n\r\n", 10).unwrap(), (204, String::new()));
+        assert_eq!(read(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", 10).unwrap(), (200, "x".into()));
+        assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello", 10).is_err(), "short body");
+        for big in [&b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"[..], chunked, b"HTTP/1.0 200 OK\r\n\r\nhello world"] {
+            assert_eq!(read(big, 4).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+        }
+    }
+
+    /// The crash of issue 12: a chunk size at the top of u64 overflowed
+    /// `body.len() + size`. Now it is a size like any other: the body ends
+    /// long before it, and that is an answer cut off.
+    #[test]
+    fn hostile_lengths_are_errors_not_crashes() {
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc";
+        assert_eq!(read(huge, 1 << 20).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let mut long = huge.to_vec();
+        long.extend(std::iter::repeat_n(b'a', 100));
+        assert_eq!(read(&long, 16).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+        let cases: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nabc",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nabcde\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551616\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"HTTP/1.1 99999999999999999999 OK\r\n\r\n",
+            b"HTTP/1.1 101 Switching\r\n\r\n",
+        ];
+        for raw in cases {
+            assert!(read(raw, 1 << 20).is_err(), "{:?}", String::from_utf8_lossy(raw));
+        }
+        // The largest length that fits: refused by the cap before any read.
+        let max = b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n";
+        assert_eq!(read(max, 1 << 20).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+        // Streamed without a cap, a huge chunk is just a body cut off.
+        let mut r = BufReader::new(&huge[..]);
+        let head = read_head(&mut r, false).unwrap();
+        let mut body = BodyReader::new(&mut r, head.framing);
+        assert_eq!(io::copy(&mut body, &mut io::sink()).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn heads_are_capped() {
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b"X-A: b\r\n".as_slice(), 300).flatten());
+        raw.extend(b"\r\n");
+        assert!(read(&raw, 10).is_err());
+        let mut raw = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 70_000));
+        raw.extend(b"\r\n\r\n");
+        assert!(read(&raw, 10).is_err());
+    }
+
+    #[test]
+    fn location_is_kept() {
+        let (head, _) = read_answer(&b"HTTP/1.1 307 T\r\nLocation: http://x:1/a\r\nContent-Length: 0\r\n\r\n"[..], 10).unwrap();
+        assert_eq!(head.location.as_deref(), Some("http://x:1/a"));
+    }
+
+    #[test]
+    fn parses_urls() {
+        let t = Url::parse("http://127.0.0.1:8000/v1/result/x/artifact").unwrap();
+        assert_eq!((t.https, t.host.as_str(), t.port, t.path.as_str()), (false, "127.0.0.1", 8000, "/v1/result/x/artifact"));
+        let t = Url::parse("HTTPS://TF.example.com").unwrap();
+        assert_eq!((t.https, t.port, t.host.as_str(), t.path.as_str()), (true, 443, "tf.example.com", "/"));
+        let t = Url::parse("http://[::1]:9/x?q=1").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.host_header()), ("::1", 9, "[::1]:9".to_string()));
+        for bad in ["ftp://x", "http://", "http://u:p@h/", "http://h:99999/", "http://h/a b"] {
+            assert!(Url::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn redirect_targets_resolve_and_origins_compare() {
+        let base = Url::parse("https://tf.example.com/v1/job?queue=q").unwrap();
+        assert!(base.same_origin(&base.join("/v1/other").unwrap()));
+        assert!(base.same_origin(&base.join("https://TF.example.com:443/x").unwrap()));
+        assert!(!base.same_origin(&base.join("http://tf.example.com/x").unwrap()), "downgrade");
+        assert!(!base.same_origin(&base.join("https://tf.example.com:8443/x").unwrap()), "port");
+        assert!(!base.same_origin(&base.join("//evil.example/x").unwrap()), "host");
+        assert_eq!(base.join("other").unwrap().path, "/v1/other");
+        assert!(base.join("file:///etc/passwd").is_err());
+    }
+
+    #[test]
+    fn header_values_cannot_inject_lines() {
+        assert!(request_head("GET", "/", "h", &[("Cookie".into(), "a\r\nX: y".into())]).is_err());
+        let head = request_head("GET", "/v1", "h:1", &[("Cookie".into(), "agent_name=a".into())]).unwrap();
+        assert!(String::from_utf8(head).unwrap().starts_with("GET /v1 HTTP/1.1\r\nHost: h:1\r\n"));
+    }
+}

@@ -1,0 +1,317 @@
+//! Issue 15, the fleet's share of the server: the request budget of a
+//! running phase (live output, cancel checks), jitter, one agent per run
+//! dir, systemd notifications, the disk guard, the kill grace period.
+
+use std::time::{Duration, Instant};
+
+use crate::fake_server::FakeServer;
+use crate::harness::{Agent, QUEUE, job_json, unique_id};
+
+const T: Duration = Duration::from_secs(30);
+
+fn completed(s: &FakeServer, job: &str) -> bool {
+    s.job_states_posted(job).iter().any(|x| x == "complete")
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + T;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// With an `output_interval` of an hour: the phase's first output (its
+/// banner) still goes at once, then nothing more while the phase keeps
+/// printing, and the rest in the final flush; with a cancel check
+/// interval of an hour, no job-state request while the phase runs.
+#[test]
+fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("output_interval", "3600")
+        .set("cancel_check_interval", "3600")
+        .command("test", "echo first; touch started; i=0; while [ ! -f go ]; do i=$((i+1)); echo line $i; sleep 0.01; done; echo last");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    let run = agent.run_dir(&job);
+    wait_for("the phase to start", || run.join("started").exists());
+    let state_gets = || server.requests_to("GET", &format!("/v1/result/{job}")).len();
+    let gets_at_start = state_gets();
+    server.wait_until(T, "the first output, sent at once", |s| {
+        s.log_text_phase(&job, "output", "test").contains("Starting testflinger test phase")
+    });
+    // Much more output after the first fragment went.
+    wait_for("50 more lines in the log", || {
+        std::fs::read_to_string(run.join("test.log")).unwrap_or_default().contains("line 50\n")
+    });
+    let live: Vec<_> = server.fragments(&job, "output").into_iter().filter(|f| f.phase == "test").collect();
+    assert_eq!(live.len(), 1, "one fragment while the output keeps coming: {live:?}");
+    assert_eq!(state_gets(), gets_at_start, "no cancel check within the interval");
+    std::fs::write(run.join("go"), "").expect("write go");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    let text = server.log_text_phase(&job, "output", "test");
+    assert!(text.contains("\nfirst\nline 1\n") && text.contains("line 50\n") && text.ends_with("last\n"), "{text}");
+    let test_fragments = server.fragments(&job, "output").iter().filter(|f| f.phase == "test").count();
+    assert_eq!(test_fragments, 2, "the first output, then the rest in the final flush");
+    p.kill();
+}
+
+/// A `Duration`'s Debug text ("412.5ms", "1.25s", "80µs") in seconds.
+fn secs(text: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("µs") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix("ns") {
+        (n, 1e-9)
+    } else {
+        (text.strip_suffix('s')?, 1.0)
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
+/// The waits the agent logged after `marker` (the rest of the line).
+fn waits(log: &str, marker: &str) -> Vec<f64> {
+    log.lines().filter(|l| l.contains(marker)).filter_map(|l| secs(l.rsplit_once(WAIT)?.1.trim())).collect()
+}
+
+/// How a logged wait is introduced: "retrying in 1.2s", "next poll in 0.5s".
+const WAIT: &str = " in ";
+
+/// Polls are spread ±20 % around `polling_interval`, and the retries while
+/// the server is away are spread over the whole (doubling) backoff, so a
+/// fleet started together does not stay in step.
+#[test]
+fn polling_and_outage_retries_are_jittered() {
+    let server = FakeServer::start();
+    server.stop_listening();
+    // Each retry's wait is logged at DEBUG (the first, with the reason, at WARNING).
+    let agent = Agent::new(&server).set("polling_interval", "0.5").set("logging_level", "DEBUG");
+    let mut p = agent.spawn();
+    wait_for("four retries while the server is away", || waits(&p.log_text(), "not reachable").len() >= 4);
+    server.resume_listening();
+    wait_for("six polls", || waits(&p.log_text(), "next poll in ").len() >= 6);
+    p.kill();
+    let log = p.log_text();
+    let retries = waits(&log, "not reachable");
+    // Without jitter: 0.5, 1, 2, 4 s exactly.
+    let mut cap = 0.5;
+    for w in &retries[..4] {
+        assert!((0.1 - 1e-9..=cap + 1e-9).contains(w), "retry wait {w} outside [0.1, {cap}]: {retries:?}");
+        cap *= 2.0;
+    }
+    assert!(retries[..4].iter().zip([0.5, 1.0, 2.0, 4.0]).any(|(w, plain)| (w - plain).abs() > 1e-6), "{retries:?}");
+    let polls = waits(&log, "next poll in ");
+    assert!(polls.iter().all(|w| (0.4 - 1e-9..=0.6 + 1e-9).contains(w)), "poll waits outside 0.5 s ± 20 %: {polls:?}");
+    let (lo, hi) = polls.iter().fold((f64::MAX, 0.0f64), |(lo, hi), w| (lo.min(*w), hi.max(*w)));
+    assert!(hi - lo > 0.001, "poll waits all the same: {polls:?}");
+}
+
+/// A second agent on the same `execution_basedir` exits at once (73) with
+/// one line naming the first one's pid; once the first is gone (killed,
+/// so the kernel released its lock), an agent starts there again.
+#[test]
+fn a_second_agent_on_the_same_run_dir_exits_naming_the_first() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    let data_gets = |s: &FakeServer| s.requests_to("GET", "/v1/agents/data/").len();
+    let mut first = agent.spawn();
+    server.wait_until(T, "the first agent polling", |s| data_gets(s) >= 1);
+    let mut second = agent.spawn();
+    let status = second.wait_exit(T);
+    assert_eq!(status.code(), Some(73), "{}", second.diagnostics());
+    let err = second.stderr_text();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("in use by another agent (pid {})", first.pid())), "{err}");
+    assert!(first.try_wait().is_none(), "the first agent keeps running");
+    first.kill();
+    let before = data_gets(&server);
+    let mut third = agent.spawn();
+    server.wait_until(T, "an agent polling again", |s| data_gets(s) > before);
+    assert!(third.try_wait().is_none(), "{}", third.diagnostics());
+    third.kill();
+}
+
+/// `kill_grace`: a cancelled phase that ignores SIGTERM gets SIGKILL after
+/// the configured period (the log names it), and the job still ends.
+#[test]
+fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("kill_grace", "0.1")
+        .set("cancel_check_interval", "0.1")
+        .command("test", "trap 'echo got-term' TERM; touch started; while :; do sleep 0.05; done")
+        .arg("--once");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    wait_for("the phase to start", || agent.run_dir(&job).join("started").exists());
+    server.cancel_job(&job);
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let log = p.log_text();
+    assert!(log.contains("the phase did not end within 100ms of SIGTERM; sending SIGKILL"), "{log}");
+    assert!(server.log_text_phase(&job, "output", "test").contains("got-term"));
+}
+
+/// Under systemd `Type=notify`: `READY=1` after start-up, `STATUS=` with
+/// what the agent does, `WATCHDOG=1` while `WATCHDOG_USEC` is set, and
+/// `STOPPING=1` on SIGTERM; messages as datagrams on `NOTIFY_SOCKET`.
+#[test]
+fn systemd_notify_ready_status_watchdog_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let server = FakeServer::start();
+    let agent = Agent::new(&server).set("polling_interval", "0.2");
+    let path = agent.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let agent = agent.env("NOTIFY_SOCKET", &path.to_string_lossy()).env("WATCHDOG_USEC", "100000");
+    let mut p = agent.spawn();
+    let mut got: Vec<String> = Vec::new();
+    let read_until = |what: &str, got: &mut Vec<String>, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + T;
+        let mut buf = [0u8; 4096];
+        while !done(got) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {got:?}");
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    let count = |got: &[String], msg: &str| got.iter().filter(|m| m.lines().any(|l| l == msg)).count();
+    read_until("READY, a status and watchdog pings", &mut got, &|g| {
+        count(g, "READY=1") == 1 && count(g, "WATCHDOG=1") >= 3 && count(g, "STATUS=waiting for a job") >= 1
+    });
+    assert!(got[0].starts_with("READY=1\nSTATUS="), "READY first: {got:?}");
+    assert_eq!(count(&got, "STATUS=waiting for a job"), 1, "a status is sent when it changes only: {got:?}");
+    p.signal(libc::SIGTERM);
+    read_until("STOPPING", &mut got, &|g| count(g, "STOPPING=1") == 1);
+    assert!(p.wait_exit(T).success());
+}
+
+/// When stderr is the journal (`JOURNAL_STREAM` names its device and
+/// inode), log lines there carry `<N>` priorities and no timestamp; the
+/// log file keeps its timestamps.
+#[test]
+fn journal_stderr_gets_priority_prefixes_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    // The harness opens stderr-0.txt with File::create: same inode.
+    let stderr = agent.dir().join("stderr-0.txt");
+    std::fs::write(&stderr, "").expect("create stderr file");
+    let meta = std::fs::metadata(&stderr).expect("stat");
+    let agent = agent.env("JOURNAL_STREAM", &format!("{}:{}", meta.dev(), meta.ino()));
+    let out = agent.run_once(T);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(["<3>", "<4>", "<6>", "<7>"].iter().any(|p| line.starts_with(p)), "{line:?} in\n{text}");
+        assert!(!line.starts_with('['), "no timestamp: {line:?}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("<6>testflinger-agent ")), "{text}");
+    let log = std::fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).expect("log file");
+    // The file keeps upstream's layout: `[YY-MM-DD HH:MM:SS]  LEVEL: ...`.
+    assert!(log.lines().all(|l| l.starts_with('[')), "{log}");
+}
+
+/// The disk guard: with less free space under execution_basedir than
+/// `min_free_mb` (here more MiB than any disk has), no job is taken, the
+/// agent's state comment on the server says why, the log says it once; and
+/// the metrics carry the host gauges.
+#[test]
+fn disk_guard_takes_no_job_says_why_once_and_metrics_show_host_vitals() {
+    let server = FakeServer::start();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let agent = Agent::new(&server).set("min_free_mb", "1000000000000").arg("-p").arg(&port.to_string());
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, ""));
+    server.wait_until(T, "the comment saying why", |s| {
+        s.agent_data(crate::harness::AGENT_ID)
+            .and_then(|d| d.get("comment").and_then(|c| c.as_str().map(String::from)))
+            .is_some_and(|c| c.starts_with("Not taking jobs: ") && c.contains("below min_free_mb 1000000000000"))
+    });
+    let polls = |s: &FakeServer| s.requests_to("GET", "/v1/agents/data/").len();
+    let seen = polls(&server);
+    server.wait_until(T, "five more polling cycles", |s| polls(s) >= seen + 5);
+    assert!(server.requests_to("GET", "/v1/job").is_empty(), "no job asked for");
+    assert_eq!(server.queued_jobs(), 1);
+    assert_eq!(p.log_text().matches("Not taking jobs: ").count(), 1, "logged once");
+
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    use std::io::{Read, Write};
+    c.set_read_timeout(Some(T)).expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("scrape");
+    let mut body = String::new();
+    c.read_to_string(&mut body).expect("read scrape");
+    let value = |name: &str| -> Option<f64> {
+        body.lines().find_map(|l| l.strip_prefix(name)?.split_once("} ")?.1.trim().parse().ok())
+    };
+    for name in ["testflinger_agent_disk_free_bytes", "testflinger_agent_memory_available_bytes", "testflinger_agent_resident_memory_bytes"] {
+        assert!(value(name).is_some_and(|v| v > 0.0), "{name} in\n{body}");
+    }
+    if std::path::Path::new("/sys/class/thermal/thermal_zone0/temp").exists() {
+        assert!(value("testflinger_agent_cpu_temperature_celsius").is_some(), "{body}");
+    }
+    p.kill();
+}
+
+/// The disk guard lets go when space returns: on a small tmpfs (skipped
+/// where it cannot be mounted), a file fills it below `min_free_mb`, no
+/// job is taken; the file goes, the comment is cleared, the job runs.
+#[test]
+fn disk_guard_takes_jobs_again_when_space_returns() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server);
+    let small = agent.dir().join("small-disk");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let filler = small.join("filler");
+    std::fs::write(&filler, vec![0u8; 6 << 20]).expect("fill the tmpfs");
+    let agent = agent
+        .set("execution_basedir", &crate::harness::yaml_str(&small.join("run").to_string_lossy()))
+        .set("min_free_mb", "4")
+        .command("test", "echo ran");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    let comment = |s: &FakeServer| {
+        s.agent_data(crate::harness::AGENT_ID).and_then(|d| d.get("comment").and_then(|c| c.as_str().map(String::from)))
+    };
+    server.wait_until(T, "the low-space comment", |s| comment(s).is_some_and(|c| c.contains("below min_free_mb 4")));
+    assert!(server.requests_to("GET", "/v1/job").is_empty(), "no job asked for");
+    std::fs::remove_file(&filler).expect("free the space");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    assert!(p.log_text().contains("again; taking jobs"), "{}", p.log_text());
+    // The comment was cleared after the low-space one.
+    let comments: Vec<String> = server
+        .requests_to("POST", "/v1/agents/data/")
+        .iter()
+        .filter_map(|r| r.json()?.get("comment")?.as_str().map(String::from))
+        .collect();
+    let low = comments.iter().position(|c| c.contains("below min_free_mb 4")).expect("low-space comment posted");
+    assert!(comments[low + 1..].iter().any(|c| c.is_empty()), "{comments:?}");
+    p.kill();
+}
