@@ -1,71 +1,92 @@
 #!/usr/bin/env bash
-# Install what cross/build.sh and cross/qemu-check.sh need to cross-compile
-# locally (without Docker) and to run the results under qemu-user.
-# Idempotent: apt only runs when a package is missing, rustup only adds
-# targets that are not installed yet.
+# Install what cross/build.sh (zig mode) and cross/qemu-check.sh need.
+# Idempotent: each step runs only when its tool is missing.
 #
-#   cross/install-deps.sh [target...]      (default: the four release targets)
+#   cross/install-deps.sh [--glibc-static] [target...]   (default: the five release targets)
 #
-# A target whose standard library rustup cannot fetch is reported, not fatal:
-# build.sh then falls back to a static glibc build for it (see README section).
+#   apt     file, qemu-user-static (from bookworm-backports on Debian 12:
+#           qemu 7.2 returns EINVAL for PR_SET_CHILD_SUBREAPER, which the
+#           agent's process-tree cleanup relies on; 10.0 passes it through),
+#           busybox-static (the minimal-image proof)
+#   pip     ziglang (zig: C compiler and linker, musl CRT and libc per target)
+#   cargo   cargo-zigbuild (--locked)
+#   rustup  rust-src for nightly (build-std), and the rustup musl std for
+#           each target where the mirror has it (x86_64, aarch64 here)
+#   --glibc-static  also Debian's gcc cross compilers and the *-linux-gnu std
 set -euo pipefail
 # shellcheck source=cross/targets.sh
 . "$(dirname "$0")/targets.sh"
 
-DEFAULT_TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl
-                 armv7-unknown-linux-musleabihf riscv64gc-unknown-linux-musl)
+glibc=0
+if [ "${1:-}" = --glibc-static ]; then glibc=1; shift; fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+[ ${#targets[@]} -gt 0 ] || targets=("${RELEASE_TARGETS[@]}")
 
-# Packages: always file + qemu-user-static; per target the gcc cross compiler
-# (ring compiles C and assembly for the target) and glibc headers/crt files.
-pkgs=(file qemu-user-static)
-rust_targets=()
-for t in "${targets[@]}"; do
-  case "$t" in
-    x86_64-unknown-linux-musl)      pkgs+=(musl-tools); rust_targets+=("$t") ;;
-    x86_64-unknown-linux-gnu)       rust_targets+=("$t") ;;
-    aarch64-unknown-linux-*)        pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-                                    rust_targets+=("$t") ;;
-    armv7-unknown-linux-*)          pkgs+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
-                                    rust_targets+=("$t") ;;
-    riscv64gc-unknown-linux-*)      pkgs+=(gcc-riscv64-linux-gnu libc6-dev-riscv64-cross)
-                                    rust_targets+=("$t") ;;
-    *) echo "install-deps: unknown target $t" >&2; exit 2 ;;
-  esac
-done
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+updated=0
+apt_install() {   # apt_install [-t suite] pkg...
+  [ "$updated" = 1 ] || { $SUDO apt-get update -qq; updated=1; }
+  $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 
+pkgs=(file busybox-static)
+if [ "$glibc" = 1 ]; then
+  for t in "${targets[@]}"; do
+    pre=$(gcc_prefix "$t")
+    [ -n "$pre" ] && pkgs+=("gcc-$pre" "libc6-dev-$(case $pre in aarch64*) echo arm64;; arm*) echo armhf;; riscv64*) echo riscv64;; esac)-cross")
+  done
+fi
 missing=()
 for p in $(printf '%s\n' "${pkgs[@]}" | sort -u); do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-else
-  echo "install-deps: apt packages present"
+  apt_install "${missing[@]}"
 fi
 
-
-add_target() {   # add_target TRIPLE -> 0 when the rust-std is (now) installed
-  if rustup target list --installed | grep -qx "$1"; then
-    echo "install-deps: rust-std $1 present"
-  elif rustup target add "$1" >/dev/null 2>&1; then
-    echo "install-deps: rust-std $1 added"
+# qemu-user >= 10 (see above). Debian 12 ships 7.2; its backports has 10.0.
+qemu_major() { qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1; }
+if [ "$(qemu_major || true)" = "" ] || [ "$(qemu_major)" -lt 10 ]; then
+  if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+    list=/etc/apt/sources.list.d/bookworm-backports.list
+    grep -qs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/* \
+      || echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee "$list" >/dev/null
+    updated=0
+    echo "install-deps: apt-get install -t bookworm-backports qemu-user-static"
+    apt_install -t bookworm-backports qemu-user-static
   else
-    return 1
+    echo "install-deps: apt-get install qemu-user-static"
+    apt_install qemu-user-static
   fi
-}
+fi
+echo "install-deps: $(qemu-aarch64-static --version | head -1)"
 
-for t in $(printf '%s\n' "${rust_targets[@]}" | sort -u); do
-  add_target "$t" && continue
-  fb=$(fallback_of "$t")
-  if [ -n "$fb" ] && add_target "$fb"; then
-    echo "install-deps: rust-std $t not available from rustup here; build.sh will build $fb with +crt-static instead"
+if ! command -v python-zig >/dev/null 2>&1 && ! command -v zig >/dev/null 2>&1; then
+  echo "install-deps: pip install ziglang"
+  python3 -m pip install -q ziglang
+fi
+command -v python-zig >/dev/null 2>&1 || command -v zig >/dev/null 2>&1 || python3 -m ziglang version >/dev/null
+if ! command -v cargo-zigbuild >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-zigbuild --locked"
+  cargo install -q cargo-zigbuild --locked
+fi
+echo "install-deps: zig $(python3 -m ziglang version 2>/dev/null || zig version), $(cargo-zigbuild --version 2>/dev/null || cargo zigbuild --version)"
+
+need_src=0
+for t in "${targets[@]}"; do
+  if rustup target list --installed | grep -qx "$t" || rustup target add "$t" >/dev/null 2>&1; then
+    echo "install-deps: rustup std $t present"
   else
-    echo "install-deps: rust-std $t not available from rustup here and no fallback" >&2
+    echo "install-deps: no rustup std for $t on this mirror: build.sh builds it from source (nightly build-std)"
+    need_src=1
+  fi
+  if [ "$glibc" = 1 ] && fb=$(fallback_of "$t") && [ -n "$fb" ]; then
+    rustup target add "$fb" >/dev/null
   fi
 done
+if [ "$need_src" = 1 ]; then
+  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+    || { echo "install-deps: rustup component add rust-src --toolchain nightly"; rustup component add rust-src --toolchain nightly; }
+fi

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Prove a cross-built agent runs: under qemu-user (called explicitly, binfmt
-# is not needed), run --version, then the integration tests against the fake
-# server with the agent process replaced by the cross binary.
+# Prove a cross-built agent runs: under qemu-user (called explicitly,
+# binfmt_misc is not needed), run --version, then the integration tests
+# against the fake server with the agent process replaced by the cross binary.
 #
 #   cross/qemu-check.sh [--no-tls] [--build] <target> [filter] [-- test-args...]
 #
-#   <target>   e.g. aarch64-unknown-linux-musl; if target/dist has no binary
-#              for it but has the static-glibc fallback build (armv7/riscv64
-#              without a musl rust-std), that one is checked.
-#   filter     cargo test name filter for `cargo test --test it`, default
-#              "full_job": the test(s) whose name contains full_job run a
-#              real job through the fake server (phases, output, artifacts).
+#   <target>   e.g. aarch64-unknown-linux-musl (or a glibc-static fallback
+#              triple such as armv7-unknown-linux-gnueabihf)
+#   filter     cargo test name filter for `cargo test --test it`; none = the
+#              whole integration suite (`full_job` = one real job through the
+#              fake server: phases, output, artifacts)
 #   --build    run cross/build.sh for the target first
 #   --no-tls   check the -notls binary
 #
-# The test harness (tests/it/harness.rs) starts the agent as
-#   $TF_AGENT_WRAPPER $TF_AGENT_BIN <args>   (wrapper omitted when unset)
-# Fails if qemu or the binary is missing, if --version fails, if the filter
-# matches no test, or if any test fails.
+# The harness (tests/it/harness.rs) starts every agent as
+#   $TF_AGENT_WRAPPER $TF_AGENT_BIN <args>
+# with TF_AGENT_WRAPPER = "qemu-<arch>-static -cpu <oldest core of the target>"
+# (cross/targets.sh). Tests that cannot prove anything under qemu are skipped,
+# each with its reason printed (SKIPS below). Fails if qemu or the binary is
+# missing, if --version fails, if the filter matches no test, or if any test
+# fails. Ends with "qemu-check: N passed, 0 failed, M skipped".
 set -euo pipefail
 # shellcheck source=cross/targets.sh
 . "$(dirname "$0")/targets.sh"
@@ -40,31 +42,21 @@ while [ $# -gt 0 ]; do
 done
 [ ${#pos[@]} -ge 1 ] || { echo "usage: $0 [--no-tls] [--build] <target> [filter] [-- test-args]" >&2; exit 2; }
 target=${pos[0]}
-filter=${pos[1]:-full_job}
-
-case "$target" in
-  x86_64-*)    qemu="" ;;                 # runs natively on the x86_64 host
-  aarch64-*)   qemu="qemu-aarch64-static" ;;
-  armv7-*)     qemu="qemu-arm-static" ;;
-  riscv64gc-*) qemu="qemu-riscv64-static" ;;
-  *) echo "qemu-check: unknown target $target" >&2; exit 2 ;;
-esac
-fb=$(fallback_of "$target")
+filter=${pos[1]:-}
+qemu=$(qemu_of "$target") || { echo "qemu-check: unknown target $target" >&2; exit 2; }
 
 if [ "$build" = 1 ]; then
   "$ROOT/cross/build.sh" "${tls_flag[@]}" "$target"
 fi
 
-bin="$ROOT/target/dist/testflinger-agent-$target$suffix"
-if [ ! -x "$bin" ] && [ -n "$fb" ] && [ -x "$ROOT/target/dist/testflinger-agent-$fb$suffix" ]; then
-  bin="$ROOT/target/dist/testflinger-agent-$fb$suffix"
-  echo "qemu-check: using the static-glibc fallback build $(basename "$bin")"
-fi
+bin="${QEMU_CHECK_BIN:-$ROOT/target/dist/testflinger-agent-$target$suffix}"   # QEMU_CHECK_BIN: check another copy
 [ -x "$bin" ] || { echo "qemu-check: $bin not built (run cross/build.sh ${tls_flag[*]} $target)" >&2; exit 1; }
 
-wrapper=""
+qemu_bin=""
 if [ -n "$qemu" ]; then
-  wrapper=$(command -v "$qemu") || { echo "qemu-check: $qemu not found (apt-get install qemu-user-static)" >&2; exit 1; }
+  qemu_bin=$(command -v "${qemu%% *}") || { echo "qemu-check: ${qemu%% *} not found (cross/install-deps.sh)" >&2; exit 1; }
+  wrapper="$qemu_bin${qemu#"${qemu%% *}"}"
+  echo "qemu-check: $("$qemu_bin" --version | head -1)"
 fi
 
 desc=$(file -b "$bin")
@@ -75,29 +67,54 @@ if [[ "$desc" == *"dynamically linked"* || "$desc" == *interpreter* ]]; then
 fi
 
 echo "qemu-check: ${qemu:-native} $(basename "$bin") --version"
-out=$(${wrapper:+"$wrapper"} "$bin" --version 2>&1) || { echo "$out"; echo "qemu-check: --version failed" >&2; exit 1; }
+# shellcheck disable=SC2086 # the wrapper is words: program and -cpu option
+out=$(${qemu:+$wrapper} "$bin" --version 2>&1) || { echo "$out"; echo "qemu-check: --version failed" >&2; exit 1; }
 echo "$out"
 [ -n "$out" ] || { echo "qemu-check: --version printed nothing" >&2; exit 1; }
 version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -1)
 [[ "$out" == *"$version"* ]] || echo "qemu-check: warning: --version output does not mention $version"
 
-echo "qemu-check: TF_AGENT_BIN=$bin TF_AGENT_WRAPPER=${wrapper:-<unset>} cargo test --test it $filter"
+# Tests skipped under qemu, with why. Only under emulation: natively
+# (x86_64) nothing is skipped.
+skips=()
+skip() {   # only those the filter would have run
+  [ -z "$filter" ] || [[ "$1" == *"$filter"* ]] || return 0
+  skips+=("$1"); echo "qemu-check: skip $1: $2"
+}
+if [ -n "$qemu" ]; then
+  skip artifacts::attachments_bomb_stops_at_the_entry_limit \
+    "unpacks a 100,001-member attachments tarball, past the test's 60 s limit under emulation on 2 shared cores (measured: not done in 60 s under qemu-aarch64 10.0.2); the entry limit is the same code on every target and is proven natively"
+  major=$("$qemu_bin" --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)
+  if [ "${major:-0}" -lt 10 ]; then
+    why="qemu-user $major returns EINVAL for prctl(PR_SET_CHILD_SUBREAPER) (measured: 7.2 does, 10.0 passes it through), so a setsid'd grandchild is re-parented past the agent and cannot be found; install qemu 10 (cross/install-deps.sh)"
+    skip streaming::cancel_stops_the_phase_and_leaves_no_process "$why"
+    skip streaming::global_timeout_writes_its_line_emits_its_event_and_leaves_no_process "$why"
+    skip streaming::sigterm_to_the_agent_mid_phase_leaves_no_process_and_delivers_the_outcome "$why"
+  fi
+fi
+
+skip_args=()
+for s in "${skips[@]}"; do skip_args+=(--skip "$s"); done
+
+echo "qemu-check: TF_AGENT_BIN=$bin TF_AGENT_WRAPPER=${wrapper:-<unset>} cargo test --test it ${filter:-<all>}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-if [ -n "$wrapper" ]; then
+if [ -n "$qemu" ]; then
   TF_AGENT_BIN="$bin" TF_AGENT_WRAPPER="$wrapper" \
-    cargo test --locked --test it "$filter" -- "${extra[@]}" 2>&1 | tee "$log"
+    cargo test --locked --test it ${filter:+"$filter"} -- "${skip_args[@]}" "${extra[@]}" 2>&1 | tee "$log"
 else
   env -u TF_AGENT_WRAPPER TF_AGENT_BIN="$bin" \
-    cargo test --locked --test it "$filter" -- "${extra[@]}" 2>&1 | tee "$log"
+    cargo test --locked --test it ${filter:+"$filter"} -- "${skip_args[@]}" "${extra[@]}" 2>&1 | tee "$log"
 fi
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" = 0 ] || { echo "qemu-check: tests failed under ${qemu:-native} ($target)" >&2; exit "$rc"; }
 passed=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+ignored=$(sed -n 's/^test result: .* \([0-9]*\) ignored.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
 if [ "$passed" -lt 1 ]; then
   echo "qemu-check: filter '$filter' ran no test: nothing was proven" >&2
   exit 1
 fi
-echo "qemu-check: OK $target ($(basename "$bin")): --version and $passed test(s) matching '$filter' passed under ${qemu:-native}"
+echo "qemu-check: OK $target ($(basename "$bin")) under ${qemu:-native}, filter '${filter:-<all>}'"
+echo "qemu-check: $passed passed, 0 failed, ${#skips[@]} skipped ($ignored #[ignore]d)"

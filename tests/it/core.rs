@@ -2,18 +2,14 @@
 //! refused outcomes across restarts, config and usage errors, local jobs.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::fake_server::{Fault, FaultAction, FakeServer};
-use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
+use crate::harness::{AGENT_ID, Agent, QUEUE, agent_command, job_json, unique_id};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
 
-fn bin() -> String {
-    std::env::var("TF_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_testflinger-agent").to_string())
-}
 
 fn test_job(server: &FakeServer) -> String {
     let job = unique_id();
@@ -174,7 +170,7 @@ fn run_with_config(text: &str) -> (i32, String) {
     let dir = crate::harness::TempDir::new("tf-conf");
     let path = dir.path().join("bad.conf");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
+    let out = agent_command().arg("-c").arg(&path).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -201,7 +197,7 @@ fn config_errors_exit_2_naming_the_key() {
     let (code, stderr) = run_with_config("agent_id: [unclosed\n");
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("line"), "{stderr}");
-    let out = Command::new(bin()).args(["-c", "/nonexistent/tf.conf"]).output().unwrap();
+    let out = agent_command().args(["-c", "/nonexistent/tf.conf"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tf.conf"));
 }
@@ -217,7 +213,7 @@ fn upstream_example_config_loads_unchanged() {
     std::fs::write(&conf, text).unwrap();
     let job = dir.path().join("job.json");
     std::fs::write(&job, r#"{"job_id":"fixture-job","job_queue":"rpi4b"}"#).unwrap();
-    let out = Command::new(bin()).arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
+    let out = agent_command().arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("Setup") && stdout.contains("Cleanup"), "{stdout}");
@@ -226,13 +222,13 @@ fn upstream_example_config_loads_unchanged() {
 #[test]
 fn usage_errors_exit_2_and_help_and_version_work() {
     for bad in [&["--bogus"][..], &["-p", "notaport"], &["extra-arg"]] {
-        let out = Command::new(bin()).args(bad).output().unwrap();
+        let out = agent_command().args(bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
     }
-    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let out = agent_command().arg("--help").output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--token-file"));
-    let out = Command::new(bin()).arg("-V").output().unwrap();
+    let out = agent_command().arg("-V").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("testflinger-agent "));
 }
 
@@ -251,7 +247,7 @@ fn local_job_runs_without_a_server_and_reports_failure() {
     .unwrap();
     let job = dir.path().join("job.yaml");
     std::fs::write(&job, "job_id: bench-1\njob_queue: q\ntest_data:\n  test_cmds: run it\n  secrets:\n    TOKEN: hunter2\n").unwrap();
-    let out = Command::new(bin()).arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
+    let out = agent_command().arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "a failed phase fails the command: {stdout}");
     assert!(stdout.contains("setting up") && stdout.contains("cleaning"));

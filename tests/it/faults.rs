@@ -298,7 +298,11 @@ fn finish(name: &str, server: &FakeServer, p: &mut AgentProc, setup: &AgentSetup
             "{name}: the server never took a failed request, so nothing may arrive twice"
         );
     }
-    assert!(hwm > 0 && hwm < MAX_HWM_KB, "{name}: peak RSS {hwm} kB");
+    match crate::harness::agent_wrapper() {
+        // The pid is the emulator's: its RSS (translated code, its own heap) says nothing of the agent's.
+        Some(w) => println!("{name}: peak RSS cap not checked: the agent runs under `{w}`, whose RSS this is"),
+        None => assert!(hwm > 0 && hwm < MAX_HWM_KB, "{name}: peak RSS {hwm} kB"),
+    }
     assert!(rate <= MAX_PER_SECOND, "{name}: {rate} requests in one second: a hot loop?");
     for (e, n) in &per_endpoint {
         if *n > MAX_FAILED_PER_SECOND {

@@ -93,6 +93,35 @@ pub fn yaml_str(s: &str) -> String {
     quote(s)
 }
 
+/// The agent binary under test: `$TF_AGENT_BIN` or the one cargo built.
+pub fn agent_bin() -> String {
+    std::env::var("TF_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_testflinger-agent").to_string())
+}
+
+/// A `Command` that runs the agent binary under test, through
+/// `$TF_AGENT_WRAPPER` when set (words split on whitespace, e.g.
+/// `qemu-aarch64-static -L /sysroot`). Every test that starts the agent goes
+/// through here, so a cross-built binary is never exec'd directly.
+pub fn agent_command() -> Command {
+    let bin = agent_bin();
+    match agent_wrapper() {
+        Some(w) => {
+            let mut words = w.split_whitespace();
+            let mut c = Command::new(words.next().unwrap_or_default());
+            c.args(words).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    }
+}
+
+/// `$TF_AGENT_WRAPPER` when set and not blank. Under a wrapper the agent's
+/// pid is the wrapper's (qemu-user): figures read from `/proc/<pid>` (RSS)
+/// are the emulator's, and tests must not hold the agent to them.
+pub fn agent_wrapper() -> Option<String> {
+    std::env::var("TF_AGENT_WRAPPER").ok().filter(|w| !w.trim().is_empty())
+}
+
 /// Entry point: `Agent::new(&server)`.
 pub struct Agent;
 
@@ -260,16 +289,8 @@ impl AgentSetup {
         let n = self.spawns.fetch_add(1, Ordering::SeqCst);
         let stdout_path = self.dir.path().join(format!("stdout-{n}.txt"));
         let stderr_path = self.dir.path().join(format!("stderr-{n}.txt"));
-        let bin = std::env::var("TF_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_testflinger-agent").to_string());
-        let mut cmd = match std::env::var("TF_AGENT_WRAPPER") {
-            Ok(w) if !w.trim().is_empty() => {
-                let mut words = w.split_whitespace();
-                let mut c = Command::new(words.next().unwrap_or_default());
-                c.args(words).arg(&bin);
-                c
-            }
-            _ => Command::new(&bin),
-        };
+        let bin = agent_bin();
+        let mut cmd = agent_command();
         cmd.arg("-c").arg(&config).args(&self.args).args(extra);
         cmd.current_dir(self.dir.path());
         cmd.env("RUST_BACKTRACE", "1");

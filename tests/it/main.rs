@@ -18,6 +18,7 @@ mod soak;
 mod startup;
 mod upstream_parity;
 mod budget;
+mod minimal_image;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
