@@ -137,8 +137,9 @@ impl<'a> Agent<'a> {
 
     fn announce(&mut self) {
         let c = self.config;
+        // No `job_id` here (upstream posts none at start-up): a job left
+        // by a killed agent is resumed by `recovery`, which clears it after.
         let mut data = Json::object()
-            .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         // As upstream: location and provision_type always ("" when unset),
         // identifier only when set.
@@ -192,8 +193,6 @@ impl<'a> Agent<'a> {
         recovery::recover(self.config, &mut self.client, &mut self.metrics);
         loop {
             if signals::interrupted() {
-                // STOPPING=1, had no wait seen the signal yet.
-                notify::tick();
                 return Exit::Stopped;
             }
             if signals::restart_requested() {

@@ -388,7 +388,10 @@ impl<'a> JobRunner<'a> {
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
-        if let Some(sig) = outcome.signal {
+        // A stop by the agent already has its line (the stop message, as
+        // upstream prints it); a signal from elsewhere (the OOM killer, an
+        // operator) would otherwise go unexplained.
+        if let (Some(sig), None) = (outcome.signal, &outcome.stopped) {
             watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
         }
         watcher.log.finish();
@@ -431,7 +434,8 @@ impl<'a> JobRunner<'a> {
         let mut detail = format!("{}: {}", field("exception_name"), field("exception_message"));
         let cause = field("exception_cause");
         if !cause.is_empty() {
-            detail.push_str(&format!(" (caused by {cause})"));
+            // Upstream's wording: webhooks and dashboards may match on it.
+            detail.push_str(&format!(" caused by {cause}"));
         }
         detail
     }
@@ -556,7 +560,8 @@ impl<'a> JobRunner<'a> {
                 break;
             }
             if self.is_cancelled() {
-                self.emit("cancelled", &format!("before {phase}"));
+                log::info!("job {}: cancelled before {phase}", self.job_id);
+                self.emit("cancelled", "");
                 end_reason = "cancelled".into();
                 self.cancelled = true;
                 break;
@@ -593,7 +598,7 @@ impl<'a> JobRunner<'a> {
                 self.emit(stop.event(), stop.message().trim());
             }
             let mut detail = self.connector_error(phase);
-            if let Some(sig) = signal {
+            if let (Some(sig), None) = (signal, &stopped) {
                 // Distinct from an exit code of 128+N chosen by the command.
                 let sep = if detail.is_empty() { "" } else { "; " };
                 detail.push(&Masked::agent(format!("{sep}killed by signal {sig}")));
@@ -616,14 +621,21 @@ impl<'a> JobRunner<'a> {
                     }
                 }
             }
+            // Exit 46 is reported as `recovery_fail` instead of the phase's
+            // own failure event, with the connector's detail (as upstream).
+            let exit_event = match code {
+                0 => format!("{phase}_success"),
+                RECOVERY_FAILED => "recovery_fail".to_string(),
+                _ => format!("{phase}_fail"),
+            };
             if code == RECOVERY_FAILED {
                 summary.recovery_failed = true;
-                self.emit("recovery_fail", &format!("{phase} exited with 46: device recovery failed"));
+                log::error!("job {}: {phase} exited with 46: device recovery failed", self.job_id);
             }
             if code == 0 {
-                self.emit(&format!("{phase}_success"), "");
+                self.emit(&exit_event, "");
             } else {
-                self.emit_masked(&format!("{phase}_fail"), &detail);
+                self.emit_masked(&exit_event, &detail);
             }
             if phase == "allocate" && code == 0 {
                 self.hold_allocation();
@@ -632,6 +644,11 @@ impl<'a> JobRunner<'a> {
                 Some(Stop::Cancelled) => {
                     end_reason = "cancelled".into();
                     self.cancelled = true;
+                    // Upstream goes on to the next phase, whose cancel check
+                    // emits a second `cancelled`; webhooks see the same.
+                    if PHASES.last() != Some(&phase) {
+                        self.emit("cancelled", "");
+                    }
                     break;
                 }
                 Some(Stop::Interrupted) => {
@@ -641,7 +658,7 @@ impl<'a> JobRunner<'a> {
                 _ => {}
             }
             if code != 0 && phase != "test" {
-                end_reason = format!("{phase}_fail");
+                end_reason = exit_event;
                 break;
             }
         }
@@ -676,6 +693,10 @@ impl<'a> JobRunner<'a> {
         self.statuses.push(("cleanup".into(), code));
         let _ = self.write_outcome();
         self.save_progress();
+        // Every phase that ran has its statuses posted so far, cleanup too
+        // (upstream's cumulative post): dashboards see cleanup's status
+        // before the outcome, and even when the outcome is kept for later.
+        self.post_result(self.outcome());
         self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
     }
 

@@ -119,7 +119,11 @@ fn main() -> ExitCode {
             None
         }
     };
-    runner::become_subreaper();
+    // Seen under qemu-user 7.2 (EINVAL): without it, a daemon a phase starts
+    // with setsid escapes the kill at the phase's end. Worth one line.
+    if let Err(e) = runner::become_subreaper() {
+        log::warn!("cannot become a child subreaper ({e}): processes a phase detaches with setsid may outlive the phase");
+    }
     if let (Some(path), Some(_)) = (&args.token_file, &args.job) {
         if let Some(w) = safe_fs::exposed_secret_warning(path) {
             log::warn!("{w}");
@@ -156,7 +160,11 @@ fn main() -> ExitCode {
             // Start-up checks are done (config, logging, run dir lock, metrics
             // port); reaching the server is the agent's work, not start-up.
             notify::ready("starting: contacting the server");
-            match agent::Agent::new(&config, client, args.once, metrics).run() {
+            let exit = agent::Agent::new(&config, client, args.once, metrics).run();
+            // A stop signal that arrived after the last wake-up has not been
+            // told to systemd yet: STOPPING=1 before the exit, not never.
+            notify::tick();
+            match exit {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
                 agent::Exit::Unreachable => ExitCode::from(EXIT_UNREACHABLE),
                 agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,

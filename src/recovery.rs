@@ -65,8 +65,15 @@ pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
             todo.push(left);
         }
     }
+    let resumed = !todo.is_empty();
     for left in todo {
         resume(config, client, metrics, left);
+    }
+    if resumed {
+        // As after any job: the server no longer shows one running here.
+        if let Err(e) = client.post_agent_data(&Json::object().with("job_id", Json::str(""))) {
+            log::warn!("cannot clear the job id: {e}");
+        }
     }
 }
 
