@@ -15,28 +15,23 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::atomic::write_atomic_mode;
 use crate::codes::RECOVERY_FAILED;
 use crate::wait;
 
+mod endpoint;
+use endpoint::Endpoint;
+#[cfg(test)]
+use endpoint::MAX_HEAD;
+
 /// Upstream's buckets, in seconds: phases last minutes to hours.
 pub const BUCKETS: [f64; 8] = [60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0];
-
-/// A scraper gets this long, from connect to the last byte of the answer.
-const CONN_DEADLINE: Duration = Duration::from_secs(2);
-/// A request head larger than this is refused (a scrape needs ~200 bytes).
-const MAX_HEAD: usize = 4096;
-/// Open connections beyond this evict the oldest, so a flood of idle
-/// sockets costs a bounded amount of memory and work per wake.
-const MAX_CONNS: usize = 16;
-/// New connections taken per wake; the rest wait in the kernel's backlog.
-const ACCEPTS_PER_WAKE: usize = 16;
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -247,114 +242,6 @@ impl wait::Source for Metrics {
     }
 }
 
-struct Endpoint {
-    listener: TcpListener,
-    conns: Vec<Conn>,
-}
-
-impl Endpoint {
-    fn accept(&mut self, now: Instant) {
-        for _ in 0..ACCEPTS_PER_WAKE {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    if self.conns.len() >= MAX_CONNS {
-                        self.conns.remove(0);
-                    }
-                    self.conns.push(Conn { stream, head: Vec::new(), out: None, deadline: now + CONN_DEADLINE });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // ECONNABORTED, EMFILE...: logged, retried at the next wake.
-                Err(e) => {
-                    log::debug!("metrics: accept failed: {e}");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-struct Conn {
-    stream: TcpStream,
-    head: Vec<u8>,
-    /// The answer and how much of it was written.
-    out: Option<(Vec<u8>, usize)>,
-    deadline: Instant,
-}
-
-impl Conn {
-    /// Moves the exchange on without blocking; false when it is over.
-    fn progress(&mut self, now: Instant, body: &mut dyn FnMut() -> Vec<u8>) -> bool {
-        if now >= self.deadline {
-            return false;
-        }
-        if self.out.is_none() {
-            let mut buf = [0u8; 512];
-            loop {
-                match self.stream.read(&mut buf) {
-                    Ok(0) => return false,
-                    Ok(n) => {
-                        self.head.extend_from_slice(&buf[..n]);
-                        if let Some(answer) = self.answer(body) {
-                            self.out = Some((answer, 0));
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return false,
-                }
-            }
-        }
-        let Some((data, sent)) = &mut self.out else { return true };
-        while *sent < data.len() {
-            match self.stream.write(&data[*sent..]) {
-                Ok(0) => return false,
-                Ok(n) => *sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        }
-        false
-    }
-
-    /// The answer once the request head is complete (or too big).
-    fn answer(&self, body: &mut dyn FnMut() -> Vec<u8>) -> Option<Vec<u8>> {
-        let complete = find(&self.head, b"\r\n\r\n").or_else(|| find(&self.head, b"\n\n"));
-        if complete.is_none() && self.head.len() < MAX_HEAD {
-            return None;
-        }
-        if complete.is_none() {
-            return Some(response("431 Request Header Fields Too Large", b"request head too large\n", true));
-        }
-        let method = self.head.split(|b| *b == b' ').next().unwrap_or_default();
-        Some(match method {
-            b"GET" => response("200 OK", &body(), true),
-            b"HEAD" => response("200 OK", &body(), false),
-            _ => response("405 Method Not Allowed", b"only GET and HEAD\n", true),
-        })
-    }
-}
-
-fn response(status: &str, body: &[u8], with_body: bool) -> Vec<u8> {
-    let mut r = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if with_body {
-        r.extend_from_slice(body);
-    }
-    r
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 fn header(s: &mut String, name: &str, help: &str, kind: &str) {
     let full = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
     let _ = writeln!(s, "# HELP {full} {help}");
@@ -374,6 +261,8 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
     use std::net::TcpStream;
 
     #[test]
