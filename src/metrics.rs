@@ -347,4 +347,27 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("testflinger.prom")], "no temp file left");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn scrapes_are_answered_while_the_agent_waits() {
+        let mut m = Metrics::new("a", "").serve(0).expect("bind");
+        let port = m.local_port().expect("port");
+        // The scraper says it got its answer through `done`, which ends the wait.
+        let (done, mut tell) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let scraper = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").expect("send");
+            let mut answer = String::new();
+            let _ = c.read_to_string(&mut answer);
+            tell.write_all(b"x").expect("tell");
+            answer
+        });
+        let t = Instant::now();
+        let woke = crate::wait::until(t + Duration::from_secs(20), Some(&mut m), Some(done.as_raw_fd()), crate::wait::Ends::Stop);
+        let answer = scraper.join().expect("scraper");
+        assert_eq!(woke, crate::wait::Woke::Ready);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
 }
