@@ -10,6 +10,7 @@ use crate::atomic::write_atomic;
 use crate::client::{Client, ClientError, is_safe_id};
 use crate::json::Json;
 use crate::output::LiveStream;
+use crate::phase::{LogKind, Phase};
 use crate::safe_fs;
 use crate::serial;
 
@@ -26,8 +27,8 @@ pub const LOCAL_MARKER: &str = ".local-job";
 /// A phase log (or serial log) the server has only part of.
 #[derive(Clone, Debug)]
 pub struct PendingStream {
-    pub kind: String,
-    pub phase: String,
+    pub kind: LogKind,
+    pub phase: Phase,
     pub sent: u64,
     /// End of a fragment sent but not acknowledged (see `LiveStream::inflight_end`).
     pub inflight_end: Option<u64>,
@@ -38,13 +39,13 @@ impl PendingStream {
     /// `counter`; `sent` and `inflight_end` record how far it got. A serial
     /// log is sent from its masked copy, never from the connector's file.
     pub fn send_rest(&mut self, client: &mut Client, rundir: &Path, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
-        let (log_name, kind) = match self.kind.as_str() {
-            "serial" => (serial::masked_name(&self.phase), "serial"),
-            _ => (format!("{}.log", self.phase), "output"),
+        let log_name = match self.kind {
+            LogKind::Serial => serial::masked_name(self.phase),
+            LogKind::Output => format!("{}.log", self.phase),
         };
         let path = rundir.join(log_name);
         let written = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let mut stream = LiveStream::new(job_id, kind, &self.phase, &path, self.sent);
+        let mut stream = LiveStream::new(job_id, self.kind, self.phase, &path, self.sent);
         stream.inflight_end = self.inflight_end;
         let result = stream.flush(client, counter, written);
         self.sent = stream.sent;
@@ -99,8 +100,8 @@ impl JobState {
             .iter()
             .filter_map(|p| {
                 Some(PendingStream {
-                    kind: p.get("kind")?.as_str()?.to_string(),
-                    phase: p.get("phase")?.as_str()?.to_string(),
+                    kind: LogKind::parse(p.get("kind")?.as_str()?)?,
+                    phase: Phase::parse(p.get("phase")?.as_str()?)?,
                     sent: p.get("sent")?.as_i64()?.max(0) as u64,
                     inflight_end: p.get("inflight_end").and_then(Json::as_i64).map(|e| e.max(0) as u64),
                 })
@@ -129,7 +130,7 @@ pub fn deliver(client: &mut Client, rundir: &Path, job_id: &str) -> Result<(), C
 /// what the agent holds in memory is the truth.
 pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state: JobState, mut outcome: Json) -> Result<(), ClientError> {
     while let Some(mut p) = state.pending.first().cloned() {
-        let counter = if p.kind == "serial" { &mut state.serial_next } else { &mut state.output_next };
+        let counter = if p.kind == LogKind::Serial { &mut state.serial_next } else { &mut state.output_next };
         let result = p.send_rest(client, rundir, job_id, counter);
         state.pending[0] = p;
         if let Err(e) = result {
@@ -170,8 +171,7 @@ pub fn deliver_with(client: &mut Client, rundir: &Path, job_id: &str, mut state:
 /// not kept.
 fn needed_for_delivery(name: &str) -> bool {
     const FILES: [&str; 6] = ["testflinger.json", "testflinger-outcome.json", STATE_FILE, ".events.json", ARCHIVE_NAME, ARCHIVE_SENT];
-    let phases = crate::job::PHASES.iter().chain(std::iter::once(&"cleanup"));
-    FILES.contains(&name) || phases.into_iter().any(|p| name == format!("{p}.log") || name == serial::masked_name(p))
+    FILES.contains(&name) || Phase::ALL.into_iter().any(|p| name == format!("{p}.log") || name == serial::masked_name(p))
 }
 
 /// Removes from `rundir` what a later delivery does not need.

@@ -16,6 +16,7 @@ use crate::atomic::write_atomic;
 use crate::client::Client;
 use crate::json::Json;
 use crate::outbound::Masked;
+use crate::phase::Event;
 use crate::timestamp::now_iso8601;
 
 /// Where in the run dir the list is kept.
@@ -71,13 +72,14 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &Masked) {
+    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, event: Event, detail: &Masked) {
+        let name = event.to_string();
         let detail = detail.as_str();
         log::info!("job {job_id}: event {name} {detail}");
         let Some(header) = &self.header else { return };
         self.list.push(
             Json::object()
-                .with("event_name", Json::str(name))
+                .with("event_name", Json::str(name.as_str()))
                 .with("timestamp", Json::str(now_iso8601()))
                 .with("detail", Json::str(detail)),
         );

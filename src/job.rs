@@ -19,6 +19,7 @@ use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking, Masked};
 use crate::output::{LiveStream, PhaseLog};
+use crate::phase::{EndReason, Event, LogKind, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN, RECOVERY_FAILED};
 use crate::runner::{self, Limits, Stop};
 use crate::safe_fs;
 use crate::serial::SerialTail;
@@ -27,14 +28,9 @@ use crate::signals;
 mod watcher;
 use watcher::{PhaseWatcher, Progress};
 
-/// The phases before cleanup, in order.
-pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
-
-/// The exit code device connectors use for "the device could not be recovered".
-pub const RECOVERY_FAILED: i32 = 46;
 /// The setup status of a job whose attachments were refused or could not
 /// be fetched (no command ran; like a command that could not start).
-const ATTACHMENTS_FAILED: i32 = 100;
+const ATTACHMENTS_FAILED: i32 = NOT_RUN;
 
 const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
 const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
@@ -46,27 +42,34 @@ const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
-/// The status recorded for a phase that was running when the agent was
-/// killed or lost power: its real exit status is unknown. Chosen outside
-/// the codes connectors use (0-2, 46) and the runner's own 100.
-pub const INTERRUPTED_BY_AGENT_LOSS: i32 = 99;
 
 /// What became of a job, for the agent loop and the `--job` summary.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Summary {
     pub job_id: String,
-    pub statuses: Vec<(String, i32)>,
+    pub statuses: Vec<(Phase, i32)>,
     pub recovery_failed: bool,
     pub interrupted: bool,
-    /// Why the job ended (`normal_exit`, `cancelled`, `<phase>_fail`...).
-    pub end_reason: String,
+    /// Why the job ended.
+    pub end_reason: EndReason,
     /// The outcome reached the server (always false without a server).
     pub delivered: bool,
 }
 
 impl Summary {
+    fn new(job_id: &str) -> Summary {
+        Summary {
+            job_id: job_id.to_string(),
+            statuses: Vec::new(),
+            recovery_failed: false,
+            interrupted: false,
+            end_reason: EndReason::NormalExit,
+            delivered: false,
+        }
+    }
+
     pub fn failed(&self) -> bool {
-        self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != "normal_exit"
+        self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != EndReason::NormalExit
     }
 }
 
@@ -78,7 +81,7 @@ pub struct JobRunner<'a> {
     job_id: String,
     rundir: PathBuf,
     /// Each phase's own `secrets`: its environment gets those only.
-    phase_secrets: Vec<(String, Vec<(String, String)>)>,
+    phase_secrets: Vec<(Phase, Vec<(String, String)>)>,
     /// The job was cancelled on the server: the outcome must not turn it
     /// back into a completed one.
     cancelled: bool,
@@ -88,7 +91,7 @@ pub struct JobRunner<'a> {
     /// The agent's log lines are masked with `masks` while the job lives.
     _log_masking: LogMasking,
     events: Events,
-    statuses: Vec<(String, i32)>,
+    statuses: Vec<(Phase, i32)>,
     output_fragments: u64,
     serial_fragments: u64,
     /// Output not yet delivered when its phase ended (server down).
@@ -107,8 +110,8 @@ impl<'a> JobRunner<'a> {
         // Secrets go to their own phase's environment only: never to disk.
         let mut secrets = Vec::new();
         let mut phase_secrets = Vec::new();
-        for phase in PHASES.iter().chain(std::iter::once(&"cleanup")) {
-            if let Some(data) = job.get_mut(&format!("{phase}_data")) {
+        for phase in Phase::ALL {
+            if let Some(data) = job.get_mut(&phase.data_key()) {
                 if let Some(Json::Object(map)) = data.remove("secrets") {
                     let mut own = Vec::new();
                     for (k, v) in map {
@@ -120,7 +123,7 @@ impl<'a> JobRunner<'a> {
                         secrets.push((k.clone(), value.clone()));
                         own.push((k, value));
                     }
-                    phase_secrets.push((phase.to_string(), own));
+                    phase_secrets.push((phase, own));
                 }
             }
         }
@@ -175,13 +178,13 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Emits an event; its detail goes through the job's secrets.
-    fn emit(&mut self, name: &str, detail: &str) {
+    fn emit(&mut self, event: Event, detail: &str) {
         let detail = self.masks.text(detail);
-        self.emit_masked(name, &detail);
+        self.emit_masked(event, &detail);
     }
 
-    fn emit_masked(&mut self, name: &str, detail: &Masked) {
-        self.events.emit(self.client.as_deref_mut(), &self.job_id, name, detail);
+    fn emit_masked(&mut self, event: Event, detail: &Masked) {
+        self.events.emit(self.client.as_deref_mut(), &self.job_id, event, detail);
     }
 
     fn post_result(&mut self, data: Json) {
@@ -194,7 +197,7 @@ impl<'a> JobRunner<'a> {
 
     /// Posts the agent's state for a phase; there is none for cleanup
     /// (upstream posts none, and dashboards show the last phase).
-    fn post_agent_state(&mut self, state: &str) {
+    fn post_agent_state(&mut self, state: Phase) {
         if let Some(client) = self.client.as_deref_mut() {
             post_state_unless_held(client, state);
         }
@@ -237,7 +240,7 @@ impl<'a> JobRunner<'a> {
         if self.statuses.is_empty() {
             return Json::object();
         }
-        let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.clone(), Json::int(i64::from(*c)))).collect());
+        let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.to_string(), Json::int(i64::from(*c)))).collect());
         Json::object().with("status", status)
     }
 
@@ -247,14 +250,14 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Why `phase` does not run, or `None` when it does.
-    fn skip_reason(&self, phase: &str) -> Option<String> {
+    fn skip_reason(&self, phase: Phase) -> Option<String> {
         if self.config.command(phase).trim().is_empty() {
             return Some(format!("no {phase}_command configured"));
         }
-        if phase == "setup" || phase == "cleanup" {
+        if !phase.needs_data() {
             return None;
         }
-        let data = self.job.get(&format!("{phase}_data"));
+        let data = self.job.get(&phase.data_key());
         match data {
             None => Some(format!("no {phase}_data in the job")),
             Some(d) if d.is_empty_like() => Some(format!("empty {phase}_data in the job")),
@@ -268,21 +271,21 @@ impl<'a> JobRunner<'a> {
         self.job.get(key).and_then(Json::as_i64).filter(|t| *t > 0).map(|t| t as u64)
     }
 
-    fn limits(&self, phase: &str) -> Limits {
+    fn limits(&self, phase: Phase) -> Limits {
         let pick = |job: Option<u64>, conf: Option<u64>, default: u64| match (job, conf) {
             (Some(j), Some(c)) => j.min(c),
             (Some(j), None) => j,
             (None, Some(c)) => c,
             (None, None) => default,
         };
-        if phase == "reserve" {
+        if phase == Phase::Reserve {
             // The connector's reserve command waits out the reservation's
             // timeout itself, after its own start-up: a limit here would
             // always end it first. Only a cancel ends it early (upstream too).
             return Limits { global: None, output: None, kill_grace: Some(self.config.kill_grace()) };
         }
         let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
-        let output = (phase == "test")
+        let output = (phase == Phase::Test)
             .then(|| pick(self.timeout_from_job("output_timeout"), self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
         Limits {
             global: Some(Duration::from_secs(global)),
@@ -315,8 +318,8 @@ impl<'a> JobRunner<'a> {
             };
             warnings.push(format!("{key}: {shown} is not a positive number of seconds; using {used}"));
         }
-        for phase in PHASES {
-            let key = format!("{phase}_data");
+        for phase in Phase::BEFORE_CLEANUP {
+            let key = phase.data_key();
             match self.job.get(&key) {
                 None | Some(Json::Object(_)) => {}
                 // Absent in upstream's eyes too: skipped without a word.
@@ -328,9 +331,9 @@ impl<'a> JobRunner<'a> {
     }
 
     /// The config's strings, and `phase`'s own secrets (no other phase's).
-    fn env(&self, phase: &str) -> Vec<(String, String)> {
+    fn env(&self, phase: Phase) -> Vec<(String, String)> {
         let mut env = self.config.string_env.clone();
-        if let Some((_, own)) = self.phase_secrets.iter().find(|(p, _)| p == phase) {
+        if let Some((_, own)) = self.phase_secrets.iter().find(|(p, _)| *p == phase) {
             env.extend(own.iter().cloned());
         }
         env
@@ -338,13 +341,13 @@ impl<'a> JobRunner<'a> {
 
     /// Runs one phase's command; returns its exit code, stop reason, and
     /// the signal that killed it, if one did.
-    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
+    fn run_phase(&mut self, phase: Phase) -> (i32, Option<Stop>, Option<i32>) {
         let log_path = self.rundir.join(format!("{phase}.log"));
         let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
-                return (100, None, None);
+                return (NOT_RUN, None, None);
             }
         };
         let start_offset = log.written;
@@ -353,16 +356,15 @@ impl<'a> JobRunner<'a> {
         log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
 
         let mut limits = self.limits(phase);
-        let interrupted_cleanup = phase == "cleanup" && signals::interrupted();
+        let interrupted_cleanup = phase == Phase::Cleanup && signals::interrupted();
         if interrupted_cleanup {
             limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
         }
         let env = self.env(phase);
         let cmd = self.config.command(phase).to_string();
         let job_id = self.job_id.clone();
-        let can_cancel = phase != "provision" && phase != "cleanup";
         let live = self.client.as_deref_mut().map(|c| {
-            (LiveStream::new(&job_id, "output", phase, &log_path, start_offset), c, &mut self.output_fragments)
+            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), c, &mut self.output_fragments)
         });
         let has_live = live.is_some();
         let serial_next = self.serial_fragments;
@@ -384,8 +386,8 @@ impl<'a> JobRunner<'a> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
-            honour_interrupt: phase != "cleanup",
+            next_cancel_check: (phase.can_cancel() && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
+            honour_interrupt: phase != Phase::Cleanup,
             metrics: self.metrics.as_deref_mut(),
             progress,
             next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
@@ -402,7 +404,7 @@ impl<'a> JobRunner<'a> {
         if let Some((mut stream, client, counter)) = watcher.live.take() {
             if let Err(e) = stream.flush(client, counter, written) {
                 log::warn!("{phase} output not fully sent, kept for later: {e}");
-                pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
+                pending.push(PendingStream { kind: LogKind::Output, phase, sent: stream.sent, inflight_end: stream.inflight_end });
             }
             if let Some((mut tail, serial_counter)) = serial {
                 tail.finish();
@@ -410,7 +412,7 @@ impl<'a> JobRunner<'a> {
                     if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
                         log::warn!("{phase} serial log not fully sent, kept for later: {e}");
                         let s = &tail.stream;
-                        pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: s.sent, inflight_end: s.inflight_end });
+                        pending.push(PendingStream { kind: LogKind::Serial, phase, sent: s.sent, inflight_end: s.inflight_end });
                     }
                 }
             }
@@ -421,11 +423,11 @@ impl<'a> JobRunner<'a> {
 
     /// Text of the connector's failure detail for `phase`, if it left one,
     /// masked: it goes to the log, the events and the provision log.
-    fn connector_error(&self, phase: &str) -> Masked {
+    fn connector_error(&self, phase: Phase) -> Masked {
         self.masks.text(&self.connector_error_raw(phase))
     }
 
-    fn connector_error_raw(&self, phase: &str) -> String {
+    fn connector_error_raw(&self, phase: Phase) -> String {
         let Ok(text) = fs::read_to_string(self.rundir.join("device-connector-error.json")) else {
             return String::new();
         };
@@ -484,7 +486,7 @@ impl<'a> JobRunner<'a> {
         loop {
             if Instant::now() >= next_heartbeat {
                 next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
-                post_state_unless_held(client, "allocate");
+                post_state_unless_held(client, Phase::Allocate);
             }
             if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
                 return;
@@ -516,12 +518,12 @@ impl<'a> JobRunner<'a> {
 
     /// Runs the whole job and delivers (or keeps) its outcome.
     pub fn run(mut self) -> Summary {
-        let mut summary = Summary { job_id: self.job_id.clone(), ..Summary::default() };
+        let mut summary = Summary::new(&self.job_id);
         if let Some(client) = self.client.as_deref_mut() {
             let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
         }
         let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.job_id))).unwrap_or_default();
-        self.emit("job_start", &job_url);
+        self.emit(Event::JobStart, &job_url);
         for warning in self.field_warnings() {
             log::warn!("job {}: {warning}", self.job_id);
         }
@@ -530,49 +532,49 @@ impl<'a> JobRunner<'a> {
         }
         if let Err(e) = self.prepare() {
             log::error!("cannot prepare run dir {}: {e}", self.rundir.display());
-            self.statuses.push(("setup".into(), 100));
-            summary.end_reason = "setup_fail".into();
+            self.statuses.push((Phase::Setup, NOT_RUN));
+            summary.end_reason = EndReason::Fail(Phase::Setup);
             summary.statuses = self.statuses.clone();
-            self.emit("job_end", &format!("cannot prepare the run dir: {e}"));
+            self.emit(Event::JobEnd, &format!("cannot prepare the run dir: {e}"));
             self.finish_without_rundir();
             return summary;
         }
         self.events.keep_in(&self.rundir);
 
-        let mut end_reason = "normal_exit".to_string();
+        let mut end_reason = EndReason::NormalExit;
         if let Err(why) = self.fetch_attachments() {
             let why = self.masks.text(&why);
             log::error!("job {}: setup failed: {why}", self.job_id);
-            self.statuses.push(("setup".into(), ATTACHMENTS_FAILED));
+            self.statuses.push((Phase::Setup, ATTACHMENTS_FAILED));
             if let Err(e) = self.write_outcome() {
                 log::error!("cannot write the outcome file: {e}");
             }
             self.post_result(self.outcome());
-            self.emit_masked("setup_fail", &why);
-            end_reason = "setup_fail".into();
+            end_reason = EndReason::Fail(Phase::Setup);
+            self.emit_masked(Event::Ended(end_reason), &why);
         }
-        for phase in PHASES {
-            if end_reason == "setup_fail" {
+        for phase in Phase::BEFORE_CLEANUP {
+            if end_reason == EndReason::Fail(Phase::Setup) {
                 break;
             }
             if signals::interrupted() {
-                end_reason = "agent_interrupted".into();
+                end_reason = EndReason::AgentInterrupted;
                 break;
             }
             if self.is_cancelled() {
-                self.emit("cancelled", &format!("before {phase}"));
-                end_reason = "cancelled".into();
+                self.emit(Event::Ended(EndReason::Cancelled), &format!("before {phase}"));
+                end_reason = EndReason::Cancelled;
                 self.cancelled = true;
                 break;
             }
             // A skipped phase is still announced and succeeds, as upstream
             // reports it: dashboards and webhooks see every phase.
-            self.post_result(Json::object().with("job_state", Json::str(phase)));
+            self.post_result(Json::object().with("job_state", Json::str(phase.as_str())));
             self.post_agent_state(phase);
-            self.emit(&format!("{phase}_start"), "");
+            self.emit(Event::Start(phase), "");
             if let Some(why) = self.skip_reason(phase) {
                 log::info!("job {}: skipping {phase}: {why}", self.job_id);
-                self.emit(&format!("{phase}_success"), "");
+                self.emit(Event::Success(phase), "");
                 continue;
             }
             self.post_device_info();
@@ -580,21 +582,21 @@ impl<'a> JobRunner<'a> {
             let started = Instant::now();
             let (code, stopped, signal) = self.run_phase(phase);
             log::info!("job {}: {phase} exited with {code}", self.job_id);
-            if phase == "provision" && code == 0 {
+            if phase == Phase::Provision && code == 0 {
                 self.release = self.device_release();
             }
             let release = self.release.clone();
             if let Some(m) = self.metrics.as_deref_mut() {
-                m.phase_ended(phase, started.elapsed().as_secs_f64(), code, &release);
+                m.phase_ended(phase.as_str(), started.elapsed().as_secs_f64(), code, &release);
             }
-            self.statuses.push((phase.to_string(), code));
+            self.statuses.push((phase, code));
             if let Err(e) = self.write_outcome() {
                 log::error!("cannot write the outcome file: {e}");
             }
             self.save_progress();
             self.post_result(self.outcome());
             if let Some(stop) = &stopped {
-                self.emit(stop.event(), stop.message().trim());
+                self.emit(Event::Ended(stop.reason()), stop.message().trim());
             }
             let mut detail = self.connector_error(phase);
             if let Some(sig) = signal {
@@ -602,19 +604,19 @@ impl<'a> JobRunner<'a> {
                 let sep = if detail.is_empty() { "" } else { "; " };
                 detail.push(&Masked::agent(format!("{sep}killed by signal {sig}")));
             }
-            if phase == "provision" {
+            if phase == Phase::Provision {
                 // The detail is the exit event's name, as upstream sends it;
                 // the connector's own detail goes with the event.
                 let exit_event = match code {
-                    0 => "provision_success",
-                    RECOVERY_FAILED => "recovery_fail",
-                    _ => "provision_fail",
+                    0 => Event::Success(phase),
+                    RECOVERY_FAILED => Event::Ended(EndReason::RecoveryFail),
+                    _ => Event::Ended(EndReason::Fail(phase)),
                 };
                 if let Some(client) = self.client.as_deref_mut() {
                     let body = Json::object()
                         .with("job_id", Json::str(self.job_id.as_str()))
                         .with("exit_code", Json::int(i64::from(code)))
-                        .with("detail", Json::str(exit_event));
+                        .with("detail", Json::str(exit_event.to_string()));
                     if let Err(e) = client.post_provision_log(&body) {
                         log::warn!("provision log not posted: {e}");
                     }
@@ -622,30 +624,30 @@ impl<'a> JobRunner<'a> {
             }
             if code == RECOVERY_FAILED {
                 summary.recovery_failed = true;
-                self.emit("recovery_fail", &format!("{phase} exited with 46: device recovery failed"));
+                self.emit(Event::Ended(EndReason::RecoveryFail), &format!("{phase} exited with 46: device recovery failed"));
             }
             if code == 0 {
-                self.emit(&format!("{phase}_success"), "");
+                self.emit(Event::Success(phase), "");
             } else {
-                self.emit_masked(&format!("{phase}_fail"), &detail);
+                self.emit_masked(Event::Ended(EndReason::Fail(phase)), &detail);
             }
-            if phase == "allocate" && code == 0 {
+            if phase == Phase::Allocate && code == 0 {
                 self.hold_allocation();
             }
             match stopped {
                 Some(Stop::Cancelled) => {
-                    end_reason = "cancelled".into();
+                    end_reason = EndReason::Cancelled;
                     self.cancelled = true;
                     break;
                 }
                 Some(Stop::Interrupted) => {
-                    end_reason = "agent_interrupted".into();
+                    end_reason = EndReason::AgentInterrupted;
                     break;
                 }
                 _ => {}
             }
-            if code != 0 && phase != "test" {
-                end_reason = format!("{phase}_fail");
+            if code != 0 && phase != Phase::Test {
+                end_reason = EndReason::Fail(phase);
                 break;
             }
         }
@@ -659,8 +661,8 @@ impl<'a> JobRunner<'a> {
         }
         summary.interrupted = signals::interrupted();
         summary.statuses = self.statuses.clone();
-        summary.end_reason = end_reason.clone();
-        self.emit("job_end", &end_reason);
+        summary.end_reason = end_reason;
+        self.emit(Event::JobEnd, &end_reason.to_string());
         summary.delivered = self.finish();
         summary
     }
@@ -669,18 +671,18 @@ impl<'a> JobRunner<'a> {
     /// Without a cleanup command the events still say it succeeded, as
     /// upstream's do; no agent state or job state is posted for cleanup.
     fn run_cleanup(&mut self) {
-        self.emit("cleanup_start", "");
-        if self.skip_reason("cleanup").is_some() {
-            self.emit("cleanup_success", "");
+        self.emit(Event::Start(Phase::Cleanup), "");
+        if self.skip_reason(Phase::Cleanup).is_some() {
+            self.emit(Event::Success(Phase::Cleanup), "");
             return;
         }
         self.post_device_info();
-        let (code, _, _) = self.run_phase("cleanup");
-        self.statuses.retain(|(p, _)| p != "cleanup");
-        self.statuses.push(("cleanup".into(), code));
+        let (code, _, _) = self.run_phase(Phase::Cleanup);
+        self.statuses.retain(|(p, _)| *p != Phase::Cleanup);
+        self.statuses.push((Phase::Cleanup, code));
         let _ = self.write_outcome();
         self.save_progress();
-        self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
+        self.emit(if code == 0 { Event::Success(Phase::Cleanup) } else { Event::Ended(EndReason::Fail(Phase::Cleanup)) }, "");
     }
 
     /// The release label for metrics after a successful provision: the
@@ -699,12 +701,12 @@ impl<'a> JobRunner<'a> {
     /// [`INTERRUPTED_BY_AGENT_LOSS`] and a `<phase>_fail` event; cleanup
     /// runs (again, when it was the interrupted one); then artifacts and
     /// outcome are delivered or kept like any job's.
-    pub fn resume(mut self, interrupted: Option<&str>) -> Summary {
+    pub fn resume(mut self, interrupted: Option<Phase>) -> Summary {
         let outcome_text = fs::read_to_string(self.rundir.join("testflinger-outcome.json")).unwrap_or_default();
         if let Ok(outcome) = Json::parse(&outcome_text) {
             for (phase, code) in outcome.get("status").and_then(Json::as_object).unwrap_or(&[]) {
-                if let Some(c) = code.as_i64() {
-                    self.statuses.push((phase.clone(), c as i32));
+                if let (Some(p), Some(c)) = (Phase::parse(phase), code.as_i64()) {
+                    self.statuses.push((p, c as i32));
                 }
             }
         }
@@ -717,7 +719,7 @@ impl<'a> JobRunner<'a> {
         if let Some(client) = self.client.as_deref_mut() {
             let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
         }
-        let mut end_reason = "normal_exit".to_string();
+        let mut end_reason = EndReason::NormalExit;
         if let Some(phase) = interrupted {
             let detail = format!(
                 "the agent stopped (killed or lost power) while {phase} ran; status {INTERRUPTED_BY_AGENT_LOSS} means its real exit status is unknown"
@@ -728,29 +730,24 @@ impl<'a> JobRunner<'a> {
             if let Err(e) = safe_fs::open_append(&log_path, safe_fs::PRIVATE_FILE).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
                 log::warn!("cannot note the interruption in {}: {e}", log_path.display());
             }
-            if phase != "cleanup" {
-                self.statuses.push((phase.to_string(), INTERRUPTED_BY_AGENT_LOSS));
-                end_reason = format!("{phase}_fail");
+            if phase != Phase::Cleanup {
+                self.statuses.push((phase, INTERRUPTED_BY_AGENT_LOSS));
+                end_reason = EndReason::Fail(phase);
                 if let Some(m) = self.metrics.as_deref_mut() {
-                    m.phase_ended(phase, 0.0, INTERRUPTED_BY_AGENT_LOSS, "");
+                    m.phase_ended(phase.as_str(), 0.0, INTERRUPTED_BY_AGENT_LOSS, "");
                 }
             }
             let _ = self.write_outcome();
             self.post_result(self.outcome());
-            self.emit(&format!("{phase}_fail"), &detail);
+            self.emit(Event::Ended(EndReason::Fail(phase)), &detail);
         }
         // The output the server missed goes before cleanup's, in order.
         self.flush_pending();
-        if !self.statuses.iter().any(|(p, _)| p == "cleanup") {
+        if !self.statuses.iter().any(|(p, _)| *p == Phase::Cleanup) {
             self.run_cleanup();
         }
-        let summary = Summary {
-            job_id: self.job_id.clone(),
-            statuses: self.statuses.clone(),
-            end_reason: end_reason.clone(),
-            ..Summary::default()
-        };
-        self.emit("job_end", &end_reason);
+        let summary = Summary { statuses: self.statuses.clone(), end_reason, ..Summary::new(&self.job_id) };
+        self.emit(Event::JobEnd, &end_reason.to_string());
         let delivered = self.finish();
         Summary { delivered, interrupted: signals::interrupted(), ..summary }
     }
@@ -759,7 +756,7 @@ impl<'a> JobRunner<'a> {
         let Some(client) = self.client.as_deref_mut() else { return };
         let mut left = Vec::new();
         for mut p in std::mem::take(&mut self.pending) {
-            let counter = if p.kind == "serial" { &mut self.serial_fragments } else { &mut self.output_fragments };
+            let counter = if p.kind == LogKind::Serial { &mut self.serial_fragments } else { &mut self.output_fragments };
             if let Err(e) = p.send_rest(client, &self.rundir, &self.job_id, counter) {
                 log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
                 left.push(p);
@@ -826,13 +823,13 @@ impl<'a> JobRunner<'a> {
 /// agent offline or in maintenance: an operator may put the agent in
 /// maintenance while a job runs, and a phase name must not overwrite that
 /// (upstream's does). Also the heartbeat of long phases.
-fn post_state_unless_held(client: &mut Client, state: &str) {
+fn post_state_unless_held(client: &mut Client, state: Phase) {
     if let Some((held, _)) = client.held_state() {
         log::info!("agent is {held} on the server; not posting state {state}");
         return;
     }
     // Always with a comment, as upstream posts a state.
-    let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(""));
+    let data = Json::object().with("state", Json::str(state.as_str())).with("comment", Json::str(""));
     if let Err(e) = client.post_agent_data(&data) {
         log::warn!("agent state {state} not posted: {e}");
     }

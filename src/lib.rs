@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbound;
 pub mod output;
+pub mod phase;
 pub mod recovery;
 pub mod runner;
 pub mod safe_fs;

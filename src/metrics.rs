@@ -126,7 +126,7 @@ impl Metrics {
         if code != 0 {
             *self.failures.entry(phase.to_string()).or_default() += 1;
         }
-        if code == crate::job::RECOVERY_FAILED {
+        if code == crate::phase::RECOVERY_FAILED {
             self.recovery_failures += 1;
         }
         self.write_textfile();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
+use crate::phase::{LogKind, Phase};
 use crate::safe_fs;
 use crate::timestamp::now_iso8601;
 
@@ -124,8 +125,8 @@ impl PhaseLog {
 /// final [`LiveStream::flush`] uses the client's full retry policy.
 pub struct LiveStream {
     job_id: String,
-    kind: &'static str,
-    phase: String,
+    kind: LogKind,
+    phase: Phase,
     reader: Option<File>,
     path: PathBuf,
     /// Bytes of the file already delivered.
@@ -143,12 +144,12 @@ pub struct LiveStream {
 }
 
 impl LiveStream {
-    pub fn new(job_id: &str, kind: &'static str, phase: &str, path: &Path, sent: u64) -> LiveStream {
+    pub fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
         let interval = crate::budget::get().output_interval;
         LiveStream {
             job_id: job_id.to_string(),
             kind,
-            phase: phase.to_string(),
+            phase,
             reader: None,
             path: path.to_path_buf(),
             sent,
@@ -231,7 +232,7 @@ impl LiveStream {
         };
         self.last_send = Some(Instant::now());
         let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
-        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle) {
+        match client.post_log_fragment_streamed(&self.job_id, self.kind.as_str(), plan.len, &mut body, idle) {
             Ok(()) => {
                 *counter += 1;
                 self.sent = plan.end;

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::config::Config;
-use crate::job::{JobRunner, PHASES};
+use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
+use crate::phase::Phase;
 
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
@@ -33,7 +34,7 @@ pub struct Leftover {
     pub job_id: String,
     pub dir: PathBuf,
     /// The phase that was running when the agent died, if any.
-    pub interrupted: Option<String>,
+    pub interrupted: Option<Phase>,
     /// Cleanup has not run to its end yet (and a cleanup command exists).
     pub needs_cleanup: bool,
 }
@@ -41,14 +42,9 @@ pub struct Leftover {
 /// Reads `dir` (a run dir) to decide what is left to do.
 pub fn inspect(config: &Config, job_id: &str, dir: &Path) -> Leftover {
     let outcome = fs::read_to_string(dir.join("testflinger-outcome.json")).ok().and_then(|t| Json::parse(&t).ok());
-    let has_code = |phase: &str| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase)).is_some();
-    let interrupted = PHASES
-        .iter()
-        .chain(std::iter::once(&"cleanup"))
-        .rev()
-        .find(|p| dir.join(format!("{p}.log")).exists() && !has_code(p))
-        .map(|p| p.to_string());
-    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code("cleanup");
+    let has_code = |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
+    let interrupted = Phase::ALL.into_iter().rev().find(|p| dir.join(format!("{p}.log")).exists() && !has_code(*p));
+    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code(Phase::Cleanup);
     Leftover { job_id: job_id.to_string(), dir: dir.to_path_buf(), interrupted, needs_cleanup }
 }
 
@@ -96,7 +92,7 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, left: Lef
             return;
         }
     };
-    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted.as_deref());
+    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted);
     log::info!(
         "job {}: recovered ({}), statuses {:?}, delivered: {}",
         summary.job_id,
@@ -160,7 +156,7 @@ mod tests {
             fs::write(dir.join(format!("{p}.log")), "x").unwrap();
         }
         let left = inspect(&config("true"), "j", &dir);
-        assert_eq!(left.interrupted.as_deref(), Some("test"));
+        assert_eq!(left.interrupted, Some(Phase::Test));
         assert!(left.needs_cleanup);
 
         // Killed between phases: nothing interrupted, cleanup still owed.
@@ -171,7 +167,7 @@ mod tests {
 
         // Killed during cleanup.
         fs::write(dir.join("cleanup.log"), "x").unwrap();
-        assert_eq!(inspect(&config("true"), "j", &dir).interrupted.as_deref(), Some("cleanup"));
+        assert_eq!(inspect(&config("true"), "j", &dir).interrupted, Some(Phase::Cleanup));
 
         // Finished: nothing to do but deliver.
         fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0,"test":1,"cleanup":0}}"#)

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::mask::Masker;
 use crate::output::LiveStream;
 use crate::outbound::JobSecrets;
+use crate::phase::{LogKind, Phase};
 use crate::safe_fs;
 
 /// How often the connector's file is looked at while the phase runs.
@@ -27,7 +28,7 @@ pub const POLL: Duration = Duration::from_millis(250);
 const STEP: usize = 256 * 1024;
 
 /// The masked copy of `<phase>-serial.log` in the run dir.
-pub fn masked_name(phase: &str) -> String {
+pub fn masked_name(phase: Phase) -> String {
     format!(".{phase}-serial.masked.log")
 }
 
@@ -49,7 +50,7 @@ pub struct SerialTail {
 }
 
 impl SerialTail {
-    pub fn new(rundir: &Path, phase: &str, job_id: &str, secrets: &JobSecrets) -> SerialTail {
+    pub fn new(rundir: &Path, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
         let masked_path = rundir.join(masked_name(phase));
         // A cleanup run again after a crash appends to its earlier copy.
         let written = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
@@ -58,7 +59,7 @@ impl SerialTail {
             raw: None,
             read: 0,
             masker: secrets.stream(),
-            stream: LiveStream::new(job_id, "serial", phase, &masked_path, written),
+            stream: LiveStream::new(job_id, LogKind::Serial, phase, &masked_path, written),
             masked_path,
             out: None,
             written,
@@ -196,7 +197,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
-        let mut tail = SerialTail::new(&dir, "test", "job", &secrets);
+        let mut tail = SerialTail::new(&dir, Phase::Test, "job", &secrets);
         let now = Instant::now();
         tail.look(now);
         assert!(!tail.started(), "no file yet, no copy");
@@ -208,18 +209,18 @@ mod tests {
         w.write_all(b"2-XYZ ok\n").unwrap();
         tail.look(now + POLL * 2);
         tail.finish();
-        let copy = std::fs::read_to_string(dir.join(masked_name("test"))).unwrap();
+        let copy = std::fs::read_to_string(dir.join(masked_name(Phase::Test))).unwrap();
         assert_eq!(copy, format!("boot: {} ok\n", mask_for("hunter2-XYZ")));
         assert_eq!(tail.written, copy.len() as u64);
 
         // Rewritten from its start: the new content follows.
-        let mut tail = SerialTail::new(&dir, "cleanup", "job", &secrets);
+        let mut tail = SerialTail::new(&dir, Phase::Cleanup, "job", &secrets);
         let raw = dir.join("cleanup-serial.log");
         std::fs::write(&raw, "first run, long line\n").unwrap();
         tail.look(Instant::now());
         std::fs::write(&raw, "again\n").unwrap();
         tail.finish();
-        let copy = std::fs::read_to_string(dir.join(masked_name("cleanup"))).unwrap();
+        let copy = std::fs::read_to_string(dir.join(masked_name(Phase::Cleanup))).unwrap();
         assert_eq!(copy, "first run, long line\nagain\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }

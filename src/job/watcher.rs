@@ -10,6 +10,7 @@ use crate::client::Client;
 use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
+use crate::phase::{LogKind, Phase};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
 use crate::signals;
@@ -35,7 +36,7 @@ pub(super) struct PhaseWatcher<'a> {
 
 pub(super) struct Progress<'a> {
     pub(super) rundir: &'a Path,
-    pub(super) phase: &'a str,
+    pub(super) phase: Phase,
     pub(super) earlier: &'a [PendingStream],
     pub(super) saved_output_next: u64,
     /// The serial fragments' next number as last saved (at first, as the
@@ -51,10 +52,10 @@ impl Progress<'_> {
     /// masked copy was sent, once the connector's serial log exists.
     pub(super) fn save(&mut self, output_next: u64, sent: u64, serial: Option<(u64, u64)>) {
         let mut pending = self.earlier.to_vec();
-        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
+        pending.push(PendingStream { kind: LogKind::Output, phase: self.phase, sent, inflight_end: None });
         let serial_next = match serial {
             Some((next, serial_sent)) => {
-                pending.push(PendingStream { kind: "serial".into(), phase: self.phase.into(), sent: serial_sent, inflight_end: None });
+                pending.push(PendingStream { kind: LogKind::Serial, phase: self.phase, sent: serial_sent, inflight_end: None });
                 next
             }
             None => self.saved_serial_next,
@@ -104,7 +105,7 @@ impl Watcher for PhaseWatcher<'_> {
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
                 // Cleanup has no agent state of its own (upstream posts none).
-                if self.progress.phase != "cleanup" {
+                if self.progress.phase != Phase::Cleanup {
                     client.once(CANCEL_CHECK_TIMEOUT, |c| post_state_unless_held(c, self.progress.phase));
                 }
             }
