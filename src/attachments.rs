@@ -30,12 +30,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::client::{Client, ClientError};
-use crate::json::Json;
+use crate::phase::Phase;
 
-/// The folders an attachments archive may write into.
-pub const PHASE_DIRS: [&str; 3] = ["provision", "firmware_update", "test"];
-/// The phases whose data may carry `attachments` entries.
-const PHASES_WITH_ATTACHMENTS: [&str; 3] = PHASE_DIRS;
 /// The downloaded archive, in the run dir until it is unpacked.
 const DOWNLOAD_NAME: &str = ".attachments.tar.gz";
 /// Long names, long link names and pax records above this are refused.
@@ -88,24 +84,6 @@ impl std::error::Error for UnpackError {}
 pub struct Unpacked {
     pub files: u64,
     pub bytes: u64,
-}
-
-/// Removes the `attachments` entry of each phase's data, and the phase's
-/// data itself when nothing else is left in it, so that a block holding
-/// only attachments does not make a phase run (as upstream does).
-pub fn strip_from_job(job: &mut Json) {
-    for phase in PHASES_WITH_ATTACHMENTS {
-        let key = format!("{phase}_data");
-        let Some(data) = job.get_mut(&key) else { continue };
-        if data.remove("attachments").is_some() && data.is_empty_like() {
-            job.remove(&key);
-        }
-    }
-}
-
-/// True when the job says the server holds attachments for it.
-pub fn wanted(job: &Json) -> bool {
-    job.get("attachments_status").and_then(Json::as_str) == Some("complete")
 }
 
 /// Downloads the job's attachments (streaming, to a file in the run dir)
@@ -391,7 +369,8 @@ fn member_path(raw: &[u8]) -> Result<PathBuf, &'static str> {
     let first = out.components().next().and_then(|c| c.as_os_str().to_str());
     match first {
         None => Err("an empty name"),
-        Some(f) if PHASE_DIRS.contains(&f) => Ok(out),
+        // The folders of the phases that take attachments.
+        Some(f) if Phase::parse(f).is_some_and(Phase::takes_attachments) => Ok(out),
         Some(_) => Err("not under provision/, firmware_update/ or test/"),
     }
 }
@@ -475,19 +454,5 @@ mod tests {
         assert!(at("/etc/shadow", "test/l").is_err());
         assert!(at("a/../../..", "test/l").is_err(), "`..` after a name");
         assert!(at("", "test/l").is_err());
-    }
-
-    #[test]
-    fn strips_attachments_from_phase_data() {
-        let mut job = Json::parse(
-            r#"{"provision_data":{"attachments":[{"local":"a"}]},"test_data":{"attachments":[],"test_cmds":"x"},"reserve_data":{"attachments":1}}"#,
-        )
-        .unwrap();
-        strip_from_job(&mut job);
-        assert!(job.get("provision_data").is_none(), "{}", job.to_string_compact());
-        assert!(job.get("test_data").unwrap().get("attachments").is_none());
-        assert!(job.get("test_data").unwrap().get("test_cmds").is_some());
-        // Only the three phases that take attachments are touched.
-        assert!(job.get("reserve_data").unwrap().get("attachments").is_some());
     }
 }

@@ -42,12 +42,12 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn new(job: &Json, agent_id: &str) -> Events {
-        let webhook = job.get("job_status_webhook").and_then(Json::as_str).filter(|w| !w.is_empty());
+    /// Events are posted only when the job has a `webhook`.
+    pub fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
         let header = webhook.map(|w| {
             Json::object()
                 .with("agent_id", Json::str(agent_id))
-                .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
+                .with("job_queue", Json::str(job_queue))
                 .with("job_status_webhook", Json::str(w))
         });
         Events { list: Vec::new(), header, unsent: false, file: None, hold_until: None, hold: Duration::ZERO }

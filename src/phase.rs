@@ -64,6 +64,12 @@ impl Phase {
         !matches!(self, Phase::Provision | Phase::Cleanup)
     }
 
+    /// The job's data for this phase may carry `attachments` entries, and
+    /// the attachments archive has a folder for it.
+    pub fn takes_attachments(self) -> bool {
+        matches!(self, Phase::Provision | Phase::FirmwareUpdate | Phase::Test)
+    }
+
     /// Setup and cleanup run on the command alone; the others need data.
     pub fn needs_data(self) -> bool {
         !matches!(self, Phase::Setup | Phase::Cleanup)

@@ -60,7 +60,7 @@ pub trait Watcher {
     fn next_wake(&self, now: Instant) -> Instant;
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Limits {
     pub global: Option<Duration>,
     pub output: Option<Duration>,

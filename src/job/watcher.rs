@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{post_state_unless_held, CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use super::report::post_state_unless_held;
+use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
 use crate::client::Client;
 use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;

@@ -1,0 +1,161 @@
+//! Running a phase's command: its log, live stream and serial tail, the
+//! runner with the phase's watcher, and what is left unsent when it ends;
+//! cleanup; and the allocation hold after `allocate`.
+
+use std::time::{Duration, Instant};
+
+use super::report::post_state_unless_held;
+use super::watcher::{PhaseWatcher, Progress};
+use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
+use crate::delivery::PendingStream;
+use crate::json::Json;
+use crate::metrics::Metrics;
+use crate::output::{LiveStream, PhaseLog};
+use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
+use crate::runner::{self, Stop};
+use crate::serial::SerialTail;
+use crate::signals;
+
+impl JobRunner<'_> {
+    /// Sleeps, answering metrics scrapes meanwhile.
+    pub(super) fn pause(metrics: Option<&mut Metrics>, d: Duration) {
+        match metrics {
+            Some(m) => m.idle(d),
+            None => signals::sleep(d),
+        }
+    }
+
+    /// Runs one phase's command; returns its exit code, stop reason, and
+    /// the signal that killed it, if one did.
+    pub(super) fn run_phase(&mut self, phase: Phase) -> (i32, Option<Stop>, Option<i32>) {
+        let log_path = self.rundir.join(format!("{phase}.log"));
+        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot open {}: {e}", log_path.display());
+                return (NOT_RUN, None, None);
+            }
+        };
+        let start_offset = log.written;
+        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
+        let stars = "*".repeat(banner_line.len());
+        log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
+
+        let planned = self.plan.phase(phase);
+        let mut limits = planned.limits;
+        let interrupted_cleanup = phase == Phase::Cleanup && signals::interrupted();
+        if interrupted_cleanup {
+            limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
+        }
+        // The config's strings, and this phase's own secrets (no other phase's).
+        let mut env = self.config.string_env.clone();
+        env.extend(planned.secrets.iter().cloned());
+        let cmd = planned.command.clone();
+        let job_id = self.plan.job_id.clone();
+        let live = self.client.as_deref_mut().map(|c| {
+            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), c, &mut self.output_fragments)
+        });
+        let has_live = live.is_some();
+        let serial_next = self.serial_fragments;
+        // The connector's serial log, masked and sent as it is written.
+        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut self.serial_fragments));
+        let mut progress = Progress {
+            rundir: &self.rundir,
+            phase,
+            earlier: &self.pending,
+            saved_output_next: u64::MAX,
+            cancelled: self.cancelled,
+            saved_serial_next: serial_next,
+        };
+        if let Some((_, _, counter)) = &live {
+            progress.save(**counter, start_offset, None);
+        }
+        let mut watcher = PhaseWatcher {
+            log,
+            live,
+            serial,
+            job_id: &job_id,
+            next_cancel_check: (phase.can_cancel() && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
+            honour_interrupt: phase != Phase::Cleanup,
+            metrics: self.metrics.as_deref_mut(),
+            progress,
+            next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
+        };
+        crate::notify::status(&format!("job {job_id}: {phase}"));
+        let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
+        if let Some(sig) = outcome.signal {
+            watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
+        }
+        watcher.log.finish();
+        let written = watcher.log.written;
+        let serial = watcher.serial.take();
+        let mut pending = Vec::new();
+        if let Some((mut stream, client, counter)) = watcher.live.take() {
+            if let Err(e) = stream.flush(client, counter, written) {
+                log::warn!("{phase} output not fully sent, kept for later: {e}");
+                pending.push(PendingStream { kind: LogKind::Output, phase, sent: stream.sent, inflight_end: stream.inflight_end });
+            }
+            if let Some((mut tail, serial_counter)) = serial {
+                tail.finish();
+                if tail.started() {
+                    if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
+                        log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+                        let s = &tail.stream;
+                        pending.push(PendingStream { kind: LogKind::Serial, phase, sent: s.sent, inflight_end: s.inflight_end });
+                    }
+                }
+            }
+        }
+        self.pending.extend(pending);
+        (outcome.code, outcome.stopped, outcome.signal)
+    }
+
+    /// Cleanup runs whatever happened before, so the device is left sane.
+    /// Without a cleanup command the events still say it succeeded, as
+    /// upstream's do; no agent state or job state is posted for cleanup.
+    pub(super) fn run_cleanup(&mut self) {
+        self.emit(Event::Start(Phase::Cleanup), "");
+        if self.plan.phase(Phase::Cleanup).skip.is_some() {
+            self.emit(Event::Success(Phase::Cleanup), "");
+            return;
+        }
+        self.post_device_info();
+        let (code, _, _) = self.run_phase(Phase::Cleanup);
+        self.statuses.retain(|(p, _)| *p != Phase::Cleanup);
+        self.statuses.push((Phase::Cleanup, code));
+        let _ = self.write_outcome();
+        self.save_progress();
+        self.emit(if code == 0 { Event::Success(Phase::Cleanup) } else { Event::Ended(EndReason::Fail(Phase::Cleanup)) }, "");
+    }
+
+    /// After the allocate command: publish the device, then hold it until
+    /// this job or its parent is over.
+    pub(super) fn hold_allocation(&mut self) {
+        while !self.post_device_info() {
+            if signals::interrupted() {
+                return;
+            }
+            Self::pause(self.metrics.as_deref_mut(), Duration::from_secs(2));
+        }
+        self.post_result(Json::object().with("job_state", Json::str("allocated")));
+        let parent = self.plan.parent_job_id.clone();
+        let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
+        let Some(client) = self.client.as_deref_mut() else { return };
+        let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
+        let mut next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
+        loop {
+            if Instant::now() >= next_heartbeat {
+                next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
+                post_state_unless_held(client, Phase::Allocate);
+            }
+            if over(client.job_state(&self.plan.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
+                return;
+            }
+            if signals::interrupted() {
+                return;
+            }
+            Self::pause(self.metrics.as_deref_mut(), interval);
+        }
+    }
+
+}
