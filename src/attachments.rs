@@ -31,9 +31,8 @@ use std::path::{Path, PathBuf};
 
 use crate::client::{Client, ClientError};
 use crate::phase::Phase;
+use crate::rundir::RunDir;
 
-/// The downloaded archive, in the run dir until it is unpacked.
-const DOWNLOAD_NAME: &str = ".attachments.tar.gz";
 /// Long names, long link names and pax records above this are refused.
 const RECORD_MAX: u64 = 64 * 1024;
 
@@ -89,11 +88,11 @@ pub struct Unpacked {
 /// Downloads the job's attachments (streaming, to a file in the run dir)
 /// and unpacks them under `<rundir>/attachments/`. The error is one line
 /// saying why, for the log and the `setup_fail` event.
-pub fn fetch(client: &mut Client, job_id: &str, rundir: &Path) -> Result<Unpacked, String> {
-    let archive = rundir.join(DOWNLOAD_NAME);
+pub fn fetch(client: &mut Client, job_id: &str, rundir: &RunDir) -> Result<Unpacked, String> {
+    let archive = rundir.attachments_download();
     let got = client.download_attachments(job_id, &archive);
     let result = match got {
-        Ok(true) => unpack(&archive, &rundir.join("attachments"), Limits::default()).map_err(|e| e.to_string()),
+        Ok(true) => unpack(&archive, &rundir.attachments(), Limits::default()).map_err(|e| e.to_string()),
         // attachments_status said complete, yet the server has none: the
         // phases will say what they miss, better than refusing the job.
         Ok(false) => {

@@ -9,7 +9,7 @@
 //! webhook sees the whole list each time, and a shorter one would drop them.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic;
@@ -19,8 +19,6 @@ use crate::outbound::Masked;
 use crate::phase::Event;
 use crate::timestamp::now_iso8601;
 
-/// Where in the run dir the list is kept.
-const EVENTS_FILE: &str = ".events.json";
 /// After a failed post, events wait this long (doubling per failure, up to
 /// [`MAX_HOLD`]) before the next try: each post carries the whole list, so
 /// the ones in between lose nothing, and a job (skipped phases emit events
@@ -53,15 +51,15 @@ impl Events {
         Events { list: Vec::new(), header, unsent: false, file: None, hold_until: None, hold: Duration::ZERO }
     }
 
-    /// Keeps the list in `rundir` from now on.
-    pub fn keep_in(&mut self, rundir: &Path) {
-        self.file = Some(rundir.join(EVENTS_FILE));
+    /// Keeps the list in `file` (in the run dir) from now on.
+    pub fn keep_in(&mut self, file: PathBuf) {
+        self.file = Some(file);
     }
 
-    /// Takes back the list an earlier run of the agent kept in `rundir`,
+    /// Takes back the list an earlier run of the agent kept in `file`,
     /// and keeps it there from now on.
-    pub fn restore(&mut self, rundir: &Path) {
-        self.keep_in(rundir);
+    pub fn restore(&mut self, file: PathBuf) {
+        self.keep_in(file);
         let Some(file) = &self.file else { return };
         let Ok(text) = fs::read_to_string(file) else { return };
         match Json::parse(&text) {

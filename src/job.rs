@@ -7,22 +7,20 @@
 //!
 //! `run` and `resume` read as their steps; both end in `finish`.
 
-use std::fs;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::archive;
 use crate::attachments;
 use crate::client::Client;
 use crate::config::Config;
-use crate::delivery::{self, PendingStream};
+use crate::delivery;
 use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking};
-use crate::phase::{EndReason, Event, LogKind, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
+use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
+use crate::rundir::{self, JobState, RunDir};
 use crate::runner::Stop;
-use crate::safe_fs;
 use crate::signals;
 
 mod execute;
@@ -68,10 +66,11 @@ pub struct JobRunner<'a> {
     client: Option<&'a mut Client>,
     echo: bool,
     plan: JobPlan,
-    rundir: PathBuf,
-    /// The job was cancelled on the server: the outcome must not turn it
-    /// back into a completed one.
-    cancelled: bool,
+    rundir: RunDir,
+    /// Fragment numbers, output left unsent, and whether the job was
+    /// cancelled on the server (the outcome must then not turn it back into
+    /// a completed one): saved in the run dir as they change.
+    state: JobState,
     /// A phase exited with `RECOVERY_FAILED`: the agent goes offline.
     recovery_failed: bool,
     /// Every secret value of the job (all phases'): job text on its way
@@ -81,10 +80,6 @@ pub struct JobRunner<'a> {
     _log_masking: LogMasking,
     events: Events,
     statuses: Vec<(Phase, i32)>,
-    output_fragments: u64,
-    serial_fragments: u64,
-    /// Output not yet delivered when its phase ended (server down).
-    pending: Vec<PendingStream>,
     metrics: Option<&'a mut Metrics>,
     /// The `release` label of the phase metrics: `""` until provisioning
     /// succeeds, then what the connector reported (see `device_release`).
@@ -95,7 +90,7 @@ impl<'a> JobRunner<'a> {
     /// `job` must have a safe `job_id` (checked by the caller).
     pub fn new(config: &'a Config, client: Option<&'a mut Client>, job: Json, echo: bool) -> JobRunner<'a> {
         let plan = JobPlan::new(config, job);
-        let rundir = config.execution_basedir.join(&plan.job_id);
+        let rundir = RunDir::of(&config.execution_basedir, &plan.job_id);
         let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, &config.agent_id);
         let masks = JobSecrets::new(plan.secret_values());
         JobRunner {
@@ -104,15 +99,12 @@ impl<'a> JobRunner<'a> {
             echo,
             plan,
             rundir,
-            cancelled: false,
+            state: JobState::default(),
             recovery_failed: false,
             _log_masking: masks.mask_log_lines(),
             masks,
             events,
             statuses: Vec::new(),
-            output_fragments: 0,
-            serial_fragments: 0,
-            pending: Vec::new(),
             metrics: None,
             release: String::new(),
         }
@@ -130,7 +122,7 @@ impl<'a> JobRunner<'a> {
         if let Err(e) = self.prepare() {
             return self.fail_to_prepare(e);
         }
-        self.events.keep_in(&self.rundir);
+        self.events.keep_in(self.rundir.events_file());
         let end = match self.fetch_attachments() {
             Ok(()) => self.run_phases(),
             Err(why) => self.attachments_failed(&why),
@@ -139,8 +131,8 @@ impl<'a> JobRunner<'a> {
         // A cancel can also land while a phase that cannot be cancelled
         // (provision, cleanup) runs, or after the last check: the outcome
         // must still not turn the job back into a completed one.
-        if !self.cancelled && self.is_cancelled() {
-            self.cancelled = true;
+        if !self.state.cancelled && self.is_cancelled() {
+            self.state.cancelled = true;
         }
         self.finish(end)
     }
@@ -198,7 +190,7 @@ impl<'a> JobRunner<'a> {
     /// The run dir could not be made: setup fails and the outcome is
     /// reported without one (nothing can be kept for later).
     fn fail_to_prepare(mut self, e: std::io::Error) -> Summary {
-        log::error!("cannot prepare run dir {}: {e}", self.rundir.display());
+        log::error!("cannot prepare run dir {}: {e}", self.rundir.path().display());
         self.statuses.push((Phase::Setup, NOT_RUN));
         self.emit(Event::JobEnd, &format!("cannot prepare the run dir: {e}"));
         let outcome = self.outcome().with("job_state", Json::str("complete"));
@@ -232,7 +224,7 @@ impl<'a> JobRunner<'a> {
             }
             if self.is_cancelled() {
                 self.emit(Event::Ended(EndReason::Cancelled), &format!("before {phase}"));
-                self.cancelled = true;
+                self.state.cancelled = true;
                 return EndReason::Cancelled;
             }
             // A skipped phase is still announced and succeeds, as upstream
@@ -275,7 +267,7 @@ impl<'a> JobRunner<'a> {
         }
         match stopped {
             Some(Stop::Cancelled) => {
-                self.cancelled = true;
+                self.state.cancelled = true;
                 Some(EndReason::Cancelled)
             }
             Some(Stop::Interrupted) => Some(EndReason::AgentInterrupted),
@@ -297,20 +289,9 @@ impl<'a> JobRunner<'a> {
     /// Takes back what an earlier agent recorded in the run dir: statuses,
     /// events, fragment numbers, unsent output, a cancel.
     fn restore(&mut self) {
-        let outcome_text = fs::read_to_string(self.rundir.join("testflinger-outcome.json")).unwrap_or_default();
-        if let Ok(outcome) = Json::parse(&outcome_text) {
-            for (phase, code) in outcome.get("status").and_then(Json::as_object).unwrap_or(&[]) {
-                if let (Some(p), Some(c)) = (Phase::parse(phase), code.as_i64()) {
-                    self.statuses.push((p, c as i32));
-                }
-            }
-        }
-        self.events.restore(&self.rundir);
-        let saved = delivery::JobState::load(&self.rundir);
-        self.output_fragments = saved.output_next;
-        self.serial_fragments = saved.serial_next;
-        self.pending = saved.pending;
-        self.cancelled = saved.cancelled;
+        self.statuses = self.rundir.statuses();
+        self.events.restore(self.rundir.events_file());
+        self.state = self.rundir.load_state();
     }
 
     /// `phase` was running when the agent died: its log says so, its
@@ -321,10 +302,8 @@ impl<'a> JobRunner<'a> {
             "the agent stopped (killed or lost power) while {phase} ran; status {INTERRUPTED_BY_AGENT_LOSS} means its real exit status is unknown"
         );
         log::warn!("job {}: {detail}", self.plan.job_id);
-        let line = format!("\nERROR: {detail}\n");
-        let log_path = self.rundir.join(format!("{phase}.log"));
-        if let Err(e) = safe_fs::open_append(&log_path, safe_fs::PRIVATE_FILE).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
-            log::warn!("cannot note the interruption in {}: {e}", log_path.display());
+        if let Err(e) = self.rundir.append_to_log(phase, &format!("\nERROR: {detail}\n")) {
+            log::warn!("cannot note the interruption in the {phase} log: {e}");
         }
         let mut end = EndReason::NormalExit;
         if phase != Phase::Cleanup {
@@ -356,97 +335,52 @@ impl<'a> JobRunner<'a> {
         Ok(())
     }
 
-    /// Creates the run dir (0700) and the files device connectors expect
-    /// (0600), none of them through a link.
+    /// Creates the run dir and the files device connectors expect.
     fn prepare(&mut self) -> std::io::Result<()> {
-        safe_fs::ensure_base_dir(&self.config.execution_basedir, safe_fs::PRIVATE_DIR)?;
-        match fs::symlink_metadata(&self.rundir) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(std::io::Error::other(format!("refusing {}: it is a symbolic link", self.rundir.display())));
-            }
-            Ok(_) => fs::remove_dir_all(&self.rundir)?,
-            Err(_) => {}
-        }
-        safe_fs::make_dir(&self.rundir, safe_fs::PRIVATE_DIR)?;
-        if self.client.is_none() {
-            // Before testflinger.json, so that no moment exists when server
-            // mode would take this run dir for one of its own.
-            safe_fs::write_new(&self.rundir.join(delivery::LOCAL_MARKER), b"", safe_fs::PRIVATE_FILE)?;
-        }
-        // The job as the connectors read it, secrets removed. Not masked:
-        // it is the phase commands' input, and the server holds it as is.
-        safe_fs::write_new(&self.rundir.join("testflinger.json"), self.plan.document.to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)?;
-        self.write_outcome()?;
-        safe_fs::write_new(&self.rundir.join("device-connector-error.json"), b"", safe_fs::PRIVATE_FILE)?;
-        Ok(())
+        self.rundir.create(&self.config.execution_basedir, self.client.is_none(), &self.plan.document)
     }
 
-    /// `{}` until a phase has a status, as upstream starts the file.
     fn outcome(&self) -> Json {
-        if self.statuses.is_empty() {
-            return Json::object();
-        }
-        let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.to_string(), Json::int(i64::from(*c)))).collect());
-        Json::object().with("status", status)
+        rundir::outcome_of(&self.statuses)
     }
 
     fn write_outcome(&self) -> std::io::Result<()> {
-        let path = self.rundir.join("testflinger-outcome.json");
-        safe_fs::rewrite(&path, self.outcome().to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)
+        self.rundir.write_outcome(&self.outcome())
     }
 
     fn save_progress(&self) {
-        let state = delivery::JobState {
-            output_next: self.output_fragments,
-            serial_next: self.serial_fragments,
-            pending: self.pending.clone(),
-            events: None,
-            cancelled: self.cancelled,
-        };
-        if let Err(e) = state.save(&self.rundir) {
+        if let Err(e) = self.rundir.save_state(&self.state) {
             log::debug!("cannot save fragment progress: {e}");
         }
     }
 
+    /// Sends the output the server missed before the agent died.
     fn flush_pending(&mut self) {
         let Some(client) = self.client.as_deref_mut() else { return };
-        let mut left = Vec::new();
-        for mut p in std::mem::take(&mut self.pending) {
-            let counter = if p.kind == LogKind::Serial { &mut self.serial_fragments } else { &mut self.output_fragments };
-            if let Err(e) = p.send_rest(client, &self.rundir, &self.plan.job_id, counter) {
-                log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
-                left.push(p);
-            }
-        }
-        self.pending = left;
-        self.save_progress();
+        // Saves its progress; what is not sent stays pending for delivery.
+        let _ = delivery::send_pending(client, &self.rundir, &self.plan.job_id, &mut self.state);
     }
 
     /// Packs artifacts, delivers the outcome, and removes the run dir, or
     /// moves it to `results_basedir` to be delivered later.
     fn deliver(&mut self) -> bool {
-        let artifacts = self.rundir.join("artifacts");
+        let artifacts = self.rundir.artifacts();
         if archive::has_content(&artifacts) {
-            let dest = self.rundir.join(delivery::ARCHIVE_NAME);
+            let dest = self.rundir.archive();
             let mask = self.config.mask_artifacts.then_some(&self.masks);
             match archive::pack_artifacts(&artifacts, &dest, mask) {
                 // pack_artifacts logs the size and the time it took.
                 Ok(_) => {}
                 Err(e) => {
                     log::error!("cannot pack artifacts (the outcome is still delivered): {e}");
-                    let _ = fs::remove_file(&dest);
+                    let _ = std::fs::remove_file(&dest);
                 }
             }
         }
-        let state = delivery::JobState {
-            output_next: self.output_fragments,
-            serial_next: self.serial_fragments,
-            pending: std::mem::take(&mut self.pending),
-            events: self.events.owed(),
-            cancelled: self.cancelled,
-        };
-        if let Err(e) = state.save(&self.rundir) {
-            log::error!("cannot save delivery state in {}: {e}", self.rundir.display());
+        let mut state = std::mem::take(&mut self.state);
+        state.events = self.events.owed();
+        if let Err(e) = self.rundir.save_state(&state) {
+            log::error!("cannot save delivery state in {}: {e}", self.rundir.path().display());
         }
         // Delivered from memory: on a full disk the outcome file may be stale.
         let outcome = self.outcome();
@@ -455,14 +389,12 @@ impl<'a> JobRunner<'a> {
         };
         match delivery::deliver_with(client, &self.rundir, &self.plan.job_id, state, outcome) {
             Ok(()) => {
-                if let Err(e) = fs::remove_dir_all(&self.rundir) {
-                    log::warn!("cannot remove {}: {e}", self.rundir.display());
-                }
+                self.rundir.remove();
                 true
             }
             Err(e) => {
                 log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
-                delivery::keep(&self.config.results_basedir, &self.rundir, &self.plan.job_id);
+                self.rundir.keep(&self.config.results_basedir, &self.plan.job_id);
                 false
             }
         }

@@ -24,6 +24,7 @@ pub mod outbound;
 pub mod output;
 pub mod phase;
 pub mod recovery;
+pub mod rundir;
 pub mod runner;
 pub mod safe_fs;
 pub mod serial;

@@ -16,6 +16,7 @@ use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
+use crate::rundir::PendingStream;
 use crate::safe_fs;
 use crate::timestamp::now_iso8601;
 
@@ -186,6 +187,11 @@ impl LiveStream {
         if self.due(written).is_some_and(|t| now >= t) {
             let _ = client.once(LIVE_TIMEOUT, |c| self.send_one(c, counter, written, false, Some(idle)));
         }
+    }
+
+    /// Where this stream stands, to be sent on later from there.
+    pub fn unsent(&self) -> PendingStream {
+        PendingStream { kind: self.kind, phase: self.phase, sent: self.sent, inflight_end: self.inflight_end }
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.

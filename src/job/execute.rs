@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use super::report::post_state_unless_held;
 use super::watcher::{PhaseWatcher, Progress};
 use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
-use crate::delivery::PendingStream;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
+use crate::rundir::PendingStream;
 use crate::runner::{self, Stop};
 use crate::serial::SerialTail;
 use crate::signals;
@@ -28,23 +28,10 @@ impl JobRunner<'_> {
     /// Runs one phase's command; returns its exit code, stop reason, and
     /// the signal that killed it, if one did.
     pub(super) fn run_phase(&mut self, phase: Phase) -> (i32, Option<Stop>, Option<i32>) {
-        let log_path = self.rundir.join(format!("{phase}.log"));
-        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("cannot open {}: {e}", log_path.display());
-                return (NOT_RUN, None, None);
-            }
-        };
-        let start_offset = log.written;
-        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
-        let stars = "*".repeat(banner_line.len());
-        log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
-
+        let Some((log, start_offset)) = self.open_log(phase) else { return (NOT_RUN, None, None) };
         let planned = self.plan.phase(phase);
         let mut limits = planned.limits;
-        let interrupted_cleanup = phase == Phase::Cleanup && signals::interrupted();
-        if interrupted_cleanup {
+        if phase == Phase::Cleanup && signals::interrupted() {
             limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
         }
         // The config's strings, and this phase's own secrets (no other phase's).
@@ -52,21 +39,17 @@ impl JobRunner<'_> {
         env.extend(planned.secrets.iter().cloned());
         let cmd = planned.command.clone();
         let job_id = self.plan.job_id.clone();
+        // Fragment progress is saved as it goes, with what was pending before.
+        let base = self.state.clone();
+        let fragments = &mut self.state.fragments;
         let live = self.client.as_deref_mut().map(|c| {
-            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), c, &mut self.output_fragments)
+            let log_path = self.rundir.log(phase, LogKind::Output);
+            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), c, &mut fragments.output)
         });
         let has_live = live.is_some();
-        let serial_next = self.serial_fragments;
         // The connector's serial log, masked and sent as it is written.
-        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut self.serial_fragments));
-        let mut progress = Progress {
-            rundir: &self.rundir,
-            phase,
-            earlier: &self.pending,
-            saved_output_next: u64::MAX,
-            cancelled: self.cancelled,
-            saved_serial_next: serial_next,
-        };
+        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut fragments.serial));
+        let mut progress = Progress::new(&self.rundir, phase, base);
         if let Some((_, _, counter)) = &live {
             progress.save(**counter, start_offset, None);
         }
@@ -82,32 +65,32 @@ impl JobRunner<'_> {
             next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
-        let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
+        let outcome = runner::run(&cmd, self.rundir.path(), &env, limits, &mut watcher);
         if let Some(sig) = outcome.signal {
             watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
         }
-        watcher.log.finish();
-        let written = watcher.log.written;
-        let serial = watcher.serial.take();
-        let mut pending = Vec::new();
-        if let Some((mut stream, client, counter)) = watcher.live.take() {
-            if let Err(e) = stream.flush(client, counter, written) {
-                log::warn!("{phase} output not fully sent, kept for later: {e}");
-                pending.push(PendingStream { kind: LogKind::Output, phase, sent: stream.sent, inflight_end: stream.inflight_end });
-            }
-            if let Some((mut tail, serial_counter)) = serial {
-                tail.finish();
-                if tail.started() {
-                    if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
-                        log::warn!("{phase} serial log not fully sent, kept for later: {e}");
-                        let s = &tail.stream;
-                        pending.push(PendingStream { kind: LogKind::Serial, phase, sent: s.sent, inflight_end: s.inflight_end });
-                    }
-                }
-            }
-        }
-        self.pending.extend(pending);
+        let unsent = finish_streams(watcher, phase);
+        self.state.pending.extend(unsent);
         (outcome.code, outcome.stopped, outcome.signal)
+    }
+
+    /// Opens the phase's log (appending: cleanup may run again after a
+    /// crash) and writes the phase's banner; returns it with where the
+    /// phase's part of it starts.
+    fn open_log(&self, phase: Phase) -> Option<(PhaseLog, u64)> {
+        let log_path = self.rundir.log(phase, LogKind::Output);
+        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot open {}: {e}", log_path.display());
+                return None;
+            }
+        };
+        let start_offset = log.written;
+        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
+        let stars = "*".repeat(banner_line.len());
+        log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
+        Some((log, start_offset))
     }
 
     /// Cleanup runs whatever happened before, so the device is left sane.
@@ -157,5 +140,27 @@ impl JobRunner<'_> {
             Self::pause(self.metrics.as_deref_mut(), interval);
         }
     }
+}
 
+/// The phase ended: what its log and serial copy hold goes to the server;
+/// what cannot is returned, to go later.
+fn finish_streams(mut watcher: PhaseWatcher, phase: Phase) -> Vec<PendingStream> {
+    watcher.log.finish();
+    let written = watcher.log.written;
+    let mut unsent = Vec::new();
+    let Some((mut stream, client, counter)) = watcher.live.take() else { return unsent };
+    if let Err(e) = stream.flush(client, counter, written) {
+        log::warn!("{phase} output not fully sent, kept for later: {e}");
+        unsent.push(stream.unsent());
+    }
+    if let Some((mut tail, serial_counter)) = watcher.serial.take() {
+        tail.finish();
+        if tail.started() {
+            if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
+                log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+                unsent.push(tail.stream.unsent());
+            }
+        }
+    }
+    unsent
 }

@@ -3,8 +3,6 @@
 //! through the job's secrets first. Without a server (`--job`) the posts
 //! are skipped and events only reach the log.
 
-use std::fs;
-
 use super::JobRunner;
 use crate::client::Client;
 use crate::json::Json;
@@ -98,34 +96,14 @@ impl JobRunner<'_> {
     /// Text of the connector's failure detail for `phase`, if it left one,
     /// masked: it goes to the log, the events and the provision log.
     fn connector_error(&self, phase: Phase) -> Masked {
-        self.masks.text(&self.connector_error_raw(phase))
-    }
-
-    fn connector_error_raw(&self, phase: Phase) -> String {
-        let Ok(text) = fs::read_to_string(self.rundir.join("device-connector-error.json")) else {
-            return String::new();
-        };
-        let Ok(json) = Json::parse(&text) else { return String::new() };
-        let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
-        let field = |k: &str| info.get(k).and_then(Json::as_str).unwrap_or("").to_string();
-        let mut detail = format!("{}: {}", field("exception_name"), field("exception_message"));
-        let cause = field("exception_cause");
-        if !cause.is_empty() {
-            detail.push_str(&format!(" (caused by {cause})"));
-        }
-        detail
+        self.masks.text(&self.rundir.connector_error(phase))
     }
 
     /// What the connector left in `device-info.json` (its `device_info`
     /// member, or the whole object), masked; `None` when there is none or
     /// it is not JSON.
     fn device_info(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.rundir.join("device-info.json")).ok()?;
-        let Ok(info) = Json::parse(&text) else {
-            log::warn!("device-info.json is not valid JSON; ignored");
-            return None;
-        };
-        Some(self.masks.json(info.get("device_info").unwrap_or(&info)))
+        Some(self.masks.json(&self.rundir.device_info()?))
     }
 
     /// Posts the device info the connector left, if any; false when the
