@@ -133,8 +133,9 @@ impl<'a> Agent<'a> {
 
     fn announce(&mut self) {
         let c = self.config;
+        // No `job_id` here (upstream posts none at start-up): a job left
+        // by a killed agent is resumed by `recovery`, which clears it after.
         let mut data = Json::object()
-            .with("job_id", Json::str(""))
             .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         // As upstream: location and provision_type always ("" when unset),
         // identifier only when set.

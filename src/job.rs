@@ -223,7 +223,8 @@ impl<'a> JobRunner<'a> {
                 return EndReason::AgentInterrupted;
             }
             if self.is_cancelled() {
-                self.emit(Event::Ended(EndReason::Cancelled), &format!("before {phase}"));
+                log::info!("job {}: cancelled before {phase}", self.plan.job_id);
+                self.emit(Event::Ended(EndReason::Cancelled), "");
                 self.state.cancelled = true;
                 return EndReason::Cancelled;
             }
@@ -261,17 +262,22 @@ impl<'a> JobRunner<'a> {
         if let Some(stop) = &stopped {
             self.emit(Event::Ended(stop.reason()), stop.message().trim());
         }
-        self.report_exit(phase, code, signal);
+        let failure = self.report_exit(phase, code, signal.filter(|_| stopped.is_none()));
         if phase == Phase::Allocate && code == 0 {
             self.hold_allocation();
         }
         match stopped {
             Some(Stop::Cancelled) => {
                 self.state.cancelled = true;
+                // Upstream goes on to the next phase, whose cancel check
+                // emits a second `cancelled`; webhooks see the same.
+                if Phase::BEFORE_CLEANUP.last() != Some(&phase) {
+                    self.emit(Event::Ended(EndReason::Cancelled), "");
+                }
                 Some(EndReason::Cancelled)
             }
             Some(Stop::Interrupted) => Some(EndReason::AgentInterrupted),
-            _ => (code != 0 && phase != Phase::Test).then_some(EndReason::Fail(phase)),
+            _ => failure.filter(|_| phase != Phase::Test),
         }
     }
 

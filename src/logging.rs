@@ -55,6 +55,9 @@ fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+// libc deprecates `time_t` on musl (it will follow musl 1.2's 64-bit
+// time_t); the value is whatever the linked localtime_r takes either way.
+#[allow(deprecated)]
 fn local_tm(t: i64) -> libc::tm {
     // SAFETY: tm is plain data; localtime_r fills it from a valid time_t.
     unsafe {

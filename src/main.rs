@@ -156,7 +156,11 @@ fn main() -> ExitCode {
             // Start-up checks are done (config, logging, run dir lock, metrics
             // port); reaching the server is the agent's work, not start-up.
             notify::ready("starting: contacting the server");
-            match agent::Agent::new(&config, client, args.once, metrics).run() {
+            let exit = agent::Agent::new(&config, client, args.once, metrics).run();
+            // A stop signal that arrived after the last wake-up has not been
+            // told to systemd yet: STOPPING=1 before the exit, not never.
+            notify::tick();
+            match exit {
                 agent::Exit::Restart => ExitCode::from(EXIT_RESTART),
                 agent::Exit::Unreachable => ExitCode::from(EXIT_UNREACHABLE),
                 agent::Exit::Stopped | agent::Exit::Once => ExitCode::SUCCESS,

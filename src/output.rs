@@ -38,9 +38,12 @@ const MAX_BODY: u64 = 12 << 20;
 const HEAVY_INTERVAL: Duration = Duration::from_secs(1);
 /// Pending output at least this large (in log bytes) counts as heavy.
 const HEAVY: u64 = 8 << 20;
-/// A live fragment is tried once with this timeout: the child waits on a
-/// full pipe while the agent waits on the server.
-const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A live fragment is tried once with this timeout, upstream's for log
+/// posts. A fragment whose answer is late may still be stored by the
+/// server, and its retry (same number, same bytes) would then show twice
+/// in the job's output: so a slow server is waited for, not given up on
+/// (the child's pipe is drained meanwhile, see `Idle`).
+const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The phase's log file, written through the secret masker.
 pub struct PhaseLog {
@@ -121,8 +124,8 @@ impl PhaseLog {
 /// the file after failures.
 ///
 /// While the phase runs, [`LiveStream::pump`] makes at most one attempt per
-/// call, with a short timeout, and backs off on its own after a failure: the
-/// runner's one thread must get back to draining the child's pipe. The
+/// call, draining the child's pipe while it waits, and backs off on its own
+/// after a failure: the runner's one thread has the phase to look after. The
 /// final [`LiveStream::flush`] uses the client's full retry policy.
 pub struct LiveStream {
     job_id: String,
@@ -180,8 +183,8 @@ impl LiveStream {
         Some(last + self.interval)
     }
 
-    /// Sends one fragment if one is due: a single attempt with a short
-    /// timeout, doing `idle` (the runner draining the child's pipe) while
+    /// Sends one fragment if one is due: a single attempt (timeout
+    /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
     pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
         if self.due(written).is_some_and(|t| now >= t) {

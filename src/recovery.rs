@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::client::Client;
 use crate::config::Config;
 use crate::job::JobRunner;
+use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::phase::Phase;
 use crate::rundir::{self, RunDir};
@@ -61,8 +62,15 @@ pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
             todo.push(left);
         }
     }
+    let resumed = !todo.is_empty();
     for left in todo {
         resume(config, client, metrics, left);
+    }
+    if resumed {
+        // As after any job: the server no longer shows one running here.
+        if let Err(e) = client.post_agent_data(&Json::object().with("job_id", Json::str(""))) {
+            log::warn!("cannot clear the job id: {e}");
+        }
     }
 }
 

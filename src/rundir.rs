@@ -180,7 +180,8 @@ impl RunDir {
         let mut detail = format!("{}: {}", field("exception_name"), field("exception_message"));
         let cause = field("exception_cause");
         if !cause.is_empty() {
-            detail.push_str(&format!(" (caused by {cause})"));
+            // Upstream's wording: webhooks and dashboards may match on it.
+            detail.push_str(&format!(" caused by {cause}"));
         }
         detail
     }

@@ -66,7 +66,10 @@ impl JobRunner<'_> {
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, self.rundir.path(), &env, limits, &mut watcher);
-        if let Some(sig) = outcome.signal {
+        // A stop by the agent already has its line (the stop message, as
+        // upstream prints it); a signal from elsewhere (the OOM killer, an
+        // operator) would otherwise go unexplained.
+        if let (Some(sig), None) = (outcome.signal, &outcome.stopped) {
             watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
         }
         let unsent = finish_streams(watcher, phase);
@@ -108,6 +111,10 @@ impl JobRunner<'_> {
         self.statuses.push((Phase::Cleanup, code));
         let _ = self.write_outcome();
         self.save_progress();
+        // Every phase that ran has its statuses posted so far, cleanup too
+        // (upstream's cumulative post): dashboards see cleanup's status
+        // before the outcome, and even when the outcome is kept for later.
+        self.post_result(self.outcome());
         self.emit(if code == 0 { Event::Success(Phase::Cleanup) } else { Event::Ended(EndReason::Fail(Phase::Cleanup)) }, "");
     }
 

@@ -52,8 +52,9 @@ impl JobRunner<'_> {
     }
 
     /// The events after a phase's command exited with `code`, with the
-    /// connector's failure detail and the signal that killed it, if one did.
-    pub(super) fn report_exit(&mut self, phase: Phase, code: i32, signal: Option<i32>) {
+    /// connector's failure detail and the signal from elsewhere than the
+    /// agent that killed it, if one did. Returns the failure, if it failed.
+    pub(super) fn report_exit(&mut self, phase: Phase, code: i32, signal: Option<i32>) -> Option<EndReason> {
         let mut detail = self.connector_error(phase);
         if let Some(sig) = signal {
             // Distinct from an exit code of 128+N chosen by the command.
@@ -63,15 +64,22 @@ impl JobRunner<'_> {
         if phase == Phase::Provision {
             self.post_provision_log(code);
         }
+        // Exit 46 is reported as `recovery_fail` instead of the phase's
+        // own failure event, with the connector's detail (as upstream).
+        let failure = match code {
+            0 => None,
+            RECOVERY_FAILED => Some(EndReason::RecoveryFail),
+            _ => Some(EndReason::Fail(phase)),
+        };
         if code == RECOVERY_FAILED {
             self.recovery_failed = true;
-            self.emit(Event::Ended(EndReason::RecoveryFail), &format!("{phase} exited with 46: device recovery failed"));
+            log::error!("job {}: {phase} exited with 46: device recovery failed", self.plan.job_id);
         }
-        if code == 0 {
-            self.emit(Event::Success(phase), "");
-        } else {
-            self.emit_masked(Event::Ended(EndReason::Fail(phase)), &detail);
+        match failure {
+            None => self.emit(Event::Success(phase), ""),
+            Some(reason) => self.emit_masked(Event::Ended(reason), &detail),
         }
+        failure
     }
 
     /// The detail is the exit event's name, as upstream sends it; the

@@ -130,7 +130,7 @@ fn a_secret_the_connector_echoes_everywhere_never_leaves_the_agent_unmasked() {
 
     let events = server.event_posts(&job);
     let last = events.last().expect("events posted").to_string();
-    assert!(last.contains(&format!("TestError: failed with {m} (caused by cause {m})")), "{last}");
+    assert!(last.contains(&format!("TestError: failed with {m} caused by cause {m}")), "{last}");
     let provision_logs: Vec<String> = server.requests_to("POST", "/v1/agents/provision_logs").iter().map(|r| r.body_text()).collect();
     // The provision log's detail is the exit event's name, as upstream's
     // (issue 11, item 6): the connector's text does not go there.
