@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
 use crate::rundir::PendingStream;
-use crate::runner::{self, Stop};
+use crate::runner::{self, Limits, Stop};
 use crate::serial::SerialTail;
 use crate::signals;
 
@@ -29,15 +29,7 @@ impl JobRunner<'_> {
     /// the signal that killed it, if one did.
     pub(super) fn run_phase(&mut self, phase: Phase) -> (i32, Option<Stop>, Option<i32>) {
         let Some((log, start_offset)) = self.open_log(phase) else { return (NOT_RUN, None, None) };
-        let planned = self.plan.phase(phase);
-        let mut limits = planned.limits;
-        if phase == Phase::Cleanup && signals::interrupted() {
-            limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
-        }
-        // The config's strings, and this phase's own secrets (no other phase's).
-        let mut env = self.config.string_env.clone();
-        env.extend(planned.secrets.iter().cloned());
-        let cmd = planned.command.clone();
+        let (cmd, env, limits) = self.command(phase);
         let job_id = self.plan.job_id.clone();
         // Fragment progress is saved as it goes, with what was pending before.
         let base = self.state.clone();
@@ -75,6 +67,19 @@ impl JobRunner<'_> {
         let unsent = finish_streams(watcher, phase);
         self.state.pending.extend(unsent);
         (outcome.code, outcome.stopped, outcome.signal)
+    }
+
+    /// The phase's command, its environment (the config's strings and
+    /// this phase's own secrets, no other phase's) and its limits.
+    fn command(&self, phase: Phase) -> (String, Vec<(String, String)>, Limits) {
+        let planned = self.plan.phase(phase);
+        let mut limits = planned.limits;
+        if phase == Phase::Cleanup && signals::interrupted() {
+            limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
+        }
+        let mut env = self.config.string_env.clone();
+        env.extend(planned.secrets.iter().cloned());
+        (planned.command.clone(), env, limits)
     }
 
     /// Opens the phase's log (appending: cleanup may run again after a
