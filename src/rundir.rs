@@ -344,3 +344,44 @@ pub fn job_dirs(base: &Path) -> Vec<(String, RunDir)> {
 pub fn run_dirs(base: &Path) -> Vec<(String, RunDir)> {
     job_dirs(base).into_iter().filter(|(_, dir)| dir.holds_job()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_run_dir_holds_only_what_its_delivery_needs() {
+        let base = std::env::temp_dir().join(format!("tf-rundir-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (exec, results) = (base.join("run"), base.join("results"));
+        let dir = RunDir::of(&exec, "job1");
+        dir.create(&exec, false, &Json::object().with("job_id", Json::str("job1"))).unwrap();
+        assert_eq!(dir.job().and_then(|j| j.get("job_id").cloned()), Some(Json::str("job1")));
+        dir.write_outcome(&outcome_of(&[(Phase::Setup, 0), (Phase::Test, 1)])).unwrap();
+        assert_eq!(dir.statuses(), [(Phase::Setup, 0), (Phase::Test, 1)]);
+        dir.append_to_log(Phase::Test, "out\n").unwrap();
+        assert!(dir.has_log(Phase::Test) && !dir.has_log(Phase::Cleanup));
+        for raw in [dir.serial_raw(Phase::Test), dir.log(Phase::Test, LogKind::Serial), dir.path().join(DEVICE_INFO_FILE)] {
+            fs::write(raw, "x").unwrap();
+        }
+        fs::create_dir_all(dir.artifacts()).unwrap();
+        dir.save_state(&JobState { cancelled: true, ..JobState::default() }).unwrap();
+        assert_eq!(run_dirs(&exec), [("job1".to_string(), dir.clone())]);
+
+        dir.keep(&results, "job1");
+        let kept = RunDir::of(&results, "job1");
+        let mut names: Vec<_> = fs::read_dir(kept.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, [".delivery-state.json", ".test-serial.masked.log", "test.log", "testflinger-outcome.json", "testflinger.json"]);
+        assert!(kept.load_state().cancelled);
+        assert!(job_dirs(&exec).is_empty());
+
+        // A --job run dir is never one of the server's.
+        let local = RunDir::of(&exec, "local");
+        local.create(&exec, true, &Json::object()).unwrap();
+        assert!(run_dirs(&exec).is_empty());
+        let aside = kept.set_aside(&results, "job1").unwrap();
+        assert!(aside.ends_with(".undeliverable/job1") && job_dirs(&results).is_empty());
+        let _ = fs::remove_dir_all(&base);
+    }
+}
