@@ -297,7 +297,8 @@ impl<'a> JobRunner<'a> {
     fn restore(&mut self) {
         self.statuses = self.rundir.statuses();
         self.events.restore(self.rundir.events_file());
-        self.state = self.rundir.load_state();
+        // The events owed are the restored list's to say (see `deliver`).
+        self.state = JobState { events: None, ..self.rundir.load_state() };
     }
 
     /// `phase` was running when the agent died: its log says so, its
