@@ -119,7 +119,11 @@ fn main() -> ExitCode {
             None
         }
     };
-    runner::become_subreaper();
+    // Seen under qemu-user 7.2 (EINVAL): without it, a daemon a phase starts
+    // with setsid escapes the kill at the phase's end. Worth one line.
+    if let Err(e) = runner::become_subreaper() {
+        log::warn!("cannot become a child subreaper ({e}): processes a phase detaches with setsid may outlive the phase");
+    }
     if let (Some(path), Some(_)) = (&args.token_file, &args.job) {
         if let Some(w) = safe_fs::exposed_secret_warning(path) {
             log::warn!("{w}");

@@ -91,12 +91,13 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// Makes the agent a child subreaper, so that descendants that leave the
 /// phase's process group (a daemon calling `setsid`) are re-parented to us
 /// and can be found and killed. Linux only; elsewhere a no-op.
-pub fn become_subreaper() {
+pub fn become_subreaper() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument.
-    unsafe {
-        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Marks every descriptor above 2 that the agent inherited close-on-exec,
