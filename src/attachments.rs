@@ -30,14 +30,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::client::{Client, ClientError};
-use crate::json::Json;
+use crate::phase::Phase;
+use crate::rundir::RunDir;
 
-/// The folders an attachments archive may write into.
-pub const PHASE_DIRS: [&str; 3] = ["provision", "firmware_update", "test"];
-/// The phases whose data may carry `attachments` entries.
-const PHASES_WITH_ATTACHMENTS: [&str; 3] = PHASE_DIRS;
-/// The downloaded archive, in the run dir until it is unpacked.
-const DOWNLOAD_NAME: &str = ".attachments.tar.gz";
 /// Long names, long link names and pax records above this are refused.
 const RECORD_MAX: u64 = 64 * 1024;
 
@@ -90,32 +85,14 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
-/// Removes the `attachments` entry of each phase's data, and the phase's
-/// data itself when nothing else is left in it, so that a block holding
-/// only attachments does not make a phase run (as upstream does).
-pub fn strip_from_job(job: &mut Json) {
-    for phase in PHASES_WITH_ATTACHMENTS {
-        let key = format!("{phase}_data");
-        let Some(data) = job.get_mut(&key) else { continue };
-        if data.remove("attachments").is_some() && data.is_empty_like() {
-            job.remove(&key);
-        }
-    }
-}
-
-/// True when the job says the server holds attachments for it.
-pub fn wanted(job: &Json) -> bool {
-    job.get("attachments_status").and_then(Json::as_str) == Some("complete")
-}
-
 /// Downloads the job's attachments (streaming, to a file in the run dir)
 /// and unpacks them under `<rundir>/attachments/`. The error is one line
 /// saying why, for the log and the `setup_fail` event.
-pub fn fetch(client: &mut Client, job_id: &str, rundir: &Path) -> Result<Unpacked, String> {
-    let archive = rundir.join(DOWNLOAD_NAME);
+pub fn fetch(client: &mut Client, job_id: &str, rundir: &RunDir) -> Result<Unpacked, String> {
+    let archive = rundir.attachments_download();
     let got = client.download_attachments(job_id, &archive);
     let result = match got {
-        Ok(true) => unpack(&archive, &rundir.join("attachments"), Limits::default()).map_err(|e| e.to_string()),
+        Ok(true) => unpack(&archive, &rundir.attachments(), Limits::default()).map_err(|e| e.to_string()),
         // attachments_status said complete, yet the server has none: the
         // phases will say what they miss, better than refusing the job.
         Ok(false) => {
@@ -391,7 +368,8 @@ fn member_path(raw: &[u8]) -> Result<PathBuf, &'static str> {
     let first = out.components().next().and_then(|c| c.as_os_str().to_str());
     match first {
         None => Err("an empty name"),
-        Some(f) if PHASE_DIRS.contains(&f) => Ok(out),
+        // The folders of the phases that take attachments.
+        Some(f) if Phase::parse(f).is_some_and(Phase::takes_attachments) => Ok(out),
         Some(_) => Err("not under provision/, firmware_update/ or test/"),
     }
 }
@@ -475,19 +453,5 @@ mod tests {
         assert!(at("/etc/shadow", "test/l").is_err());
         assert!(at("a/../../..", "test/l").is_err(), "`..` after a name");
         assert!(at("", "test/l").is_err());
-    }
-
-    #[test]
-    fn strips_attachments_from_phase_data() {
-        let mut job = Json::parse(
-            r#"{"provision_data":{"attachments":[{"local":"a"}]},"test_data":{"attachments":[],"test_cmds":"x"},"reserve_data":{"attachments":1}}"#,
-        )
-        .unwrap();
-        strip_from_job(&mut job);
-        assert!(job.get("provision_data").is_none(), "{}", job.to_string_compact());
-        assert!(job.get("test_data").unwrap().get("attachments").is_none());
-        assert!(job.get("test_data").unwrap().get("test_cmds").is_some());
-        // Only the three phases that take attachments are touched.
-        assert!(job.get("reserve_data").unwrap().get("attachments").is_some());
     }
 }

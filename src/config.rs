@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::json::Json;
+use crate::phase::Phase;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,16 +284,15 @@ impl Config {
     }
 
     /// The command configured for `phase`, if any (empty means none).
-    pub fn command(&self, phase: &str) -> &str {
+    pub fn command(&self, phase: Phase) -> &str {
         match phase {
-            "setup" => &self.setup_command,
-            "provision" => &self.provision_command,
-            "firmware_update" => &self.firmware_update_command,
-            "test" => &self.test_command,
-            "allocate" => &self.allocate_command,
-            "reserve" => &self.reserve_command,
-            "cleanup" => &self.cleanup_command,
-            _ => "",
+            Phase::Setup => &self.setup_command,
+            Phase::Provision => &self.provision_command,
+            Phase::FirmwareUpdate => &self.firmware_update_command,
+            Phase::Test => &self.test_command,
+            Phase::Allocate => &self.allocate_command,
+            Phase::Reserve => &self.reserve_command,
+            Phase::Cleanup => &self.cleanup_command,
         }
     }
 
@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(c.logging_level, "INFO");
         assert_eq!(c.output_bytes, 10 * 1024 * 1024);
         assert_eq!(c.server_timeout, 30);
-        assert_eq!(c.command("test"), "");
+        assert_eq!(c.command(Phase::Test), "");
         assert!(c.string_env.contains(&("agent_id".into(), "a1".into())));
     }
 

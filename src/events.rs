@@ -9,17 +9,16 @@
 //! webhook sees the whole list each time, and a shorter one would drop them.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic;
 use crate::client::Client;
 use crate::json::Json;
 use crate::outbound::Masked;
+use crate::phase::Event;
 use crate::timestamp::now_iso8601;
 
-/// Where in the run dir the list is kept.
-const EVENTS_FILE: &str = ".events.json";
 /// After a failed post, events wait this long (doubling per failure, up to
 /// [`MAX_HOLD`]) before the next try: each post carries the whole list, so
 /// the ones in between lose nothing, and a job (skipped phases emit events
@@ -41,26 +40,26 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn new(job: &Json, agent_id: &str) -> Events {
-        let webhook = job.get("job_status_webhook").and_then(Json::as_str).filter(|w| !w.is_empty());
+    /// Events are posted only when the job has a `webhook`.
+    pub fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
         let header = webhook.map(|w| {
             Json::object()
                 .with("agent_id", Json::str(agent_id))
-                .with("job_queue", Json::str(job.get("job_queue").and_then(Json::as_str).unwrap_or("")))
+                .with("job_queue", Json::str(job_queue))
                 .with("job_status_webhook", Json::str(w))
         });
         Events { list: Vec::new(), header, unsent: false, file: None, hold_until: None, hold: Duration::ZERO }
     }
 
-    /// Keeps the list in `rundir` from now on.
-    pub fn keep_in(&mut self, rundir: &Path) {
-        self.file = Some(rundir.join(EVENTS_FILE));
+    /// Keeps the list in `file` (in the run dir) from now on.
+    pub fn keep_in(&mut self, file: PathBuf) {
+        self.file = Some(file);
     }
 
-    /// Takes back the list an earlier run of the agent kept in `rundir`,
+    /// Takes back the list an earlier run of the agent kept in `file`,
     /// and keeps it there from now on.
-    pub fn restore(&mut self, rundir: &Path) {
-        self.keep_in(rundir);
+    pub fn restore(&mut self, file: PathBuf) {
+        self.keep_in(file);
         let Some(file) = &self.file else { return };
         let Ok(text) = fs::read_to_string(file) else { return };
         match Json::parse(&text) {
@@ -71,13 +70,14 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, name: &str, detail: &Masked) {
+    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, event: Event, detail: &Masked) {
+        let name = event.to_string();
         let detail = detail.as_str();
         log::info!("job {job_id}: event {name} {detail}");
         let Some(header) = &self.header else { return };
         self.list.push(
             Json::object()
-                .with("event_name", Json::str(name))
+                .with("event_name", Json::str(name.as_str()))
                 .with("timestamp", Json::str(now_iso8601()))
                 .with("detail", Json::str(detail)),
         );

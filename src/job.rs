@@ -1,42 +1,38 @@
-//! One job: its run dir, the phases in order with their skip and stop
-//! rules, events, and the outcome.
+//! One job: the phases of its plan in order with their stop rules, events,
+//! and the outcome, from the run dir to the server.
 //!
 //! With a server (`client` is `Some`) progress is reported as it happens;
 //! without one (the local `--job` mode) the same phases run and only the
 //! run dir and the terminal see the output.
+//!
+//! `run` and `resume` read as their steps; both end in `finish`.
 
-use std::fs;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::archive;
 use crate::attachments;
 use crate::client::Client;
 use crate::config::Config;
-use crate::delivery::{self, PendingStream};
+use crate::delivery;
 use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
-use crate::outbound::{JobSecrets, LogMasking, Masked};
-use crate::output::{LiveStream, PhaseLog};
-use crate::runner::{self, Limits, Stop};
-use crate::safe_fs;
-use crate::serial::SerialTail;
+use crate::outbound::{JobSecrets, LogMasking};
+use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
+use crate::rundir::{self, JobState, RunDir};
+use crate::runner::Stop;
 use crate::signals;
 
+mod execute;
+pub mod plan;
+mod report;
 mod watcher;
-use watcher::{PhaseWatcher, Progress};
 
-/// The phases before cleanup, in order.
-pub const PHASES: [&str; 6] = ["setup", "provision", "firmware_update", "test", "allocate", "reserve"];
+pub use plan::JobPlan;
 
-pub use crate::codes::RECOVERY_FAILED;
 /// The setup status of a job whose attachments were refused or could not
 /// be fetched (no command ran; like a command that could not start).
-const ATTACHMENTS_FAILED: i32 = 100;
-
-const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
-const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
+const ATTACHMENTS_FAILED: i32 = NOT_RUN;
 /// How often the agent's state is re-posted while one phase (or an
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
@@ -45,27 +41,23 @@ const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
 const CLEANUP_WHEN_INTERRUPTED: Duration = Duration::from_secs(120);
-/// The status recorded for a phase that was running when the agent was
-/// killed or lost power: its real exit status is unknown. Chosen outside
-/// the codes connectors use (0-2, 46) and the runner's own 100.
-pub const INTERRUPTED_BY_AGENT_LOSS: i32 = 99;
 
 /// What became of a job, for the agent loop and the `--job` summary.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Summary {
     pub job_id: String,
-    pub statuses: Vec<(String, i32)>,
+    pub statuses: Vec<(Phase, i32)>,
     pub recovery_failed: bool,
     pub interrupted: bool,
-    /// Why the job ended (`normal_exit`, `cancelled`, `<phase>_fail`...).
-    pub end_reason: String,
+    /// Why the job ended.
+    pub end_reason: EndReason,
     /// The outcome reached the server (always false without a server).
     pub delivered: bool,
 }
 
 impl Summary {
     pub fn failed(&self) -> bool {
-        self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != "normal_exit"
+        self.statuses.iter().any(|(_, c)| *c != 0) || self.end_reason != EndReason::NormalExit
     }
 }
 
@@ -73,25 +65,21 @@ pub struct JobRunner<'a> {
     config: &'a Config,
     client: Option<&'a mut Client>,
     echo: bool,
-    job: Json,
-    job_id: String,
-    rundir: PathBuf,
-    /// Each phase's own `secrets`: its environment gets those only.
-    phase_secrets: Vec<(String, Vec<(String, String)>)>,
-    /// The job was cancelled on the server: the outcome must not turn it
-    /// back into a completed one.
-    cancelled: bool,
+    plan: JobPlan,
+    rundir: RunDir,
+    /// Fragment numbers, output left unsent, and whether the job was
+    /// cancelled on the server (the outcome must then not turn it back into
+    /// a completed one): saved in the run dir as they change.
+    state: JobState,
+    /// A phase exited with `RECOVERY_FAILED`: the agent goes offline.
+    recovery_failed: bool,
     /// Every secret value of the job (all phases'): job text on its way
     /// out goes through them (see `outbound`).
     masks: JobSecrets,
     /// The agent's log lines are masked with `masks` while the job lives.
     _log_masking: LogMasking,
     events: Events,
-    statuses: Vec<(String, i32)>,
-    output_fragments: u64,
-    serial_fragments: u64,
-    /// Output not yet delivered when its phase ended (server down).
-    pending: Vec<PendingStream>,
+    statuses: Vec<(Phase, i32)>,
     metrics: Option<&'a mut Metrics>,
     /// The `release` label of the phase metrics: `""` until provisioning
     /// succeeds, then what the connector reported (see `device_release`).
@@ -100,47 +88,23 @@ pub struct JobRunner<'a> {
 
 impl<'a> JobRunner<'a> {
     /// `job` must have a safe `job_id` (checked by the caller).
-    pub fn new(config: &'a Config, client: Option<&'a mut Client>, mut job: Json, echo: bool) -> JobRunner<'a> {
-        let job_id = job.get("job_id").and_then(Json::as_str).unwrap_or("local-job").to_string();
-        let rundir = config.execution_basedir.join(&job_id);
-        // Secrets go to their own phase's environment only: never to disk.
-        let mut secrets = Vec::new();
-        let mut phase_secrets = Vec::new();
-        for phase in PHASES.iter().chain(std::iter::once(&"cleanup")) {
-            if let Some(data) = job.get_mut(&format!("{phase}_data")) {
-                if let Some(Json::Object(map)) = data.remove("secrets") {
-                    let mut own = Vec::new();
-                    for (k, v) in map {
-                        let value = match v {
-                            Json::Str(s) => s,
-                            Json::Null => String::new(),
-                            other => other.to_string_compact(),
-                        };
-                        secrets.push((k.clone(), value.clone()));
-                        own.push((k, value));
-                    }
-                    phase_secrets.push((phase.to_string(), own));
-                }
-            }
-        }
-        let events = Events::new(&job, &config.agent_id);
-        let masks = JobSecrets::new(secrets.iter().map(|(_, v)| v.clone()));
+    pub fn new(config: &'a Config, client: Option<&'a mut Client>, job: Json, echo: bool) -> JobRunner<'a> {
+        let plan = JobPlan::new(config, job);
+        let rundir = RunDir::of(&config.execution_basedir, &plan.job_id);
+        let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, &config.agent_id);
+        let masks = JobSecrets::new(plan.secret_values());
         JobRunner {
             config,
             client,
             echo,
-            job,
-            job_id,
+            plan,
             rundir,
-            phase_secrets,
-            cancelled: false,
+            state: JobState::default(),
+            recovery_failed: false,
             _log_masking: masks.mask_log_lines(),
             masks,
             events,
             statuses: Vec::new(),
-            output_fragments: 0,
-            serial_fragments: 0,
-            pending: Vec::new(),
             metrics: None,
             release: String::new(),
         }
@@ -152,562 +116,25 @@ impl<'a> JobRunner<'a> {
         self
     }
 
-    /// Sleeps, answering metrics scrapes meanwhile.
-    fn pause(metrics: Option<&mut Metrics>, d: Duration) {
-        crate::wait::sleep(d, metrics.map(|m| m as &mut dyn crate::wait::Source));
-    }
-
-    fn save_progress(&self) {
-        let state = delivery::JobState {
-            output_next: self.output_fragments,
-            serial_next: self.serial_fragments,
-            pending: self.pending.clone(),
-            events: None,
-            cancelled: self.cancelled,
-        };
-        if let Err(e) = state.save(&self.rundir) {
-            log::debug!("cannot save fragment progress: {e}");
-        }
-    }
-
-    /// Emits an event; its detail goes through the job's secrets.
-    fn emit(&mut self, name: &str, detail: &str) {
-        let detail = self.masks.text(detail);
-        self.emit_masked(name, &detail);
-    }
-
-    fn emit_masked(&mut self, name: &str, detail: &Masked) {
-        self.events.emit(self.client.as_deref_mut(), &self.job_id, name, detail);
-    }
-
-    fn post_result(&mut self, data: Json) {
-        if let Some(client) = self.client.as_deref_mut() {
-            if let Err(e) = client.post_result(&self.job_id, &data) {
-                log::warn!("result update not posted: {e}");
-            }
-        }
-    }
-
-    /// Posts the agent's state for a phase; there is none for cleanup
-    /// (upstream posts none, and dashboards show the last phase).
-    fn post_agent_state(&mut self, state: &str) {
-        if let Some(client) = self.client.as_deref_mut() {
-            post_state_unless_held(client, state, client.retry());
-        }
-    }
-
-    fn is_cancelled(&mut self) -> bool {
-        match self.client.as_deref_mut() {
-            Some(client) => client.job_state(&self.job_id, None).as_deref() == Some("cancelled"),
-            None => false,
-        }
-    }
-
-    /// Creates the run dir (0700) and the files device connectors expect
-    /// (0600), none of them through a link.
-    fn prepare(&mut self) -> std::io::Result<()> {
-        safe_fs::ensure_base_dir(&self.config.execution_basedir, safe_fs::PRIVATE_DIR)?;
-        match fs::symlink_metadata(&self.rundir) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(std::io::Error::other(format!("refusing {}: it is a symbolic link", self.rundir.display())));
-            }
-            Ok(_) => fs::remove_dir_all(&self.rundir)?,
-            Err(_) => {}
-        }
-        safe_fs::make_dir(&self.rundir, safe_fs::PRIVATE_DIR)?;
-        if self.client.is_none() {
-            // Before testflinger.json, so that no moment exists when server
-            // mode would take this run dir for one of its own.
-            safe_fs::write_new(&self.rundir.join(delivery::LOCAL_MARKER), b"", safe_fs::PRIVATE_FILE)?;
-        }
-        // The job as the connectors read it, secrets removed. Not masked:
-        // it is the phase commands' input, and the server holds it as is.
-        safe_fs::write_new(&self.rundir.join("testflinger.json"), self.job.to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)?;
-        self.write_outcome()?;
-        safe_fs::write_new(&self.rundir.join("device-connector-error.json"), b"", safe_fs::PRIVATE_FILE)?;
-        Ok(())
-    }
-
-    /// `{}` until a phase has a status, as upstream starts the file.
-    fn outcome(&self) -> Json {
-        if self.statuses.is_empty() {
-            return Json::object();
-        }
-        let status = Json::Object(self.statuses.iter().map(|(p, c)| (p.clone(), Json::int(i64::from(*c)))).collect());
-        Json::object().with("status", status)
-    }
-
-    fn write_outcome(&self) -> std::io::Result<()> {
-        let path = self.rundir.join("testflinger-outcome.json");
-        safe_fs::rewrite(&path, self.outcome().to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)
-    }
-
-    /// Why `phase` does not run, or `None` when it does.
-    fn skip_reason(&self, phase: &str) -> Option<String> {
-        if self.config.command(phase).trim().is_empty() {
-            return Some(format!("no {phase}_command configured"));
-        }
-        if phase == "setup" || phase == "cleanup" {
-            return None;
-        }
-        let data = self.job.get(&format!("{phase}_data"));
-        match data {
-            None => Some(format!("no {phase}_data in the job")),
-            Some(d) if d.is_empty_like() => Some(format!("empty {phase}_data in the job")),
-            Some(d) if !matches!(d, Json::Object(_)) => Some(format!("{phase}_data is not a mapping")),
-            Some(d) if d.get("skip").and_then(Json::as_bool) == Some(true) => Some(format!("{phase}_data has skip: true")),
-            Some(_) => None,
-        }
-    }
-
-    fn timeout_from_job(&self, key: &str) -> Option<u64> {
-        self.job.get(key).and_then(Json::as_i64).filter(|t| *t > 0).map(|t| t as u64)
-    }
-
-    fn limits(&self, phase: &str) -> Limits {
-        let pick = |job: Option<u64>, conf: Option<u64>, default: u64| match (job, conf) {
-            (Some(j), Some(c)) => j.min(c),
-            (Some(j), None) => j,
-            (None, Some(c)) => c,
-            (None, None) => default,
-        };
-        if phase == "reserve" {
-            // The connector's reserve command waits out the reservation's
-            // timeout itself, after its own start-up: a limit here would
-            // always end it first. Only a cancel ends it early (upstream too).
-            return Limits { global: None, output: None, kill_grace: Some(self.config.kill_grace()) };
-        }
-        let global = pick(self.timeout_from_job("global_timeout"), self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
-        let output = (phase == "test")
-            .then(|| pick(self.timeout_from_job("output_timeout"), self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
-        Limits {
-            global: Some(Duration::from_secs(global)),
-            output: output.map(Duration::from_secs),
-            kill_grace: Some(self.config.kill_grace()),
-        }
-    }
-
-    /// Typed job fields holding the wrong type, each with what is used
-    /// instead: a job no server validated (`--job`) still runs, and the
-    /// operator learns why it ran otherwise than written.
-    fn field_warnings(&self) -> Vec<String> {
-        let mut warnings = Vec::new();
-        let timeouts = [
-            ("global_timeout", self.config.global_timeout, DEFAULT_GLOBAL_TIMEOUT),
-            ("output_timeout", self.config.output_timeout, DEFAULT_OUTPUT_TIMEOUT),
-        ];
-        for (key, conf, default) in timeouts {
-            let Some(v) = self.job.get(key).filter(|v| !matches!(v, Json::Null)) else { continue };
-            if self.timeout_from_job(key).is_some() {
-                continue;
-            }
-            let mut shown = v.to_string_compact();
-            if shown.len() > 40 {
-                shown = format!("{}...", shown.chars().take(40).collect::<String>());
-            }
-            let used = match conf {
-                Some(c) => format!("the config's, {c} s"),
-                None => format!("the default, {default} s"),
-            };
-            warnings.push(format!("{key}: {shown} is not a positive number of seconds; using {used}"));
-        }
-        for phase in PHASES {
-            let key = format!("{phase}_data");
-            match self.job.get(&key) {
-                None | Some(Json::Object(_)) => {}
-                // Absent in upstream's eyes too: skipped without a word.
-                Some(v) if v.is_empty_like() => {}
-                Some(v) => warnings.push(format!("{key}: {}, not a mapping; the {phase} phase is skipped", kind_of(v))),
-            }
-        }
-        warnings
-    }
-
-    /// The config's strings, and `phase`'s own secrets (no other phase's).
-    fn env(&self, phase: &str) -> Vec<(String, String)> {
-        let mut env = self.config.string_env.clone();
-        if let Some((_, own)) = self.phase_secrets.iter().find(|(p, _)| p == phase) {
-            env.extend(own.iter().cloned());
-        }
-        env
-    }
-
-    /// Runs one phase's command; returns its exit code, stop reason, and
-    /// the signal that killed it, if one did.
-    fn run_phase(&mut self, phase: &str) -> (i32, Option<Stop>, Option<i32>) {
-        let log_path = self.rundir.join(format!("{phase}.log"));
-        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("cannot open {}: {e}", log_path.display());
-                return (100, None, None);
-            }
-        };
-        let start_offset = log.written;
-        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
-        let stars = "*".repeat(banner_line.len());
-        log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
-
-        let mut limits = self.limits(phase);
-        let interrupted_cleanup = phase == "cleanup" && signals::interrupted();
-        if interrupted_cleanup {
-            limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
-        }
-        let env = self.env(phase);
-        let cmd = self.config.command(phase).to_string();
-        let job_id = self.job_id.clone();
-        let can_cancel = phase != "provision" && phase != "cleanup";
-        let live = self.client.as_deref_mut().map(|c| {
-            (LiveStream::new(&job_id, "output", phase, &log_path, start_offset), c, &mut self.output_fragments)
-        });
-        let has_live = live.is_some();
-        let serial_next = self.serial_fragments;
-        // The connector's serial log, masked and sent as it is written.
-        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut self.serial_fragments));
-        let mut progress = Progress {
-            rundir: &self.rundir,
-            phase,
-            earlier: &self.pending,
-            saved_output_next: u64::MAX,
-            cancelled: self.cancelled,
-            saved_serial_next: serial_next,
-        };
-        if let Some((_, _, counter)) = &live {
-            progress.save(**counter, start_offset, None);
-        }
-        let mut watcher = PhaseWatcher {
-            log,
-            live,
-            serial,
-            job_id: &job_id,
-            next_cancel_check: (can_cancel && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
-            honour_interrupt: phase != "cleanup",
-            metrics: self.metrics.as_deref_mut(),
-            progress,
-            next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
-        };
-        crate::notify::status(&format!("job {job_id}: {phase}"));
-        let outcome = runner::run(&cmd, &self.rundir, &env, limits, &mut watcher);
-        // A stop by the agent already has its line (the stop message, as
-        // upstream prints it); a signal from elsewhere (the OOM killer, an
-        // operator) would otherwise go unexplained.
-        if let (Some(sig), None) = (outcome.signal, &outcome.stopped) {
-            watcher.log.write(format!("\nThe {phase} command was killed by signal {sig}\n").as_bytes());
-        }
-        watcher.log.finish();
-        let written = watcher.log.written;
-        let serial = watcher.serial.take();
-        let mut pending = Vec::new();
-        if let Some((mut stream, client, counter)) = watcher.live.take() {
-            if let Err(e) = stream.flush(client, counter, written) {
-                log::warn!("{phase} output not fully sent, kept for later: {e}");
-                pending.push(PendingStream { kind: "output".into(), phase: phase.into(), sent: stream.sent, inflight_end: stream.inflight_end });
-            }
-            if let Some((mut tail, serial_counter)) = serial {
-                tail.finish();
-                if tail.started() {
-                    if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
-                        log::warn!("{phase} serial log not fully sent, kept for later: {e}");
-                        let s = &tail.stream;
-                        pending.push(PendingStream { kind: "serial".into(), phase: phase.into(), sent: s.sent, inflight_end: s.inflight_end });
-                    }
-                }
-            }
-        }
-        self.pending.extend(pending);
-        (outcome.code, outcome.stopped, outcome.signal)
-    }
-
-    /// Text of the connector's failure detail for `phase`, if it left one,
-    /// masked: it goes to the log, the events and the provision log.
-    fn connector_error(&self, phase: &str) -> Masked {
-        self.masks.text(&self.connector_error_raw(phase))
-    }
-
-    fn connector_error_raw(&self, phase: &str) -> String {
-        let Ok(text) = fs::read_to_string(self.rundir.join("device-connector-error.json")) else {
-            return String::new();
-        };
-        let Ok(json) = Json::parse(&text) else { return String::new() };
-        let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
-        let field = |k: &str| info.get(k).and_then(Json::as_str).unwrap_or("").to_string();
-        let mut detail = format!("{}: {}", field("exception_name"), field("exception_message"));
-        let cause = field("exception_cause");
-        if !cause.is_empty() {
-            // Upstream's wording: webhooks and dashboards may match on it.
-            detail.push_str(&format!(" caused by {cause}"));
-        }
-        detail
-    }
-
-    /// What the connector left in `device-info.json` (its `device_info`
-    /// member, or the whole object), masked; `None` when there is none or
-    /// it is not JSON.
-    fn device_info(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.rundir.join("device-info.json")).ok()?;
-        let Ok(info) = Json::parse(&text) else {
-            log::warn!("device-info.json is not valid JSON; ignored");
-            return None;
-        };
-        Some(self.masks.json(info.get("device_info").unwrap_or(&info)))
-    }
-
-    fn post_device_info(&mut self) -> bool {
-        let Some(info) = self.device_info() else { return true };
-        match self.client.as_deref_mut() {
-            Some(client) => match client.post_result(&self.job_id, &Json::object().with("device_info", info)) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::warn!("device info not posted: {e}");
-                    false
-                }
-            },
-            None => true,
-        }
-    }
-
-    /// After the allocate command: publish the device, then hold it until
-    /// this job or its parent is over.
-    fn hold_allocation(&mut self) {
-        while !self.post_device_info() {
-            if signals::interrupted() {
-                return;
-            }
-            Self::pause(self.metrics.as_deref_mut(), Duration::from_secs(2));
-        }
-        self.post_result(Json::object().with("job_state", Json::str("allocated")));
-        let parent = self.job.get("parent_job_id").and_then(Json::as_str).map(String::from);
-        let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
-        let Some(client) = self.client.as_deref_mut() else { return };
-        let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
-        let mut next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
-        loop {
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
-                post_state_unless_held(client, "allocate", client.retry());
-            }
-            if over(client.job_state(&self.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
-                return;
-            }
-            if signals::interrupted() {
-                return;
-            }
-            Self::pause(self.metrics.as_deref_mut(), interval);
-        }
-    }
-
-    /// Unpacks the job's attachments into the run dir, when it has some,
-    /// and drops the `attachments` entries from the phase data (the
-    /// connectors still find them in `testflinger.json`). Without a server
-    /// (`--job`) they are skipped: there is nothing to download from.
-    fn fetch_attachments(&mut self) -> Result<(), String> {
-        attachments::strip_from_job(&mut self.job);
-        if !attachments::wanted(&self.job) {
-            return Ok(());
-        }
-        let Some(client) = self.client.as_deref_mut() else {
-            log::warn!("job {}: attachments are not fetched without a server", self.job_id);
-            return Ok(());
-        };
-        let done = attachments::fetch(client, &self.job_id, &self.rundir)?;
-        log::info!("job {}: attachments unpacked: {} files, {} bytes", self.job_id, done.files, done.bytes);
-        Ok(())
-    }
-
     /// Runs the whole job and delivers (or keeps) its outcome.
     pub fn run(mut self) -> Summary {
-        let mut summary = Summary { job_id: self.job_id.clone(), ..Summary::default() };
-        if let Some(client) = self.client.as_deref_mut() {
-            let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
-        }
-        let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.job_id))).unwrap_or_default();
-        self.emit("job_start", &job_url);
-        for warning in self.field_warnings() {
-            log::warn!("job {}: {warning}", self.job_id);
-        }
-        if let Some(m) = self.metrics.as_deref_mut() {
-            m.job_started();
-        }
+        self.start();
         if let Err(e) = self.prepare() {
-            log::error!("cannot prepare run dir {}: {e}", self.rundir.display());
-            self.statuses.push(("setup".into(), 100));
-            summary.end_reason = "setup_fail".into();
-            summary.statuses = self.statuses.clone();
-            self.emit("job_end", &format!("cannot prepare the run dir: {e}"));
-            self.finish_without_rundir();
-            return summary;
+            return self.fail_to_prepare(e);
         }
-        self.events.keep_in(&self.rundir);
-
-        let mut end_reason = "normal_exit".to_string();
-        if let Err(why) = self.fetch_attachments() {
-            let why = self.masks.text(&why);
-            log::error!("job {}: setup failed: {why}", self.job_id);
-            self.statuses.push(("setup".into(), ATTACHMENTS_FAILED));
-            if let Err(e) = self.write_outcome() {
-                log::error!("cannot write the outcome file: {e}");
-            }
-            self.post_result(self.outcome());
-            self.emit_masked("setup_fail", &why);
-            end_reason = "setup_fail".into();
-        }
-        for phase in PHASES {
-            if end_reason == "setup_fail" {
-                break;
-            }
-            if signals::interrupted() {
-                end_reason = "agent_interrupted".into();
-                break;
-            }
-            if self.is_cancelled() {
-                log::info!("job {}: cancelled before {phase}", self.job_id);
-                self.emit("cancelled", "");
-                end_reason = "cancelled".into();
-                self.cancelled = true;
-                break;
-            }
-            // A skipped phase is still announced and succeeds, as upstream
-            // reports it: dashboards and webhooks see every phase.
-            self.post_result(Json::object().with("job_state", Json::str(phase)));
-            self.post_agent_state(phase);
-            self.emit(&format!("{phase}_start"), "");
-            if let Some(why) = self.skip_reason(phase) {
-                log::info!("job {}: skipping {phase}: {why}", self.job_id);
-                self.emit(&format!("{phase}_success"), "");
-                continue;
-            }
-            self.post_device_info();
-            log::info!("job {}: running {phase}", self.job_id);
-            let started = Instant::now();
-            let (code, stopped, signal) = self.run_phase(phase);
-            log::info!("job {}: {phase} exited with {code}", self.job_id);
-            if phase == "provision" && code == 0 {
-                self.release = self.device_release();
-            }
-            let release = self.release.clone();
-            if let Some(m) = self.metrics.as_deref_mut() {
-                m.phase_ended(phase, started.elapsed().as_secs_f64(), code, &release);
-            }
-            self.statuses.push((phase.to_string(), code));
-            if let Err(e) = self.write_outcome() {
-                log::error!("cannot write the outcome file: {e}");
-            }
-            self.save_progress();
-            self.post_result(self.outcome());
-            if let Some(stop) = &stopped {
-                self.emit(stop.event(), stop.message().trim());
-            }
-            let mut detail = self.connector_error(phase);
-            if let (Some(sig), None) = (signal, &stopped) {
-                // Distinct from an exit code of 128+N chosen by the command.
-                let sep = if detail.is_empty() { "" } else { "; " };
-                detail.push(&Masked::agent(format!("{sep}killed by signal {sig}")));
-            }
-            if phase == "provision" {
-                // The detail is the exit event's name, as upstream sends it;
-                // the connector's own detail goes with the event.
-                let exit_event = match code {
-                    0 => "provision_success",
-                    RECOVERY_FAILED => "recovery_fail",
-                    _ => "provision_fail",
-                };
-                if let Some(client) = self.client.as_deref_mut() {
-                    let body = Json::object()
-                        .with("job_id", Json::str(self.job_id.as_str()))
-                        .with("exit_code", Json::int(i64::from(code)))
-                        .with("detail", Json::str(exit_event));
-                    if let Err(e) = client.post_provision_log(&body) {
-                        log::warn!("provision log not posted: {e}");
-                    }
-                }
-            }
-            // Exit 46 is reported as `recovery_fail` instead of the phase's
-            // own failure event, with the connector's detail (as upstream).
-            let exit_event = match code {
-                0 => format!("{phase}_success"),
-                RECOVERY_FAILED => "recovery_fail".to_string(),
-                _ => format!("{phase}_fail"),
-            };
-            if code == RECOVERY_FAILED {
-                summary.recovery_failed = true;
-                log::error!("job {}: {phase} exited with 46: device recovery failed", self.job_id);
-            }
-            if code == 0 {
-                self.emit(&exit_event, "");
-            } else {
-                self.emit_masked(&exit_event, &detail);
-            }
-            if phase == "allocate" && code == 0 {
-                self.hold_allocation();
-            }
-            match stopped {
-                Some(Stop::Cancelled) => {
-                    end_reason = "cancelled".into();
-                    self.cancelled = true;
-                    // Upstream goes on to the next phase, whose cancel check
-                    // emits a second `cancelled`; webhooks see the same.
-                    if PHASES.last() != Some(&phase) {
-                        self.emit("cancelled", "");
-                    }
-                    break;
-                }
-                Some(Stop::Interrupted) => {
-                    end_reason = "agent_interrupted".into();
-                    break;
-                }
-                _ => {}
-            }
-            if code != 0 && phase != "test" {
-                end_reason = exit_event;
-                break;
-            }
-        }
-
+        self.events.keep_in(self.rundir.events_file());
+        let end = match self.fetch_attachments() {
+            Ok(()) => self.run_phases(),
+            Err(why) => self.attachments_failed(&why),
+        };
         self.run_cleanup();
         // A cancel can also land while a phase that cannot be cancelled
         // (provision, cleanup) runs, or after the last check: the outcome
         // must still not turn the job back into a completed one.
-        if !self.cancelled && self.is_cancelled() {
-            self.cancelled = true;
+        if !self.state.cancelled && self.is_cancelled() {
+            self.state.cancelled = true;
         }
-        summary.interrupted = signals::interrupted();
-        summary.statuses = self.statuses.clone();
-        summary.end_reason = end_reason.clone();
-        self.emit("job_end", &end_reason);
-        summary.delivered = self.finish();
-        summary
-    }
-
-    /// Cleanup runs whatever happened before, so the device is left sane.
-    /// Without a cleanup command the events still say it succeeded, as
-    /// upstream's do; no agent state or job state is posted for cleanup.
-    fn run_cleanup(&mut self) {
-        self.emit("cleanup_start", "");
-        if self.skip_reason("cleanup").is_some() {
-            self.emit("cleanup_success", "");
-            return;
-        }
-        self.post_device_info();
-        let (code, _, _) = self.run_phase("cleanup");
-        self.statuses.retain(|(p, _)| p != "cleanup");
-        self.statuses.push(("cleanup".into(), code));
-        let _ = self.write_outcome();
-        self.save_progress();
-        // Every phase that ran has its statuses posted so far, cleanup too
-        // (upstream's cumulative post): dashboards see cleanup's status
-        // before the outcome, and even when the outcome is kept for later.
-        self.post_result(self.outcome());
-        self.emit(if code == 0 { "cleanup_success" } else { "cleanup_fail" }, "");
-    }
-
-    /// The release label for metrics after a successful provision: the
-    /// `release` the connector put in `device-info.json`'s `device_info`,
-    /// else `unknown` (upstream asks the device over SSH, which would block
-    /// this single-threaded agent for up to half a minute).
-    fn device_release(&self) -> String {
-        let info = self.device_info();
-        let release = info.as_ref().and_then(|i| i.get("release")).and_then(Json::as_str).filter(|r| !r.is_empty());
-        release.unwrap_or("unknown").to_string()
+        self.finish(end)
     }
 
     /// Finishes a job whose agent was killed (or lost power) while it ran,
@@ -716,183 +143,267 @@ impl<'a> JobRunner<'a> {
     /// [`INTERRUPTED_BY_AGENT_LOSS`] and a `<phase>_fail` event; cleanup
     /// runs (again, when it was the interrupted one); then artifacts and
     /// outcome are delivered or kept like any job's.
-    pub fn resume(mut self, interrupted: Option<&str>) -> Summary {
-        let outcome_text = fs::read_to_string(self.rundir.join("testflinger-outcome.json")).unwrap_or_default();
-        if let Ok(outcome) = Json::parse(&outcome_text) {
-            for (phase, code) in outcome.get("status").and_then(Json::as_object).unwrap_or(&[]) {
-                if let Some(c) = code.as_i64() {
-                    self.statuses.push((phase.clone(), c as i32));
-                }
-            }
-        }
-        self.events.restore(&self.rundir);
-        let saved = delivery::JobState::load(&self.rundir);
-        self.output_fragments = saved.output_next;
-        self.serial_fragments = saved.serial_next;
-        self.pending = saved.pending;
-        self.cancelled = saved.cancelled;
-        if let Some(client) = self.client.as_deref_mut() {
-            let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.job_id.as_str())));
-        }
-        let mut end_reason = "normal_exit".to_string();
-        if let Some(phase) = interrupted {
-            let detail = format!(
-                "the agent stopped (killed or lost power) while {phase} ran; status {INTERRUPTED_BY_AGENT_LOSS} means its real exit status is unknown"
-            );
-            log::warn!("job {}: {detail}", self.job_id);
-            let line = format!("\nERROR: {detail}\n");
-            let log_path = self.rundir.join(format!("{phase}.log"));
-            if let Err(e) = safe_fs::open_append(&log_path, safe_fs::PRIVATE_FILE).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes())) {
-                log::warn!("cannot note the interruption in {}: {e}", log_path.display());
-            }
-            if phase != "cleanup" {
-                self.statuses.push((phase.to_string(), INTERRUPTED_BY_AGENT_LOSS));
-                end_reason = format!("{phase}_fail");
-                if let Some(m) = self.metrics.as_deref_mut() {
-                    m.phase_ended(phase, 0.0, INTERRUPTED_BY_AGENT_LOSS, "");
-                }
-            }
-            let _ = self.write_outcome();
-            self.post_result(self.outcome());
-            self.emit(&format!("{phase}_fail"), &detail);
-        }
+    pub fn resume(mut self, interrupted: Option<Phase>) -> Summary {
+        self.restore();
+        self.post_job_id();
+        let end = match interrupted {
+            Some(phase) => self.mark_interrupted(phase),
+            None => EndReason::NormalExit,
+        };
         // The output the server missed goes before cleanup's, in order.
         self.flush_pending();
-        if !self.statuses.iter().any(|(p, _)| p == "cleanup") {
+        if !self.statuses.iter().any(|(p, _)| *p == Phase::Cleanup) {
             self.run_cleanup();
         }
-        let summary = Summary {
-            job_id: self.job_id.clone(),
-            statuses: self.statuses.clone(),
-            end_reason: end_reason.clone(),
-            ..Summary::default()
-        };
-        self.emit("job_end", &end_reason);
-        let delivered = self.finish();
-        Summary { delivered, interrupted: signals::interrupted(), ..summary }
+        self.finish(end)
     }
 
-    fn flush_pending(&mut self) {
-        let Some(client) = self.client.as_deref_mut() else { return };
-        let mut left = Vec::new();
-        for mut p in std::mem::take(&mut self.pending) {
-            let counter = if p.kind == "serial" { &mut self.serial_fragments } else { &mut self.output_fragments };
-            if let Err(e) = p.send_rest(client, &self.rundir, &self.job_id, counter) {
-                log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
-                left.push(p);
+    /// The end shared by `run` and `resume`: the `job_end` event, then the
+    /// outcome delivered or kept.
+    fn finish(mut self, end: EndReason) -> Summary {
+        self.emit(Event::JobEnd, &end.to_string());
+        let delivered = self.deliver();
+        Summary {
+            job_id: self.plan.job_id.clone(),
+            statuses: self.statuses.clone(),
+            recovery_failed: self.recovery_failed,
+            interrupted: signals::interrupted(),
+            end_reason: end,
+            delivered,
+        }
+    }
+
+    /// The job begins: the server learns the agent took it, the webhook
+    /// hears `job_start`, the log says what of the job is ignored.
+    fn start(&mut self) {
+        self.post_job_id();
+        let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.plan.job_id))).unwrap_or_default();
+        self.emit(Event::JobStart, &job_url);
+        for warning in &self.plan.warnings {
+            log::warn!("job {}: {warning}", self.plan.job_id);
+        }
+        if let Some(m) = self.metrics.as_deref_mut() {
+            m.job_started();
+        }
+    }
+
+    /// The run dir could not be made: setup fails and the outcome is
+    /// reported without one (nothing can be kept for later).
+    fn fail_to_prepare(mut self, e: std::io::Error) -> Summary {
+        log::error!("cannot prepare run dir {}: {e}", self.rundir.path().display());
+        self.statuses.push((Phase::Setup, NOT_RUN));
+        self.emit(Event::JobEnd, &format!("cannot prepare the run dir: {e}"));
+        let outcome = self.outcome().with("job_state", Json::str("complete"));
+        self.post_result(outcome);
+        Summary {
+            job_id: self.plan.job_id.clone(),
+            statuses: self.statuses.clone(),
+            recovery_failed: false,
+            interrupted: false,
+            end_reason: EndReason::Fail(Phase::Setup),
+            delivered: false,
+        }
+    }
+
+    /// The attachments were refused or could not be fetched: setup fails
+    /// before any command runs.
+    fn attachments_failed(&mut self, why: &str) -> EndReason {
+        let why = self.masks.text(why);
+        log::error!("job {}: setup failed: {why}", self.plan.job_id);
+        self.record_status(Phase::Setup, ATTACHMENTS_FAILED);
+        let end = EndReason::Fail(Phase::Setup);
+        self.emit_masked(Event::Ended(end), &why);
+        end
+    }
+
+    /// The phases before cleanup, until one ends the job.
+    fn run_phases(&mut self) -> EndReason {
+        for phase in Phase::BEFORE_CLEANUP {
+            if signals::interrupted() {
+                return EndReason::AgentInterrupted;
+            }
+            if self.is_cancelled() {
+                log::info!("job {}: cancelled before {phase}", self.plan.job_id);
+                self.emit(Event::Ended(EndReason::Cancelled), "");
+                self.state.cancelled = true;
+                return EndReason::Cancelled;
+            }
+            // A skipped phase is still announced and succeeds, as upstream
+            // reports it: dashboards and webhooks see every phase.
+            self.post_result(Json::object().with("job_state", Json::str(phase.as_str())));
+            self.post_agent_state(phase);
+            self.emit(Event::Start(phase), "");
+            if let Some(why) = self.plan.phase(phase).skip.clone() {
+                log::info!("job {}: skipping {phase}: {why}", self.plan.job_id);
+                self.emit(Event::Success(phase), "");
+                continue;
+            }
+            if let Some(end) = self.run_one(phase) {
+                return end;
             }
         }
-        self.pending = left;
+        EndReason::NormalExit
+    }
+
+    /// Runs `phase` and reports it; returns why the job ends, if it does.
+    fn run_one(&mut self, phase: Phase) -> Option<EndReason> {
+        self.post_device_info();
+        log::info!("job {}: running {phase}", self.plan.job_id);
+        let started = Instant::now();
+        let (code, stopped, signal) = self.run_phase(phase);
+        log::info!("job {}: {phase} exited with {code}", self.plan.job_id);
+        if phase == Phase::Provision && code == 0 {
+            self.release = self.device_release();
+        }
+        if let Some(m) = self.metrics.as_deref_mut() {
+            m.phase_ended(phase.as_str(), started.elapsed().as_secs_f64(), code, &self.release);
+        }
+        self.record_status(phase, code);
+        if let Some(stop) = &stopped {
+            self.emit(Event::Ended(stop.reason()), stop.message().trim());
+        }
+        let failure = self.report_exit(phase, code, signal.filter(|_| stopped.is_none()));
+        if phase == Phase::Allocate && code == 0 {
+            self.hold_allocation();
+        }
+        match stopped {
+            Some(Stop::Cancelled) => {
+                self.state.cancelled = true;
+                // Upstream goes on to the next phase, whose cancel check
+                // emits a second `cancelled`; webhooks see the same.
+                if Phase::BEFORE_CLEANUP.last() != Some(&phase) {
+                    self.emit(Event::Ended(EndReason::Cancelled), "");
+                }
+                Some(EndReason::Cancelled)
+            }
+            Some(Stop::Interrupted) => Some(EndReason::AgentInterrupted),
+            _ => failure.filter(|_| phase != Phase::Test),
+        }
+    }
+
+    /// A phase's status: in the outcome file, the saved progress, and
+    /// posted (the statuses so far, as upstream posts them).
+    fn record_status(&mut self, phase: Phase, code: i32) {
+        self.statuses.push((phase, code));
+        if let Err(e) = self.write_outcome() {
+            log::error!("cannot write the outcome file: {e}");
+        }
         self.save_progress();
+        self.post_result(self.outcome());
+    }
+
+    /// Takes back what an earlier agent recorded in the run dir: statuses,
+    /// events, fragment numbers, unsent output, a cancel.
+    fn restore(&mut self) {
+        self.statuses = self.rundir.statuses();
+        self.events.restore(self.rundir.events_file());
+        // The events owed are the restored list's to say (see `deliver`).
+        self.state = JobState { events: None, ..self.rundir.load_state() };
+    }
+
+    /// `phase` was running when the agent died: its log says so, its
+    /// status is [`INTERRUPTED_BY_AGENT_LOSS`] (cleanup's is left to its
+    /// rerun), and it is reported failed.
+    fn mark_interrupted(&mut self, phase: Phase) -> EndReason {
+        let detail = format!(
+            "the agent stopped (killed or lost power) while {phase} ran; status {INTERRUPTED_BY_AGENT_LOSS} means its real exit status is unknown"
+        );
+        log::warn!("job {}: {detail}", self.plan.job_id);
+        if let Err(e) = self.rundir.append_to_log(phase, &format!("\nERROR: {detail}\n")) {
+            log::warn!("cannot note the interruption in the {phase} log: {e}");
+        }
+        let mut end = EndReason::NormalExit;
+        if phase != Phase::Cleanup {
+            self.statuses.push((phase, INTERRUPTED_BY_AGENT_LOSS));
+            end = EndReason::Fail(phase);
+            if let Some(m) = self.metrics.as_deref_mut() {
+                m.phase_ended(phase.as_str(), 0.0, INTERRUPTED_BY_AGENT_LOSS, "");
+            }
+        }
+        let _ = self.write_outcome();
+        self.post_result(self.outcome());
+        self.emit(Event::Ended(EndReason::Fail(phase)), &detail);
+        end
+    }
+
+    /// Unpacks the job's attachments into the run dir, when it has some.
+    /// Without a server
+    /// (`--job`) they are skipped: there is nothing to download from.
+    fn fetch_attachments(&mut self) -> Result<(), String> {
+        if !self.plan.attachments {
+            return Ok(());
+        }
+        let Some(client) = self.client.as_deref_mut() else {
+            log::warn!("job {}: attachments are not fetched without a server", self.plan.job_id);
+            return Ok(());
+        };
+        let done = attachments::fetch(client, &self.plan.job_id, &self.rundir)?;
+        log::info!("job {}: attachments unpacked: {} files, {} bytes", self.plan.job_id, done.files, done.bytes);
+        Ok(())
+    }
+
+    /// Creates the run dir and the files device connectors expect.
+    fn prepare(&mut self) -> std::io::Result<()> {
+        self.rundir.create(&self.config.execution_basedir, self.client.is_none(), &self.plan.document)
+    }
+
+    fn outcome(&self) -> Json {
+        rundir::outcome_of(&self.statuses)
+    }
+
+    fn write_outcome(&self) -> std::io::Result<()> {
+        self.rundir.write_outcome(&self.outcome())
+    }
+
+    fn save_progress(&self) {
+        if let Err(e) = self.rundir.save_state(&self.state) {
+            log::debug!("cannot save fragment progress: {e}");
+        }
+    }
+
+    /// Sends the output the server missed before the agent died.
+    fn flush_pending(&mut self) {
+        let Some(client) = self.client.as_deref_mut() else { return };
+        // Saves its progress; what is not sent stays pending for delivery.
+        let _ = delivery::send_pending(client, &self.rundir, &self.plan.job_id, &mut self.state);
     }
 
     /// Packs artifacts, delivers the outcome, and removes the run dir, or
     /// moves it to `results_basedir` to be delivered later.
-    fn finish(&mut self) -> bool {
-        let artifacts = self.rundir.join("artifacts");
+    fn deliver(&mut self) -> bool {
+        let artifacts = self.rundir.artifacts();
         if archive::has_content(&artifacts) {
-            let dest = self.rundir.join(delivery::ARCHIVE_NAME);
+            let dest = self.rundir.archive();
             let mask = self.config.mask_artifacts.then_some(&self.masks);
             match archive::pack_artifacts(&artifacts, &dest, mask) {
                 // pack_artifacts logs the size and the time it took.
                 Ok(_) => {}
                 Err(e) => {
                     log::error!("cannot pack artifacts (the outcome is still delivered): {e}");
-                    let _ = fs::remove_file(&dest);
+                    let _ = std::fs::remove_file(&dest);
                 }
             }
         }
-        let state = delivery::JobState {
-            output_next: self.output_fragments,
-            serial_next: self.serial_fragments,
-            pending: std::mem::take(&mut self.pending),
-            events: self.events.owed(),
-            cancelled: self.cancelled,
-        };
-        if let Err(e) = state.save(&self.rundir) {
-            log::error!("cannot save delivery state in {}: {e}", self.rundir.display());
+        let mut state = std::mem::take(&mut self.state);
+        state.events = self.events.owed();
+        if let Err(e) = self.rundir.save_state(&state) {
+            log::error!("cannot save delivery state in {}: {e}", self.rundir.path().display());
         }
         // Delivered from memory: on a full disk the outcome file may be stale.
         let outcome = self.outcome();
         let Some(client) = self.client.as_deref_mut() else {
             return false;
         };
-        match delivery::deliver_with(client, &self.rundir, &self.job_id, state, outcome) {
+        match delivery::deliver_with(client, &self.rundir, &self.plan.job_id, state, outcome) {
             Ok(()) => {
-                if let Err(e) = fs::remove_dir_all(&self.rundir) {
-                    log::warn!("cannot remove {}: {e}", self.rundir.display());
-                }
+                self.rundir.remove();
                 true
             }
             Err(e) => {
-                log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.job_id);
-                delivery::keep(&self.config.results_basedir, &self.rundir, &self.job_id);
+                log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
+                self.rundir.keep(&self.config.results_basedir, &self.plan.job_id);
                 false
             }
         }
-    }
-
-    /// The run dir could not be made: report the failure without one.
-    fn finish_without_rundir(&mut self) {
-        let outcome = self.outcome().with("job_state", Json::str("complete"));
-        self.post_result(outcome);
-    }
-}
-
-/// Posts the agent's `state` (a phase name), unless an operator holds the
-/// agent offline or in maintenance: an operator may put the agent in
-/// maintenance while a job runs, and a phase name must not overwrite that
-/// (upstream's does). Also the heartbeat of long phases.
-fn post_state_unless_held(client: &mut Client, state: &str, retry: crate::retry::Retry) {
-    if let Some((held, _)) = client.held_state_with(retry) {
-        log::info!("agent is {held} on the server; not posting state {state}");
-        return;
-    }
-    // Always with a comment, as upstream posts a state.
-    let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(""));
-    if let Err(e) = client.post_agent_data_with(&data, retry) {
-        log::warn!("agent state {state} not posted: {e}");
-    }
-}
-
-/// What kind of JSON value `v` is, for a warning.
-fn kind_of(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::Str(_) => "a string",
-        Json::Array(_) => "a list",
-        Json::Object(_) => "a mapping",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(extra: &str) -> Config {
-        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\n{extra}");
-        Config::parse(&text, std::path::Path::new("t.conf")).expect("test config")
-    }
-
-    #[test]
-    fn wrong_typed_fields_are_named_with_what_is_used() {
-        let job = Json::parse(
-            r#"{"job_id":"j","global_timeout":"soon","output_timeout":-3,"test_data":"a string","provision_data":{"url":"u"},"reserve_data":""}"#,
-        )
-        .unwrap();
-        let conf = config("output_timeout: 60\n");
-        let warnings = JobRunner::new(&conf, None, job, false).field_warnings();
-        assert_eq!(
-            warnings,
-            [
-                r#"global_timeout: "soon" is not a positive number of seconds; using the default, 14400 s"#,
-                "output_timeout: -3 is not a positive number of seconds; using the config's, 60 s",
-                "test_data: a string, not a mapping; the test phase is skipped",
-            ]
-        );
-        let fine = Json::parse(r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#).unwrap();
-        assert!(JobRunner::new(&conf, None, fine, false).field_warnings().is_empty());
     }
 }

@@ -29,13 +29,14 @@ pub mod mask;
 
 pub(crate) mod archive;
 pub(crate) mod atomic;
-pub(crate) mod codes;
 pub(crate) mod delivery;
 pub(crate) mod events;
 pub(crate) mod jitter;
 pub(crate) mod outbound;
 pub(crate) mod output;
+pub(crate) mod phase;
 pub(crate) mod recovery;
+pub(crate) mod rundir;
 pub(crate) mod serial;
 pub(crate) mod timestamp;
 pub(crate) mod vitals;

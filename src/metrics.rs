@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::atomic::write_atomic_mode;
-use crate::codes::RECOVERY_FAILED;
+use crate::phase::RECOVERY_FAILED;
 use crate::wait;
 
 mod endpoint;

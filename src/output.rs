@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
+use crate::phase::{LogKind, Phase};
+use crate::rundir::PendingStream;
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::safe_fs;
 use crate::timestamp::now_iso8601;
@@ -130,8 +132,8 @@ impl PhaseLog {
 /// final [`LiveStream::flush`] uses the client's full retry policy.
 pub struct LiveStream {
     job_id: String,
-    kind: &'static str,
-    phase: String,
+    kind: LogKind,
+    phase: Phase,
     reader: Option<File>,
     path: PathBuf,
     /// Bytes of the file already delivered.
@@ -149,12 +151,12 @@ pub struct LiveStream {
 }
 
 impl LiveStream {
-    pub fn new(job_id: &str, kind: &'static str, phase: &str, path: &Path, sent: u64) -> LiveStream {
+    pub fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
         let interval = crate::budget::get().output_interval;
         LiveStream {
             job_id: job_id.to_string(),
             kind,
-            phase: phase.to_string(),
+            phase,
             reader: None,
             path: path.to_path_buf(),
             sent,
@@ -190,6 +192,11 @@ impl LiveStream {
         if self.due(written).is_some_and(|t| now >= t) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
+    }
+
+    /// Where this stream stands, to be sent on later from there.
+    pub fn unsent(&self) -> PendingStream {
+        PendingStream { kind: self.kind, phase: self.phase, sent: self.sent, inflight_end: self.inflight_end }
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
@@ -237,7 +244,7 @@ impl LiveStream {
         };
         self.last_send = Some(Instant::now());
         let mut body = |w: &mut dyn Write| fragment::write(reader, &plan, w);
-        match client.post_log_fragment_streamed(&self.job_id, self.kind, plan.len, &mut body, idle, retry) {
+        match client.post_log_fragment_streamed(&self.job_id, self.kind.as_str(), plan.len, &mut body, idle, retry) {
             Ok(()) => {
                 *counter += 1;
                 self.sent = plan.end;

@@ -6,7 +6,7 @@
 //! of its interrupted phase that outlived the agent are stopped, the phase
 //! is reported as interrupted, cleanup runs so the device is not left half
 //! provisioned, and the outcome is delivered (or kept for later). Run dirs
-//! of local `--job` runs (marked `delivery::LOCAL_MARKER`) are not jobs of
+//! of local `--job` runs (marked as such, see `rundir`) are not jobs of
 //! the server's and are left alone.
 //!
 //! What was running is read from the run dir alone: a phase whose
@@ -15,14 +15,16 @@
 //! command starts, the code written just after it ends).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
 use crate::config::Config;
-use crate::job::{JobRunner, PHASES};
+use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
+use crate::phase::Phase;
+use crate::rundir::{self, RunDir};
 
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
@@ -31,35 +33,30 @@ const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, PartialEq)]
 pub struct Leftover {
     pub job_id: String,
-    pub dir: PathBuf,
+    pub dir: RunDir,
     /// The phase that was running when the agent died, if any.
-    pub interrupted: Option<String>,
+    pub interrupted: Option<Phase>,
     /// Cleanup has not run to its end yet (and a cleanup command exists).
     pub needs_cleanup: bool,
 }
 
 /// Reads `dir` (a run dir) to decide what is left to do.
-pub fn inspect(config: &Config, job_id: &str, dir: &Path) -> Leftover {
-    let outcome = fs::read_to_string(dir.join("testflinger-outcome.json")).ok().and_then(|t| Json::parse(&t).ok());
-    let has_code = |phase: &str| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase)).is_some();
-    let interrupted = PHASES
-        .iter()
-        .chain(std::iter::once(&"cleanup"))
-        .rev()
-        .find(|p| dir.join(format!("{p}.log")).exists() && !has_code(p))
-        .map(|p| p.to_string());
-    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code("cleanup");
-    Leftover { job_id: job_id.to_string(), dir: dir.to_path_buf(), interrupted, needs_cleanup }
+pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
+    let outcome = dir.outcome();
+    let has_code = |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
+    let interrupted = Phase::ALL.into_iter().rev().find(|p| dir.has_log(*p) && !has_code(*p));
+    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code(Phase::Cleanup);
+    Leftover { job_id: job_id.to_string(), dir: dir.clone(), interrupted, needs_cleanup }
 }
 
 /// Finishes every job an earlier agent left unfinished. Jobs that only
 /// await delivery stay in `results_basedir` for the polling loop.
 pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
     let mut todo = Vec::new();
-    for (job_id, dir) in crate::delivery::run_dirs(&config.execution_basedir) {
+    for (job_id, dir) in rundir::run_dirs(&config.execution_basedir) {
         todo.push(inspect(config, &job_id, &dir));
     }
-    for (job_id, dir) in crate::delivery::run_dirs(&config.results_basedir) {
+    for (job_id, dir) in rundir::run_dirs(&config.results_basedir) {
         let left = inspect(config, &job_id, &dir);
         if left.interrupted.is_some() || left.needs_cleanup {
             todo.push(left);
@@ -77,33 +74,26 @@ pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
     }
 }
 
-fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, left: Leftover) {
+fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left: Leftover) {
     let what = match &left.interrupted {
         Some(p) => format!("interrupted during {p}"),
         None => "interrupted between phases".to_string(),
     };
-    log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.display());
-    stop_leftover_processes(&left.dir);
-    let rundir = config.execution_basedir.join(&left.job_id);
-    if left.dir != rundir {
-        // JobRunner works in execution_basedir; bring the job back there.
-        let base = crate::safe_fs::ensure_base_dir(&config.execution_basedir, crate::safe_fs::PRIVATE_DIR);
-        if let Err(e) = base.and_then(|_| fs::rename(&left.dir, &rundir)) {
-            log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, left.dir.display(), rundir.display());
-            return;
-        }
+    log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.path().display());
+    stop_leftover_processes(left.dir.path());
+    // JobRunner works in execution_basedir; bring the job back there.
+    let from = left.dir.path().to_path_buf();
+    if let Err(e) = left.dir.move_to(&config.execution_basedir, &left.job_id) {
+        log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, from.display(), config.execution_basedir.join(&left.job_id).display());
+        return;
     }
-    let job = fs::read_to_string(rundir.join("testflinger.json")).ok().and_then(|t| Json::parse(&t).ok());
-    let job = match job {
-        Some(j @ Json::Object(_)) => j,
+    let Some(job) = left.dir.job() else {
         // Without the job nothing can run; deliver what the dir holds.
-        _ => {
-            log::error!("job {}: testflinger.json unreadable; delivering the outcome as it is", left.job_id);
-            crate::delivery::keep(&config.results_basedir, &rundir, &left.job_id);
-            return;
-        }
+        log::error!("job {}: testflinger.json unreadable; delivering the outcome as it is", left.job_id);
+        left.dir.keep(&config.results_basedir, &left.job_id);
+        return;
     };
-    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted.as_deref());
+    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted);
     log::info!(
         "job {}: recovered ({}), statuses {:?}, delivered: {}",
         summary.job_id,
@@ -166,26 +156,26 @@ mod tests {
         for p in ["setup", "provision", "test"] {
             fs::write(dir.join(format!("{p}.log")), "x").unwrap();
         }
-        let left = inspect(&config("true"), "j", &dir);
-        assert_eq!(left.interrupted.as_deref(), Some("test"));
+        let left = inspect(&config("true"), "j", &RunDir::new(dir.clone()));
+        assert_eq!(left.interrupted, Some(Phase::Test));
         assert!(left.needs_cleanup);
 
         // Killed between phases: nothing interrupted, cleanup still owed.
         fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0,"test":1}}"#).unwrap();
-        let left = inspect(&config("true"), "j", &dir);
+        let left = inspect(&config("true"), "j", &RunDir::new(dir.clone()));
         assert_eq!(left.interrupted, None);
         assert!(left.needs_cleanup);
 
         // Killed during cleanup.
         fs::write(dir.join("cleanup.log"), "x").unwrap();
-        assert_eq!(inspect(&config("true"), "j", &dir).interrupted.as_deref(), Some("cleanup"));
+        assert_eq!(inspect(&config("true"), "j", &RunDir::new(dir.clone())).interrupted, Some(Phase::Cleanup));
 
         // Finished: nothing to do but deliver.
         fs::write(dir.join("testflinger-outcome.json"), r#"{"status":{"setup":0,"provision":0,"test":1,"cleanup":0}}"#)
             .unwrap();
-        let left = inspect(&config("true"), "j", &dir);
+        let left = inspect(&config("true"), "j", &RunDir::new(dir.clone()));
         assert_eq!((left.interrupted, left.needs_cleanup), (None, false));
-        assert!(!inspect(&config(""), "j", &dir).needs_cleanup);
+        assert!(!inspect(&config(""), "j", &RunDir::new(dir.clone())).needs_cleanup);
         let _ = fs::remove_dir_all(&dir);
     }
 }

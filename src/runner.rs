@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::phase::{EndReason, NOT_RUN};
 use crate::wait::{self, Ends, Woke};
 
 mod procs;
@@ -38,12 +39,13 @@ impl Stop {
         }
     }
 
-    pub fn event(&self) -> &'static str {
+    /// Why the phase ended, also the name of its event.
+    pub fn reason(&self) -> EndReason {
         match self {
-            Stop::GlobalTimeout(_) => "global_timeout",
-            Stop::OutputTimeout(_) => "output_timeout",
-            Stop::Cancelled => "cancelled",
-            Stop::Interrupted => "agent_interrupted",
+            Stop::GlobalTimeout(_) => EndReason::GlobalTimeout,
+            Stop::OutputTimeout(_) => EndReason::OutputTimeout,
+            Stop::Cancelled => EndReason::Cancelled,
+            Stop::Interrupted => EndReason::AgentInterrupted,
         }
     }
 }
@@ -66,7 +68,7 @@ pub trait Watcher {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Limits {
     pub global: Option<Duration>,
     pub output: Option<Duration>,
@@ -190,7 +192,7 @@ pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watc
         Ok(x) => x,
         Err(e) => {
             watcher.output(format!("ERROR: cannot start the command: {e}\n").as_bytes());
-            return Outcome { code: 100, signal: None, stopped: None };
+            return Outcome { code: NOT_RUN, signal: None, stopped: None };
         }
     };
     supervise(read, child, limits, watcher)
@@ -235,7 +237,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
                 watcher.check(now, &mut |sink| pipe.drain(sink))
             };
             if let Some(reason) = reason {
-                log::info!("stopping the phase: {}", reason.event());
+                log::info!("stopping the phase: {}", reason.reason());
                 watcher.output(reason.message().as_bytes());
                 signal_group(pgid, libc::SIGTERM);
                 term_sent = Some(now);

@@ -2,15 +2,16 @@
 //! stream, and what stops it (cancellation on the server, agent signals).
 //! The runner calls back here on every wake-up.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{post_state_unless_held, CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use super::report::post_state_unless_held;
+use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
 use crate::client::Client;
-use crate::delivery::{self, PendingStream};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
+use crate::phase::{LogKind, Phase};
 use crate::retry::Retry;
+use crate::rundir::{JobState, PendingStream, RunDir};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
 use crate::signals;
@@ -35,37 +36,39 @@ pub(super) struct PhaseWatcher<'a> {
 }
 
 pub(super) struct Progress<'a> {
-    pub(super) rundir: &'a Path,
-    pub(super) phase: &'a str,
-    pub(super) earlier: &'a [PendingStream],
-    pub(super) saved_output_next: u64,
+    rundir: &'a RunDir,
+    phase: Phase,
+    /// The job's state as the phase started (earlier unsent output, the
+    /// cancel), which every save carries on.
+    base: JobState,
+    saved_output_next: u64,
     /// The serial fragments' next number as last saved (at first, as the
     /// phase started).
-    pub(super) saved_serial_next: u64,
-    /// Kept through the saves, so a cancelled job resumed after a crash
-    /// still ends cancelled.
-    pub(super) cancelled: bool,
+    saved_serial_next: u64,
 }
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: JobState) -> Progress<'a> {
+        Progress { rundir, phase, saved_output_next: u64::MAX, saved_serial_next: base.fragments.serial, base }
+    }
+
     /// `serial`: the serial fragments' next number and how much of the
     /// masked copy was sent, once the connector's serial log exists.
     pub(super) fn save(&mut self, output_next: u64, sent: u64, serial: Option<(u64, u64)>) {
-        let mut pending = self.earlier.to_vec();
-        pending.push(PendingStream { kind: "output".into(), phase: self.phase.into(), sent, inflight_end: None });
-        let serial_next = match serial {
-            Some((next, serial_sent)) => {
-                pending.push(PendingStream { kind: "serial".into(), phase: self.phase.into(), sent: serial_sent, inflight_end: None });
-                next
-            }
-            None => self.saved_serial_next,
-        };
-        let state = delivery::JobState { output_next, serial_next, pending, events: None, cancelled: self.cancelled };
-        if let Err(e) = state.save(self.rundir) {
+        let mut state = self.base.clone();
+        state.fragments.output = output_next;
+        state.pending.push(PendingStream { kind: LogKind::Output, phase: self.phase, sent, inflight_end: None });
+        if let Some((next, serial_sent)) = serial {
+            state.fragments.serial = next;
+            state.pending.push(PendingStream { kind: LogKind::Serial, phase: self.phase, sent: serial_sent, inflight_end: None });
+        } else {
+            state.fragments.serial = self.saved_serial_next;
+        }
+        if let Err(e) = self.rundir.save_state(&state) {
             log::debug!("cannot save fragment progress: {e}");
         }
         self.saved_output_next = output_next;
-        self.saved_serial_next = serial_next;
+        self.saved_serial_next = state.fragments.serial;
     }
 }
 
@@ -102,7 +105,7 @@ impl Watcher for PhaseWatcher<'_> {
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
                 // Cleanup has no agent state of its own (upstream posts none).
-                if self.progress.phase != "cleanup" {
+                if self.progress.phase != Phase::Cleanup {
                     post_state_unless_held(client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
                 }
             }

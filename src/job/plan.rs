@@ -1,0 +1,332 @@
+//! The job as the agent runs it, read once from the server's JSON and the
+//! config: which phases run (or why not), with which command, secrets and
+//! time limits. A pure function: nothing here touches the disk or the
+//! server, so every rule is unit-tested below as a table.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::json::Json;
+use crate::phase::Phase;
+use crate::runner::Limits;
+
+const DEFAULT_GLOBAL_TIMEOUT: u64 = 4 * 3600;
+const DEFAULT_OUTPUT_TIMEOUT: u64 = 15 * 60;
+/// The job id of a `--job` run whose file names none.
+const LOCAL_JOB_ID: &str = "local-job";
+
+/// One phase as it will run.
+#[derive(Debug)]
+pub struct PhasePlan {
+    pub phase: Phase,
+    /// The config's `<phase>_command` (empty: none).
+    pub command: String,
+    /// Why the phase does not run, or `None` when it does. A skipped phase
+    /// is still announced and succeeds, as upstream reports it.
+    pub skip: Option<String>,
+    /// This phase's own `secrets` (its environment gets those only).
+    pub secrets: Vec<(String, String)>,
+    pub limits: Limits,
+}
+
+/// The job, typed.
+#[derive(Debug)]
+pub struct JobPlan {
+    pub job_id: String,
+    /// The job as connectors read it (`testflinger.json`): as the server
+    /// sent it, less the secrets. Not masked: it is the phases' input.
+    pub document: Json,
+    /// Every phase, in order, cleanup last.
+    pub phases: Vec<PhasePlan>,
+    /// The server holds attachments for the job (`attachments_status`).
+    pub attachments: bool,
+    /// An allocation is held until this job, or this parent, is over.
+    pub parent_job_id: Option<String>,
+    pub webhook: Option<String>,
+    pub job_queue: String,
+    /// Typed fields holding the wrong type, each with what is used instead.
+    pub warnings: Vec<String>,
+}
+
+impl JobPlan {
+    pub fn new(config: &Config, mut job: Json) -> JobPlan {
+        let text = |job: &Json, key: &str| job.get(key).and_then(Json::as_str).map(String::from);
+        let job_id = text(&job, "job_id").unwrap_or_else(|| LOCAL_JOB_ID.to_string());
+        // Secrets go to their own phase's environment only: never to disk.
+        let secrets: Vec<_> = Phase::ALL.into_iter().map(|p| take_secrets(&mut job, p)).collect();
+        let stripped = without_attachments(&job);
+        let phases = Phase::ALL
+            .into_iter()
+            .zip(secrets)
+            .map(|(phase, secrets)| PhasePlan {
+                phase,
+                command: config.command(phase).to_string(),
+                skip: skip_reason(config, &stripped, phase),
+                secrets,
+                limits: limits(config, &job, phase),
+            })
+            .collect();
+        JobPlan {
+            warnings: field_warnings(config, &job),
+            attachments: text(&job, "attachments_status").as_deref() == Some("complete"),
+            parent_job_id: text(&job, "parent_job_id"),
+            webhook: text(&job, "job_status_webhook").filter(|w| !w.is_empty()),
+            job_queue: text(&job, "job_queue").unwrap_or_default(),
+            job_id,
+            phases,
+            document: job,
+        }
+    }
+
+    pub fn phase(&self, phase: Phase) -> &PhasePlan {
+        // `phases` holds every phase in `Phase::ALL` order.
+        &self.phases[Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0)]
+    }
+
+    /// Every secret value of the job, all phases': job text on its way out
+    /// goes through them.
+    pub fn secret_values(&self) -> impl Iterator<Item = String> + '_ {
+        self.phases.iter().flat_map(|p| p.secrets.iter().map(|(_, v)| v.clone()))
+    }
+}
+
+/// Removes `phase`'s `secrets` from the job; their values as strings.
+fn take_secrets(job: &mut Json, phase: Phase) -> Vec<(String, String)> {
+    let Some(Json::Object(map)) = job.get_mut(&phase.data_key()).and_then(|d| d.remove("secrets")) else {
+        return Vec::new();
+    };
+    let value = |v: Json| match v {
+        Json::Str(s) => s,
+        Json::Null => String::new(),
+        other => other.to_string_compact(),
+    };
+    map.into_iter().map(|(k, v)| (k, value(v))).collect()
+}
+
+/// The job with each phase's `attachments` entry removed, and the phase's
+/// data itself when nothing else is left in it: a block holding only
+/// attachments does not make a phase run (as upstream does). The document
+/// keeps them: the connectors find them in `testflinger.json`.
+fn without_attachments(job: &Json) -> Json {
+    let mut job = job.clone();
+    for phase in Phase::ALL.into_iter().filter(|p| p.takes_attachments()) {
+        let key = phase.data_key();
+        let Some(data) = job.get_mut(&key) else { continue };
+        if data.remove("attachments").is_some() && data.is_empty_like() {
+            job.remove(&key);
+        }
+    }
+    job
+}
+
+/// Why `phase` does not run, or `None` when it does.
+fn skip_reason(config: &Config, job: &Json, phase: Phase) -> Option<String> {
+    if config.command(phase).trim().is_empty() {
+        return Some(format!("no {phase}_command configured"));
+    }
+    if !phase.needs_data() {
+        return None;
+    }
+    match job.get(&phase.data_key()) {
+        None => Some(format!("no {phase}_data in the job")),
+        Some(d) if d.is_empty_like() => Some(format!("empty {phase}_data in the job")),
+        Some(d) if !matches!(d, Json::Object(_)) => Some(format!("{phase}_data is not a mapping")),
+        Some(d) if d.get("skip").and_then(Json::as_bool) == Some(true) => Some(format!("{phase}_data has skip: true")),
+        Some(_) => None,
+    }
+}
+
+fn timeout_from_job(job: &Json, key: &str) -> Option<u64> {
+    job.get(key).and_then(Json::as_i64).filter(|t| *t > 0).map(|t| t as u64)
+}
+
+/// The job's timeout and the config's: the smaller, else either, else
+/// the default.
+fn pick(job: Option<u64>, conf: Option<u64>, default: u64) -> u64 {
+    match (job, conf) {
+        (Some(j), Some(c)) => j.min(c),
+        (Some(j), None) => j,
+        (None, Some(c)) => c,
+        (None, None) => default,
+    }
+}
+
+fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
+    let kill_grace = Some(config.kill_grace());
+    if phase == Phase::Reserve {
+        // The connector's reserve command waits out the reservation's
+        // timeout itself, after its own start-up: a limit here would
+        // always end it first. Only a cancel ends it early (upstream too).
+        return Limits { global: None, output: None, kill_grace };
+    }
+    let global = pick(timeout_from_job(job, "global_timeout"), config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
+    let output = (phase == Phase::Test)
+        .then(|| pick(timeout_from_job(job, "output_timeout"), config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
+    Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs), kill_grace }
+}
+
+/// Typed job fields holding the wrong type, each with what is used
+/// instead: a job no server validated (`--job`) still runs, and the
+/// operator learns why it ran otherwise than written.
+fn field_warnings(config: &Config, job: &Json) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let timeouts = [
+        ("global_timeout", config.global_timeout, DEFAULT_GLOBAL_TIMEOUT),
+        ("output_timeout", config.output_timeout, DEFAULT_OUTPUT_TIMEOUT),
+    ];
+    for (key, conf, default) in timeouts {
+        let Some(v) = job.get(key).filter(|v| !matches!(v, Json::Null)) else { continue };
+        if timeout_from_job(job, key).is_some() {
+            continue;
+        }
+        let mut shown = v.to_string_compact();
+        if shown.len() > 40 {
+            shown = format!("{}...", shown.chars().take(40).collect::<String>());
+        }
+        let used = match conf {
+            Some(c) => format!("the config's, {c} s"),
+            None => format!("the default, {default} s"),
+        };
+        warnings.push(format!("{key}: {shown} is not a positive number of seconds; using {used}"));
+    }
+    for phase in Phase::BEFORE_CLEANUP {
+        let key = phase.data_key();
+        match job.get(&key) {
+            None | Some(Json::Object(_)) => {}
+            // Absent in upstream's eyes too: skipped without a word.
+            Some(v) if v.is_empty_like() => {}
+            Some(v) => warnings.push(format!("{key}: {}, not a mapping; the {phase} phase is skipped", kind_of(v))),
+        }
+    }
+    warnings
+}
+
+/// What kind of JSON value `v` is, for a warning.
+fn kind_of(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::Str(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL_COMMANDS: &str = "setup_command: s\nprovision_command: p\nfirmware_update_command: f\n\
+        test_command: t\nallocate_command: a\nreserve_command: r\ncleanup_command: c\n";
+
+    fn config(extra: &str) -> Config {
+        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\n{extra}");
+        Config::parse(&text, std::path::Path::new("t.conf")).expect("test config")
+    }
+
+    fn plan(conf: &str, job: &str) -> JobPlan {
+        JobPlan::new(&config(conf), Json::parse(job).expect("test job"))
+    }
+
+    #[test]
+    fn skip_rules() {
+        use Phase::*;
+        let none = None::<&str>;
+        // (config, job, phase, why it is skipped)
+        let table = [
+            (ALL_COMMANDS, r#"{}"#, Setup, none),
+            (ALL_COMMANDS, r#"{}"#, Cleanup, none),
+            ("", r#"{}"#, Setup, Some("no setup_command configured")),
+            ("", r#"{"test_data":{"x":1}}"#, Test, Some("no test_command configured")),
+            ("cleanup_command: '  '\n", r#"{}"#, Cleanup, Some("no cleanup_command configured")),
+            (ALL_COMMANDS, r#"{}"#, Provision, Some("no provision_data in the job")),
+            (ALL_COMMANDS, r#"{"test_data":{}}"#, Test, Some("empty test_data in the job")),
+            (ALL_COMMANDS, r#"{"test_data":null}"#, Test, Some("empty test_data in the job")),
+            (ALL_COMMANDS, r#"{"test_data":""}"#, Test, Some("empty test_data in the job")),
+            (ALL_COMMANDS, r#"{"test_data":"run"}"#, Test, Some("test_data is not a mapping")),
+            (ALL_COMMANDS, r#"{"test_data":[1]}"#, Test, Some("test_data is not a mapping")),
+            (ALL_COMMANDS, r#"{"reserve_data":{"skip":true}}"#, Reserve, Some("reserve_data has skip: true")),
+            (ALL_COMMANDS, r#"{"reserve_data":{"skip":false}}"#, Reserve, none),
+            (ALL_COMMANDS, r#"{"allocate_data":{"allocate":true}}"#, Allocate, none),
+            // Attachments alone do not make a phase run; with more they do.
+            (ALL_COMMANDS, r#"{"test_data":{"attachments":[{"agent":"a"}]}}"#, Test, Some("no test_data in the job")),
+            (ALL_COMMANDS, r#"{"test_data":{"attachments":[],"test_cmds":"x"}}"#, Test, none),
+            (ALL_COMMANDS, r#"{"provision_data":{"attachments":[1],"url":"u"}}"#, Provision, none),
+            // Only the phases that take attachments lose them.
+            (ALL_COMMANDS, r#"{"reserve_data":{"attachments":1}}"#, Reserve, none),
+            // Secrets alone are no data either: they are taken out first.
+            (ALL_COMMANDS, r#"{"test_data":{"secrets":{"K":"v"}}}"#, Test, Some("empty test_data in the job")),
+        ];
+        for (conf, job, phase, want) in table {
+            let got = plan(conf, job);
+            assert_eq!(got.phase(phase).skip.as_deref(), want, "{phase} in {job} with {conf:?}");
+        }
+    }
+
+    #[test]
+    fn attachments_stay_in_the_document_for_the_connectors() {
+        let p = plan(ALL_COMMANDS, r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
+        assert!(p.attachments);
+        assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
+        assert!(!plan(ALL_COMMANDS, r#"{"attachments_status":"waiting"}"#).attachments);
+    }
+
+    #[test]
+    fn timeouts() {
+        use Phase::*;
+        let s = |secs: u64| Some(Duration::from_secs(secs));
+        // (config, job, phase, global, output)
+        let table = [
+            ("", r#"{}"#, Test, s(14400), s(900)),
+            ("", r#"{}"#, Setup, s(14400), None),
+            ("", r#"{"global_timeout":60,"output_timeout":30}"#, Test, s(60), s(30)),
+            ("", r#"{"global_timeout":60,"output_timeout":30}"#, Provision, s(60), None),
+            ("", r#"{"global_timeout":60}"#, Cleanup, s(60), None),
+            ("global_timeout: 40\noutput_timeout: 20\n", r#"{"global_timeout":60,"output_timeout":10}"#, Test, s(40), s(10)),
+            ("global_timeout: 40\n", r#"{}"#, Test, s(40), s(900)),
+            ("", r#"{"global_timeout":"soon","output_timeout":-3}"#, Test, s(14400), s(900)),
+            ("output_timeout: 20\n", r#"{"output_timeout":0}"#, Test, s(14400), s(20)),
+            // Reserve has no limit of the agent's: the connector waits out the reservation.
+            ("global_timeout: 40\n", r#"{"global_timeout":60}"#, Reserve, None, None),
+        ];
+        for (conf, job, phase, global, output) in table {
+            let limits = plan(conf, job).phase(phase).limits;
+            assert_eq!((limits.global, limits.output), (global, output), "{phase} in {job} with {conf:?}");
+            assert!(limits.kill_grace.is_some());
+        }
+    }
+
+    #[test]
+    fn wrong_typed_fields_are_named_with_what_is_used() {
+        let job = r#"{"job_id":"j","global_timeout":"soon","output_timeout":-3,"test_data":"a string","provision_data":{"url":"u"},"reserve_data":""}"#;
+        assert_eq!(
+            plan("output_timeout: 60\n", job).warnings,
+            [
+                r#"global_timeout: "soon" is not a positive number of seconds; using the default, 14400 s"#,
+                "output_timeout: -3 is not a positive number of seconds; using the config's, 60 s",
+                "test_data: a string, not a mapping; the test phase is skipped",
+            ]
+        );
+        let fine = r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#;
+        assert!(plan("", fine).warnings.is_empty());
+        assert_eq!(plan("", r#"{"allocate_data":7}"#).warnings, ["allocate_data: a number, not a mapping; the allocate phase is skipped"]);
+    }
+
+    #[test]
+    fn secrets_go_to_their_own_phase_and_leave_the_document() {
+        let p = plan(
+            ALL_COMMANDS,
+            r#"{"job_id":"j","provision_data":{"url":"u","secrets":{"TOKEN":"t1","N":7,"E":null}},"test_data":{"secrets":{"PW":"p"},"x":1},"cleanup_data":{"secrets":"not a mapping"}}"#,
+        );
+        let own = |phase| p.phase(phase).secrets.clone();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(own(Phase::Provision), [pair("TOKEN", "t1"), pair("N", "7"), pair("E", "")]);
+        assert_eq!(own(Phase::Test), [pair("PW", "p")]);
+        assert!(own(Phase::Setup).is_empty() && own(Phase::Cleanup).is_empty());
+        assert_eq!(p.secret_values().collect::<Vec<_>>(), ["t1", "7", "", "p"]);
+        assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","provision_data":{"url":"u"},"test_data":{"x":1},"cleanup_data":{}}"#);
+        assert_eq!(p.job_id, "j");
+        assert_eq!(plan("", "{}").job_id, "local-job");
+    }
+}
