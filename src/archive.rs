@@ -266,42 +266,43 @@ impl Packing {
 
 /// The name of user `uid`, or "" when it has none (as `tarfile` leaves it).
 fn user_name(uid: u32) -> String {
-    let mut buf = vec![0u8; 1024];
-    loop {
+    lookup_name(|buf| {
         // SAFETY: a zeroed passwd is a valid out-parameter; buf outlives
-        // the call and the name is copied out before buf is touched again.
+        // the call.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
-            return String::new();
-        }
-        // SAFETY: pw_name points into buf, NUL-terminated by getpwuid_r.
-        return unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned();
-    }
+        (rc, if found.is_null() { std::ptr::null() } else { pwd.pw_name })
+    })
 }
 
 /// The name of group `gid`, or "".
 fn group_name(gid: u32) -> String {
-    let mut buf = vec![0u8; 1024];
-    loop {
+    lookup_name(|buf| {
         // SAFETY: as in user_name.
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
         let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+        (rc, if found.is_null() { std::ptr::null() } else { grp.gr_name })
+    })
+}
+
+/// Runs a `get*_r` lookup that writes into `buf`, growing the buffer while
+/// it is too small; the name found, or "".
+fn lookup_name(mut lookup: impl FnMut(&mut [u8]) -> (libc::c_int, *const libc::c_char)) -> String {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        let (rc, name) = lookup(&mut buf);
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 2, 0);
             continue;
         }
-        if rc != 0 || found.is_null() || grp.gr_name.is_null() {
+        if rc != 0 || name.is_null() {
             return String::new();
         }
-        // SAFETY: gr_name points into buf, NUL-terminated by getgrgid_r.
-        return unsafe { CStr::from_ptr(grp.gr_name) }.to_string_lossy().into_owned();
+        // SAFETY: the name points into buf, NUL-terminated by the lookup,
+        // and buf is not touched until it is copied out.
+        return unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
     }
 }
 
