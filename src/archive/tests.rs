@@ -1,0 +1,112 @@
+use super::*;
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+#[test]
+fn packs_under_artifacts_keeps_links_and_modes() {
+    let base = std::env::temp_dir().join(format!("tf-arch-{}", std::process::id()));
+    let src = base.join("artifacts");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/a.txt"), b"hello").unwrap();
+    fs::write(src.join("run.sh"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("/etc/passwd", src.join("leak")).unwrap();
+    let dest = base.join("a.tar.gz");
+    pack_artifacts(&src, &dest, None).unwrap();
+
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(&dest).unwrap()));
+    let mut seen = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let mut body = Vec::new();
+        e.read_to_end(&mut body).unwrap();
+        seen.push((p, e.header().entry_type(), e.header().mode().unwrap() & 0o777, body));
+    }
+    let find = |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
+    assert_eq!(find("artifacts/sub/a.txt").3, b"hello");
+    assert_eq!(find("artifacts/run.sh").2, 0o755);
+    let leak = find("artifacts/leak");
+    assert!(leak.1.is_symlink());
+    assert!(leak.3.is_empty());
+    fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn masked_text_gets_its_masked_size_and_binary_is_left_alone() {
+    let base = std::env::temp_dir().join(format!("tf-arch-mask-{}", std::process::id()));
+    let src = base.join("artifacts");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("log.txt"), b"key=hunter2-XYZ\nagain hunter2-XYZ\n").unwrap();
+    fs::write(src.join("after.txt"), b"next member intact\n").unwrap();
+    fs::write(src.join("name-hunter2-XYZ.txt"), b"x").unwrap();
+    fs::write(src.join("core.bin"), b"\0\x01hunter2-XYZ\0").unwrap();
+    let dest = base.join("a.tar.gz");
+    let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
+    pack_artifacts(&src, &dest, Some(&secrets)).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(&dest).unwrap()));
+    let mut seen = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut body = Vec::new();
+        e.read_to_end(&mut body).unwrap();
+        assert_eq!(e.header().size().unwrap(), body.len() as u64);
+        seen.push((e.path().unwrap().to_string_lossy().into_owned(), body));
+    }
+    let m = crate::mask::mask_for("hunter2-XYZ");
+    let body = |n: &str| seen.iter().find(|s| s.0 == n).map(|s| s.1.clone()).unwrap_or_else(|| panic!("{n}"));
+    assert_eq!(body("artifacts/log.txt"), format!("key={m}\nagain {m}\n").into_bytes());
+    assert_eq!(body("artifacts/after.txt"), b"next member intact\n");
+    assert_eq!(body("artifacts/core.bin"), b"\0\x01hunter2-XYZ\0");
+    assert_eq!(body(&format!("artifacts/name-{m}.txt")), b"x");
+    fs::remove_dir_all(&base).unwrap();
+}
+
+/// Deterministic bytes that deflate cannot shrink.
+fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn adaptive_gzip_round_trips_mixed_text_and_noise() {
+    let text: Vec<u8> = (0..40_000).flat_map(|i| format!("line {i} of a test log\n").into_bytes()).collect();
+    let mut input = Vec::new();
+    for round in 0..3 {
+        input.extend_from_slice(&text);
+        input.extend_from_slice(&noise(700_000 + round * 1234, 7 + round as u64));
+    }
+    input.extend_from_slice(&text[..1000]);
+    let mut gz = AdaptiveGz::new(Vec::new()).unwrap();
+    // Odd-sized writes cross block boundaries.
+    for chunk in input.chunks(77_777) {
+        gz.write_all(chunk).unwrap();
+    }
+    assert!(gz.stored_bytes > 1_500_000 && gz.deflated_bytes > 2_000_000, "{} {}", gz.stored_bytes, gz.deflated_bytes);
+    let out = gz.finish().unwrap();
+    assert_eq!(gunzip(&out), input);
+    let noise_total = 3 * 700_000 + 1234 * 3;
+    assert!(out.len() < noise_total + (input.len() - noise_total) / 5, "{} of {}", out.len(), input.len());
+}
+
+#[test]
+fn adaptive_gzip_of_nothing_is_a_valid_empty_member() {
+    let out = AdaptiveGz::new(Vec::new()).unwrap().finish().unwrap();
+    assert!(gunzip(&out).is_empty());
+    let only_noise = noise(BLOCK * 2 + 5, 3);
+    let mut gz = AdaptiveGz::new(Vec::new()).unwrap();
+    gz.write_all(&only_noise).unwrap();
+    let out = gz.finish().unwrap();
+    assert_eq!(gunzip(&out), only_noise);
+}

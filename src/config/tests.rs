@@ -1,0 +1,100 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("t.conf"))
+}
+
+const MINIMAL: &str = "agent_id: a1\nserver_address: 10.0.0.5:8000\njob_queues: [q]\n";
+
+#[test]
+fn defaults_match_upstream() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.polling_interval, 10.0);
+    assert_eq!(c.execution_basedir, PathBuf::from("/tmp/testflinger/run"));
+    assert_eq!(c.results_basedir, PathBuf::from("/tmp/testflinger/results"));
+    assert_eq!(c.logging_level, "INFO");
+    assert_eq!(c.output_bytes, 10 * 1024 * 1024);
+    assert_eq!(c.server_timeout, 30);
+    assert_eq!(c.command(Phase::Test), "");
+    assert!(c.string_env.contains(&("agent_id".into(), "a1".into())));
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = parse(&format!("{MINIMAL}test_comand: x\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("test_comand"));
+    assert_eq!(e.line, Some(4));
+    let e = parse("agent_id: a1\njob_queues: [q]\n").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("server_address"));
+    let e = parse("agent_id: a1\nserver_address: s\njob_queues: q\n").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("job_queues"), "{e}");
+    let e = parse(&format!("{MINIMAL}polling_interval: soon\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("polling_interval"), "{e}");
+    let e = parse(&format!("{MINIMAL}logging_level: LOUD\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("logging_level"));
+}
+
+#[test]
+fn server_timeout_is_seconds_and_at_least_one() {
+    assert_eq!(parse(&format!("{MINIMAL}server_timeout: 2\n")).unwrap().server_timeout, 2);
+    for bad in ["0", "-1", "soon", "1.5"] {
+        let e = parse(&format!("{MINIMAL}server_timeout: {bad}\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server_timeout"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn server_address_is_checked() {
+    for good in ["10.0.0.5:8000", "http://tf", "https://tf.example.com/", "HTTP://h:1", "http://[::1]:5000", "tf_x.lab:65535"] {
+        if good.starts_with("https") && !cfg!(feature = "tls") {
+            continue;
+        }
+        assert!(parse(&MINIMAL.replace("10.0.0.5:8000", good)).is_ok(), "{good}");
+    }
+    for bad in ["htp://x", "ftp://x", "http://", "http://:80", "x:0", "x:99999", "x:port", "http://a b", "http://h?q=1", "http://h:"] {
+        let e = parse(&MINIMAL.replace("10.0.0.5:8000", &format!("{bad:?}"))).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server_address"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn budget_keys_are_seconds() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.budget(), crate::budget::Budget::default());
+    let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\n")).unwrap();
+    assert_eq!(c.budget().output_interval, std::time::Duration::from_millis(500));
+    assert_eq!(c.budget().cancel_interval, std::time::Duration::from_secs(10));
+    assert_eq!(c.kill_grace(), crate::runner::GRACE);
+    for key in ["output_interval", "cancel_check_interval", "kill_grace"] {
+        for bad in ["-1", "soon", "1e9"] {
+            let e = parse(&format!("{MINIMAL}{key}: {bad}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{bad}: {e}");
+        }
+    }
+}
+
+#[test]
+fn agent_ids_that_leave_the_path_are_refused() {
+    for bad in ["../../etc", "..", "a/b", "a\\b", "a\tb"] {
+        let e = parse(&MINIMAL.replace("a1", &format!("{bad:?}"))).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("agent_id"), "{bad}: {e}");
+    }
+    assert!(parse(&MINIMAL.replace("a1", "\"lab rig #1\"")).is_ok());
+}
+
+#[test]
+fn server_ca_file_must_hold_a_certificate() {
+    let e = parse(&format!("{MINIMAL}server_ca_file: /nonexistent/ca.pem\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("server_ca_file"), "{e}");
+    let e = parse(&format!("{MINIMAL}server_ca_file: /dev/null\n")).unwrap_err();
+    assert!(e.reason.contains("no PEM certificate"), "{e}");
+    assert!(parse(MINIMAL).unwrap().server_ca_file.is_none());
+}
+
+#[test]
+fn error_is_one_line_whatever_the_input() {
+    // Found by the config fuzz target: carriage returns in the excerpt.
+    let e = parse("{0\r\"J\r\"J\r\rz\r").unwrap_err();
+    let text = e.to_string();
+    assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
+}
