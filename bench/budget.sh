@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Request budget: what one agent costs the server per minute while idle,
 # during a quiet phase and during a chatty phase (a line every 0.25 s).
-# One agent (default polling_interval 10 s) against a small local server
-# that records every request; the job is offered after the idle window.
+# One agent (default polling_interval 10 s) against bench/fake_server.py,
+# which records every request; the job is offered after the idle window.
 #   bench/budget.sh [SECONDS_PER_WINDOW] [extra config lines...]
 # e.g. bench/budget.sh 20 "output_interval: 0.25"   (the old 250 ms rule)
 set -euo pipefail
@@ -13,48 +13,7 @@ bin=${TF_AGENT_BIN:-target/debug/testflinger-agent}
 [ -x "$bin" ] || cargo build -q
 tmp=$(mktemp -d)
 trap 'kill $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
-python3 - "$tmp" "$secs" <<'PY' &
-import http.server, json, sys, threading, time
-tmp, secs = sys.argv[1], float(sys.argv[2])
-start = time.time()
-log = open(tmp + "/requests.txt", "w", buffering=1)
-job = {"job_id": "00000000-0000-4000-8000-000000000001", "job_queue": "budget",
-       "setup_data": {}, "test_data": {"test_cmds": "x"}}
-state = {"given": False}
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def _send(self, code, body=b""):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/json")
-        if self.path.startswith("/v1/agents/data"):
-            self.send_header("Set-Cookie", "agent_name=budget-agent")
-        self.end_headers(); self.wfile.write(body)
-    def do_GET(self):
-        log.write(f"{time.time() - start:.3f} GET {self.path}\n")
-        if self.path.startswith("/v1/job"):
-            if not state["given"] and time.time() - start >= secs:
-                state["given"] = True
-                return self._send(200, json.dumps(job).encode())
-            return self._send(204)
-        if self.path.startswith("/v1/agents/data"):
-            return self._send(200, b'{"state":"waiting","restricted_to":{}}')
-        if self.path.startswith("/v1/result/"):
-            return self._send(200, b'{"job_state":"test"}')
-        self._send(200, b'{}')
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length", 0)); body = self.rfile.read(n)
-        extra = ""
-        if self.path.startswith("/v1/result/") and self.path.count("/") == 3:
-            try: extra = " " + json.loads(body).get("job_state", "")
-            except Exception: pass
-        log.write(f"{time.time() - start:.3f} POST {self.path}{extra}\n")
-        self._send(200, b"OK")
-s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-open(tmp + "/port", "w").write(str(s.server_address[1]))
-s.serve_forever()
-PY
+python3 bench/fake_server.py --port-file "$tmp/port" --request-log "$tmp/requests.txt" --lifetime $((secs * 4 + 120)) &
 srv=$!
 for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 {
@@ -71,6 +30,15 @@ for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 } > "$tmp/agent.conf"
 "$bin" -c "$tmp/agent.conf" &
 agent=$!
+# The job is offered after the idle window (the server's clock starts with it).
+sleep "$secs"
+python3 - "$(cat "$tmp/port")" <<'PY'
+import json, sys, urllib.request
+job = {"job_id": "00000000-0000-4000-8000-000000000001", "job_queue": "budget",
+       "setup_data": {}, "test_data": {"test_cmds": "x"}}
+urllib.request.urlopen(urllib.request.Request(
+    f"http://127.0.0.1:{sys.argv[1]}/bench/job", data=json.dumps(job).encode(), method="POST"))
+PY
 for _ in $(seq $(( (secs * 3 + 60) * 10 ))); do
   grep -q " complete$" "$tmp/requests.txt" 2>/dev/null && break
   sleep 0.1
@@ -78,23 +46,29 @@ done
 kill -TERM $agent; wait $agent || true
 python3 - "$tmp/requests.txt" "$secs" "$*" <<'PY'
 import sys
-lines = [l.split() for l in open(sys.argv[1])]
+# The bench's own control requests are not the agent's.
+lines = [l.split() for l in open(sys.argv[1]) if " /bench/" not in l]
 secs = float(sys.argv[2])
-t = lambda pred: next(float(l[0]) for l in lines if pred(l))
+t = lambda pred, after=-1.0: next(float(l[0]) for l in lines if float(l[0]) > after and pred(l))
 setup = t(lambda l: l[1] == "POST" and l[-1] == "setup")
 test = t(lambda l: l[1] == "POST" and l[-1] == "test")
-end = t(lambda l: l[1] == "POST" and l[-1] == "complete")
+# A phase's window ends with the status post after it (a result post
+# without a job_state); the skipped phases between setup and test are
+# announced as upstream does and are not a phase's running cost.
+status_post = lambda l: l[1] == "POST" and l[2].count("/") == 3 and len(l) == 3
+setup_end = t(status_post, setup)
+test_end = t(status_post, test)
 def rate(a, b):
     n = sum(1 for l in lines if a <= float(l[0]) < b)
     return n, n / (b - a) * 60
 # Idle from the first job poll on (start-up requests are not idle cost).
 first_poll = t(lambda l: l[1] == "GET" and l[2].startswith("/v1/job"))
 idle_n, idle = rate(first_poll, secs)
-quiet_n, quiet = rate(setup, test)
-chatty_n, chatty = rate(test, end)
-frags = sum(1 for l in lines if test <= float(l[0]) < end and l[2].endswith("/log/output"))
+quiet_n, quiet = rate(setup, setup_end)
+chatty_n, chatty = rate(test, test_end)
+frags = sum(1 for l in lines if test <= float(l[0]) < test_end and l[2].endswith("/log/output"))
 print(f"config extra: {sys.argv[3] or '(defaults)'}")
 print(f"requests per agent-minute: idle {idle:.1f} ({idle_n} in {secs - first_poll:.1f} s), "
-      f"quiet phase {quiet:.1f} ({quiet_n} in {test - setup:.1f} s), "
-      f"chatty phase {chatty:.1f} ({chatty_n} in {end - test:.1f} s; {frags} output fragments)")
+      f"quiet phase {quiet:.1f} ({quiet_n} in {setup_end - setup:.1f} s), "
+      f"chatty phase {chatty:.1f} ({chatty_n} in {test_end - test:.1f} s; {frags} output fragments)")
 PY

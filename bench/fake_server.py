@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A minimal Testflinger server for bench/streaming.sh.
+"""A minimal Testflinger server for the benches (streaming, wakeups, idle,
+budget).
 
 Just enough of API v1 for one agent to take one job and run it. Log
 fragments are kept raw with their arrival time and decoded only when the
@@ -16,6 +17,9 @@ Control endpoints (not part of the Testflinger API):
   GET  /bench/cancel_seen/<id> -> {"at": time of the first GET /v1/result/<id>
                            answered "cancelled"}
 Times are time.time() floats. The server exits after --lifetime seconds.
+With --request-log FILE every request is also written there as it comes,
+one line each: seconds since start, method, path, and for a job's result
+post the job_state it carries (bench/budget.sh counts these).
 """
 
 import argparse
@@ -33,6 +37,22 @@ CANCELLED = set()
 CANCEL_SEEN = {}
 FRAGMENTS = {}  # job_id -> [(arrival, raw body)]
 JOB_STATE = {}
+REQUEST_LOG = None
+START = time.time()
+
+
+def record(method, path, body=b""):
+    if REQUEST_LOG is None:
+        return
+    extra = ""
+    parts = [p for p in urlparse(path).path.split("/") if p]
+    if method == "POST" and parts[:2] == ["v1", "result"] and len(parts) == 3:
+        try:
+            extra = " " + (json.loads(body).get("job_state") or "")
+        except ValueError:
+            pass
+    with LOCK:
+        REQUEST_LOG.write(f"{time.time() - START:.3f} {method} {path}{extra}\n")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -56,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        record("GET", self.path)
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
         if parts in (["v1"],):
@@ -83,6 +104,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.body()
         now = time.time()
+        record("POST", self.path, body)
         parts = [p for p in urlparse(self.path).path.split("/") if p]
         if parts[:3] == ["v1", "agents", "data"]:
             return self.reply(200, {}, cookie=parts[3])
@@ -150,7 +172,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--lifetime", type=float, default=900)
+    ap.add_argument("--request-log")
     args = ap.parse_args()
+    global REQUEST_LOG
+    if args.request_log:
+        REQUEST_LOG = open(args.request_log, "w", buffering=1)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     with open(args.port_file, "w") as f:

@@ -10,27 +10,7 @@ bin=${AGENT_BIN:-./target/release/testflinger-agent}
 [ -n "${AGENT_BIN:-}" ] || cargo build --release -q
 tmp=$(mktemp -d)
 trap 'kill $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
-python3 - "$tmp/port" <<'PY' &
-import http.server, sys, threading
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def _send(self, code, body=b""):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        if self.path.startswith("/v1/agents/data"):
-            self.send_header("Set-Cookie", "agent_name=idle-agent")
-        self.end_headers(); self.wfile.write(body)
-    def do_GET(self):
-        if self.path.startswith("/v1/job"): return self._send(204)
-        if self.path.startswith("/v1/agents/data"): return self._send(200, b'{"state":"waiting","restricted_to":{}}')
-        self._send(200, b'{}')
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length", 0)); self.rfile.read(n); self._send(200, b"OK")
-s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-open(sys.argv[1], "w").write(str(s.server_address[1]))
-s.serve_forever()
-PY
+python3 bench/fake_server.py --port-file "$tmp/port" --lifetime $((secs + 60)) &
 srv=$!
 for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
 cat > "$tmp/agent.conf" <<CONF
