@@ -58,7 +58,8 @@ pub trait Watcher {
     /// watcher that blocks in here (sending output to a slow server) calls
     /// `drain` meanwhile, so the child does not wait on a full pipe: it hands
     /// what the pipe holds to its argument, which must take it as `output`
-    /// would.
+    /// would. The runner's own stops (timeouts, the agent's stop) are acted
+    /// on inside `drain` too, so a slow server does not hold them.
     fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop>;
     /// When the watcher next needs `check` without new output.
     fn next_wake(&self, now: Instant) -> Instant;
@@ -75,6 +76,8 @@ pub struct Limits {
     /// Between SIGTERM and SIGKILL when the phase is stopped (`kill_grace`);
     /// `None`: [`GRACE`].
     pub kill_grace: Option<Duration>,
+    /// The agent's own stop request (SIGTERM/SIGINT) ends the phase.
+    pub on_agent_stop: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -139,6 +142,61 @@ impl Pipe {
     }
 }
 
+/// The runner's own stop conditions and the signals sent for a stop.
+/// Ticked from the loop and from inside the watcher's blocking calls
+/// (through `drain`): a fragment waiting up to a minute on a slow server
+/// must not hold a timeout or the agent's stop, and the call itself is left
+/// to finish, since abandoning it could store the fragment twice.
+struct Stopping {
+    pgid: i32,
+    start: Instant,
+    limits: Limits,
+    grace: Duration,
+    stopped: Option<Stop>,
+    term_sent: Option<Instant>,
+}
+
+impl Stopping {
+    /// A stop of the runner's own that is due now.
+    fn due(&self, now: Instant, last_output: Instant) -> Option<Stop> {
+        let limits = &self.limits;
+        if let Some(g) = limits.global.filter(|g| now.duration_since(self.start) >= *g) {
+            Some(Stop::GlobalTimeout(g.as_secs()))
+        } else if let Some(o) = limits.output.filter(|o| now.duration_since(last_output) >= *o) {
+            Some(Stop::OutputTimeout(o.as_secs()))
+        } else if limits.on_agent_stop && crate::signals::interrupted() {
+            Some(Stop::Interrupted)
+        } else {
+            None
+        }
+    }
+
+    /// Stops the phase: its message goes to `out` (as output would), then
+    /// SIGTERM to its group.
+    fn stop(&mut self, now: Instant, reason: Stop, out: &mut dyn FnMut(&[u8])) {
+        log::info!("stopping the phase: {}", reason.reason());
+        out(reason.message().as_bytes());
+        signal_group(self.pgid, libc::SIGTERM);
+        self.term_sent = Some(now);
+        self.stopped = Some(reason);
+    }
+
+    /// Does what is due: a stop of the runner's own, or SIGKILL once the
+    /// grace period after SIGTERM is over.
+    fn tick(&mut self, now: Instant, last_output: Instant, out: &mut dyn FnMut(&[u8])) {
+        if self.stopped.is_none() {
+            if let Some(reason) = self.due(now, last_output) {
+                self.stop(now, reason, out);
+            }
+        } else if self.term_sent.is_some_and(|t| now.duration_since(t) >= self.grace) {
+            log::info!("the phase did not end within {:?} of SIGTERM; sending SIGKILL", self.grace);
+            signal_group(self.pgid, libc::SIGKILL);
+            kill_descendants();
+            self.term_sent = None;
+        }
+    }
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
@@ -199,14 +257,18 @@ pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watc
 }
 
 fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
-    let grace = limits.kill_grace.unwrap_or(GRACE);
-    let pgid = child.id() as i32;
     let start = Instant::now();
+    let mut stopping = Stopping {
+        pgid: child.id() as i32,
+        start,
+        limits,
+        grace: limits.kill_grace.unwrap_or(GRACE),
+        stopped: None,
+        term_sent: None,
+    };
     let mut pipe = Pipe { fd: read, buf: vec![0u8; READ_BUF], open: true, last_output: start };
     let mut status = None;
     let mut exited_at: Option<Instant> = None;
-    let mut stopped: Option<Stop> = None;
-    let mut term_sent: Option<Instant> = None;
 
     loop {
         let now = Instant::now();
@@ -228,30 +290,17 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
                 break;
             }
         }
-        if stopped.is_none() {
-            let reason = if limits.global.is_some_and(|g| now.duration_since(start) >= g) {
-                limits.global.map(|g| Stop::GlobalTimeout(g.as_secs()))
-            } else if limits.output.is_some_and(|o| now.duration_since(pipe.last_output) >= o) {
-                limits.output.map(|o| Stop::OutputTimeout(o.as_secs()))
-            } else {
-                watcher.check(now, &mut |sink| pipe.drain(sink))
-            };
-            if let Some(reason) = reason {
-                log::info!("stopping the phase: {}", reason.reason());
-                watcher.output(reason.message().as_bytes());
-                signal_group(pgid, libc::SIGTERM);
-                term_sent = Some(now);
-                stopped = Some(reason);
-            }
-        } else if term_sent.is_some_and(|t| now.duration_since(t) >= grace) {
-            log::info!("the phase did not end within {grace:?} of SIGTERM; sending SIGKILL");
-            signal_group(pgid, libc::SIGKILL);
-            kill_descendants();
-            term_sent = None;
-        }
-        if stopped.is_some() {
-            // Keep the watcher's own work (sending output) going while we wait.
-            watcher.check(now, &mut |sink| pipe.drain(sink));
+        stopping.tick(now, pipe.last_output, &mut |data| watcher.output(data));
+        // The watcher's own work (sending output, and while no stop is
+        // under way, the checks that may stop the phase), with the pipe
+        // drained and the runner's stops acted on inside its calls.
+        let mut drain = |sink: &mut dyn FnMut(&[u8])| {
+            pipe.drain(sink);
+            stopping.tick(Instant::now(), pipe.last_output, sink);
+        };
+        let asked = watcher.check(now, &mut drain);
+        if let (Some(reason), None) = (asked, &stopping.stopped) {
+            stopping.stop(now, reason, &mut |data| watcher.output(data));
         }
 
         // Wait until output arrives or the next thing to check is due.
@@ -270,8 +319,8 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         if let Some(o) = limits.output {
             wake = wake.min(pipe.last_output + o);
         }
-        if let Some(t) = term_sent {
-            wake = wake.min(t + grace);
+        if let Some(t) = stopping.term_sent {
+            wake = wake.min(t + stopping.grace);
         }
         if !pipe.open && status.is_none() {
             // The output has ended, so the shell is about to exit.
@@ -286,7 +335,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
     }
 
     // The phase is over: nothing of it may outlive it.
-    signal_group(pgid, libc::SIGKILL);
+    signal_group(stopping.pgid, libc::SIGKILL);
     kill_descendants();
     let status = match status {
         Some(s) => s,
@@ -297,88 +346,8 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         (None, Some(sig)) => (128 + sig, Some(sig)),
         (None, None) => (1, None),
     };
-    Outcome { code, signal, stopped }
+    Outcome { code, signal, stopped: stopping.stopped }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Collect {
-        out: Vec<u8>,
-        stop_after: Option<Instant>,
-    }
-
-    impl Watcher for Collect {
-        fn output(&mut self, data: &[u8]) {
-            self.out.extend_from_slice(data);
-        }
-        fn check(&mut self, now: Instant, _drain: &mut Drain) -> Option<Stop> {
-            self.stop_after.filter(|t| now >= *t).map(|_| Stop::Cancelled)
-        }
-        fn next_wake(&self, now: Instant) -> Instant {
-            self.stop_after.unwrap_or(now + Duration::from_secs(1))
-        }
-    }
-
-    // `run` reaps every descendant of this process when a phase ends, so
-    // the tests of this module must not run side by side.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn collect() -> Collect {
-        Collect { out: Vec::new(), stop_after: None }
-    }
-
-    #[test]
-    fn merges_output_and_reports_code_mod_256() {
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = collect();
-        let o = run("echo out; echo err >&2; exit 300", Path::new("/"), &[], Limits::default(), &mut w);
-        assert_eq!(o.code, 300 % 256);
-        assert_eq!(String::from_utf8_lossy(&w.out), "out\nerr\n");
-    }
-
-    #[test]
-    fn env_and_cwd_are_applied() {
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = collect();
-        let env = vec![("TF_X".to_string(), "42".to_string())];
-        let o = run("echo $TF_X; pwd", Path::new("/tmp"), &env, Limits::default(), &mut w);
-        assert_eq!(o.code, 0);
-        assert_eq!(String::from_utf8_lossy(&w.out), "42\n/tmp\n");
-    }
-
-    #[test]
-    fn missing_cwd_gives_100() {
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = collect();
-        let o = run("true", Path::new("/nonexistent/dir"), &[], Limits::default(), &mut w);
-        assert_eq!(o.code, 100);
-        assert!(String::from_utf8_lossy(&w.out).contains("cannot start"));
-    }
-
-    #[test]
-    fn global_timeout_kills_the_group() {
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = collect();
-        let limits = Limits { global: Some(Duration::from_millis(300)), output: None, kill_grace: None };
-        let t = Instant::now();
-        let o = run("sleep 30 & sleep 30", Path::new("/"), &[], limits, &mut w);
-        assert!(t.elapsed() < Duration::from_secs(10));
-        assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))));
-        assert!(String::from_utf8_lossy(&w.out).contains("Global timeout reached"));
-    }
-
-    #[test]
-    fn a_full_read_then_silence_does_not_block_the_loop() {
-        // Exactly one read buffer of output, then nothing: a blocking second
-        // read would hold the loop, and the timeout would never fire.
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = collect();
-        let limits = Limits { global: Some(Duration::from_millis(500)), output: None, kill_grace: None };
-        let cmd = format!("dd if=/dev/zero bs={READ_BUF} count=1 2>/dev/null; sleep 30");
-        let o = run(&cmd, Path::new("/"), &[], limits, &mut w);
-        assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))), "{o:?}");
-        assert_eq!(w.out.iter().filter(|&&b| b == 0).count(), READ_BUF);
-    }
-}
+mod tests;

@@ -48,7 +48,6 @@ impl JobRunner<'_> {
             serial,
             job_id: &job_id,
             next_cancel_check: (phase.can_cancel() && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
-            honour_interrupt: phase != Phase::Cleanup,
             metrics: self.metrics.as_deref_mut(),
             progress,
             next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),

@@ -153,16 +153,20 @@ fn pick(job: Option<u64>, conf: Option<u64>, default: u64) -> u64 {
 
 fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
     let kill_grace = Some(config.kill_grace());
+    // Cleanup still runs when the agent is told to stop, so the device is
+    // left sane (bounded to two minutes then, see `job::execute`); every
+    // other phase ends.
+    let on_agent_stop = phase != Phase::Cleanup;
     if phase == Phase::Reserve {
         // The connector's reserve command waits out the reservation's
         // timeout itself, after its own start-up: a limit here would
         // always end it first. Only a cancel ends it early (upstream too).
-        return Limits { global: None, output: None, kill_grace };
+        return Limits { global: None, output: None, kill_grace, on_agent_stop };
     }
     let global = pick(timeout_from_job(job, "global_timeout"), config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
     let output = (phase == Phase::Test)
         .then(|| pick(timeout_from_job(job, "output_timeout"), config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
-    Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs), kill_grace }
+    Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs), kill_grace, on_agent_stop }
 }
 
 /// Typed job fields holding the wrong type, each with what is used

@@ -1,6 +1,7 @@
 //! Watching one running phase: its output into the log and the live
-//! stream, and what stops it (cancellation on the server, agent signals).
-//! The runner calls back here on every wake-up.
+//! stream, and the stop that needs the server (a cancel on it); the
+//! runner owns the others (timeouts, the agent's stop). It calls back here
+//! on every wake-up.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,6 @@ use crate::retry::Retry;
 use crate::rundir::{JobState, PendingStream, RunDir};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
-use crate::signals;
 
 /// Watches one running phase: output to the log and the live stream,
 /// cancellation and agent signals as stop conditions.
@@ -26,7 +26,6 @@ pub(super) struct PhaseWatcher<'a> {
     pub(super) serial: Option<(SerialTail, &'a mut u64)>,
     pub(super) job_id: &'a str,
     pub(super) next_cancel_check: Option<Instant>,
-    pub(super) honour_interrupt: bool,
     /// A wake source of the runner's wait: scrapes are answered while a phase runs.
     pub(super) metrics: Option<&'a mut Metrics>,
     /// Fragment progress is saved as it happens, so that an agent killed
@@ -78,9 +77,6 @@ impl Watcher for PhaseWatcher<'_> {
     }
 
     fn check(&mut self, now: Instant, drain: &mut Drain) -> Option<Stop> {
-        if self.honour_interrupt && signals::interrupted() {
-            return Some(Stop::Interrupted);
-        }
         if let Some((stream, client, counter)) = &mut self.live {
             // While a call waits on the server, the child's output keeps
             // going into the log (the fragment in flight is a fixed range

@@ -139,6 +139,9 @@ struct Auth {
 #[derive(Default)]
 struct State {
     requests: Vec<Recorded>,
+    /// Requests a `Stall` holds right now, recorded as they arrive (the
+    /// others are recorded once answered).
+    stalling: usize,
     agents: HashMap<String, Json>,
     agent_states: HashMap<String, Vec<String>>,
     jobs: VecDeque<Json>,
@@ -252,6 +255,11 @@ impl FakeServer {
             .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.starts_with(path_prefix))
             .cloned()
             .collect()
+    }
+
+    /// How many requests a `Stall` fault holds unanswered right now.
+    pub fn stalling(&self) -> usize {
+        self.lock().stalling
     }
 
     /// One line per recorded request: `METHOD /path?q -> status`.
@@ -874,8 +882,11 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             return Reply::Raw(bytes);
         }
         Some(FaultAction::Stall(d)) => {
+            shared.lock().stalling += 1;
             thread::sleep(d);
-            route(&mut shared.lock(), &req)
+            let mut state = shared.lock();
+            state.stalling -= 1;
+            route(&mut state, &req)
         }
         None => route(&mut shared.lock(), &req),
     };

@@ -365,3 +365,44 @@ fn a_slow_server_gets_each_fragment_once() {
     let agent_log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap_or_default();
     assert!(!agent_log.contains("log fragment not sent"), "a slow answer counted as a failure: {agent_log}");
 }
+
+/// A phase whose first output fragment the server holds for 15 s: the
+/// phase writes `late` 6 s in, which it must not live to do once `stop`
+/// (run when the fragment is held) or its 2 s timeout has ended it.
+fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut crate::harness::AgentProc)) -> (FakeServer, String) {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{job_fields}"test_data":{{"test_cmds":"x"}}}}"#)));
+    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(Duration::from_secs(15))));
+    let agent = Agent::new(&server);
+    let late = agent.dir().join("late");
+    let agent = agent.command("test", &format!("echo started; sleep 6; touch '{}'; sleep 30", late.display()));
+    let mut p = agent.spawn_with(&["--once"]);
+    server.wait_until(T, "the first fragment held", |s| s.stalling() > 0);
+    stop(&mut p);
+    p.wait_exit(T);
+    assert!(!late.exists(), "the phase lived on until the held answer came");
+    (server, job)
+}
+
+#[test]
+fn the_agents_stop_ends_the_phase_while_a_fragment_waits_on_a_slow_server() {
+    // The fragment is left to finish (abandoning it could store it twice);
+    // the stop is acted on meanwhile.
+    let (server, job) = stopped_while_a_fragment_is_held("", |p| p.signal(libc::SIGTERM));
+    let text = phase_text(&server, &job, "test");
+    assert!(text.contains("started\n") && text.contains("The agent was stopped"), "{text}");
+    let numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
+    let mut unique = numbers.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), numbers.len(), "a fragment was stored twice: {numbers:?}");
+}
+
+#[test]
+fn a_timeout_ends_the_phase_while_a_fragment_waits_on_a_slow_server() {
+    let (server, job) = stopped_while_a_fragment_is_held(&format!(r#"{WEBHOOK},"global_timeout":2,"#), |_| {});
+    let text = phase_text(&server, &job, "test");
+    assert!(text.contains("started\n") && text.contains("ERROR: Global timeout reached! (2s)"), "{text}");
+    assert!(server.events(&job).iter().any(|e| e == "global_timeout"), "{:?}", server.events(&job));
+}
