@@ -43,7 +43,8 @@ const HEAVY: u64 = 8 << 20;
 /// posts. A fragment whose answer is late may still be stored by the
 /// server, and its retry (same number, same bytes) would then show twice
 /// in the job's output: so a slow server is waited for, not given up on
-/// (the child's pipe is drained meanwhile, see `Idle`).
+/// (the child's pipe is drained meanwhile, see `Idle`). Fragments sent
+/// after the phase wait at least as long, for the same reason.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a fragment failed while the phase runs: 1 s, doubling to 32 s.
 const LIVE_BACKOFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Spread);
@@ -201,8 +202,12 @@ impl LiveStream {
 
     /// Sends everything up to `written`. Returns the error that stopped it.
     pub fn flush(&mut self, client: &mut Client, counter: &mut u64, written: u64) -> Result<(), ClientError> {
+        let retry = client.retry();
+        // A `server_timeout` shorter than a slow server's answer would send
+        // the same fragment again, and the server would show it twice.
+        let retry = Retry { timeout: retry.timeout.max(LIVE_TIMEOUT), ..retry };
         while self.sent < written {
-            self.send_one(client, counter, written, true, None, client.retry())?;
+            self.send_one(client, counter, written, true, None, retry)?;
         }
         Ok(())
     }

@@ -106,6 +106,9 @@ pub enum FaultAction {
     /// generated as it is written (`{"a":"xxxx...`), never held in memory.
     /// Writing stops when the client closes.
     Huge { len: u64 },
+    /// Handle the request normally: lets the first matching requests
+    /// through before a fault added after this one.
+    Pass,
 }
 
 /// Matches requests whose method equals `method` (any when `None`) and whose
@@ -888,7 +891,7 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             state.stalling -= 1;
             route(&mut state, &req)
         }
-        None => route(&mut shared.lock(), &req),
+        Some(FaultAction::Pass) | None => route(&mut shared.lock(), &req),
     };
     shared.lock().requests.push(req.record(resp.status));
     Reply::Full(resp)

@@ -366,6 +366,31 @@ fn a_slow_server_gets_each_fragment_once() {
     assert!(!agent_log.contains("log fragment not sent"), "a slow answer counted as a failure: {agent_log}");
 }
 
+#[test]
+fn output_sent_after_the_phase_waits_for_a_slow_answer_too() {
+    // The first fragment (the banner) goes at once; the rest is within the
+    // output interval when the phase ends, so the end-of-phase flush sends
+    // it, and the server holds that answer 4 s. A `server_timeout` of 2 s
+    // must not make the agent send it again: the server stores both.
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let path = format!("/v1/result/{job}/log/output");
+    server.add_fault(Fault::new(Some("POST"), &path, 1, FaultAction::Pass));
+    server.add_fault(Fault::new(Some("POST"), &path, 1, FaultAction::Stall(Duration::from_secs(4))));
+    let agent = Agent::new(&server).set("server_timeout", "2").command("test", "echo first; sleep 0.3; echo second");
+    assert!(agent.run_once(T).status.success());
+    // The held request is stored when its answer goes, maybe after the agent gave up on it.
+    server.wait_until(T, "the held answer given", |s| s.stalling() == 0);
+    let numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
+    let mut unique = numbers.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), numbers.len(), "a fragment was stored twice: {numbers:?}");
+    let text = phase_text(&server, &job, "test");
+    assert_eq!((text.matches("first\n").count(), text.matches("second\n").count()), (1, 1), "{text}");
+}
+
 /// A phase whose first output fragment the server holds for 15 s: the
 /// phase writes `late` 6 s in, which it must not live to do once `stop`
 /// (run when the fragment is held) or its 2 s timeout has ended it.
