@@ -151,12 +151,15 @@ struct Stopping {
     pgid: i32,
     start: Instant,
     limits: Limits,
-    grace: Duration,
     stopped: Option<Stop>,
     term_sent: Option<Instant>,
 }
 
 impl Stopping {
+    fn grace(&self) -> Duration {
+        self.limits.kill_grace.unwrap_or(GRACE)
+    }
+
     /// A stop of the runner's own that is due now.
     fn due(&self, now: Instant, last_output: Instant) -> Option<Stop> {
         let limits = &self.limits;
@@ -188,8 +191,8 @@ impl Stopping {
             if let Some(reason) = self.due(now, last_output) {
                 self.stop(now, reason, out);
             }
-        } else if self.term_sent.is_some_and(|t| now.duration_since(t) >= self.grace) {
-            log::info!("the phase did not end within {:?} of SIGTERM; sending SIGKILL", self.grace);
+        } else if self.term_sent.is_some_and(|t| now.duration_since(t) >= self.grace()) {
+            log::info!("the phase did not end within {:?} of SIGTERM; sending SIGKILL", self.grace());
             signal_group(self.pgid, libc::SIGKILL);
             kill_descendants();
             self.term_sent = None;
@@ -262,7 +265,6 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         pgid: child.id() as i32,
         start,
         limits,
-        grace: limits.kill_grace.unwrap_or(GRACE),
         stopped: None,
         term_sent: None,
     };
@@ -320,7 +322,7 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
             wake = wake.min(pipe.last_output + o);
         }
         if let Some(t) = stopping.term_sent {
-            wake = wake.min(t + stopping.grace);
+            wake = wake.min(t + stopping.grace());
         }
         if !pipe.open && status.is_none() {
             // The output has ended, so the shell is about to exit.

@@ -17,7 +17,7 @@ use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
 
 /// Watches one running phase: output to the log and the live stream,
-/// cancellation and agent signals as stop conditions.
+/// a cancel on the server as its stop condition.
 pub(super) struct PhaseWatcher<'a> {
     pub(super) log: PhaseLog,
     pub(super) live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
