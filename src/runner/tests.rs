@@ -57,7 +57,7 @@ fn missing_cwd_gives_100() {
 fn global_timeout_kills_the_group() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut w = collect();
-    let limits = Limits { global: Some(Duration::from_millis(300)), output: None, kill_grace: None, on_agent_stop: false };
+    let limits = Limits { global: Some(Duration::from_millis(300)), ..Limits::default() };
     let t = Instant::now();
     let o = run("sleep 30 & sleep 30", Path::new("/"), &[], limits, &mut w);
     assert!(t.elapsed() < Duration::from_secs(10));
@@ -71,7 +71,7 @@ fn a_full_read_then_silence_does_not_block_the_loop() {
     // read would hold the loop, and the timeout would never fire.
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut w = collect();
-    let limits = Limits { global: Some(Duration::from_millis(500)), output: None, kill_grace: None, on_agent_stop: false };
+    let limits = Limits { global: Some(Duration::from_millis(500)), ..Limits::default() };
     let cmd = format!("dd if=/dev/zero bs={READ_BUF} count=1 2>/dev/null; sleep 30");
     let o = run(&cmd, Path::new("/"), &[], limits, &mut w);
     assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))), "{o:?}");

@@ -343,6 +343,16 @@ fn a_stalled_server_does_not_stall_the_phase() {
     assert!(server.log_text_phase(&job, "output", "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
 }
 
+/// No output fragment number was stored twice (a retry of a fragment the
+/// server had taken, only slowly, would be).
+fn assert_no_fragment_stored_twice(server: &FakeServer, job: &str) {
+    let numbers: Vec<i64> = server.fragments(job, "output").iter().map(|f| f.number).collect();
+    let mut unique = numbers.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), numbers.len(), "a fragment number was stored twice: {numbers:?}");
+}
+
 #[test]
 fn a_slow_server_gets_each_fragment_once() {
     // Answers 4 s late are slow, not lost (upstream waits 60 s for a log
@@ -354,11 +364,7 @@ fn a_slow_server_gets_each_fragment_once() {
     server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 2, FaultAction::Stall(Duration::from_secs(4))));
     let agent = keep_test_log(Agent::new(&server)).command("test", "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done");
     assert!(agent.run_once(T).status.success());
-    let mut numbers: Vec<u64> = server.fragments(&job, "output").iter().map(|f| f.number as u64).collect();
-    let sent = numbers.len();
-    numbers.sort_unstable();
-    numbers.dedup();
-    assert_eq!(numbers.len(), sent, "a fragment number was stored twice: {numbers:?}");
+    assert_no_fragment_stored_twice(&server, &job);
     let log = fs::read_to_string(agent.dir().join("test.log.copy")).expect("test.log copy");
     assert_eq!(server.log_text_phase(&job, "output", "test"), log);
     assert_eq!(log.matches("line 1\n").count(), 1, "{log}");
@@ -382,11 +388,7 @@ fn output_sent_after_the_phase_waits_for_a_slow_answer_too() {
     assert!(agent.run_once(T).status.success());
     // The held request is stored when its answer goes, maybe after the agent gave up on it.
     server.wait_until(T, "the held answer given", |s| s.stalling() == 0);
-    let numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
-    let mut unique = numbers.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), numbers.len(), "a fragment was stored twice: {numbers:?}");
+    assert_no_fragment_stored_twice(&server, &job);
     let text = phase_text(&server, &job, "test");
     assert_eq!((text.matches("first\n").count(), text.matches("second\n").count()), (1, 1), "{text}");
 }
@@ -417,11 +419,7 @@ fn the_agents_stop_ends_the_phase_while_a_fragment_waits_on_a_slow_server() {
     let (server, job) = stopped_while_a_fragment_is_held("", |p| p.signal(libc::SIGTERM));
     let text = phase_text(&server, &job, "test");
     assert!(text.contains("started\n") && text.contains("The agent was stopped"), "{text}");
-    let numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
-    let mut unique = numbers.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), numbers.len(), "a fragment was stored twice: {numbers:?}");
+    assert_no_fragment_stored_twice(&server, &job);
 }
 
 #[test]
