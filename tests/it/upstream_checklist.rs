@@ -259,6 +259,36 @@ fn skipped_phases_are_counted_in_phase_durations() {
     }
 }
 
+/// test_agent.py::test_provision_error_in_event_detail and
+/// test_provision_error_no_cause: the `provision_fail` event's detail is
+/// the connector's exception from `device-connector-error.json`, as
+/// `Name: message caused by cause`, or `Name: message` when the cause is
+/// null.
+#[test]
+fn provision_fail_detail_is_the_connectors_exception() {
+    let server = FakeServer::start();
+    for (cause, detail) in [(r#""MyCause""#, "MyName: MyMessage caused by MyCause"), ("null", "MyName: MyMessage")] {
+        let job = unique_id();
+        let fields = r#"{"job_status_webhook":"http://hook.example/x","provision_data":{"url":"u"}}"#;
+        server.push_job(&job_json(&job, QUEUE, fields));
+        let error = format!(
+            r#"{{"provision_exception_info":{{"exception_name":"MyName","exception_message":"MyMessage","exception_cause":{cause}}}}}"#
+        );
+        let agent = Agent::new(&server).command("provision", &format!("echo '{error}' > device-connector-error.json; exit 99"));
+        assert!(agent.run_once(T).status.success());
+        let last = server.event_posts(&job).last().cloned().expect("events posted");
+        let fails: Vec<String> = last
+            .get("events")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.get("event_name").and_then(Json::as_str) == Some("provision_fail"))
+            .filter_map(|e| e.get("detail").and_then(Json::as_str).map(str::to_string))
+            .collect();
+        assert_eq!(fails, [detail], "{last}");
+    }
+}
+
 fn agent_data_gets(s: &FakeServer) -> usize {
     s.requests_to("GET", &format!("/v1/agents/data/{AGENT_ID}")).len()
 }
