@@ -56,6 +56,8 @@ pub struct Client {
     /// What was last said about the token file, so that a broken file is
     /// reported once per change rather than on every request.
     token_status: Option<String>,
+    /// The token file was named by the operator, not upstream's default.
+    token_file_named: bool,
     /// For the calls whose caller does not pass a [`Retry`] of its own.
     retry: Retry,
     /// Proxies and TLS trust.
@@ -76,6 +78,7 @@ impl Client {
             access_token: None,
             refresh_hold: Backoff::new(auth::REFRESH_HOLD_OFF),
             token_status: None,
+            token_file_named: false,
             retry: Retry::default(),
             net: Net::new(),
         }

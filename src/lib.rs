@@ -31,6 +31,7 @@ pub(crate) mod archive;
 pub(crate) mod atomic;
 pub(crate) mod delivery;
 pub(crate) mod events;
+pub(crate) mod human;
 pub(crate) mod jitter;
 pub(crate) mod outbound;
 pub(crate) mod output;

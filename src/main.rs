@@ -153,7 +153,7 @@ fn main() -> ExitCode {
             let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone())).with_retry(retry);
             client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
-            client.log_token_file(origin);
+            client.log_token_file(origin, args.token_file.is_some());
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
                 log::warn!("{w}");
             }

@@ -129,16 +129,23 @@ impl std::fmt::Display for Url {
 }
 
 /// The request head: `target` is the path (or the absolute URL through a
-/// proxy). Header values with line breaks are refused: they would let a
-/// value inject headers of its own.
+/// proxy). Every header value must be visible ASCII (spaces and tabs
+/// inside allowed), every name visible ASCII without a colon: a line
+/// break would let a value inject headers of its own, and any other
+/// control or non-ASCII byte is something a server may read differently
+/// from us. Checked here, where every request is written.
 pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, String)]) -> io::Result<Vec<u8>> {
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in headers {
-        if k.bytes().chain(v.bytes()).any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header {k} holds a line break")));
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header name {:?} is not visible ASCII", cut(k))));
+        }
+        if !is_header_value(v) {
+            // The value is not quoted: it may be a token.
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("the {k} header holds a byte that is not visible ASCII")));
         }
         head.push_str(k);
         head.push_str(": ");
@@ -147,6 +154,12 @@ pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, 
     }
     head.push_str("\r\n");
     Ok(head.into_bytes())
+}
+
+/// Visible ASCII with spaces or tabs inside, none at either end (a value
+/// is trimmed when read, so those would not be the value sent).
+pub fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t') && v.trim_matches([' ', '\t']).len() == v.len()
 }
 
 /// How the answer's body ends.

@@ -1,0 +1,107 @@
+//! What an operator reads and what goes on the wire around auth (issues 21
+//! item 6 and 22): tokens and header values checked before use, the
+//! refresh hold-off for every answer that gives no usable token, an
+//! explicit token file that is missing, and log lines that read like prose.
+
+use std::time::Duration;
+
+use crate::fake_server::{Fault, FaultAction, FakeServer};
+use crate::harness::{Agent, AgentProc, yaml_str};
+
+const T: Duration = Duration::from_secs(30);
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+fn refresh_answer(json: &str, times: usize) -> Fault {
+    let body = FaultAction::Body { status: 200, content_type: "application/json".into(), body: json.as_bytes().to_vec() };
+    Fault::new(Some("POST"), "/v1/oauth2/refresh", times, body)
+}
+
+fn wait_log(p: &AgentProc, what: &str, n: usize) -> String {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let log = p.log_text();
+        if count(&log, what) >= n {
+            return log;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} x{n}\n{}", p.diagnostics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 21 item 6: a token with CR/LF used to be kept; every request then
+/// failed before it left and the agent never asked for another.
+#[test]
+fn an_access_token_with_a_line_break_is_a_failed_refresh_and_the_next_one_works() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    server.add_fault(refresh_answer(r#"{"access_token": "tok\r\nX-Evil: 1"}"#, 2));
+    let mut p = Agent::new(&server).token("secret").spawn();
+    // Two bad answers, then the real endpoint: the agent asks again.
+    server.wait_until(T, "a good refresh after two bad ones", |s| s.refresh_count() >= 1);
+    server.wait_until(T, "a poll with the new token", |s| {
+        s.requests_to("GET", "/v1/job").iter().any(|r| r.header("authorization") == Some("Bearer tok-1"))
+    });
+    p.kill();
+    let log = p.log_text();
+    assert_eq!(count(&log, "access_token is empty or holds bytes that are not visible ASCII; next attempt in"), 2, "{log}");
+    assert!(!log.contains("X-Evil"), "the token is not quoted in the log:\n{log}");
+    let refreshes = server.requests_to("POST", "/v1/oauth2/refresh");
+    assert_eq!(refreshes.len(), 3, "{:?}", server.request_lines());
+    // The hold-off (1 s, then 2 s) between the attempts, not a storm.
+    assert!(refreshes[1].at.duration_since(refreshes[0].at) >= Duration::from_millis(900));
+    assert!(refreshes[2].at.duration_since(refreshes[1].at) >= Duration::from_millis(1900));
+    assert!(server.requests().iter().all(|r| r.header("x-evil").is_none()));
+}
+
+/// Issue 22: a 200 without a token gave four ERROR lines per `--once`
+/// cycle and no hold-off.
+#[test]
+fn a_refresh_answer_without_a_token_gets_the_hold_off() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    server.add_fault(refresh_answer(r#"{"token_type": "Bearer"}"#, 1000));
+    let setup = Agent::new(&server).token("secret");
+    let out = setup.run_once(T);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(count(&log, "has no access_token string; next attempt in 1 s at the earliest"), 1, "{log}");
+    let refreshes = server.requests_to("POST", "/v1/oauth2/refresh").len();
+    let refused = server.requests().iter().filter(|r| r.status == 401).count();
+    assert!(refreshes == 1 && refused >= 1, "{refreshes} refreshes, {refused} refused calls: {:?}", server.request_lines());
+}
+
+/// Issue 21 item 6: `;` in agent_id added a cookie of its own.
+#[test]
+fn agent_id_is_encoded_in_the_cookie() {
+    let server = FakeServer::start();
+    let id = "rig;admin=1 x";
+    let out = Agent::new(&server).set("agent_id", &yaml_str(id)).run_once(T);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let requests = server.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(r.header("cookie"), Some("agent_name=rig%3Badmin=1%20x"), "{}", r.line());
+    }
+}
+
+/// Issue 22: an explicit `--token-file` that is missing was an INFO line.
+/// Upstream starts anyway (and logs an ERROR at each refresh); ours starts,
+/// says it once at WARNING, and uses the file once it is created.
+#[test]
+fn a_named_token_file_that_is_missing_is_a_warning_and_is_used_once_created() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    let setup = Agent::new(&server).token("secret");
+    let token = setup.dir().join("refresh_token");
+    std::fs::rename(&token, setup.dir().join("elsewhere")).unwrap();
+    let mut p = setup.spawn();
+    let log = wait_log(&p, "does not exist", 1);
+    let line = log.lines().find(|l| l.contains("does not exist")).unwrap_or_default();
+    assert!(line.contains("WARNING: ") && line.contains("(--token-file)"), "{line}");
+    std::fs::rename(setup.dir().join("elsewhere"), &token).unwrap();
+    server.wait_until(T, "a refresh once the file is there", |s| s.refresh_count() >= 1);
+    p.kill();
+    assert_eq!(count(&p.log_text(), "does not exist"), 1, "{}", p.log_text());
+}
