@@ -29,8 +29,8 @@ use std::time::Duration;
 use crate::json::Json;
 use crate::retry::{Backoff, Retry};
 
-pub use error::{unreachable_kind, Answer, ClientError};
-use error::is_retryable;
+pub use error::{unreachable_kind, unreachable_text, Answer, ClientError};
+use error::{is_retryable, net_reason};
 pub use transport::{BodyWriter, Idle};
 use transport::{Failure, Keep, Net, Payload, Reply};
 use wire::Url;
@@ -139,9 +139,9 @@ impl Client {
         for hop in 0..=MAX_REDIRECTS {
             let reply = transport::exchange(&self.net, method, &target, &headers, payload.reborrow(), keep, timeout, idle.as_deref_mut())
                 .map_err(|f| match f {
-                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: e.to_string() },
+                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
                     Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
-                    Failure::Local(path, e) => ClientError::Local { path, reason: e.to_string() },
+                    Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
                 })?;
             let status = reply.status;
             let location = match (&reply.location, status) {
@@ -218,10 +218,10 @@ impl Client {
                     continue;
                 }
                 Ok(a) if is_retryable(a.status) && attempt < retry.attempts => {
-                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {backoff:?}", a.status);
+                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {}", a.status, crate::human::duration(backoff));
                 }
                 Err(e @ ClientError::Connection { .. }) if attempt < retry.attempts => {
-                    log::warn!("{method} {e} (attempt {attempt}), retrying in {backoff:?}");
+                    log::warn!("{method} {e} (attempt {attempt}), retrying in {}", crate::human::duration(backoff));
                 }
                 other => return other,
             }
@@ -242,6 +242,8 @@ impl Client {
     /// `Err` says why the server cannot be reached, for the log.
     pub fn reachability(&self) -> Result<(), String> {
         match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout) {
+            // Only a proxy asks for its own credentials: the server was not reached.
+            Ok(a) if a.status == 407 => Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy".into()),
             Ok(a) if a.status < 500 => Ok(()),
             Ok(a) => Err(format!("HTTP {}", a.status)),
             Err(ClientError::Connection { reason, .. }) => Err(reason),

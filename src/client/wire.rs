@@ -190,7 +190,7 @@ fn read_line<R: BufRead>(r: &mut R, cap: u64, what: &str) -> io::Result<String> 
         return Err(if (buf.len() as u64) < cap {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("answer cut off inside its {what}"))
         } else {
-            invalid(format!("{what} longer than {cap} bytes"))
+            io::Error::new(io::ErrorKind::InvalidData, LineTooLong(format!("{what} longer than {cap} bytes")))
         });
     }
     // Header values are ASCII in practice; a stray byte must not fail the answer.
@@ -217,7 +217,8 @@ pub fn read_head<R: BufRead>(r: &mut R, no_body: bool) -> io::Result<Head> {
 
 fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::Result<Head> {
     let mut take_line = |r: &mut R, what: &str| -> io::Result<String> {
-        let line = read_line(r, *budget, what)?;
+        // The cap on the whole head, not what was left of it for this line.
+        let line = read_line(r, *budget, what).map_err(|e| over_cap(e, "status line and headers"))?;
         *budget = budget.saturating_sub(line.len() as u64);
         Ok(line)
     };
@@ -262,6 +263,29 @@ fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::
         }
     }
     Err(invalid(format!("more than {MAX_HEADERS} header lines")))
+}
+
+/// A line over its cap (told apart from the stream's own errors, which
+/// may be of the same kind).
+#[derive(Debug)]
+struct LineTooLong(String);
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// A line over what was left of the [`MAX_HEAD`] budget, said as over
+/// the cap itself.
+fn over_cap(e: io::Error, what: &str) -> io::Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<LineTooLong>()) {
+        invalid(format!("answer's {what} longer than {MAX_HEAD} bytes in all"))
+    } else {
+        e
+    }
 }
 
 /// At most 80 characters of a bad line, for an error message.
@@ -365,7 +389,7 @@ impl<R: BufRead> Read for BodyReader<R> {
                         // Trailers, up to the empty line.
                         let mut budget = MAX_HEAD;
                         loop {
-                            let line = read_line(&mut self.inner, budget, "trailers")?;
+                            let line = read_line(&mut self.inner, budget, "trailers").map_err(|e| over_cap(e, "trailers"))?;
                             budget = budget.saturating_sub(line.len() as u64);
                             if line.trim_end_matches(['\r', '\n']).is_empty() {
                                 break;

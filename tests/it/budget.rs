@@ -58,16 +58,15 @@ fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
     p.kill();
 }
 
-/// A `Duration`'s Debug text ("412.5ms", "1.25s", "80µs") in seconds.
+/// A logged duration ("412 ms", "1.2 s", "3 min"; see `human::duration`)
+/// in seconds.
 fn secs(text: &str) -> Option<f64> {
-    let (num, scale) = if let Some(n) = text.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = text.strip_suffix(" ms") {
         (n, 1e-3)
-    } else if let Some(n) = text.strip_suffix("µs") {
-        (n, 1e-6)
-    } else if let Some(n) = text.strip_suffix("ns") {
-        (n, 1e-9)
+    } else if let Some(n) = text.strip_suffix(" min") {
+        (n, 60.0)
     } else {
-        (text.strip_suffix('s')?, 1.0)
+        (text.strip_suffix(" s")?, 1.0)
     };
     num.parse::<f64>().ok().map(|n| n * scale)
 }
@@ -77,7 +76,7 @@ fn waits(log: &str, marker: &str) -> Vec<f64> {
     log.lines().filter(|l| l.contains(marker)).filter_map(|l| secs(l.rsplit_once(WAIT)?.1.trim())).collect()
 }
 
-/// How a logged wait is introduced: "retrying in 1.2s", "next poll in 0.5s".
+/// How a logged wait is introduced: "retrying in 1.2 s", "next poll in 500 ms".
 const WAIT: &str = " in ";
 
 /// Polls are spread ±20 % around `polling_interval`, and the retries while

@@ -105,3 +105,37 @@ fn a_named_token_file_that_is_missing_is_a_warning_and_is_used_once_created() {
     p.kill();
     assert_eq!(count(&p.log_text(), "does not exist"), 1, "{}", p.log_text());
 }
+
+/// Issue 22, the worst of what an operator read: reasons said twice with
+/// the OS error number, Rust debug output, durations to the nanosecond,
+/// trailing spaces. An outage, then a job whose setup fails.
+#[test]
+fn log_lines_read_like_prose() {
+    let server = FakeServer::start();
+    server.stop_listening();
+    let job = crate::harness::unique_id();
+    server.push_job(&crate::harness::job_json(&job, crate::harness::QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let mut p = Agent::new(&server).command("setup", "exit 127").spawn_with(&["--once"]);
+    let log = wait_log(&p, "still not reachable", 2);
+    let line = log.lines().find(|l| l.contains("not reachable: ")).unwrap_or_default();
+    assert!(line.contains("not reachable: connection refused; waits doubling up to 3 min, retrying in "), "{line}");
+    server.resume_listening();
+    assert!(p.wait_exit(T).code().is_some(), "{}", p.diagnostics());
+    let log = p.log_text();
+    assert!(log.contains(&format!("job {job} ended: setup_fail; exit statuses: setup 127")), "{log}");
+    assert!(log.contains(&format!("job {job}: event setup_start\n")), "{log}");
+    for line in log.lines() {
+        assert!(!line.ends_with(' '), "trailing space: {line:?}");
+        for debug in ["os error", "[(", "Some(", "Ok(", "Err(", "OtherError"] {
+            assert!(!line.contains(debug), "{debug}: {line}");
+        }
+        // A Duration's debug form: digits, a point, four or more digits, `s`.
+        let nanos = line.split(' ').any(|w| {
+            let w = w.trim_end_matches([',', ';', ')']);
+            w.strip_suffix('s').and_then(|n| n.split_once('.')).is_some_and(|(a, b)| {
+                !a.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.len() >= 4 && b.bytes().all(|c| c.is_ascii_digit())
+            })
+        });
+        assert!(!nanos, "unrounded duration: {line}");
+    }
+}

@@ -125,3 +125,13 @@ fn header_values_and_names_must_be_visible_ascii() {
     assert!(String::from_utf8(head).unwrap().contains("\r\nAuthorization: Bearer a.b-c_d~e+f/g=\r\n"));
     assert!(one("Proxy-Authorization", "Basic YWdlbnQ6czpjcmV0").is_ok());
 }
+
+/// Issue 22: the cap was printed as what was left of it
+/// (`headers longer than 65519 bytes`).
+#[test]
+fn an_oversized_head_names_the_cap() {
+    let mut raw = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+    raw.extend(std::iter::repeat_n(b'a', MAX_HEAD as usize));
+    let e = read(&raw, 10).unwrap_err();
+    assert_eq!(e.to_string(), "answer's status line and headers longer than 65536 bytes in all");
+}
