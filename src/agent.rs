@@ -365,9 +365,7 @@ impl<'a> Agent<'a> {
             }
         };
         let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
-        let statuses: Vec<String> = summary.statuses.iter().map(|(phase, code)| format!("{phase} {code}")).collect();
-        let statuses = if statuses.is_empty() { "no phase ran".to_string() } else { format!("exit statuses: {}", statuses.join(", ")) };
-        log::info!("job {} ended: {}; {statuses}", summary.job_id, summary.end_reason);
+        log::info!("job {} ended: {}; {}", summary.job_id, summary.end_reason, human::exit_statuses(&summary.statuses));
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {
             self.recovery_failed = true;

@@ -33,6 +33,21 @@ pub fn duration(d: Duration) -> String {
     }
 }
 
+/// The phases' exit statuses, `setup 0, provision 0, test 1`, or that
+/// none ran.
+pub fn exit_statuses(statuses: &[(crate::phase::Phase, i32)]) -> String {
+    if statuses.is_empty() {
+        return "no phase ran".into();
+    }
+    let each: Vec<String> = statuses.iter().map(|(phase, code)| format!("{phase} {code}")).collect();
+    format!("exit statuses: {}", each.join(", "))
+}
+
+/// Numbers (pids...) as `12, 34, 56`.
+pub fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +72,13 @@ mod tests {
             assert_eq!(duration(d), want, "{d:?}");
         }
         assert!(duration(Duration::MAX).ends_with(" h"), "no overflow at the top");
+    }
+
+    #[test]
+    fn statuses_and_lists_without_debug_output() {
+        use crate::phase::Phase;
+        assert_eq!(exit_statuses(&[(Phase::Setup, 127)]), "exit statuses: setup 127");
+        assert_eq!(exit_statuses(&[]), "no phase ran");
+        assert_eq!(list(&[12, 34]), "12, 34");
     }
 }
