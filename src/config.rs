@@ -169,7 +169,7 @@ impl fmt::Display for ConfigError {
         if let Some(key) = &self.key {
             write!(f, ": key `{}`", one_line(key))?;
         }
-        write!(f, ": {}", one_line(&self.reason))
+        write!(f, ": {}", one_line(&crate::human::without_os_error(&self.reason)))
     }
 }
 

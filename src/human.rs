@@ -33,6 +33,26 @@ pub fn duration(d: Duration) -> String {
     }
 }
 
+/// `Connection refused (os error 111)` as `Connection refused`, wherever
+/// in the text (a wrapped error carries its cause's suffix).
+pub fn without_os_error(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(" (os error ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " (os error ".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(')') {
+            rest = &after[digits + 1..];
+        } else {
+            out.push_str(" (os error ");
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The phases' exit statuses, `setup 0, provision 0, test 1`, or that
 /// none ran.
 pub fn exit_statuses(statuses: &[(crate::phase::Phase, i32)]) -> String {

@@ -10,6 +10,7 @@
 // Used by `main`.
 pub mod agent;
 pub mod budget;
+pub mod human;
 pub mod job;
 pub mod lockfile;
 pub mod logging;
@@ -31,7 +32,6 @@ pub(crate) mod archive;
 pub(crate) mod atomic;
 pub(crate) mod delivery;
 pub(crate) mod events;
-pub(crate) mod human;
 pub(crate) mod jitter;
 pub(crate) mod outbound;
 pub(crate) mod output;

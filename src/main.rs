@@ -138,7 +138,7 @@ fn main() -> ExitCode {
                 metrics = match metrics.serve(port) {
                     Ok(m) => m,
                     Err(e) => {
-                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {e}");
+                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {}", testflinger_agent::human::without_os_error(&e.to_string()));
                         return ExitCode::FAILURE;
                     }
                 };
@@ -201,7 +201,10 @@ fn read_job_file(path: &Path) -> Result<Json, String> {
         Ok(j) => j,
         Err(json_err) => {
             let yaml: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(&text).map_err(|e| format!("neither JSON ({json_err}) nor YAML ({e})"))?;
+                serde_yaml_ng::from_str(&text).map_err(|e| {
+                    // Said as the one the file looks like it was meant to be.
+                    if text.trim_start().starts_with(['{', '[']) { format!("not valid JSON: {json_err}") } else { format!("not valid YAML: {e}") }
+                })?;
             config::yaml_to_json(&yaml)
         }
     };

@@ -83,34 +83,14 @@ pub(super) fn net_reason(e: &std::io::Error, waited: std::time::Duration) -> Str
     if e.raw_os_error().is_some() && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
         return format!("no answer within {}", crate::human::duration(waited));
     }
-    without_os_error(&e.to_string())
-}
-
-/// `Connection refused (os error 111)` as `Connection refused`, wherever
-/// in the text (a wrapped error carries its cause's suffix).
-fn without_os_error(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(" (os error ") {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + " (os error ".len()..];
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        if digits > 0 && after[digits..].starts_with(')') {
-            rest = &after[digits + 1..];
-        } else {
-            out.push_str(" (os error ");
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::human::without_os_error(&e.to_string())
 }
 
 /// Why the server cannot be reached, for the one line that says so: the
 /// kind, and the reason when it says more than the kind does.
 pub fn unreachable_text(reason: &str) -> String {
     let kind = unreachable_kind(reason);
-    let reason = without_os_error(reason);
+    let reason = crate::human::without_os_error(reason);
     if reason.eq_ignore_ascii_case(kind) { kind.to_string() } else { format!("{kind} ({reason})") }
 }
 
@@ -183,7 +163,7 @@ mod tests {
             unreachable_text("proxy p:3128: Connection refused (os error 111)"),
             "connection refused (proxy p:3128: Connection refused)"
         );
-        assert_eq!(without_os_error("a (os error x) b (os error 12)"), "a (os error x) b");
+        assert_eq!(crate::human::without_os_error("a (os error x) b (os error 12)"), "a (os error x) b");
         let timed_out = std::io::Error::from_raw_os_error(11);
         assert_eq!(net_reason(&timed_out, std::time::Duration::from_secs(30)), "no answer within 30 s");
         let refused = std::io::Error::from_raw_os_error(111);
