@@ -91,7 +91,14 @@ pub(super) fn net_reason(e: &std::io::Error, waited: std::time::Duration) -> Str
 pub fn unreachable_text(reason: &str) -> String {
     let kind = unreachable_kind(reason);
     let reason = crate::human::without_os_error(reason);
-    if reason.eq_ignore_ascii_case(kind) { kind.to_string() } else { format!("{kind} ({reason})") }
+    if reason.eq_ignore_ascii_case(kind) {
+        kind.to_string()
+    } else if reason.starts_with("no answer within") {
+        // Already says the kind, and how long was waited.
+        reason
+    } else {
+        format!("{kind} ({reason})")
+    }
 }
 
 /// The kind of reason the server cannot be reached, from the error's text
@@ -164,6 +171,7 @@ mod tests {
             "connection refused (proxy p:3128: Connection refused)"
         );
         assert_eq!(crate::human::without_os_error("a (os error x) b (os error 12)"), "a (os error x) b");
+        assert_eq!(unreachable_text("no answer within 2 s"), "no answer within 2 s");
         let timed_out = std::io::Error::from_raw_os_error(11);
         assert_eq!(net_reason(&timed_out, std::time::Duration::from_secs(30)), "no answer within 30 s");
         let refused = std::io::Error::from_raw_os_error(111);

@@ -139,3 +139,60 @@ fn log_lines_read_like_prose() {
         assert!(!nanos, "unrounded duration: {line}");
     }
 }
+
+/// A proxy that answers every request with this status line, no body.
+fn answering_proxy(status: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            use std::io::{BufRead, Write};
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            // The request head, up to its empty line.
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    port
+}
+
+/// Issue 22: a proxy's 407 or 500 was shown as "connection refused", and
+/// a server that did not answer as "Resource temporarily unavailable (os
+/// error 11)".
+#[test]
+fn what_the_proxy_answered_and_a_silent_server_are_said_as_such() {
+    let server = FakeServer::start();
+    let cases = [
+        ("http", "407 Proxy Authentication Required", "the proxy did not pass the request on (the proxy answered HTTP 407"),
+        ("https", "407 Proxy Authentication Required", "the proxy did not pass the request on (proxy 127.0.0.1:"),
+        ("https", "500 Internal Server Error", "the proxy did not pass the request on (proxy 127.0.0.1:"),
+    ];
+    for (scheme, status, said) in cases {
+        let proxy = answering_proxy(status);
+        let out = Agent::new(&server)
+            .set("server_address", &yaml_str(&format!("{scheme}://tf.example:8000")))
+            .set("server_timeout", "1")
+            .env(&format!("{scheme}_proxy"), &format!("http://127.0.0.1:{proxy}"))
+            .run_once(T);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        if log.contains("no TLS") {
+            continue; // a build without the `tls` feature refuses https:// at start
+        }
+        let line = log.lines().find(|l| l.contains("not reachable: ")).unwrap_or_default();
+        assert!(line.contains(said), "{scheme} {status}: {line}\n{log}");
+        assert!(line.contains(&format!("HTTP {}", &status[..3])), "{line}");
+        assert!(!log.contains("connection refused"), "{log}");
+        assert_eq!(out.status.code(), Some(69), "{log}");
+    }
+
+    server.add_fault(Fault::new(Some("GET"), "/v1/", 1, FaultAction::Stall(Duration::from_secs(3))));
+    let out = Agent::new(&server).set("server_timeout", "1").run_once(T);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = log.lines().find(|l| l.contains("not reachable: ")).unwrap_or_default();
+    assert!(line.contains("not reachable: no answer within 1 s;"), "{line}\n{log}");
+    assert!(!log.contains("temporarily unavailable"), "{log}");
+}
