@@ -211,6 +211,11 @@ impl Client {
                 // a 401 has nothing to refresh: it is the answer.
                 Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
                     refreshed = true;
+                    // Said once per hold-off, not on every refused call.
+                    if !self.refresh_hold.ready(std::time::Instant::now()) {
+                        log::debug!("{method} {url}: HTTP 401; the token refresh is held off");
+                        return Ok(a);
+                    }
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh() {
                         return Ok(a);
