@@ -150,7 +150,7 @@ fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
     server.cancel_job(&job);
     assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
     let log = p.log_text();
-    assert!(log.contains("the phase did not end within 100ms of SIGTERM; sending SIGKILL"), "{log}");
+    assert!(log.contains("the phase did not end within 100 ms of SIGTERM; sending SIGKILL"), "{log}");
     assert!(server.log_text_phase(&job, "output", "test").contains("got-term"));
 }
 
