@@ -158,7 +158,7 @@ pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, 
 
 /// Visible ASCII with spaces or tabs inside, none at either end (a value
 /// is trimmed when read, so those would not be the value sent).
-pub fn is_header_value(v: &str) -> bool {
+fn is_header_value(v: &str) -> bool {
     v.bytes().all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t') && v.trim_matches([' ', '\t']).len() == v.len()
 }
 
