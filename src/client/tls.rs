@@ -159,6 +159,11 @@ pub fn handshake<S: Read + Write>(tls: &mut StreamOwned<ClientConnection, S>, au
     slot(&VERDICT).take();
     while tls.conn.is_handshaking() {
         if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            if e.raw_os_error().is_some() {
+                // The network (reset, no answer in time), not TLS: the
+                // caller says it as it says any other.
+                return Err(e);
+            }
             while tls.conn.wants_write() {
                 if !matches!(tls.conn.write_tls(&mut tls.sock), Ok(n) if n > 0) {
                     break;
