@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
+use crate::human;
 use crate::jitter;
 use crate::job::JobRunner;
 use crate::json::Json;
@@ -122,13 +123,19 @@ impl<'a> Agent<'a> {
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = crate::client::unreachable_kind(&reason);
             if self.unreachable != Some(kind) {
-                log::warn!("server {} not reachable: {kind} ({reason}); waits doubling up to {MAX_BACKOFF:?}, retrying in {wait:?}", self.client.base_url());
+                log::warn!(
+                    "server {} not reachable: {}; waits doubling up to {}, retrying in {}",
+                    self.client.base_url(),
+                    crate::client::unreachable_text(&reason),
+                    human::duration(MAX_BACKOFF),
+                    human::duration(wait)
+                );
                 self.unreachable = Some(kind);
             } else {
-                log::debug!("server still not reachable ({reason}), retrying in {wait:?}");
+                log::debug!("server still not reachable ({reason}), retrying in {}", human::duration(wait));
             }
             if self.once && started.elapsed() + wait > give_up_after {
-                log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
+                log::error!("--once: server {} not reachable for {}; giving up", self.client.base_url(), human::duration(started.elapsed()));
                 return false;
             }
             wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::Stop);
@@ -208,7 +215,7 @@ impl<'a> Agent<'a> {
             }
             // ±20 %: agents started together drift apart within a few polls.
             let wait = jitter::spread(self.interval());
-            log::debug!("next poll in {wait:?}");
+            log::debug!("next poll in {}", human::duration(wait));
             wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::StopOrRestart);
         }
     }
@@ -289,7 +296,7 @@ impl<'a> Agent<'a> {
         }
         if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
             let wait = self.kept.failed(Instant::now());
-            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {wait:?}");
+            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {}", human::duration(wait));
             notify::status("earlier outcomes undelivered; not taking jobs");
             return None;
         }
@@ -358,7 +365,7 @@ impl<'a> Agent<'a> {
             }
         };
         let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
-        log::info!("job {} ended: {} {:?}", summary.job_id, summary.end_reason, summary.statuses);
+        log::info!("job {} ended: {}; {}", summary.job_id, summary.end_reason, human::exit_statuses(&summary.statuses));
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {
             self.recovery_failed = true;

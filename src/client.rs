@@ -29,8 +29,8 @@ use std::time::Duration;
 use crate::json::Json;
 use crate::retry::{Backoff, Retry};
 
-pub use error::{unreachable_kind, Answer, ClientError};
-use error::is_retryable;
+pub use error::{unreachable_kind, unreachable_text, Answer, ClientError};
+use error::{is_retryable, net_reason};
 pub use transport::{BodyWriter, Idle};
 use transport::{Failure, Keep, Net, Payload, Reply};
 use wire::Url;
@@ -56,6 +56,8 @@ pub struct Client {
     /// What was last said about the token file, so that a broken file is
     /// reported once per change rather than on every request.
     token_status: Option<String>,
+    /// The token file was named by the operator, not upstream's default.
+    token_file_named: bool,
     /// For the calls whose caller does not pass a [`Retry`] of its own.
     retry: Retry,
     /// Proxies and TLS trust.
@@ -76,6 +78,7 @@ impl Client {
             access_token: None,
             refresh_hold: Backoff::new(auth::REFRESH_HOLD_OFF),
             token_status: None,
+            token_file_named: false,
             retry: Retry::default(),
             net: Net::new(),
         }
@@ -136,9 +139,9 @@ impl Client {
         for hop in 0..=MAX_REDIRECTS {
             let reply = transport::exchange(&self.net, method, &target, &headers, payload.reborrow(), keep, timeout, idle.as_deref_mut())
                 .map_err(|f| match f {
-                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: e.to_string() },
+                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
                     Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
-                    Failure::Local(path, e) => ClientError::Local { path, reason: e.to_string() },
+                    Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
                 })?;
             let status = reply.status;
             let location = match (&reply.location, status) {
@@ -208,6 +211,11 @@ impl Client {
                 // a 401 has nothing to refresh: it is the answer.
                 Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
                     refreshed = true;
+                    // Said once per hold-off, not on every refused call.
+                    if !self.refresh_hold.ready(std::time::Instant::now()) {
+                        log::debug!("{method} {url}: HTTP 401; the token refresh is held off");
+                        return Ok(a);
+                    }
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh() {
                         return Ok(a);
@@ -215,10 +223,10 @@ impl Client {
                     continue;
                 }
                 Ok(a) if is_retryable(a.status) && attempt < retry.attempts => {
-                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {backoff:?}", a.status);
+                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {}", a.status, crate::human::duration(backoff));
                 }
                 Err(e @ ClientError::Connection { .. }) if attempt < retry.attempts => {
-                    log::warn!("{method} {e} (attempt {attempt}), retrying in {backoff:?}");
+                    log::warn!("{method} {e} (attempt {attempt}), retrying in {}", crate::human::duration(backoff));
                 }
                 other => return other,
             }
@@ -239,6 +247,8 @@ impl Client {
     /// `Err` says why the server cannot be reached, for the log.
     pub fn reachability(&self) -> Result<(), String> {
         match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout) {
+            // Only a proxy asks for its own credentials: the server was not reached.
+            Ok(a) if a.status == 407 => Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy".into()),
             Ok(a) if a.status < 500 => Ok(()),
             Ok(a) => Err(format!("HTTP {}", a.status)),
             Err(ClientError::Connection { reason, .. }) => Err(reason),

@@ -169,7 +169,7 @@ impl fmt::Display for ConfigError {
         if let Some(key) = &self.key {
             write!(f, ": key `{}`", one_line(key))?;
         }
-        write!(f, ": {}", one_line(&self.reason))
+        write!(f, ": {}", one_line(&crate::human::without_os_error(&self.reason)))
     }
 }
 
@@ -334,10 +334,30 @@ fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
     if let Some((key, reason)) = msg.split_once(": ") {
         if !key.contains(' ') && !key.is_empty() {
             let key = key.split(['[', '.']).next().unwrap_or(key);
-            return (Some(key.to_string()), reason.to_string());
+            return (Some(key.to_string()), plain_types(reason));
         }
     }
-    (None, msg.to_string())
+    (None, plain_types(msg))
+}
+
+/// serde names Rust types (`expected f64`, `integer \`-1\`, expected u64`):
+/// said as what to write in the file instead.
+fn plain_types(reason: &str) -> String {
+    let reason = reason.replace("invalid type: sequence,", "invalid type: a list,").replace("invalid type: map,", "invalid type: a mapping,");
+    let Some(at) = reason.rfind("expected ") else { return reason };
+    let (head, ty) = reason.split_at(at + "expected ".len());
+    let plain = match ty {
+        "f64" | "f32" => "a number",
+        "u64" | "u32" | "usize" => "a whole number, 0 or more",
+        "u16" => "a whole number from 0 to 65535",
+        "u8" => "a whole number from 0 to 255",
+        "i64" | "i32" | "isize" => "a whole number",
+        "a sequence" => "a list",
+        "a map" => "a mapping (key: value lines)",
+        "a boolean" => "true or false",
+        _ => return reason,
+    };
+    format!("{head}{plain}")
 }
 
 fn usable_dir(dir: &Path, mode: u32) -> Result<(), String> {

@@ -73,7 +73,11 @@ impl Events {
     pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, event: Event, detail: &Masked) {
         let name = event.to_string();
         let detail = detail.as_str();
-        log::info!("job {job_id}: event {name} {detail}");
+        if detail.is_empty() {
+            log::info!("job {job_id}: event {name}");
+        } else {
+            log::info!("job {job_id}: event {name}: {detail}");
+        }
         let Some(header) = &self.header else { return };
         self.list.push(
             Json::object()
@@ -109,7 +113,7 @@ impl Events {
                 }
                 Err(e) => {
                     self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                    log::warn!("event {name} not posted, holding events back for {:?}: {e}", self.hold);
+                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
                     self.hold_until = Some(Instant::now() + self.hold);
                     self.unsent = true;
                 }

@@ -10,6 +10,7 @@
 // Used by `main`.
 pub mod agent;
 pub mod budget;
+pub mod human;
 pub mod job;
 pub mod lockfile;
 pub mod logging;

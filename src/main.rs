@@ -138,7 +138,7 @@ fn main() -> ExitCode {
                 metrics = match metrics.serve(port) {
                     Ok(m) => m,
                     Err(e) => {
-                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {e}");
+                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {}", testflinger_agent::human::without_os_error(&e.to_string()));
                         return ExitCode::FAILURE;
                     }
                 };
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
             let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone())).with_retry(retry);
             client.set_ca_file(config.server_ca_file.clone());
             log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
-            client.log_token_file(origin);
+            client.log_token_file(origin, args.token_file.is_some());
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
                 log::warn!("{w}");
             }
@@ -201,7 +201,10 @@ fn read_job_file(path: &Path) -> Result<Json, String> {
         Ok(j) => j,
         Err(json_err) => {
             let yaml: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(&text).map_err(|e| format!("neither JSON ({json_err}) nor YAML ({e})"))?;
+                serde_yaml_ng::from_str(&text).map_err(|e| {
+                    // Said as the one the file looks like it was meant to be.
+                    if text.trim_start().starts_with(['{', '[']) { format!("not valid JSON: {json_err}") } else { format!("not valid YAML: {e}") }
+                })?;
             config::yaml_to_json(&yaml)
         }
     };

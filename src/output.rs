@@ -260,7 +260,7 @@ impl LiveStream {
             Err(e) => {
                 self.inflight_end = Some(plan.end);
                 let backoff = self.backoff.failed(Instant::now());
-                log::warn!("{} log fragment not sent, will retry in {backoff:?}: {e}", self.kind);
+                log::warn!("{} log fragment not sent, will retry in {}: {e}", self.kind, crate::human::duration(backoff));
                 Err(e)
             }
         }

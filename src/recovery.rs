@@ -95,11 +95,11 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
     };
     let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted);
     log::info!(
-        "job {}: recovered ({}), statuses {:?}, delivered: {}",
+        "job {}: recovered ({}); {}; delivered: {}",
         summary.job_id,
         summary.end_reason,
-        summary.statuses,
-        summary.delivered
+        crate::human::exit_statuses(&summary.statuses),
+        if summary.delivered { "yes" } else { "no, kept for later" }
     );
 }
 
@@ -111,7 +111,7 @@ fn stop_leftover_processes(dir: &Path) {
     if pids.is_empty() {
         return;
     }
-    log::warn!("stopping {} leftover process(es) of the interrupted job: {pids:?}", pids.len());
+    log::warn!("stopping {} leftover process(es) of the interrupted job: pids {}", pids.len(), crate::human::list(&pids));
     for pid in &pids {
         // SAFETY: kill(2) with a pid read from /proc; at worst ESRCH.
         unsafe { libc::kill(*pid, libc::SIGTERM) };

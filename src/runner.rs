@@ -192,7 +192,7 @@ impl Stopping {
                 self.stop(now, reason, out);
             }
         } else if self.term_sent.is_some_and(|t| now.duration_since(t) >= self.grace()) {
-            log::info!("the phase did not end within {:?} of SIGTERM; sending SIGKILL", self.grace());
+            log::info!("the phase did not end within {} of SIGTERM; sending SIGKILL", crate::human::duration(self.grace()));
             signal_group(self.pgid, libc::SIGKILL);
             kill_descendants();
             self.term_sent = None;

@@ -32,7 +32,14 @@ impl Client {
     }
 
     /// Says once, at start, which token file is used and whether it can be.
-    pub fn log_token_file(&mut self, origin: &str) {
+    /// `named`: the operator gave the path (`--token-file`), so a missing
+    /// file is a mistake worth a WARNING; upstream's default path is
+    /// absent on most controllers, so that is only said (INFO). Either way
+    /// the agent starts, as upstream's does (which logs an ERROR per
+    /// refresh): the file is read again at each refresh, so creating it
+    /// later is enough.
+    pub fn log_token_file(&mut self, origin: &str, named: bool) {
+        self.token_file_named = named;
         let Some(path) = self.token_file.clone() else {
             log::info!("no token file: requests go without a token");
             return;
@@ -40,7 +47,7 @@ impl Client {
         let status = self.token_file_state().err().flatten();
         match &status {
             None => log::info!("token file {} ({origin})", path.display()),
-            Some(problem) if !path.exists() => log::info!("{problem} ({origin})"),
+            Some(problem) if !path.exists() && !named => log::info!("{problem} ({origin})"),
             Some(problem) => log::warn!("{problem} ({origin})"),
         }
         self.token_status = status;
@@ -51,7 +58,7 @@ impl Client {
         let status = state.as_ref().err().cloned().flatten();
         if status != self.token_status {
             match &status {
-                Some(problem) if self.token_file.as_ref().is_some_and(|p| !p.exists()) => log::info!("{problem}"),
+                Some(problem) if !self.token_file_named && self.token_file.as_ref().is_some_and(|p| !p.exists()) => log::info!("{problem}"),
                 Some(problem) => log::warn!("{problem}"),
                 None => log::info!("token file {} read", self.token_file.as_ref().map_or(String::new(), |p| p.display().to_string())),
             }
@@ -73,23 +80,18 @@ impl Client {
         let body = Json::object().with("refresh_token", Json::str(refresh_token.as_str())).to_string_compact();
         match self.send_once("POST", &url, Some(body.as_bytes()), SMALL_ANSWER, false, self.retry.timeout) {
             Ok(a) if a.status == 200 => match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
-                Some(token) => {
+                Some(token) if is_token(&token) => {
                     log::debug!("got a new access token from {url}");
                     self.access_token = Some(token);
                     self.refresh_hold.succeeded();
                     true
                 }
-                None => {
-                    log::error!("{url}: answer has no access_token");
-                    false
-                }
+                // Kept, such a token would fail every request before it
+                // leaves (header check) and never be refreshed: a refusal.
+                Some(_) => self.refresh_failed(&url, "the answer's access_token is empty or holds bytes that are not visible ASCII"),
+                None => self.refresh_failed(&url, "the answer (HTTP 200) has no access_token string"),
             },
-            Ok(a) => {
-                let hold = self.refresh_hold.failed(Instant::now());
-                log::error!("{url}: token refresh refused with HTTP {}; next attempt in {hold:?} at the earliest", a.status);
-                self.access_token = None;
-                false
-            }
+            Ok(a) => self.refresh_failed(&url, &format!("token refresh refused with HTTP {}", a.status)),
             Err(e) => {
                 log::error!("token refresh failed: {e}");
                 false
@@ -97,14 +99,43 @@ impl Client {
         }
     }
 
+    /// A refresh that got an answer but no usable token: no token until
+    /// the hold-off has passed, then one more try.
+    fn refresh_failed(&mut self, url: &str, why: &str) -> bool {
+        let hold = self.refresh_hold.failed(Instant::now());
+        log::error!("{url}: {why}; next attempt in {} at the earliest", crate::human::duration(hold));
+        self.access_token = None;
+        false
+    }
+
     /// The agent's cookie and, when asked and it has one, its bearer token.
     pub(super) fn headers(&self, auth: bool) -> Vec<(String, String)> {
-        let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", self.agent_id))];
+        let mut headers = vec![("Cookie".to_string(), format!("agent_name={}", cookie_value(&self.agent_id)))];
         if let Some(token) = self.access_token.as_ref().filter(|_| auth) {
             headers.push(("Authorization".into(), format!("Bearer {token}")));
         }
         headers
     }
+}
+
+/// A bearer token as it may go into a header: visible ASCII, not empty.
+fn is_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A cookie value (RFC 6265 cookie-octet): bytes outside it, and `%`, are
+/// percent-encoded, so an `agent_id` holding `;` or a space cannot add a
+/// cookie or break the header. Ordinary names go as they are.
+fn cookie_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -119,5 +150,23 @@ mod tests {
         assert_eq!(refresh_hold_off(4), Duration::from_secs(8));
         assert_eq!(refresh_hold_off(20), Duration::from_secs(300));
         assert_eq!(refresh_hold_off(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn tokens_must_be_visible_ascii() {
+        assert!(is_token("eyJhbGciOi.J9-_x~+/="));
+        for bad in ["", "tok\r\nX-Evil: 1", "tok en", "t\u{f6}k", "tok\t"] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn agent_id_cannot_add_a_cookie() {
+        assert_eq!(cookie_value("lab-rpi4_01.x:y@z"), "lab-rpi4_01.x:y@z");
+        assert_eq!(cookie_value("a; admin=1"), "a%3B%20admin=1");
+        assert_eq!(cookie_value("50%\"q\",\\"), "50%25%22q%22%2C%5C");
+        let mut client = Client::new("http://h", "x;y", None);
+        client.access_token = Some("t".into());
+        assert_eq!(client.headers(true), vec![("Cookie".into(), "agent_name=x%3By".into()), ("Authorization".into(), "Bearer t".into())]);
     }
 }

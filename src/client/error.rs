@@ -22,6 +22,7 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
+            ClientError::Connection { url, reason } if reason.starts_with("no answer") => write!(f, "{url}: {reason}"),
             ClientError::Connection { url, reason } => write!(f, "{url}: no answer: {reason}"),
             ClientError::Status { url, status, body } => write!(f, "{url}: HTTP {status} {body}"),
             ClientError::TooLarge { url, limit } => write!(f, "{url}: answer larger than {limit} bytes"),
@@ -74,12 +75,43 @@ fn body_snippet(body: &[u8]) -> String {
     words.join(" ").chars().take(200).collect()
 }
 
+/// An I/O error in words for a log line: without the ` (os error N)` the
+/// OS adds, and a read or write that timed out said as such (the OS says
+/// "Resource temporarily unavailable") with the time waited.
+pub(super) fn net_reason(e: &std::io::Error, waited: std::time::Duration) -> String {
+    use std::io::ErrorKind;
+    if e.raw_os_error().is_some() && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+        return format!("no answer within {}", crate::human::duration(waited));
+    }
+    crate::human::without_os_error(&e.to_string())
+}
+
+/// Why the server cannot be reached, for the one line that says so: the
+/// kind, and the reason when it says more than the kind does.
+pub fn unreachable_text(reason: &str) -> String {
+    let kind = unreachable_kind(reason);
+    let reason = crate::human::without_os_error(reason);
+    if reason.eq_ignore_ascii_case(kind) {
+        kind.to_string()
+    } else if reason.starts_with("no answer within") {
+        // Already says the kind, and how long was waited.
+        reason
+    } else {
+        format!("{kind} ({reason})")
+    }
+}
+
 /// The kind of reason the server cannot be reached, from the error's text
 /// (the HTTP crates give no finer types): what an operator acts on.
 pub fn unreachable_kind(reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| r.contains(w));
-    if has(&["certificate", "unknownissuer", "invalidcert", "notvalidforname"]) {
+    if has(&["refused connect to", "the proxy answered"]) {
+        // The proxy answered, with something other than a tunnel or the
+        // server's answer: not a refused connection (the reason says what
+        // it answered).
+        "the proxy did not pass the request on"
+    } else if has(&["certificate", "unknownissuer", "invalidcert", "notvalidforname"]) {
         "TLS certificate not accepted"
     } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
         "TLS failure"
@@ -87,7 +119,7 @@ pub fn unreachable_kind(reason: &str) -> &'static str {
         "host name not resolved"
     } else if has(&["refused"]) {
         "connection refused"
-    } else if has(&["timed out", "timeout", "would block"]) {
+    } else if has(&["timed out", "timeout", "would block", "no answer within"]) {
         "no answer in time"
     } else if has(&["network is unreachable", "no route", "host is unreachable"]) {
         "network unreachable"
@@ -123,9 +155,26 @@ mod tests {
             ("no answer: Resource temporarily unavailable: timed out", "no answer in time"),
             ("HTTP 503", "server error"),
             ("no answer: Connection reset by peer (os error 104)", "connection dropped"),
+            ("proxy 127.0.0.1:3128 refused CONNECT to tf:443: HTTP 407 Proxy Authentication Required", "the proxy did not pass the request on"),
         ];
         for (reason, kind) in cases {
             assert_eq!(unreachable_kind(reason), kind, "{reason}");
         }
+    }
+
+    /// Issue 22: `connection refused (Connection refused (os error 111))`.
+    #[test]
+    fn reasons_are_said_once_without_the_os_error_number() {
+        assert_eq!(unreachable_text("Connection refused (os error 111)"), "connection refused");
+        assert_eq!(
+            unreachable_text("proxy p:3128: Connection refused (os error 111)"),
+            "connection refused (proxy p:3128: Connection refused)"
+        );
+        assert_eq!(crate::human::without_os_error("a (os error x) b (os error 12)"), "a (os error x) b");
+        assert_eq!(unreachable_text("no answer within 2 s"), "no answer within 2 s");
+        let timed_out = std::io::Error::from_raw_os_error(11);
+        assert_eq!(net_reason(&timed_out, std::time::Duration::from_secs(30)), "no answer within 30 s");
+        let refused = std::io::Error::from_raw_os_error(111);
+        assert_eq!(net_reason(&refused, std::time::Duration::from_secs(30)), "Connection refused");
     }
 }

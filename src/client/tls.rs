@@ -15,14 +15,15 @@
 //! who issued it, so the operator knows which CA to add.
 
 use std::fmt;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme, StreamOwned};
 
 /// Where the system keeps its CA bundle, by distribution (the list Go and
 /// rustls-native-certs use).
@@ -127,13 +128,77 @@ fn add_dir(roots: &mut RootCertStore, dir: &Path) -> usize {
 }
 
 /// The webpki verifier, with failures that say which certificate failed.
+/// rustls gets webpki's own error, so that the alert it sends the server
+/// names the cause (`unknown_ca`, `bad_certificate`, `certificate_expired`:
+/// what the server's logs show, as with upstream's agent); the worded
+/// verdict is kept aside for the log line (`handshake`).
 #[derive(Debug)]
 struct Naming {
     inner: Arc<WebPkiServerVerifier>,
 }
 
+/// The worded verdict on the last refused certificate. One handshake at a
+/// time (the agent is single-threaded): set by the verifier, taken by
+/// `handshake` when that handshake fails.
+static VERDICT: Mutex<Option<String>> = Mutex::new(None);
+/// The last handshake failure logged at ERROR: the same one again (every
+/// retry, until the operator fixes the trust store) goes at DEBUG.
+static LOGGED: Mutex<Option<String>> = Mutex::new(None);
+
+fn slot(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Completes the TLS handshake on `tls`. On failure the alert rustls
+/// queued (if any) is written out before this returns: without this write
+/// the server saw only the connection end ("unexpected EOF"; test
+/// `a_refused_certificate_is_logged_once_and_the_server_gets_the_alert`).
+/// The error says why in words, and is logged at ERROR once per change of
+/// reason (the caller logs its failures at a quieter level).
+pub fn handshake<S: Read + Write>(tls: &mut StreamOwned<ClientConnection, S>, authority: &str) -> io::Result<()> {
+    slot(&VERDICT).take();
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            if e.raw_os_error().is_some() {
+                // The network (reset, no answer in time), not TLS: the
+                // caller says it as it says any other.
+                return Err(e);
+            }
+            while tls.conn.wants_write() {
+                if !matches!(tls.conn.write_tls(&mut tls.sock), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = tls.sock.flush();
+            let reason = format!("TLS handshake with {authority}: {}", reason(&e));
+            let mut logged = slot(&LOGGED);
+            if logged.as_deref() == Some(reason.as_str()) {
+                log::debug!("{reason}");
+            } else {
+                log::error!("{reason}");
+                *logged = Some(reason.clone());
+            }
+            return Err(io::Error::new(e.kind(), reason));
+        }
+    }
+    slot(&LOGGED).take();
+    Ok(())
+}
+
+/// A TLS failure in words: our verdict on the certificate as the verifier
+/// wrote it, else rustls' own words (its Display, not its debug form).
+fn reason(e: &io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_)) => match slot(&VERDICT).take() {
+            Some(verdict) => verdict,
+            None => e.to_string(),
+        },
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// Why a server's certificate was refused, in words an operator can act on.
-#[derive(Debug)]
 struct Refused {
     name: String,
     subject: String,
@@ -151,8 +216,6 @@ impl fmt::Display for Refused {
     }
 }
 
-impl std::error::Error for Refused {}
-
 fn why(e: &CertificateError) -> String {
     match e {
         CertificateError::UnknownIssuer => "issued by a CA this agent does not trust".into(),
@@ -160,8 +223,29 @@ fn why(e: &CertificateError) -> String {
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not valid yet".into(),
         CertificateError::Revoked => "revoked".into(),
-        other => format!("{other:?}"),
+        CertificateError::BadEncoding => "not a well-formed certificate".into(),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "not made for a TLS server (its extended key usage)".into()
+        }
+        // webpki's own reasons (name constraints, a CA used as a server
+        // certificate...) come as identifiers: said as words.
+        CertificateError::Other(other) => words(&other.to_string()),
+        other => words(&format!("{other:?}")),
     }
+}
+
+/// `NameConstraintViolation(...)` as `name constraint violation`: the
+/// identifier of a verdict rustls and webpki only print in debug form.
+fn words(identifier: &str) -> String {
+    let name = identifier.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or("");
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    if out.is_empty() { "refused by the verifier".into() } else { out }
 }
 
 impl ServerCertVerifier for Naming {
@@ -177,7 +261,8 @@ impl ServerCertVerifier for Naming {
             rustls::Error::InvalidCertificate(cause) => {
                 let (subject, issuer) = names(end_entity).unwrap_or_else(|| ("?".into(), "?".into()));
                 let refused = Refused { name: server_name.to_str().into_owned(), subject, issuer, why: why(&cause) };
-                rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(refused))))
+                *slot(&VERDICT) = Some(refused.to_string());
+                rustls::Error::InvalidCertificate(cause)
             }
             other => other,
         })
@@ -271,6 +356,25 @@ mod tests {
         let e = build_with(None, |k| (k == "SSL_CERT_FILE").then(|| PathBuf::from("/dev/null"))).err().unwrap();
         assert!(e.contains("SSL_CERT_FILE") && e.contains("no PEM certificate"), "{e}");
     }
+
+    #[test]
+    fn verdicts_are_words_not_debug_output() {
+        let other = CertificateError::Other(rustls::OtherError(Arc::new(FakeWebpki)));
+        assert_eq!(why(&other), "name constraint violation");
+        assert_eq!(why(&CertificateError::UnknownRevocationStatus), "unknown revocation status");
+        assert_eq!(why(&CertificateError::UnknownIssuer), "issued by a CA this agent does not trust");
+        assert_eq!(words(""), "refused by the verifier");
+    }
+
+    /// webpki's errors print their debug form as their Display.
+    #[derive(Debug)]
+    struct FakeWebpki;
+    impl fmt::Display for FakeWebpki {
+        fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("NameConstraintViolation")
+        }
+    }
+    impl std::error::Error for FakeWebpki {}
 
     #[test]
     fn der_walker_survives_garbage() {

@@ -432,26 +432,8 @@ fn exchange_tls(net: &Net, socket: Socket, url: &Url, head: &[u8], payload: Payl
     let mut tls = rustls::StreamOwned::new(conn, socket);
     // The handshake first, so that a certificate problem reads as one and
     // not as a failed write of the request.
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock).map_err(|e| {
-            let e = io::Error::new(e.kind(), format!("TLS handshake with {}: {}", url.authority(), tls_reason(&e)));
-            // Loud: a trust problem does not fix itself, and the caller may
-            // log its failures at a quieter level.
-            log::error!("{e}");
-            e
-        })?;
-    }
+    super::tls::handshake(&mut tls, &url.authority())?;
     exchange_on(tls, head, payload, keep)
-}
-
-/// A TLS failure in words: our certificate verdict as it was written
-/// (rustls would show it in its debug form), anything else as rustls says.
-#[cfg(feature = "tls")]
-fn tls_reason(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => other.0.to_string(),
-        _ => e.to_string(),
-    }
 }
 
 #[cfg(not(feature = "tls"))]

@@ -129,16 +129,23 @@ impl std::fmt::Display for Url {
 }
 
 /// The request head: `target` is the path (or the absolute URL through a
-/// proxy). Header values with line breaks are refused: they would let a
-/// value inject headers of its own.
+/// proxy). Every header value must be visible ASCII (spaces and tabs
+/// inside allowed), every name visible ASCII without a colon: a line
+/// break would let a value inject headers of its own, and any other
+/// control or non-ASCII byte is something a server may read differently
+/// from us. Checked here, where every request is written.
 pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, String)]) -> io::Result<Vec<u8>> {
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in headers {
-        if k.bytes().chain(v.bytes()).any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header {k} holds a line break")));
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header name {:?} is not visible ASCII", cut(k))));
+        }
+        if !is_header_value(v) {
+            // The value is not quoted: it may be a token.
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("the {k} header holds a byte that is not visible ASCII")));
         }
         head.push_str(k);
         head.push_str(": ");
@@ -147,6 +154,12 @@ pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, 
     }
     head.push_str("\r\n");
     Ok(head.into_bytes())
+}
+
+/// Visible ASCII with spaces or tabs inside, none at either end (a value
+/// is trimmed when read, so those would not be the value sent).
+fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t') && v.trim_matches([' ', '\t']).len() == v.len()
 }
 
 /// How the answer's body ends.
@@ -177,7 +190,7 @@ fn read_line<R: BufRead>(r: &mut R, cap: u64, what: &str) -> io::Result<String> 
         return Err(if (buf.len() as u64) < cap {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("answer cut off inside its {what}"))
         } else {
-            invalid(format!("{what} longer than {cap} bytes"))
+            io::Error::new(io::ErrorKind::InvalidData, LineTooLong(format!("{what} longer than {cap} bytes")))
         });
     }
     // Header values are ASCII in practice; a stray byte must not fail the answer.
@@ -204,7 +217,8 @@ pub fn read_head<R: BufRead>(r: &mut R, no_body: bool) -> io::Result<Head> {
 
 fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::Result<Head> {
     let mut take_line = |r: &mut R, what: &str| -> io::Result<String> {
-        let line = read_line(r, *budget, what)?;
+        // The cap on the whole head, not what was left of it for this line.
+        let line = read_line(r, *budget, what).map_err(|e| over_cap(e, "status line and headers"))?;
         *budget = budget.saturating_sub(line.len() as u64);
         Ok(line)
     };
@@ -249,6 +263,29 @@ fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::
         }
     }
     Err(invalid(format!("more than {MAX_HEADERS} header lines")))
+}
+
+/// A line over its cap (told apart from the stream's own errors, which
+/// may be of the same kind).
+#[derive(Debug)]
+struct LineTooLong(String);
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// A line over what was left of the [`MAX_HEAD`] budget, said as over
+/// the cap itself.
+fn over_cap(e: io::Error, what: &str) -> io::Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<LineTooLong>()) {
+        invalid(format!("answer's {what} longer than {MAX_HEAD} bytes in all"))
+    } else {
+        e
+    }
 }
 
 /// At most 80 characters of a bad line, for an error message.
@@ -352,7 +389,7 @@ impl<R: BufRead> Read for BodyReader<R> {
                         // Trailers, up to the empty line.
                         let mut budget = MAX_HEAD;
                         loop {
-                            let line = read_line(&mut self.inner, budget, "trailers")?;
+                            let line = read_line(&mut self.inner, budget, "trailers").map_err(|e| over_cap(e, "trailers"))?;
                             budget = budget.saturating_sub(line.len() as u64);
                             if line.trim_end_matches(['\r', '\n']).is_empty() {
                                 break;

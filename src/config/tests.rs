@@ -98,3 +98,21 @@ fn error_is_one_line_whatever_the_input() {
     let text = e.to_string();
     assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
 }
+
+/// Issue 22: type errors said `expected f64`.
+#[test]
+fn type_errors_say_what_to_write_not_rust_types() {
+    let reason = |line: &str| parse(&format!("{MINIMAL}{line}\n")).unwrap_err().to_string();
+    let e = reason("polling_interval: soon");
+    assert!(e.ends_with("key `polling_interval`: invalid type: string \"soon\", expected a number"), "{e}");
+    let e = reason("server_timeout: -1");
+    assert!(e.contains("expected a whole number, 0 or more"), "{e}");
+    let e = reason("advertised_queues: [a]");
+    assert!(e.ends_with("invalid type: a list, expected a YAML mapping"), "{e}");
+    for line in ["polling_interval: soon", "server_timeout: 1.5", "advertised_images: 3"] {
+        let e = reason(line);
+        for rust in ["f64", "u64", "u32", "u16", "usize", "sequence"] {
+            assert!(!e.contains(rust), "{e}");
+        }
+    }
+}

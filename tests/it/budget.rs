@@ -58,16 +58,15 @@ fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
     p.kill();
 }
 
-/// A `Duration`'s Debug text ("412.5ms", "1.25s", "80µs") in seconds.
+/// A logged duration ("412 ms", "1.2 s", "3 min"; see `human::duration`)
+/// in seconds.
 fn secs(text: &str) -> Option<f64> {
-    let (num, scale) = if let Some(n) = text.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = text.strip_suffix(" ms") {
         (n, 1e-3)
-    } else if let Some(n) = text.strip_suffix("µs") {
-        (n, 1e-6)
-    } else if let Some(n) = text.strip_suffix("ns") {
-        (n, 1e-9)
+    } else if let Some(n) = text.strip_suffix(" min") {
+        (n, 60.0)
     } else {
-        (text.strip_suffix('s')?, 1.0)
+        (text.strip_suffix(" s")?, 1.0)
     };
     num.parse::<f64>().ok().map(|n| n * scale)
 }
@@ -77,7 +76,7 @@ fn waits(log: &str, marker: &str) -> Vec<f64> {
     log.lines().filter(|l| l.contains(marker)).filter_map(|l| secs(l.rsplit_once(WAIT)?.1.trim())).collect()
 }
 
-/// How a logged wait is introduced: "retrying in 1.2s", "next poll in 0.5s".
+/// How a logged wait is introduced: "retrying in 1.2 s", "next poll in 500 ms".
 const WAIT: &str = " in ";
 
 /// Polls are spread ±20 % around `polling_interval`, and the retries while
@@ -151,7 +150,7 @@ fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
     server.cancel_job(&job);
     assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
     let log = p.log_text();
-    assert!(log.contains("the phase did not end within 100ms of SIGTERM; sending SIGKILL"), "{log}");
+    assert!(log.contains("the phase did not end within 100 ms of SIGTERM; sending SIGKILL"), "{log}");
     assert!(server.log_text_phase(&job, "output", "test").contains("got-term"));
 }
 

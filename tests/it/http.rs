@@ -125,6 +125,9 @@ mod tls {
     /// certificate and relays the bytes to the fake's plain port.
     pub struct TlsFront {
         pub port: u16,
+        /// Why each connection ended early, as the server's TLS saw it
+        /// (e.g. the alert the client sent).
+        pub errors: Arc<Mutex<Vec<String>>>,
     }
 
     impl TlsFront {
@@ -144,19 +147,26 @@ mod tls {
             let config = Arc::new(config);
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
+            let errors = Arc::new(Mutex::new(Vec::new()));
+            let seen = errors.clone();
             thread::spawn(move || {
                 for conn in listener.incoming().flatten() {
                     let config = config.clone();
-                    thread::spawn(move || relay_tls(conn, config, backend));
+                    let seen = seen.clone();
+                    thread::spawn(move || relay_tls(conn, config, backend, seen));
                 }
             });
-            TlsFront { port }
+            TlsFront { port, errors }
+        }
+
+        pub fn errors(&self) -> Vec<String> {
+            self.errors.lock().unwrap().clone()
         }
     }
 
     /// One connection: TLS on the client side, plain to the backend, until
     /// either side is done (requests are one per connection) or a minute.
-    fn relay_tls(client: TcpStream, config: Arc<rustls::ServerConfig>, backend: u16) {
+    fn relay_tls(client: TcpStream, config: Arc<rustls::ServerConfig>, backend: u16, errors: Arc<Mutex<Vec<String>>>) {
         let Ok(conn) = rustls::ServerConnection::new(config) else { return };
         let Ok(mut plain) = TcpStream::connect(("127.0.0.1", backend)) else { return };
         let tick = Some(Duration::from_millis(5));
@@ -175,7 +185,10 @@ mod tls {
                     }
                 }
                 Err(e) if idle(&e) => {}
-                Err(_) => break,
+                Err(e) => {
+                    errors.lock().unwrap().push(e.to_string());
+                    break;
+                }
             }
             match plain.read(&mut buf) {
                 Ok(0) => break,
@@ -248,6 +261,30 @@ mod tls {
         let out = https_setup(&server, &front, "localhost").set("server_ca_file", &format!("{:?}", empty.display().to_string())).run_once(T);
         assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stderr).contains("server_ca_file"));
+    }
+
+    /// Issue 22: a refused certificate was logged at ERROR on every
+    /// attempt, and the server saw the connection just end ("unexpected
+    /// EOF"); upstream's agent (OpenSSL) sends an alert naming the cause.
+    #[test]
+    fn a_refused_certificate_is_logged_once_and_the_server_gets_the_alert() {
+        let pki = Pki::new();
+        let server = FakeServer::start();
+        let front = TlsFront::start(&pki, server.port());
+        let mut p = https_setup(&server, &front, "localhost").spawn();
+        let deadline = Instant::now() + T;
+        while front.errors().len() < 3 {
+            assert!(Instant::now() < deadline, "three refused handshakes: {:?}\n{}", front.errors(), p.diagnostics());
+            thread::sleep(Duration::from_millis(20));
+        }
+        p.kill();
+        let errors = front.errors();
+        assert!(errors.iter().all(|e| e == "received fatal alert: UnknownCA"), "{errors:?}");
+        let log = p.log_text();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("certificate for localhost refused")).collect();
+        assert_eq!(refused.iter().filter(|l| l.contains("ERROR: ")).count(), 1, "{log}");
+        assert!(refused.iter().filter(|l| l.contains("DEBUG: ")).count() >= 2, "the repeats, quietly: {log}");
+        assert!(!log.contains("OtherError"), "{log}");
     }
 
     #[test]

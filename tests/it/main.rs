@@ -20,6 +20,7 @@ mod upstream_parity;
 mod budget;
 mod minimal_image;
 mod upstream_checklist;
+mod operator;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {

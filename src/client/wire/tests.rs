@@ -109,3 +109,29 @@ fn header_values_cannot_inject_lines() {
     let head = request_head("GET", "/v1", "h:1", &[("Cookie".into(), "agent_name=a".into())]).unwrap();
     assert!(String::from_utf8(head).unwrap().starts_with("GET /v1 HTTP/1.1\r\nHost: h:1\r\n"));
 }
+
+#[test]
+fn header_values_and_names_must_be_visible_ascii() {
+    let one = |k: &str, v: &str| request_head("GET", "/", "h", &[(k.to_string(), v.to_string())]);
+    for bad in ["a\rb", "a\nb", "tok\0en", "caf\u{e9}", "x\x7f", "\x1b[31m", " lead", "trail\t"] {
+        let e = one("Authorization", bad).unwrap_err();
+        assert_eq!(e.to_string(), "the Authorization header holds a byte that is not visible ASCII", "{bad:?}");
+        assert!(!e.to_string().contains(bad), "a value may be a secret: never quoted");
+    }
+    for bad_name in ["", "X Y", "X:Y", "X\n"] {
+        assert!(one(bad_name, "v").is_err(), "{bad_name:?}");
+    }
+    let head = one("Authorization", "Bearer a.b-c_d~e+f/g=").unwrap();
+    assert!(String::from_utf8(head).unwrap().contains("\r\nAuthorization: Bearer a.b-c_d~e+f/g=\r\n"));
+    assert!(one("Proxy-Authorization", "Basic YWdlbnQ6czpjcmV0").is_ok());
+}
+
+/// Issue 22: the cap was printed as what was left of it
+/// (`headers longer than 65519 bytes`).
+#[test]
+fn an_oversized_head_names_the_cap() {
+    let mut raw = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+    raw.extend(std::iter::repeat_n(b'a', MAX_HEAD as usize));
+    let e = read(&raw, 10).unwrap_err();
+    assert_eq!(e.to_string(), "answer's status line and headers longer than 65536 bytes in all");
+}
