@@ -242,10 +242,8 @@ fn release_label_after_provision_comes_from_device_info() {
 
 /// Upstream's agent.py (no upstream test pins it): every phase of the loop
 /// (setup to reserve) is counted in `phase_duration_seconds`, a skipped one
-/// too, with its short duration; cleanup is not. Ours counts only the
-/// phases that ran.
+/// too, with its short duration (0 s here); cleanup is not.
 #[test]
-#[ignore = "differs: skipped phases are not counted in phase_duration_seconds (reported in the upstream-tests table)"]
 fn skipped_phases_are_counted_in_phase_durations() {
     let server = FakeServer::start();
     let job = unique_id();
@@ -259,6 +257,9 @@ fn skipped_phases_are_counted_in_phase_durations() {
         let key = format!("phase_duration_seconds_count{{agent_id=\"{AGENT_ID}\",test_phase=\"{phase}\",identifier=\"test-identifier\",release=\"\"}} 1.0");
         assert!(text.lines().any(|l| l == key), "{phase}: {text}");
     }
+    let skipped = format!("phase_duration_seconds_sum{{agent_id=\"{AGENT_ID}\",test_phase=\"setup\",identifier=\"test-identifier\",release=\"\"}} 0.0");
+    assert!(text.lines().any(|l| l == skipped), "{text}");
+    assert!(!text.contains("test_phase=\"cleanup\""), "{text}");
 }
 
 /// test_agent.py::test_provision_error_in_event_detail and
