@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fake_server::{Fault, FakeServer};
-use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
+use crate::harness::{AGENT_ID, Agent, AgentProc, AgentSetup, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
@@ -315,24 +315,57 @@ fn agent_data_gets(s: &FakeServer) -> usize {
 /// test_status_handler.py::test_check_restart_offline_priority_over_restart:
 /// a restart asked for (SIGUSR1) while an operator holds the agent offline
 /// or in maintenance waits until the hold is lifted; the agent does not go
-/// away and come back `waiting` over the operator's state.
+/// away and come back `waiting` over the operator's state. Lifted, the
+/// restart comes at the next poll.
 #[test]
-#[ignore = "differs: SIGUSR1 restarts at once over an operator's maintenance (reported in the upstream-tests table)"]
 fn a_restart_waits_while_the_operator_holds_the_agent() {
     let server = FakeServer::start();
     let agent = Agent::new(&server).set("polling_interval", "0.2");
-    let mut p = agent.spawn();
-    server.wait_until(T, "agent polling", |s| agent_data_gets(s) >= 2);
-    server.set_agent_state(AGENT_ID, "maintenance", "rewiring");
-    let seen = agent_data_gets(&server);
-    server.wait_until(T, "maintenance seen", |s| agent_data_gets(s) >= seen + 2);
-    p.signal(libc::SIGUSR1);
+    let mut p = hold_with_a_restart_pending(&server, &agent);
     let seen = agent_data_gets(&server);
     server.wait_until(T, "polls after the signal", |s| agent_data_gets(s) >= seen + 5);
     assert!(p.try_wait().is_none(), "restarted while held: {}", p.diagnostics());
-    assert_eq!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("maintenance"));
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+    assert_eq!(data.get("comment").and_then(Json::as_str), Some("rewiring"), "{data}");
+    let posted = server.agent_states(AGENT_ID).len();
     server.set_agent_state(AGENT_ID, "waiting", "");
     assert_eq!(p.wait_exit(T).code(), Some(75), "{}", p.diagnostics());
+    assert_eq!(server.agent_states(AGENT_ID)[posted..], ["offline"]);
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    let comment = data.get("comment").and_then(Json::as_str).unwrap_or_default();
+    assert!(comment.starts_with("Restarting: "), "{data}");
+}
+
+/// SIGTERM stops the agent whatever the hold, a restart pending or not:
+/// it exits 0 and leaves the operator's state alone.
+#[test]
+fn sigterm_stops_at_once_while_held_with_a_restart_pending() {
+    let server = FakeServer::start();
+    // The agent waits out its polling interval: a stop that waited for
+    // the next poll would outlast T.
+    let agent = Agent::new(&server).set("polling_interval", "600");
+    let mut p = hold_with_a_restart_pending(&server, &agent);
+    let posted = server.agent_states(AGENT_ID).len();
+    let gets = agent_data_gets(&server);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(T).code(), Some(0), "{}", p.diagnostics());
+    // The pending restart did not cut the wait short: no poll spin.
+    assert_eq!(agent_data_gets(&server), gets, "{}", p.diagnostics());
+    assert_eq!(server.agent_states(AGENT_ID).len(), posted, "posted a state on the way out");
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+}
+
+/// Starts the agent held in maintenance and sends SIGUSR1 once it has
+/// seen the hold; returns when the agent has said the restart waits.
+fn hold_with_a_restart_pending(server: &FakeServer, agent: &AgentSetup) -> AgentProc {
+    server.set_agent_state(AGENT_ID, "maintenance", "rewiring");
+    let p = agent.spawn();
+    server.wait_until(T, "the hold seen", |_| p.log_text().contains("agent is maintenance on the server (rewiring)"));
+    p.signal(libc::SIGUSR1);
+    server.wait_until(T, "the restart put off", |_| p.log_text().contains("restart requested (SIGUSR1); waiting until"));
+    p
 }
 
 // ---- the table's check --------------------------------------------------
