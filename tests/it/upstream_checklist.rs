@@ -357,6 +357,30 @@ fn sigterm_stops_at_once_while_held_with_a_restart_pending() {
     assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
 }
 
+/// Upstream's agent.py retries kept outcomes and goes on: outcomes the
+/// server will not take hold back jobs, not a restart; they stay kept for
+/// the restarted agent.
+#[test]
+fn a_restart_does_not_wait_for_undelivered_outcomes() {
+    let server = FakeServer::start();
+    let (kept, next) = (unique_id(), unique_id());
+    server.push_job(&job_json(&kept, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server)
+        .set("polling_interval", "0.2")
+        .command("test", "mkdir -p artifacts; echo keep > artifacts/k.txt");
+    server.add_fault(Fault::status("POST", &format!("/v1/result/{kept}/artifact"), 1000, 503));
+    assert!(agent.run_once(T).status.success());
+    let kept_dir = agent.results_dir().join(&kept);
+    assert!(kept_dir.exists(), "kept in results_basedir");
+    server.push_job(&job_json(&next, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let mut p = agent.spawn();
+    server.wait_until(T, "delivery refused", |_| p.log_text().contains("earlier outcomes are still undelivered"));
+    p.signal(libc::SIGUSR1);
+    assert_eq!(p.wait_exit(T).code(), Some(75), "{}", p.diagnostics());
+    assert!(kept_dir.exists(), "still kept");
+    assert_eq!(server.queued_jobs(), 1, "no job taken");
+}
+
 /// Starts the agent held in maintenance and sends SIGUSR1 once it has
 /// seen the hold; returns when the agent has said the restart waits.
 fn hold_with_a_restart_pending(server: &FakeServer, agent: &AgentSetup) -> AgentProc {
