@@ -54,6 +54,9 @@ pub struct Agent<'a> {
     last_post: Instant,
     /// The server state last seen, to log changes once rather than per poll.
     last_state: String,
+    /// A restart (SIGUSR1) is waiting for an operator's hold, and the log
+    /// has said so.
+    restart_waits: bool,
     /// Kept outcomes failed to go: the next attempt waits, doubling per
     /// failure (not every polling cycle).
     kept: Backoff,
@@ -81,6 +84,7 @@ impl<'a> Agent<'a> {
             metrics,
             last_post: Instant::now(),
             last_state: String::new(),
+            restart_waits: false,
             kept: Backoff::new(Schedule::new(
                 Duration::from_secs_f64(config.polling_interval).max(Duration::from_secs(1)),
                 MAX_BACKOFF,
@@ -202,11 +206,10 @@ impl<'a> Agent<'a> {
             if signals::interrupted() {
                 return Exit::Stopped;
             }
-            if signals::restart_requested() {
-                log::info!("restart requested (SIGUSR1); exiting while idle");
-                self.post_restarting("restart signal received from the supervisor");
-                return Exit::Restart;
-            }
+            // A restart the cycle saw and did not do waits for an operator's
+            // hold to be lifted: the next cycle comes at the usual pace. One
+            // asked for during the cycle (a job) is looked at right away.
+            let restart_seen = signals::restart_requested();
             if let Some(exit) = self.cycle() {
                 return exit;
             }
@@ -216,7 +219,8 @@ impl<'a> Agent<'a> {
             // ±20 %: agents started together drift apart within a few polls.
             let wait = jitter::spread(self.interval());
             log::debug!("next poll in {}", human::duration(wait));
-            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::StopOrRestart);
+            let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
+            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, ends);
         }
     }
 
@@ -291,16 +295,23 @@ impl<'a> Agent<'a> {
 
     /// One polling cycle; `Some` ends the loop.
     fn cycle(&mut self) -> Option<Exit> {
+        // Undelivered outcomes hold back jobs, not a restart: they stay on
+        // disk for the restarted agent.
+        let restart = signals::restart_requested();
         if !self.kept.ready(Instant::now()) {
-            return None;
-        }
-        if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
+            if !restart {
+                return None;
+            }
+        } else if delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
+            self.kept.succeeded();
+        } else {
             let wait = self.kept.failed(Instant::now());
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {}", human::duration(wait));
             notify::status("earlier outcomes undelivered; not taking jobs");
-            return None;
+            if !restart {
+                return None;
+            }
         }
-        self.kept.succeeded();
         let agent_data = match self.client.get_agent_data() {
             Ok(d) => d,
             Err(e) => {
@@ -336,7 +347,18 @@ impl<'a> Agent<'a> {
                 if changed {
                     log::info!("agent is {state} on the server ({comment}); not taking jobs until that changes");
                 }
+                // As upstream, a restart asked for meanwhile (SIGUSR1) waits:
+                // its `offline` post would undo the operator's state.
+                if signals::restart_requested() && !self.restart_waits {
+                    log::info!("restart requested (SIGUSR1); waiting until the agent is no longer {state}");
+                    self.restart_waits = true;
+                }
                 return None;
+            }
+            _ if signals::restart_requested() => {
+                log::info!("restart requested (SIGUSR1); exiting while idle");
+                self.post_restarting("restart signal received from the supervisor");
+                return Some(Exit::Restart);
             }
             _ if self.recovery_failed => {
                 log::info!("operator changed the state to {state:?}; taking jobs again");

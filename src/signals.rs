@@ -3,7 +3,8 @@
 //!
 //! SIGTERM and SIGINT ask the agent to stop: the running phase is ended,
 //! cleanup runs, the outcome is delivered or kept, then the agent exits.
-//! SIGUSR1 asks for a restart once the current job is done.
+//! SIGUSR1 asks for a restart once the current job is done and no operator
+//! holds the agent (`offline`, `maintenance`).
 //!
 //! Each handler also writes one byte to a self-pipe, so a wait that began
 //! just before the signal still ends at once (a flag alone would be seen

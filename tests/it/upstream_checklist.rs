@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fake_server::{Fault, FakeServer};
-use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
+use crate::harness::{AGENT_ID, Agent, AgentProc, AgentSetup, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
@@ -242,10 +242,8 @@ fn release_label_after_provision_comes_from_device_info() {
 
 /// Upstream's agent.py (no upstream test pins it): every phase of the loop
 /// (setup to reserve) is counted in `phase_duration_seconds`, a skipped one
-/// too, with its short duration; cleanup is not. Ours counts only the
-/// phases that ran.
+/// too, with its short duration (0 s here); cleanup is not.
 #[test]
-#[ignore = "differs: skipped phases are not counted in phase_duration_seconds (reported in the upstream-tests table)"]
 fn skipped_phases_are_counted_in_phase_durations() {
     let server = FakeServer::start();
     let job = unique_id();
@@ -259,6 +257,9 @@ fn skipped_phases_are_counted_in_phase_durations() {
         let key = format!("phase_duration_seconds_count{{agent_id=\"{AGENT_ID}\",test_phase=\"{phase}\",identifier=\"test-identifier\",release=\"\"}} 1.0");
         assert!(text.lines().any(|l| l == key), "{phase}: {text}");
     }
+    let skipped = format!("phase_duration_seconds_sum{{agent_id=\"{AGENT_ID}\",test_phase=\"setup\",identifier=\"test-identifier\",release=\"\"}} 0.0");
+    assert!(text.lines().any(|l| l == skipped), "{text}");
+    assert!(!text.contains("test_phase=\"cleanup\""), "{text}");
 }
 
 /// test_agent.py::test_provision_error_in_event_detail and
@@ -314,24 +315,81 @@ fn agent_data_gets(s: &FakeServer) -> usize {
 /// test_status_handler.py::test_check_restart_offline_priority_over_restart:
 /// a restart asked for (SIGUSR1) while an operator holds the agent offline
 /// or in maintenance waits until the hold is lifted; the agent does not go
-/// away and come back `waiting` over the operator's state.
+/// away and come back `waiting` over the operator's state. Lifted, the
+/// restart comes at the next poll.
 #[test]
-#[ignore = "differs: SIGUSR1 restarts at once over an operator's maintenance (reported in the upstream-tests table)"]
 fn a_restart_waits_while_the_operator_holds_the_agent() {
     let server = FakeServer::start();
     let agent = Agent::new(&server).set("polling_interval", "0.2");
-    let mut p = agent.spawn();
-    server.wait_until(T, "agent polling", |s| agent_data_gets(s) >= 2);
-    server.set_agent_state(AGENT_ID, "maintenance", "rewiring");
-    let seen = agent_data_gets(&server);
-    server.wait_until(T, "maintenance seen", |s| agent_data_gets(s) >= seen + 2);
-    p.signal(libc::SIGUSR1);
+    let mut p = hold_with_a_restart_pending(&server, &agent);
     let seen = agent_data_gets(&server);
     server.wait_until(T, "polls after the signal", |s| agent_data_gets(s) >= seen + 5);
     assert!(p.try_wait().is_none(), "restarted while held: {}", p.diagnostics());
-    assert_eq!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("maintenance"));
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+    assert_eq!(data.get("comment").and_then(Json::as_str), Some("rewiring"), "{data}");
+    let posted = server.agent_states(AGENT_ID).len();
     server.set_agent_state(AGENT_ID, "waiting", "");
     assert_eq!(p.wait_exit(T).code(), Some(75), "{}", p.diagnostics());
+    assert_eq!(server.agent_states(AGENT_ID)[posted..], ["offline"]);
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    let comment = data.get("comment").and_then(Json::as_str).unwrap_or_default();
+    assert!(comment.starts_with("Restarting: "), "{data}");
+}
+
+/// SIGTERM stops the agent whatever the hold, a restart pending or not:
+/// it exits 0 and leaves the operator's state alone.
+#[test]
+fn sigterm_stops_at_once_while_held_with_a_restart_pending() {
+    let server = FakeServer::start();
+    // The agent waits out its polling interval: a stop that waited for
+    // the next poll would outlast T.
+    let agent = Agent::new(&server).set("polling_interval", "600");
+    let mut p = hold_with_a_restart_pending(&server, &agent);
+    let posted = server.agent_states(AGENT_ID).len();
+    let gets = agent_data_gets(&server);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(T).code(), Some(0), "{}", p.diagnostics());
+    // The pending restart did not cut the wait short: no poll spin.
+    assert_eq!(agent_data_gets(&server), gets, "{}", p.diagnostics());
+    assert_eq!(server.agent_states(AGENT_ID).len(), posted, "posted a state on the way out");
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+}
+
+/// Upstream's agent.py retries kept outcomes and goes on: outcomes the
+/// server will not take hold back jobs, not a restart; they stay kept for
+/// the restarted agent.
+#[test]
+fn a_restart_does_not_wait_for_undelivered_outcomes() {
+    let server = FakeServer::start();
+    let (kept, next) = (unique_id(), unique_id());
+    server.push_job(&job_json(&kept, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server)
+        .set("polling_interval", "0.2")
+        .command("test", "mkdir -p artifacts; echo keep > artifacts/k.txt");
+    server.add_fault(Fault::status("POST", &format!("/v1/result/{kept}/artifact"), 1000, 503));
+    assert!(agent.run_once(T).status.success());
+    let kept_dir = agent.results_dir().join(&kept);
+    assert!(kept_dir.exists(), "kept in results_basedir");
+    server.push_job(&job_json(&next, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let mut p = agent.spawn();
+    server.wait_until(T, "delivery refused", |_| p.log_text().contains("earlier outcomes are still undelivered"));
+    p.signal(libc::SIGUSR1);
+    assert_eq!(p.wait_exit(T).code(), Some(75), "{}", p.diagnostics());
+    assert!(kept_dir.exists(), "still kept");
+    assert_eq!(server.queued_jobs(), 1, "no job taken");
+}
+
+/// Starts the agent held in maintenance and sends SIGUSR1 once it has
+/// seen the hold; returns when the agent has said the restart waits.
+fn hold_with_a_restart_pending(server: &FakeServer, agent: &AgentSetup) -> AgentProc {
+    server.set_agent_state(AGENT_ID, "maintenance", "rewiring");
+    let p = agent.spawn();
+    server.wait_until(T, "the hold seen", |_| p.log_text().contains("agent is maintenance on the server (rewiring)"));
+    p.signal(libc::SIGUSR1);
+    server.wait_until(T, "the restart put off", |_| p.log_text().contains("restart requested (SIGUSR1); waiting until"));
+    p
 }
 
 // ---- the table's check --------------------------------------------------
