@@ -127,11 +127,11 @@ impl<'a> Agent<'a> {
             } else {
                 log::debug!("server still not reachable ({reason}), retrying in {wait:?}");
             }
-            if self.once && started.elapsed() + wait > give_up_after {
+            if self.once && started.elapsed().saturating_add(wait) > give_up_after {
                 log::error!("--once: server {} not reachable for {:.1?}; giving up", self.client.base_url(), started.elapsed());
                 return false;
             }
-            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::Stop);
+            wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, Ends::Stop);
         }
     }
 
@@ -209,7 +209,7 @@ impl<'a> Agent<'a> {
             // ±20 %: agents started together drift apart within a few polls.
             let wait = jitter::spread(self.interval());
             log::debug!("next poll in {wait:?}");
-            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::StopOrRestart);
+            wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, Ends::StopOrRestart);
         }
     }
 

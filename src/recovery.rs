@@ -116,7 +116,7 @@ fn stop_leftover_processes(dir: &Path) {
         // SAFETY: kill(2) with a pid read from /proc; at worst ESRCH.
         unsafe { libc::kill(*pid, libc::SIGTERM) };
     }
-    let deadline = Instant::now() + LEFTOVER_GRACE;
+    let deadline = crate::deadline::from_now(LEFTOVER_GRACE);
     while Instant::now() < deadline && !processes_in(dir).is_empty() {
         std::thread::sleep(Duration::from_millis(50));
     }
