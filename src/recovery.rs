@@ -26,6 +26,12 @@ use crate::metrics::Metrics;
 use crate::phase::Phase;
 use crate::rundir::{self, RunDir};
 
+/// Recoveries a job gets. The start after that many gives the job up as
+/// failed without running anything of it; should even that stop the
+/// agent, the next start sets the run dir aside: no job can keep a device
+/// in a crash loop, whatever stops the agent.
+pub const MAX_RECOVERY_ATTEMPTS: u32 = 2;
+
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 
@@ -87,13 +93,37 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, from.display(), config.execution_basedir.join(&left.job_id).display());
         return;
     }
+    let attempts = left.dir.recovery_attempts();
+    if attempts > MAX_RECOVERY_ATTEMPTS {
+        match left.dir.set_aside(&config.results_basedir, &left.job_id) {
+            Ok(to) => log::error!(
+                "job {}: the agent stopped during this job {} times, giving it up included; set aside in {} for an operator",
+                left.job_id,
+                attempts + 1,
+                to.display()
+            ),
+            Err(e) => log::error!("job {}: cannot set {} aside: {e}", left.job_id, left.dir.path().display()),
+        }
+        return;
+    }
+    // Counted before anything of the attempt runs: an agent that dies
+    // during it has used it up.
+    let mut give_up = (attempts >= MAX_RECOVERY_ATTEMPTS)
+        .then(|| format!("the agent stopped during this job {} times; giving up", attempts + 1));
+    if let Err(e) = left.dir.set_recovery_attempts(attempts + 1) {
+        give_up = Some(format!("cannot count the recovery attempts ({e}); giving up rather than risk a crash loop"));
+    }
     let Some(job) = left.dir.job() else {
         // Without the job nothing can run; deliver what the dir holds.
         log::error!("job {}: testflinger.json unreadable; delivering the outcome as it is", left.job_id);
         left.dir.keep(&config.results_basedir, &left.job_id);
         return;
     };
-    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted);
+    let runner = JobRunner::new(config, Some(client), job, false).with_metrics(metrics);
+    let summary = match give_up {
+        Some(why) => runner.give_up(left.interrupted, &why),
+        None => runner.resume(left.interrupted),
+    };
     log::info!(
         "job {}: recovered ({}), statuses {:?}, delivered: {}",
         summary.job_id,
