@@ -86,13 +86,6 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         None => "interrupted between phases".to_string(),
     };
     log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.path().display());
-    stop_leftover_processes(left.dir.path());
-    // JobRunner works in execution_basedir; bring the job back there.
-    let from = left.dir.path().to_path_buf();
-    if let Err(e) = left.dir.move_to(&config.execution_basedir, &left.job_id) {
-        log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, from.display(), config.execution_basedir.join(&left.job_id).display());
-        return;
-    }
     let attempts = left.dir.recovery_attempts();
     if attempts > MAX_RECOVERY_ATTEMPTS {
         match left.dir.set_aside(&config.results_basedir, &left.job_id) {
@@ -107,11 +100,18 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         return;
     }
     // Counted before anything of the attempt runs: an agent that dies
-    // during it has used it up.
+    // during it, wherever, has used it up.
     let mut give_up = (attempts >= MAX_RECOVERY_ATTEMPTS)
         .then(|| format!("the agent stopped during this job {} times; giving up", attempts + 1));
     if let Err(e) = left.dir.set_recovery_attempts(attempts + 1) {
         give_up = Some(format!("cannot count the recovery attempts ({e}); giving up rather than risk a crash loop"));
+    }
+    stop_leftover_processes(left.dir.path());
+    // JobRunner works in execution_basedir; bring the job back there.
+    let from = left.dir.path().to_path_buf();
+    if let Err(e) = left.dir.move_to(&config.execution_basedir, &left.job_id) {
+        log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, from.display(), config.execution_basedir.join(&left.job_id).display());
+        return;
     }
     let Some(job) = left.dir.job() else {
         // Without the job nothing can run; deliver what the dir holds.
