@@ -138,11 +138,11 @@ impl<'a> Agent<'a> {
             } else {
                 log::debug!("server still not reachable ({reason}), retrying in {}", human::duration(wait));
             }
-            if self.once && started.elapsed() + wait > give_up_after {
+            if self.once && started.elapsed().saturating_add(wait) > give_up_after {
                 log::error!("--once: server {} not reachable for {}; giving up", self.client.base_url(), human::duration(started.elapsed()));
                 return false;
             }
-            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::Stop);
+            wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, Ends::Stop);
         }
     }
 
@@ -220,7 +220,7 @@ impl<'a> Agent<'a> {
             let wait = jitter::spread(self.interval());
             log::debug!("next poll in {}", human::duration(wait));
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
-            wait::until(Instant::now() + wait, Some(&mut self.metrics), None, ends);
+            wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, ends);
         }
     }
 

@@ -221,22 +221,7 @@ impl Config {
         if config.job_queues.is_empty() {
             return Err(err(Some("job_queues".into()), None, "must list at least one queue".into()));
         }
-        if !(config.polling_interval.is_finite() && config.polling_interval >= 0.0) {
-            return Err(err(Some("polling_interval".into()), None, "must be a number of seconds >= 0".into()));
-        }
-        for (key, value) in [
-            ("output_interval", config.output_interval),
-            ("cancel_check_interval", config.cancel_check_interval),
-            ("kill_grace", config.kill_grace),
-        ] {
-            // Capped at a day so that Duration arithmetic cannot overflow.
-            if !(value.is_finite() && (0.0..=86400.0).contains(&value)) {
-                return Err(err(Some(key.into()), None, "must be a number of seconds from 0 to 86400".into()));
-            }
-        }
-        if config.server_timeout == 0 {
-            return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
-        }
+        check_durations(&config).map_err(|(key, reason)| err(Some(key.into()), None, reason))?;
         if let Some(ca) = &config.server_ca_file {
             check_ca_file(ca).map_err(|reason| err(Some("server_ca_file".into()), None, reason))?;
         }
@@ -311,6 +296,40 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
     let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if !text.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
         return Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display()));
+    }
+    Ok(())
+}
+
+/// The longest a job may hold the device (`global_timeout`,
+/// `output_timeout`), in the config or in a job: a year. Upstream sets no
+/// bound; one is needed so that no sum of an instant and a limit overflows.
+pub const MAX_JOB_TIMEOUT: u64 = 365 * 86_400;
+/// The longest of every other duration key: a day.
+const MAX_INTERVAL: f64 = 86_400.0;
+
+/// Every duration key within its range, or (the key, its range): a value
+/// out of range would stop the agent later, in the middle of a job.
+fn check_durations(c: &Config) -> Result<(), (&'static str, String)> {
+    let whole = [
+        ("global_timeout", c.global_timeout, 1, MAX_JOB_TIMEOUT),
+        ("output_timeout", c.output_timeout, 1, MAX_JOB_TIMEOUT),
+        ("server_timeout", Some(c.server_timeout), 1, MAX_INTERVAL as u64),
+    ];
+    for (key, value, lo, hi) in whole {
+        if value.is_some_and(|v| !(lo..=hi).contains(&v)) {
+            return Err((key, format!("must be a whole number of seconds from {lo} to {hi}")));
+        }
+    }
+    let fractional = [
+        ("polling_interval", c.polling_interval),
+        ("output_interval", c.output_interval),
+        ("cancel_check_interval", c.cancel_check_interval),
+        ("kill_grace", c.kill_grace),
+    ];
+    for (key, value) in fractional {
+        if !(value.is_finite() && (0.0..=MAX_INTERVAL).contains(&value)) {
+            return Err((key, format!("must be a number of seconds from 0 to {MAX_INTERVAL}")));
+        }
     }
     Ok(())
 }

@@ -114,7 +114,7 @@ impl Events {
                 Err(e) => {
                     self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
                     log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
-                    self.hold_until = Some(Instant::now() + self.hold);
+                    self.hold_until = Some(crate::deadline::from_now(self.hold));
                     self.unsent = true;
                 }
             }

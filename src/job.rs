@@ -158,6 +158,29 @@ impl<'a> JobRunner<'a> {
         self.finish(end)
     }
 
+    /// Finishes a job whose recovery kept stopping the agent: nothing runs
+    /// again (cleanup, or what follows it, may be what stops it). The
+    /// phase that was running (cleanup when none was) fails with `why`,
+    /// which its log and `<phase>_fail` event carry; the outcome is
+    /// delivered or kept like any job's.
+    pub fn give_up(mut self, interrupted: Option<Phase>, why: &str) -> Summary {
+        self.restore();
+        self.post_job_id();
+        let phase = interrupted.unwrap_or(Phase::Cleanup);
+        log::error!("job {}: {why}", self.plan.job_id);
+        if let Err(e) = self.rundir.append_to_log(phase, &format!("\nERROR: {why}\n")) {
+            log::warn!("cannot note the give-up in the {phase} log: {e}");
+        }
+        if !self.statuses.iter().any(|(p, _)| *p == phase) {
+            self.statuses.push((phase, INTERRUPTED_BY_AGENT_LOSS));
+        }
+        let _ = self.write_outcome();
+        self.post_result(self.outcome());
+        self.emit(Event::Ended(EndReason::Fail(phase)), why);
+        self.flush_pending();
+        self.finish(EndReason::Fail(phase))
+    }
+
     /// The end shared by `run` and `resume`: the `job_end` event, then the
     /// outcome delivered or kept.
     fn finish(mut self, end: EndReason) -> Summary {

@@ -30,6 +30,7 @@ pub mod mask;
 
 pub(crate) mod archive;
 pub(crate) mod atomic;
+pub(crate) mod deadline;
 pub(crate) mod delivery;
 pub(crate) mod events;
 pub(crate) mod jitter;

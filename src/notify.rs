@@ -125,7 +125,7 @@ pub fn next_due() -> Option<Instant> {
     let mut due = None;
     with(|s| {
         if let Some(every) = s.watchdog_every {
-            due = Some(s.last_watchdog.map_or_else(Instant::now, |t| t + every));
+            due = Some(s.last_watchdog.map_or_else(Instant::now, |t| crate::deadline::after(t, every)));
         }
     });
     due

@@ -181,9 +181,9 @@ impl LiveStream {
         // Nothing sent yet: due since the stream began.
         let Some(last) = self.last_send else { return Some(self.created) };
         if written - self.sent >= HEAVY {
-            return Some(last + HEAVY_INTERVAL.max(self.interval));
+            return Some(crate::deadline::after(last, HEAVY_INTERVAL.max(self.interval)));
         }
-        Some(last + self.interval)
+        Some(crate::deadline::after(last, self.interval))
     }
 
     /// Sends one fragment if one is due: a single attempt (timeout

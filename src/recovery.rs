@@ -26,6 +26,12 @@ use crate::metrics::Metrics;
 use crate::phase::Phase;
 use crate::rundir::{self, RunDir};
 
+/// Recoveries a job gets. The start after that many gives the job up as
+/// failed without running anything of it; should even that stop the
+/// agent, the next start sets the run dir aside: no job can keep a device
+/// in a crash loop, whatever stops the agent.
+pub const MAX_RECOVERY_ATTEMPTS: u32 = 2;
+
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 
@@ -80,6 +86,26 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         None => "interrupted between phases".to_string(),
     };
     log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.path().display());
+    let attempts = left.dir.recovery_attempts();
+    if attempts > MAX_RECOVERY_ATTEMPTS {
+        match left.dir.set_aside(&config.results_basedir, &left.job_id) {
+            Ok(to) => log::error!(
+                "job {}: the agent stopped during this job {} times, giving it up included; set aside in {} for an operator",
+                left.job_id,
+                attempts + 1,
+                to.display()
+            ),
+            Err(e) => log::error!("job {}: cannot set {} aside: {e}", left.job_id, left.dir.path().display()),
+        }
+        return;
+    }
+    // Counted before anything of the attempt runs: an agent that dies
+    // during it, wherever, has used it up.
+    let mut give_up = (attempts >= MAX_RECOVERY_ATTEMPTS)
+        .then(|| format!("the agent stopped during this job {} times; giving up", attempts + 1));
+    if let Err(e) = left.dir.set_recovery_attempts(attempts + 1) {
+        give_up = Some(format!("cannot count the recovery attempts ({e}); giving up rather than risk a crash loop"));
+    }
     stop_leftover_processes(left.dir.path());
     // JobRunner works in execution_basedir; bring the job back there.
     let from = left.dir.path().to_path_buf();
@@ -93,7 +119,11 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         left.dir.keep(&config.results_basedir, &left.job_id);
         return;
     };
-    let summary = JobRunner::new(config, Some(client), job, false).with_metrics(metrics).resume(left.interrupted);
+    let runner = JobRunner::new(config, Some(client), job, false).with_metrics(metrics);
+    let summary = match give_up {
+        Some(why) => runner.give_up(left.interrupted, &why),
+        None => runner.resume(left.interrupted),
+    };
     log::info!(
         "job {}: recovered ({}); {}; delivered: {}",
         summary.job_id,
@@ -116,7 +146,7 @@ fn stop_leftover_processes(dir: &Path) {
         // SAFETY: kill(2) with a pid read from /proc; at worst ESRCH.
         unsafe { libc::kill(*pid, libc::SIGTERM) };
     }
-    let deadline = Instant::now() + LEFTOVER_GRACE;
+    let deadline = crate::deadline::from_now(LEFTOVER_GRACE);
     while Instant::now() < deadline && !processes_in(dir).is_empty() {
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -90,7 +90,7 @@ impl Backoff {
     pub fn failed(&mut self, now: Instant) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let wait = self.schedule.wait(self.failures);
-        self.next = Some(now + wait);
+        self.next = Some(crate::deadline::after(now, wait));
         wait
     }
 

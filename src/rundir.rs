@@ -38,6 +38,8 @@ const ARCHIVE_SENT: &str = ".artifacts-sent";
 const STATE_FILE: &str = ".delivery-state.json";
 /// The job's events as they grow (see `events`).
 const EVENTS_FILE: &str = ".events.json";
+/// How many times an agent began to recover the job (see `recovery`).
+const RECOVERY_ATTEMPTS: &str = ".recovery-attempts";
 /// Marks a run dir made by `--job`: server mode never recovers nor
 /// delivers it (its job id means nothing to the server).
 const LOCAL_MARKER: &str = ".local-job";
@@ -217,6 +219,18 @@ impl RunDir {
         JobState::from_json(&json)
     }
 
+    /// How many times recovery of this job began (0 when never, or when
+    /// the count is unreadable).
+    pub fn recovery_attempts(&self) -> u32 {
+        fs::read_to_string(self.path.join(RECOVERY_ATTEMPTS)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Records that recovery attempt `n` begins: written whole before the
+    /// attempt does anything, so an agent that dies during it still counts it.
+    pub fn set_recovery_attempts(&self, n: u32) -> io::Result<()> {
+        write_atomic(&self.path.join(RECOVERY_ATTEMPTS), n.to_string().as_bytes())
+    }
+
     /// The job is delivered: the run dir goes.
     pub fn remove(&self) {
         if let Err(e) = fs::remove_dir_all(&self.path) {
@@ -293,7 +307,7 @@ impl RunDir {
     }
 
     fn needed_for_delivery(&self, name: &str) -> bool {
-        const FILES: [&str; 6] = [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT];
+        const FILES: [&str; 7] = [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT, RECOVERY_ATTEMPTS];
         let is = |path: PathBuf| path.file_name().is_some_and(|n| n == name);
         FILES.contains(&name)
             || Phase::ALL.into_iter().any(|p| is(self.log(p, LogKind::Output)) || is(self.log(p, LogKind::Serial)))
@@ -374,6 +388,9 @@ mod tests {
         names.sort();
         assert_eq!(names, [".delivery-state.json", ".test-serial.masked.log", "test.log", "testflinger-outcome.json", "testflinger.json"]);
         assert!(kept.load_state().cancelled);
+        assert_eq!(kept.recovery_attempts(), 0);
+        kept.set_recovery_attempts(2).unwrap();
+        assert_eq!(kept.recovery_attempts(), 2);
         assert!(job_dirs(&exec).is_empty());
 
         // A --job run dir is never one of the server's.

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::deadline;
 use crate::phase::{EndReason, NOT_RUN};
 use crate::wait::{self, Ends, Woke};
 
@@ -78,6 +79,26 @@ pub struct Limits {
     pub kill_grace: Option<Duration>,
     /// The agent's own stop request (SIGTERM/SIGINT) ends the phase.
     pub on_agent_stop: bool,
+}
+
+impl Limits {
+    /// The timeout that has run out at `now` for a phase started at `start`
+    /// whose output last arrived at `last_output`, if one has.
+    pub fn expired(&self, start: Instant, last_output: Instant, now: Instant) -> Option<Stop> {
+        if let Some(g) = self.global.filter(|g| now.saturating_duration_since(start) >= *g) {
+            Some(Stop::GlobalTimeout(g.as_secs()))
+        } else {
+            self.output.filter(|o| now.saturating_duration_since(last_output) >= *o).map(|o| Stop::OutputTimeout(o.as_secs()))
+        }
+    }
+
+    /// When the first timeout runs out if nothing changes (`None`: never).
+    /// Checked sums: a limit may be as long as the config and job allow.
+    pub fn next_due(&self, start: Instant, last_output: Instant) -> Option<Instant> {
+        let global = self.global.map(|g| deadline::after(start, g));
+        let output = self.output.map(|o| deadline::after(last_output, o));
+        global.into_iter().chain(output).min()
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -162,12 +183,9 @@ impl Stopping {
 
     /// A stop of the runner's own that is due now.
     fn due(&self, now: Instant, last_output: Instant) -> Option<Stop> {
-        let limits = &self.limits;
-        if let Some(g) = limits.global.filter(|g| now.duration_since(self.start) >= *g) {
-            Some(Stop::GlobalTimeout(g.as_secs()))
-        } else if let Some(o) = limits.output.filter(|o| now.duration_since(last_output) >= *o) {
-            Some(Stop::OutputTimeout(o.as_secs()))
-        } else if limits.on_agent_stop && crate::signals::interrupted() {
+        if let Some(stop) = self.limits.expired(self.start, last_output, now) {
+            Some(stop)
+        } else if self.limits.on_agent_stop && crate::signals::interrupted() {
             Some(Stop::Interrupted)
         } else {
             None
@@ -306,27 +324,24 @@ fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn 
         }
 
         // Wait until output arrives or the next thing to check is due.
-        let mut wake = watcher.next_wake(now).min(now + Duration::from_secs(1));
+        let mut wake = watcher.next_wake(now).min(deadline::after(now, Duration::from_secs(1)));
         if status.is_none() {
             // Exit is noticed by polling try_wait; 100 ms keeps the idle cost
             // far below 1% of a core while ending phases promptly.
-            wake = wake.min(now + Duration::from_millis(100));
+            wake = wake.min(deadline::after(now, Duration::from_millis(100)));
         }
         if let Some(at) = exited_at {
-            wake = wake.min(at + DRAIN);
+            wake = wake.min(deadline::after(at, DRAIN));
         }
-        if let Some(g) = limits.global {
-            wake = wake.min(start + g);
-        }
-        if let Some(o) = limits.output {
-            wake = wake.min(pipe.last_output + o);
+        if let Some(due) = limits.next_due(start, pipe.last_output) {
+            wake = wake.min(due);
         }
         if let Some(t) = stopping.term_sent {
-            wake = wake.min(t + stopping.grace());
+            wake = wake.min(deadline::after(t, stopping.grace()));
         }
         if !pipe.open && status.is_none() {
             // The output has ended, so the shell is about to exit.
-            wake = wake.min(now + Duration::from_millis(5));
+            wake = wake.min(deadline::after(now, Duration::from_millis(5)));
         }
         // Output, a signal (the watcher decides what it means), or the
         // next deadline; the metrics endpoint is served meanwhile.

@@ -82,7 +82,7 @@ impl SerialTail {
         if now < self.next_look {
             return;
         }
-        self.next_look = now + POLL;
+        self.next_look = crate::deadline::after(now, POLL);
         if let Err(e) = self.catch_up(Some(STEP)) {
             self.fail(&e);
         }

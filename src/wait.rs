@@ -91,7 +91,7 @@ pub fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<
         // Without the self-pipe (signals not installed) a signal still
         // interrupts poll (no SA_RESTART); the slice bounds the rest.
         if signal_at.is_none() {
-            until = until.min(now + Duration::from_millis(100));
+            until = until.min(crate::deadline::after(now, Duration::from_millis(100)));
         }
         // Rounded up: a timeout truncated to 0 ms would spin until the deadline.
         let timeout = until.saturating_duration_since(now).as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
@@ -122,7 +122,7 @@ pub fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<
 
 /// Waits `d`, serving `source`, ending early on a stop request.
 pub fn sleep(d: Duration, source: Option<&mut dyn Source>) {
-    until(Instant::now() + d, source, None, Ends::Stop);
+    until(crate::deadline::from_now(d), source, None, Ends::Stop);
 }
 
 fn push(fds: &mut Vec<libc::pollfd>, fd: RawFd, events: libc::c_short) -> usize {

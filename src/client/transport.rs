@@ -77,7 +77,7 @@ fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::
         if e.raw_os_error() != Some(libc::EINPROGRESS) {
             return Err(e);
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::from_now(timeout);
         loop {
             idle();
             let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
@@ -126,7 +126,7 @@ struct Socket<'a, 'b> {
 impl Socket<'_, '_> {
     fn io<T>(&mut self, mut op: impl FnMut(&mut TcpStream) -> io::Result<T>) -> io::Result<T> {
         let Some(idle) = self.idle.as_deref_mut() else { return op(&mut self.tcp) };
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::deadline::from_now(self.timeout);
         loop {
             idle();
             match op(&mut self.tcp) {

@@ -116,3 +116,30 @@ fn type_errors_say_what_to_write_not_rust_types() {
         }
     }
 }
+
+#[test]
+fn every_duration_key_has_a_range() {
+    // (key, lowest and highest accepted, refused values)
+    let table: [(&str, &str, &str, &[&str]); 7] = [
+        ("global_timeout", "1", "31536000", &["0", "31536001", "18446744073709551615", "18446744073709551616", "1e300", "-1"]),
+        ("output_timeout", "1", "31536000", &["0", "31536001", "9223372036854775807", ".inf", "1.5"]),
+        ("server_timeout", "1", "86400", &["0", "86401", "18446744073709551615"]),
+        ("polling_interval", "0", "86400", &["86400.5", "1e300", ".inf", ".nan", "-0.1"]),
+        ("output_interval", "0", "86400", &["1e9", ".nan"]),
+        ("cancel_check_interval", "0", "86400", &["1e300", "-1"]),
+        ("kill_grace", "0", "86400", &["1e300", ".inf"]),
+    ];
+    for (key, lo, hi, bad) in table {
+        for good in [lo, hi] {
+            assert!(parse(&format!("{MINIMAL}{key}: {good}\n")).is_ok(), "{key}: {good}");
+        }
+        for bad in bad {
+            let e = parse(&format!("{MINIMAL}{key}: {bad}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{key}: {bad}: {e}");
+        }
+    }
+    let e = parse(&format!("{MINIMAL}global_timeout: 18446744073709551615\n")).unwrap_err();
+    assert_eq!(e.reason, "must be a whole number of seconds from 1 to 31536000");
+    let e = parse(&format!("{MINIMAL}polling_interval: 1e300\n")).unwrap_err();
+    assert_eq!(e.reason, "must be a number of seconds from 0 to 86400");
+}

@@ -47,10 +47,10 @@ impl JobRunner<'_> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (phase.can_cancel() && has_live).then(|| Instant::now() + crate::budget::get().cancel_interval),
+            next_cancel_check: (phase.can_cancel() && has_live).then(|| crate::deadline::from_now(crate::budget::get().cancel_interval)),
             metrics: self.metrics.as_deref_mut(),
             progress,
-            next_heartbeat: Instant::now() + crate::jitter::early(PHASE_HEARTBEAT),
+            next_heartbeat: crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT)),
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, self.rundir.path(), &env, limits, &mut watcher);
@@ -133,10 +133,10 @@ impl JobRunner<'_> {
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
         let Some(client) = self.client.as_deref_mut() else { return };
         let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
-        let mut next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
+        let mut next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
         loop {
             if Instant::now() >= next_heartbeat {
-                next_heartbeat = Instant::now() + crate::jitter::early(PHASE_HEARTBEAT);
+                next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
                 post_state_unless_held(client, Phase::Allocate, client.retry());
             }
             if over(client.job_state(&self.plan.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {

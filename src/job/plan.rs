@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, MAX_JOB_TIMEOUT};
 use crate::json::Json;
 use crate::phase::Phase;
 use crate::runner::Limits;
@@ -136,19 +136,18 @@ fn skip_reason(config: &Config, job: &Json, phase: Phase) -> Option<String> {
     }
 }
 
+/// A job's timeout is a whole number of seconds from 1 to
+/// [`MAX_JOB_TIMEOUT`]; anything else is ignored (with a warning, see
+/// `field_warnings`) and the config's value or the default is used.
 fn timeout_from_job(job: &Json, key: &str) -> Option<u64> {
-    job.get(key).and_then(Json::as_i64).filter(|t| *t > 0).map(|t| t as u64)
+    job.get(key).and_then(Json::as_i64).and_then(|t| u64::try_from(t).ok()).filter(|t| (1..=MAX_JOB_TIMEOUT).contains(t))
 }
 
-/// The job's timeout and the config's: the smaller, else either, else
-/// the default.
+/// The job's timeout capped by the config's, as upstream caps it: an absent
+/// one counts as the default, so an unconfigured device still holds a job
+/// to 4 h (15 min without output).
 fn pick(job: Option<u64>, conf: Option<u64>, default: u64) -> u64 {
-    match (job, conf) {
-        (Some(j), Some(c)) => j.min(c),
-        (Some(j), None) => j,
-        (None, Some(c)) => c,
-        (None, None) => default,
-    }
+    job.unwrap_or(default).min(conf.unwrap_or(default))
 }
 
 fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
@@ -188,10 +187,16 @@ fn field_warnings(config: &Config, job: &Json) -> Vec<String> {
             shown = format!("{}...", shown.chars().take(40).collect::<String>());
         }
         let used = match conf {
-            Some(c) => format!("the config's, {c} s"),
-            None => format!("the default, {default} s"),
+            Some(c) if c < default => format!("the config's, {c} s"),
+            _ => format!("the default, {default} s"),
         };
-        warnings.push(format!("{key}: {shown} is not a positive number of seconds; using {used}"));
+        let why = match v {
+            Json::Number(n) if n.parse::<f64>().is_ok_and(|f| f > MAX_JOB_TIMEOUT as f64) => {
+                format!("is more than the longest allowed, {MAX_JOB_TIMEOUT} s")
+            }
+            _ => "is not a positive number of seconds".to_string(),
+        };
+        warnings.push(format!("{key}: {shown} {why}; using {used}"));
     }
     for phase in Phase::BEFORE_CLEANUP {
         let key = phase.data_key();
@@ -218,119 +223,4 @@ fn kind_of(v: &Json) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ALL_COMMANDS: &str = "setup_command: s\nprovision_command: p\nfirmware_update_command: f\n\
-        test_command: t\nallocate_command: a\nreserve_command: r\ncleanup_command: c\n";
-
-    fn config(extra: &str) -> Config {
-        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\n{extra}");
-        Config::parse(&text, std::path::Path::new("t.conf")).expect("test config")
-    }
-
-    fn plan(conf: &str, job: &str) -> JobPlan {
-        JobPlan::new(&config(conf), Json::parse(job).expect("test job"))
-    }
-
-    #[test]
-    fn skip_rules() {
-        use Phase::*;
-        let none = None::<&str>;
-        // (config, job, phase, why it is skipped)
-        let table = [
-            (ALL_COMMANDS, r#"{}"#, Setup, none),
-            (ALL_COMMANDS, r#"{}"#, Cleanup, none),
-            ("", r#"{}"#, Setup, Some("no setup_command configured")),
-            ("", r#"{"test_data":{"x":1}}"#, Test, Some("no test_command configured")),
-            ("cleanup_command: '  '\n", r#"{}"#, Cleanup, Some("no cleanup_command configured")),
-            (ALL_COMMANDS, r#"{}"#, Provision, Some("no provision_data in the job")),
-            (ALL_COMMANDS, r#"{"test_data":{}}"#, Test, Some("empty test_data in the job")),
-            (ALL_COMMANDS, r#"{"test_data":null}"#, Test, Some("empty test_data in the job")),
-            (ALL_COMMANDS, r#"{"test_data":""}"#, Test, Some("empty test_data in the job")),
-            (ALL_COMMANDS, r#"{"test_data":"run"}"#, Test, Some("test_data is not a mapping")),
-            (ALL_COMMANDS, r#"{"test_data":[1]}"#, Test, Some("test_data is not a mapping")),
-            (ALL_COMMANDS, r#"{"reserve_data":{"skip":true}}"#, Reserve, Some("reserve_data has skip: true")),
-            (ALL_COMMANDS, r#"{"reserve_data":{"skip":false}}"#, Reserve, none),
-            (ALL_COMMANDS, r#"{"allocate_data":{"allocate":true}}"#, Allocate, none),
-            // Attachments alone do not make a phase run; with more they do.
-            (ALL_COMMANDS, r#"{"test_data":{"attachments":[{"agent":"a"}]}}"#, Test, Some("no test_data in the job")),
-            (ALL_COMMANDS, r#"{"test_data":{"attachments":[],"test_cmds":"x"}}"#, Test, none),
-            (ALL_COMMANDS, r#"{"provision_data":{"attachments":[1],"url":"u"}}"#, Provision, none),
-            // Only the phases that take attachments lose them.
-            (ALL_COMMANDS, r#"{"reserve_data":{"attachments":1}}"#, Reserve, none),
-            // Secrets alone are no data either: they are taken out first.
-            (ALL_COMMANDS, r#"{"test_data":{"secrets":{"K":"v"}}}"#, Test, Some("empty test_data in the job")),
-        ];
-        for (conf, job, phase, want) in table {
-            let got = plan(conf, job);
-            assert_eq!(got.phase(phase).skip.as_deref(), want, "{phase} in {job} with {conf:?}");
-        }
-    }
-
-    #[test]
-    fn attachments_stay_in_the_document_for_the_connectors() {
-        let p = plan(ALL_COMMANDS, r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
-        assert!(p.attachments);
-        assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
-        assert!(!plan(ALL_COMMANDS, r#"{"attachments_status":"waiting"}"#).attachments);
-    }
-
-    #[test]
-    fn timeouts() {
-        use Phase::*;
-        let s = |secs: u64| Some(Duration::from_secs(secs));
-        // (config, job, phase, global, output)
-        let table = [
-            ("", r#"{}"#, Test, s(14400), s(900)),
-            ("", r#"{}"#, Setup, s(14400), None),
-            ("", r#"{"global_timeout":60,"output_timeout":30}"#, Test, s(60), s(30)),
-            ("", r#"{"global_timeout":60,"output_timeout":30}"#, Provision, s(60), None),
-            ("", r#"{"global_timeout":60}"#, Cleanup, s(60), None),
-            ("global_timeout: 40\noutput_timeout: 20\n", r#"{"global_timeout":60,"output_timeout":10}"#, Test, s(40), s(10)),
-            ("global_timeout: 40\n", r#"{}"#, Test, s(40), s(900)),
-            ("", r#"{"global_timeout":"soon","output_timeout":-3}"#, Test, s(14400), s(900)),
-            ("output_timeout: 20\n", r#"{"output_timeout":0}"#, Test, s(14400), s(20)),
-            // Reserve has no limit of the agent's: the connector waits out the reservation.
-            ("global_timeout: 40\n", r#"{"global_timeout":60}"#, Reserve, None, None),
-        ];
-        for (conf, job, phase, global, output) in table {
-            let limits = plan(conf, job).phase(phase).limits;
-            assert_eq!((limits.global, limits.output), (global, output), "{phase} in {job} with {conf:?}");
-            assert!(limits.kill_grace.is_some());
-        }
-    }
-
-    #[test]
-    fn wrong_typed_fields_are_named_with_what_is_used() {
-        let job = r#"{"job_id":"j","global_timeout":"soon","output_timeout":-3,"test_data":"a string","provision_data":{"url":"u"},"reserve_data":""}"#;
-        assert_eq!(
-            plan("output_timeout: 60\n", job).warnings,
-            [
-                r#"global_timeout: "soon" is not a positive number of seconds; using the default, 14400 s"#,
-                "output_timeout: -3 is not a positive number of seconds; using the config's, 60 s",
-                "test_data: a string, not a mapping; the test phase is skipped",
-            ]
-        );
-        let fine = r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#;
-        assert!(plan("", fine).warnings.is_empty());
-        assert_eq!(plan("", r#"{"allocate_data":7}"#).warnings, ["allocate_data: a number, not a mapping; the allocate phase is skipped"]);
-    }
-
-    #[test]
-    fn secrets_go_to_their_own_phase_and_leave_the_document() {
-        let p = plan(
-            ALL_COMMANDS,
-            r#"{"job_id":"j","provision_data":{"url":"u","secrets":{"TOKEN":"t1","N":7,"E":null}},"test_data":{"secrets":{"PW":"p"},"x":1},"cleanup_data":{"secrets":"not a mapping"}}"#,
-        );
-        let own = |phase| p.phase(phase).secrets.clone();
-        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
-        assert_eq!(own(Phase::Provision), [pair("TOKEN", "t1"), pair("N", "7"), pair("E", "")]);
-        assert_eq!(own(Phase::Test), [pair("PW", "p")]);
-        assert!(own(Phase::Setup).is_empty() && own(Phase::Cleanup).is_empty());
-        assert_eq!(p.secret_values().collect::<Vec<_>>(), ["t1", "7", "", "p"]);
-        assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","provision_data":{"url":"u"},"test_data":{"x":1},"cleanup_data":{}}"#);
-        assert_eq!(p.job_id, "j");
-        assert_eq!(plan("", "{}").job_id, "local-job");
-    }
-}
+mod tests;

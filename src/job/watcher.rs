@@ -99,14 +99,14 @@ impl Watcher for PhaseWatcher<'_> {
                 self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
-                self.next_heartbeat = now + crate::jitter::early(PHASE_HEARTBEAT);
+                self.next_heartbeat = crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT));
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != Phase::Cleanup {
                     post_state_unless_held(client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(now + crate::budget::get().cancel_interval);
+                self.next_cancel_check = Some(crate::deadline::after(now, crate::budget::get().cancel_interval));
                 // One short attempt: a slow server must not hold the phase's output.
                 if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
@@ -121,7 +121,7 @@ impl Watcher for PhaseWatcher<'_> {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = now + Duration::from_secs(1);
+        let mut wake = crate::deadline::after(now, Duration::from_secs(1));
         if let Some((stream, _, _)) = &self.live {
             if let Some(t) = stream.due(self.log.written) {
                 wake = wake.min(t);

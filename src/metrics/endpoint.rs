@@ -31,7 +31,7 @@ impl Endpoint {
                     if self.conns.len() >= MAX_CONNS {
                         self.conns.remove(0);
                     }
-                    self.conns.push(Conn { stream, head: Vec::new(), out: None, deadline: now + CONN_DEADLINE });
+                    self.conns.push(Conn { stream, head: Vec::new(), out: None, deadline: crate::deadline::after(now, CONN_DEADLINE) });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ECONNABORTED, EMFILE...: logged, retried at the next wake.

@@ -65,7 +65,7 @@ pub(super) fn signal_group(pgid: i32, sig: i32) {
 /// re-parented to us, the subreaper, so walking /proc from our pid finds
 /// them all.
 pub fn kill_descendants() {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = crate::deadline::from_now(Duration::from_secs(2));
     loop {
         let pids = descendants(std::process::id() as i32);
         for &pid in &pids {

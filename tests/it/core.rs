@@ -184,6 +184,11 @@ fn config_errors_exit_2_naming_the_key() {
         ("agent_id: a\nserver_address: x\njob_queues: q1\n".to_string(), "job_queues"),
         (format!("{good}polling_interval: often\n"), "polling_interval"),
         (format!("{good}global_timeout: -5\n"), "global_timeout"),
+        // Issue 21: out of range, they aborted the agent mid-job.
+        (format!("{good}global_timeout: 18446744073709551615\n"), "global_timeout"),
+        (format!("{good}output_timeout: 31536001\n"), "output_timeout"),
+        (format!("{good}polling_interval: 1e300\n"), "polling_interval"),
+        (format!("{good}server_timeout: 86401\n"), "server_timeout"),
         (format!("{good}logging_level: CHATTY\n"), "logging_level"),
         (format!("{good}advertised_queues: [a, b]\n"), "advertised_queues"),
     ];

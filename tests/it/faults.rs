@@ -550,3 +550,33 @@ fn faults_hostile_chunk_sizes_and_lengths_on_every_endpoint() {
     let mut p = setup.spawn();
     finish("hostile chunk sizes and lengths on every endpoint", &server, &mut p, &setup, &jobs, Once::Exactly, &["bad chunk size", "bad Content-Length", "retrying"]);
 }
+
+/// Job durations out of every range (members of a job's JSON object).
+pub const HUGE_DURATIONS: [&str; 4] = [
+    r#""global_timeout":9223372036854775807,"output_timeout":9223372036854775807"#,
+    r#""global_timeout":1e300,"output_timeout":18446744073709551616"#,
+    r#""global_timeout":-9223372036854775808,"output_timeout":-1e300"#,
+    r#""global_timeout":31536001,"output_timeout":4294967296.0"#,
+];
+
+/// Issue 21: `"global_timeout": 9223372036854775807` aborted the agent
+/// (an instant overflow), and recovery resumed the job into the same
+/// abort. Jobs with durations out of every range, with no timeout in the
+/// config (the case that aborted): each runs to its end with the default
+/// limits and a warning.
+#[test]
+fn faults_huge_job_durations() {
+    let server = FakeServer::start();
+    let jobs: Vec<String> = HUGE_DURATIONS
+        .iter()
+        .map(|durations| {
+            let id = unique_id();
+            let extra = format!(r#"{{{durations},"job_status_webhook":"http://hooks.invalid/tf","test_data":{{"test_cmds":"x"}}}}"#);
+            server.push_job(&job_json(&id, QUEUE, &extra));
+            id
+        })
+        .collect();
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish("huge job durations (i64::MAX, 1e300, u64::MAX + 1, negative)", &server, &mut p, &setup, &jobs, Once::Exactly, &["is more than the longest allowed", "is not a positive number of seconds"]);
+}

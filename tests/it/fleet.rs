@@ -370,3 +370,66 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     assert!(p.try_wait().is_none());
 }
 
+
+/// A job whose cleanup kills the agent (a connector that SIGKILLs its
+/// parent, `$PPID` of the phase's shell) on every run: the first run and
+/// two recoveries end that way; the start after gives the job up as
+/// failed, delivers its outcome, and takes the next job.
+#[test]
+fn a_job_that_keeps_killing_the_agent_is_given_up_after_two_recoveries() {
+    use std::os::unix::process::ExitStatusExt;
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"KILLER"},"job_status_webhook":"http://hook.example/x"}"#));
+    let agent = Agent::new(&server)
+        .command("test", "echo test ran")
+        .command("cleanup", "grep -q KILLER testflinger.json && { echo ran >> ../../killer-cleanups; kill -KILL $PPID; }; echo cleanup done");
+    for run in 1..=3 {
+        let mut p = agent.spawn();
+        let status = p.wait_exit(T);
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "run {run} was not killed by its job\n{}", p.diagnostics());
+        assert!(!completed(&server, &job), "run {run}");
+    }
+    let other = unique_id();
+    server.push_job(&job_json(&other, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let mut p = agent.spawn();
+    server.wait_until(T, "the given-up job's outcome", |s| completed(s, &job));
+    assert_eq!(status(&server, &job, "test"), Some(0));
+    assert_eq!(status(&server, &job, "cleanup"), Some(INTERRUPTED));
+    let cleanup = server.log_text_phase(&job, "output", "cleanup");
+    assert!(cleanup.contains("the agent stopped during this job 3 times; giving up"), "{cleanup}");
+    // Run by the first agent and the two recoveries, not by the fourth.
+    let runs = std::fs::read_to_string(agent.dir().join("killer-cleanups")).unwrap_or_default();
+    assert_eq!(runs.lines().count(), 3, "{runs}");
+    let events = server.events(&job);
+    assert!(events.iter().any(|e| e == "cleanup_fail"), "{events:?}");
+    server.wait_until(T, "next job complete", |s| completed(s, &other));
+    assert_eq!(status(&server, &other, "cleanup"), Some(0));
+    assert!(!agent.run_dir(&job).exists() && !agent.results_dir().join(&job).exists());
+    assert!(p.try_wait().is_none(), "{}", p.diagnostics());
+}
+
+/// Should even giving a job up stop the agent (the count says three
+/// recoveries began), the run dir is set aside untouched and intake goes on.
+#[test]
+fn a_job_whose_give_up_also_stopped_the_agent_is_set_aside() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    let agent = Agent::new(&server).command("cleanup", "echo cleanup ran >> ../../cleanups");
+    let dir = agent.run_dir(&job);
+    std::fs::create_dir_all(&dir).expect("run dir");
+    std::fs::write(dir.join("testflinger.json"), format!(r#"{{"job_id":"{job}","test_data":{{"test_cmds":"x"}}}}"#)).expect("job file");
+    std::fs::write(dir.join("testflinger-outcome.json"), "{}").expect("outcome file");
+    std::fs::write(dir.join(".recovery-attempts"), "3").expect("count");
+    let other = unique_id();
+    server.push_job(&job_json(&other, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let mut p = agent.spawn();
+    server.wait_until(T, "next job complete", |s| completed(s, &other));
+    assert!(agent.results_dir().join(".undeliverable").join(&job).join("testflinger.json").exists());
+    assert!(!dir.exists());
+    assert!(server.requests().iter().all(|r| !r.path.contains(&job)), "the set-aside job was reported");
+    let cleanups = std::fs::read_to_string(agent.dir().join("cleanups")).unwrap_or_default();
+    assert_eq!(cleanups.lines().count(), 1, "cleanup ran for the set-aside job: {cleanups}");
+    assert!(p.log_text().contains("set aside"), "{}", p.log_text());
+    assert!(p.try_wait().is_none());
+}

@@ -57,3 +57,23 @@ fn answer_regressions_are_errors_or_capped_answers() {
         }
     }
 }
+
+/// Same checks as the `limits` target (no config timeouts for a first
+/// byte of 0): every limit within its cap, no instant out of range.
+#[test]
+fn limits_regressions_stay_within_the_caps() {
+    let cases = inputs("limits");
+    assert!(!cases.is_empty(), "fuzz/regressions/limits holds the job of issue 21");
+    let config = Config::parse("agent_id: a\nserver_address: x\njob_queues: [q]\ntest_command: t\n", Path::new("fuzz.conf")).expect("config");
+    for (path, bytes) in cases {
+        let Some((_, rest)) = bytes.split_first() else { continue };
+        let Ok(job) = Json::parse(&String::from_utf8_lossy(rest)) else { continue };
+        let plan = testflinger_agent::job::JobPlan::new(&config, job);
+        let now = std::time::Instant::now();
+        for p in &plan.phases {
+            assert!(p.limits.global.is_none_or(|g| g.as_secs() <= 4 * 3600), "{}", path.display());
+            assert!(p.limits.output.is_none_or(|o| o.as_secs() <= 15 * 60), "{}", path.display());
+            let _ = (p.limits.next_due(now, now), p.limits.expired(now, now, now));
+        }
+    }
+}

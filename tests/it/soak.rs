@@ -4,13 +4,14 @@
 //!
 //! Not in the default run: `bench/soak.sh` (or `SOAK_JOBS=100 cargo test
 //! --release --test it soak -- --ignored --nocapture`). `SOAK_JOBS` sets the
-//! job count (default 1000), `SOAK_SEED` the seed.
+//! job count (default 1000), `SOAK_SEED` the seed. One job in ten has
+//! durations out of every range (`faults::HUGE_DURATIONS`).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::fake_server::{FakeServer, Fault, FaultAction};
-use crate::faults::{banner, proc_status_kb, tally};
+use crate::faults::{HUGE_DURATIONS, banner, proc_status_kb, tally};
 use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -141,13 +142,21 @@ fn soak_many_short_jobs_with_random_faults() {
     let seed = env_u64("SOAK_SEED", 0x5eed_7f11);
     let mut rng = Rng(seed.max(1));
     let server = FakeServer::start();
+    // One job in ten carries durations out of every range (issue 21):
+    // each must run to its end like the others.
+    let huge = |i: usize| (i % 10 == 3).then(|| HUGE_DURATIONS[i / 10 % HUGE_DURATIONS.len()]);
     let jobs: Vec<String> = (0..n)
-        .map(|_| {
+        .map(|i| {
             let id = unique_id();
-            server.push_job(&job_json(&id, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+            let extra = match huge(i) {
+                Some(durations) => format!(r#"{{{durations},"test_data":{{"test_cmds":"x"}}}}"#),
+                None => r#"{"test_data":{"test_cmds":"x"}}"#.to_string(),
+            };
+            server.push_job(&job_json(&id, QUEUE, &extra));
             id
         })
         .collect();
+    let huge_jobs = (0..n).filter(|i| huge(*i).is_some()).count();
     let setup = Agent::new(&server)
         .set("polling_interval", "0.01")
         .set("server_timeout", "1")
@@ -215,7 +224,7 @@ fn soak_many_short_jobs_with_random_faults() {
     let agent_id = AGENT_ID;
     println!("soak: {n} jobs, seed {seed:#x}, {faults} faults injected ({kinds:?}), agent {agent_id}");
     println!("  duration:                      {:.1} s ({:.0} ms a job)", elapsed.as_secs_f64(), elapsed.as_secs_f64() * 1000.0 / n as f64);
-    println!("  jobs completed:                {done}");
+    println!("  jobs completed:                {done} ({huge_jobs} with huge durations)");
     println!("  outcomes lost:                 {}", t.outcomes_lost);
     println!("  fragments lost or duplicated:  {} ({} lost, {} duplicated; {} identical re-sends)", t.fragments_lost + t.fragments_duplicated, t.fragments_lost, t.fragments_duplicated, t.fragments_resent);
     println!("  artifacts lost:                {}", t.artifacts_lost);
