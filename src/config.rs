@@ -268,6 +268,16 @@ impl Config {
                 reason: format!("{}: {reason}", dir.display()),
             })?;
         }
+        // Its directory is node_exporter's, not made by the agent; but the
+        // agent renames files into it, so it must not be another user's.
+        if let Some(dir) = self.metrics_textfile.as_deref().and_then(Path::parent) {
+            crate::safe_fs::check_path(dir).map_err(|e| ConfigError {
+                file: file.to_path_buf(),
+                key: Some("metrics_textfile".into()),
+                line: None,
+                reason: e.to_string(),
+            })?;
+        }
         Ok(())
     }
 
@@ -343,7 +353,11 @@ fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
 fn usable_dir(dir: &Path, mode: u32) -> Result<(), String> {
     // Made private and without following planted links, like every
     // directory the agent makes.
-    crate::safe_fs::ensure_base_dir(dir, mode).map_err(|e| format!("cannot create the directory: {e}"))?;
+    crate::safe_fs::ensure_base_dir(dir, mode).map_err(|e| {
+        let e = e.to_string();
+        // A refusal names the path and the owner or mode at fault.
+        if e.starts_with("refusing ") { e } else { format!("cannot create the directory: {e}") }
+    })?;
     let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
     if !meta.is_dir() {
         return Err("not a directory".into());

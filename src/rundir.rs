@@ -134,7 +134,7 @@ impl RunDir {
 
     /// The job as the run dir holds it, when it is a readable object.
     pub fn job(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(JOB_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(JOB_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
 
@@ -148,7 +148,7 @@ impl RunDir {
 
     /// The outcome file, when it is a readable object.
     pub fn outcome(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(OUTCOME_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(OUTCOME_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
 
@@ -173,7 +173,7 @@ impl RunDir {
     /// The connector's failure detail for `phase` (unmasked), empty when
     /// it left none.
     pub fn connector_error(&self, phase: Phase) -> String {
-        let Ok(text) = fs::read_to_string(self.path.join(CONNECTOR_ERROR_FILE)) else { return String::new() };
+        let Ok(text) = safe_fs::read_own(&self.path.join(CONNECTOR_ERROR_FILE)) else { return String::new() };
         let Ok(json) = Json::parse(&text) else { return String::new() };
         let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
         let field = |k: &str| info.get(k).and_then(Json::as_str).unwrap_or("").to_string();
@@ -190,7 +190,7 @@ impl RunDir {
     /// member, or the whole object), unmasked; `None` when there is none
     /// or it is not JSON.
     pub fn device_info(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(DEVICE_INFO_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(DEVICE_INFO_FILE)).ok()?;
         let Ok(info) = Json::parse(&text) else {
             log::warn!("{DEVICE_INFO_FILE} is not valid JSON; ignored");
             return None;
@@ -212,7 +212,7 @@ impl RunDir {
 
     /// The delivery state saved last; the default when there is none.
     pub fn load_state(&self) -> JobState {
-        let Ok(text) = fs::read_to_string(self.path.join(STATE_FILE)) else { return JobState::default() };
+        let Ok(text) = safe_fs::read_own(&self.path.join(STATE_FILE)) else { return JobState::default() };
         let Ok(json) = Json::parse(&text) else { return JobState::default() };
         JobState::from_json(&json)
     }

@@ -16,6 +16,7 @@ mod streaming;
 mod faults;
 mod soak;
 mod startup;
+mod strict_dirs;
 mod upstream_parity;
 mod budget;
 mod minimal_image;
