@@ -74,6 +74,10 @@ pub struct Config {
     /// collector (a `*.prom` file in its directory); none by default.
     #[serde(default)]
     pub metrics_textfile: Option<PathBuf>,
+    /// The address `--metrics_port` listens on: all (`0.0.0.0`, as
+    /// upstream) unless set, e.g. to 127.0.0.1. Not an upstream key.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
     /// Seconds one request to the server may take (connect, send, answer)
     /// before it counts as failed and is retried; at least 1. Not an
     /// upstream key.
@@ -237,6 +241,12 @@ impl Config {
         if config.server_timeout == 0 {
             return Err(err(Some("server_timeout".into()), None, "must be a number of seconds >= 1".into()));
         }
+        if let Some(address) = &config.metrics_address {
+            if address.trim().parse::<std::net::IpAddr>().is_err() {
+                let reason = format!("{address:?} is not an IP address (such as 127.0.0.1, 0.0.0.0 or ::1)");
+                return Err(err(Some("metrics_address".into()), None, reason));
+            }
+        }
         if let Some(ca) = &config.server_ca_file {
             check_ca_file(ca).map_err(|reason| err(Some("server_ca_file".into()), None, reason))?;
         }
@@ -287,6 +297,12 @@ impl Config {
             output_interval: std::time::Duration::from_secs_f64(self.output_interval),
             cancel_interval: std::time::Duration::from_secs_f64(self.cancel_check_interval),
         }
+    }
+
+    /// Where the metrics endpoint listens (checked by `parse`).
+    pub fn metrics_ip(&self) -> std::net::IpAddr {
+        let all = std::net::IpAddr::from([0, 0, 0, 0]);
+        self.metrics_address.as_deref().and_then(|a| a.trim().parse().ok()).unwrap_or(all)
     }
 
     pub fn kill_grace(&self) -> std::time::Duration {

@@ -17,6 +17,7 @@ mod faults;
 mod soak;
 mod startup;
 mod strict_dirs;
+mod metrics_endpoint;
 mod upstream_parity;
 mod budget;
 mod minimal_image;
