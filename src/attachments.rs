@@ -111,7 +111,7 @@ pub fn fetch(client: &mut Client, job_id: &str, rundir: &RunDir) -> Result<Unpac
 /// rules of this module. On error, what was unpacked before stays.
 pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, UnpackError> {
     let corrupt = |e: io::Error| UnpackError::Corrupt { reason: e.to_string() };
-    let file = File::open(archive).map_err(corrupt)?;
+    let file = crate::safe_fs::open_own(archive).map_err(corrupt)?;
     fs::create_dir_all(dest).map_err(|e| UnpackError::Write { path: dest.to_path_buf(), reason: e })?;
     let gz = flate2::read::GzDecoder::new(io::BufReader::with_capacity(64 * 1024, file));
     let mut ar = tar::Archive::new(gz);

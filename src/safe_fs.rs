@@ -105,10 +105,10 @@ pub fn rewrite(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     create_truncate(path, mode)?.write_all(data)
 }
 
-/// The text of `path`, a regular file of this user's (not a link): what a
-/// run dir holds is read back only when the agent or its job wrote it.
-pub fn read_own(path: &Path) -> io::Result<String> {
-    let mut file = OpenOptions::new()
+/// Opens `path` for reading: a regular file of this user's, not a link.
+/// What a run dir holds is read back only when the agent or its job wrote it.
+pub fn open_own(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
@@ -118,8 +118,13 @@ pub fn read_own(path: &Path) -> io::Result<String> {
         return Err(refused(path, "not a regular file"));
     }
     check_owner(path, &meta)?;
+    Ok(file)
+}
+
+/// The text of `path`, opened as `open_own` does.
+pub fn read_own(path: &Path) -> io::Result<String> {
     let mut text = String::new();
-    io::Read::read_to_string(&mut file, &mut text)?;
+    io::Read::read_to_string(&mut open_own(path)?, &mut text)?;
     Ok(text)
 }
 
