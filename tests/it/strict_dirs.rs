@@ -82,9 +82,9 @@ fn a_metrics_textfile_in_another_users_directory_exits_2() {
 
 /// Someone who could write `execution_basedir` (here the setup phase, as
 /// root, standing in for them) swaps the run dir for one of their own with
-/// their job file, with and without a world-writable `test.log` of theirs:
-/// the test phase does not run there, and their files are neither read
-/// nor written.
+/// their job file and serial log, with and without a world-writable
+/// `test.log` of theirs: the test phase does not run there, and their
+/// files are neither read nor written.
 #[test]
 fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let server = FakeServer::start();
@@ -96,7 +96,7 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
         server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
         let log_file = if their_log { r#"printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log";"# } else { "" };
         let swap = format!(
-            r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; {log_file} chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.ls""#
+            r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; {log_file} printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.ls""#
         );
         let agent = Agent::new(&server).command("setup", &swap).command("test", "cat testflinger.json; touch ran-here; echo phase-ran");
         let theirs = agent.run_dir(&job);
@@ -115,6 +115,8 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
         }
         let output = server.log_text(&job, "output");
         assert!(!output.contains("FORGED") && !output.contains("phase-ran"), "{output}");
+        let serial = server.log_text(&job, "serial");
+        assert!(!serial.contains("THEIR-SERIAL"), "their serial log was sent: {serial}");
         let refusal = if their_log {
             format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", theirs.join("test.log").display())
         } else {
