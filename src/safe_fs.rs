@@ -151,8 +151,8 @@ fn check_owner(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
 
 /// Opens the directory `path` (a run dir) without following a link, for
 /// working relative to it: a phase's command starts in the directory opened
-/// here even if the path is swapped meanwhile. Refused unless it is this
-/// user's or root's.
+/// here even if the path is swapped meanwhile. Refused when another user
+/// could alter it (see `alterable_by_others`).
 pub fn open_dir(path: &Path) -> io::Result<File> {
     let dir = OpenOptions::new()
         .read(true)
