@@ -53,15 +53,38 @@ fn explain(path: &Path, e: io::Error) -> io::Error {
     }
 }
 
+/// Opens the file `path` through its directory, opened first and checked
+/// (not alterable by another user, see `alterable_by_others`): the file is
+/// found or made in the directory judged, whatever happens to the path
+/// meanwhile (a run dir swapped for someone else's). Links on the way to
+/// the directory are followed (base dirs may be the operator's links; their
+/// path is checked at start); the file itself is never opened through one.
+fn open_in_dir(path: &Path, flags: libc::c_int, mode: u32) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else {
+        return Err(refused(path, "not a file name"));
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let dir = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(parent)?;
+    if let Some(why) = alterable_by_others(&dir.metadata()?) {
+        return Err(refused(parent, &format!("{why}; it holds {}", path.display())));
+    }
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| refused(path, "holds a NUL byte"))?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat(2) on a directory descriptor we hold and a
+    // NUL-terminated name; a descriptor it returns is ours alone.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(explain(path, io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor owned by no one else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// Creates `path`, which must not exist yet (not even as a link).
 pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))
+    open_in_dir(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode)
 }
 
 /// Writes `data` to `path`, which must be new.
@@ -72,13 +95,7 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// Opens `path` for writing at its end, creating it when missing; a link is
 /// refused, and so is anything but a regular file of this user's with one name.
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))?;
+    let file = open_in_dir(path, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NONBLOCK, mode)?;
     check_plain_file(path, &file)?;
     Ok(file)
 }
@@ -88,13 +105,7 @@ pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
 pub fn create_truncate(path: &Path, mode: u32) -> io::Result<File> {
     // No O_TRUNC: a hard link to someone's file must be refused before
     // anything of it is lost.
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))?;
+    let file = open_in_dir(path, libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK, mode)?;
     check_plain_file(path, &file)?;
     file.set_len(0)?;
     Ok(file)
@@ -108,11 +119,7 @@ pub fn rewrite(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// Opens `path` for reading: a regular file of this user's, not a link.
 /// What a run dir holds is read back only when the agent or its job wrote it.
 pub fn open_own(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))?;
+    let file = open_in_dir(path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(refused(path, "not a regular file"));

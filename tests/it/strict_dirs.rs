@@ -82,48 +82,38 @@ fn a_metrics_textfile_in_another_users_directory_exits_2() {
 
 /// Someone who could write `execution_basedir` (here the setup phase, as
 /// root, standing in for them) swaps the run dir for one of their own with
-/// their job file and serial log, with and without a world-writable
-/// `test.log` of theirs: the test phase does not run there, and their
-/// files are neither read nor written.
+/// their job file, serial log and a world-writable `test.log`: the test
+/// phase does not run there, and their files are neither read nor written,
+/// nor are files of the agent's made there.
 #[test]
 fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let server = FakeServer::start();
-    if !root(Agent::new(&server).dir()) {
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // Their test.log is also linked from outside, so it can be looked at
+    // after the agent removed the run dir (as root, it can).
+    let swap = format!(
+        r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log"; ln "$d/test.log" "$d.their-test.log"; printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.owner""#
+    );
+    let agent = Agent::new(&server).command("setup", &swap).command("test", "cat testflinger.json; echo phase-ran");
+    if !root(agent.dir()) {
         return;
     }
-    for their_log in [true, false] {
-        let job = unique_id();
-        server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
-        let log_file = if their_log { r#"printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log";"# } else { "" };
-        let swap = format!(
-            r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; {log_file} printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.ls""#
-        );
-        let agent = Agent::new(&server).command("setup", &swap).command("test", "cat testflinger.json; touch ran-here; echo phase-ran");
-        let theirs = agent.run_dir(&job);
-        let out = agent.run_once(T);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        // The swap did happen.
-        assert!(fs::read_to_string(theirs.with_extension("ls")).unwrap().trim() == "65534", "no swap");
-        let log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap();
-        // Their dir may be removed with the job (the agent is root here);
-        // if it is left, nothing of the test phase happened in it.
-        if theirs.exists() {
-            assert!(!theirs.join("ran-here").exists(), "the phase ran in their dir");
-            if their_log {
-                assert_eq!(fs::read_to_string(theirs.join("test.log")).unwrap(), "theirs\n");
-            }
-        }
-        let output = server.log_text(&job, "output");
-        assert!(!output.contains("FORGED") && !output.contains("phase-ran"), "{output}");
-        let serial = server.log_text(&job, "serial");
-        assert!(!serial.contains("THEIR-SERIAL"), "their serial log was sent: {serial}");
-        let refusal = if their_log {
-            format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", theirs.join("test.log").display())
-        } else {
-            format!("cannot start the command: refusing {}: owned by uid 65534", theirs.display())
-        };
-        assert!(log.contains(&refusal) || output.contains(&refusal), "{refusal}\n{log}\n{output}");
-        let result = server.result(&job).expect("outcome");
-        assert_eq!(result.at("status.test").and_then(Json::as_i64), Some(100), "{result:?}");
+    let theirs = agent.run_dir(&job);
+    let out = agent.run_once(T);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read_to_string(theirs.with_extension("owner")).unwrap().trim(), "65534", "no swap");
+    assert_eq!(fs::read_to_string(theirs.with_extension("their-test.log")).unwrap(), "theirs\n");
+    let output = server.log_text(&job, "output");
+    assert!(!output.contains("FORGED") && !output.contains("phase-ran"), "{output}");
+    let serial = server.log_text(&job, "serial");
+    assert!(!serial.contains("THEIR-SERIAL"), "their serial log was sent: {serial}");
+    let log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap();
+    let their_dir = format!("refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0); it holds", theirs.display());
+    for file in ["test.log", "testflinger-outcome.json"] {
+        let refusal = format!("{their_dir} {}", theirs.join(file).display());
+        assert!(log.contains(&refusal), "{refusal}\n{log}");
     }
+    let result = server.result(&job).expect("outcome");
+    assert_eq!(result.at("status.test").and_then(Json::as_i64), Some(100), "{result:?}");
 }
