@@ -219,7 +219,8 @@ impl RunDir {
 
     /// The job is delivered: the run dir goes.
     pub fn remove(&self) {
-        if let Err(e) = fs::remove_dir_all(&self.path) {
+        // Not another user's put in its place: theirs is left alone.
+        if let Err(e) = safe_fs::check_own(&self.path).and_then(|_| fs::remove_dir_all(&self.path)) {
             log::warn!("cannot remove {}: {e}", self.path.display());
         }
     }
@@ -229,6 +230,10 @@ impl RunDir {
     /// (results_basedir full or not writable) the run dir stays where it
     /// is, and the polling loop delivers it from there.
     pub fn keep(&self, results_basedir: &Path, job_id: &str) {
+        if let Err(e) = safe_fs::check_own(&self.path) {
+            log::error!("job {job_id}: not keeping {}: {e}", self.path.display());
+            return;
+        }
         self.prune();
         let dest = results_basedir.join(job_id);
         let moved = safe_fs::ensure_base_dir(results_basedir, safe_fs::PRIVATE_DIR).and_then(|_| {

@@ -184,6 +184,12 @@ pub fn make_dir(path: &Path, mode: u32) -> io::Result<()> {
     check_own_dir(path, Some(mode))
 }
 
+/// Refused unless `path` is a directory of this user's (not a link): one the
+/// agent made, before it removes or moves it with all it holds.
+pub fn check_own(path: &Path) -> io::Result<()> {
+    check_own_dir(path, None)
+}
+
 /// Opens `path` as a directory without following a link, checks it is this
 /// user's, and (when `mode` is given) sets exactly that mode: `mkdir`
 /// applies the umask, which may narrow the logs dir's group access.

@@ -83,17 +83,15 @@ fn a_metrics_textfile_in_another_users_directory_exits_2() {
 /// Someone who could write `execution_basedir` (here the setup phase, as
 /// root, standing in for them) swaps the run dir for one of their own with
 /// their job file, serial log and a world-writable `test.log`: the test
-/// phase does not run there, and their files are neither read nor written,
-/// nor are files of the agent's made there.
+/// phase does not run there, their files are neither read nor written,
+/// no file of the agent's is made there, and their dir is not removed.
 #[test]
 fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
-    // Their test.log is also linked from outside, so it can be looked at
-    // after the agent removed the run dir (as root, it can).
     let swap = format!(
-        r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log"; ln "$d/test.log" "$d.their-test.log"; printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.owner""#
+        r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log"; printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.owner""#
     );
     let agent = Agent::new(&server).command("setup", &swap).command("test", "cat testflinger.json; echo phase-ran");
     if !root(agent.dir()) {
@@ -103,7 +101,11 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let out = agent.run_once(T);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(fs::read_to_string(theirs.with_extension("owner")).unwrap().trim(), "65534", "no swap");
-    assert_eq!(fs::read_to_string(theirs.with_extension("their-test.log")).unwrap(), "theirs\n");
+    // Their dir is left as they made it: not written to, not removed.
+    let mut names: Vec<String> = fs::read_dir(&theirs).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["test-serial.log", "test.log", "testflinger.json"]);
+    assert_eq!(fs::read_to_string(theirs.join("test.log")).unwrap(), "theirs\n");
     let output = server.log_text(&job, "output");
     assert!(!output.contains("FORGED") && !output.contains("phase-ran"), "{output}");
     let serial = server.log_text(&job, "serial");
@@ -114,6 +116,8 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
         let refusal = format!("{their_dir} {}", theirs.join(file).display());
         assert!(log.contains(&refusal), "{refusal}\n{log}");
     }
+    let kept = format!("cannot remove {}: refusing {}: owned by uid 65534", theirs.display(), theirs.display());
+    assert!(log.contains(&kept), "{kept}\n{log}");
     let result = server.result(&job).expect("outcome");
     assert_eq!(result.at("status.test").and_then(Json::as_i64), Some(100), "{result:?}");
 }
