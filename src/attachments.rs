@@ -24,9 +24,9 @@
 //! descends, and whatever links it descends through obey the same rule.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::client::{Client, ClientError};
@@ -198,13 +198,8 @@ impl Unpacker<'_> {
                 }
                 let path = self.make_parents(&rel, &name)?;
                 self.clear(&path, &name)?;
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode((mode & 0o755) | 0o600)
-                    .open(&path)
-                    .map_err(|e| self.write_err(&path, e))?;
+                // New, not through a link, in the directory checked (safe_fs).
+                let mut out = crate::safe_fs::create_new(&path, (mode & 0o755) | 0o600).map_err(|e| self.write_err(&path, e))?;
                 let copied = copy(&mut entry, &mut out).map_err(|e| match e {
                     CopyError::Read(e) => UnpackError::Corrupt { reason: format!("{name:?}: {e}") },
                     CopyError::Write(e) => self.write_err(&path, e),
