@@ -24,9 +24,9 @@
 //! descends, and whatever links it descends through obey the same rule.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::client::{Client, ClientError};
@@ -111,7 +111,7 @@ pub fn fetch(client: &mut Client, job_id: &str, rundir: &RunDir) -> Result<Unpac
 /// rules of this module. On error, what was unpacked before stays.
 pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, UnpackError> {
     let corrupt = |e: io::Error| UnpackError::Corrupt { reason: e.to_string() };
-    let file = File::open(archive).map_err(corrupt)?;
+    let file = crate::safe_fs::open_own(archive).map_err(corrupt)?;
     fs::create_dir_all(dest).map_err(|e| UnpackError::Write { path: dest.to_path_buf(), reason: e })?;
     let gz = flate2::read::GzDecoder::new(io::BufReader::with_capacity(64 * 1024, file));
     let mut ar = tar::Archive::new(gz);
@@ -198,13 +198,8 @@ impl Unpacker<'_> {
                 }
                 let path = self.make_parents(&rel, &name)?;
                 self.clear(&path, &name)?;
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode((mode & 0o755) | 0o600)
-                    .open(&path)
-                    .map_err(|e| self.write_err(&path, e))?;
+                // New, not through a link, in the directory checked (safe_fs).
+                let mut out = crate::safe_fs::create_new(&path, (mode & 0o755) | 0o600).map_err(|e| self.write_err(&path, e))?;
                 let copied = copy(&mut entry, &mut out).map_err(|e| match e {
                     CopyError::Read(e) => UnpackError::Corrupt { reason: format!("{name:?}: {e}") },
                     CopyError::Write(e) => self.write_err(&path, e),

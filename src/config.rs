@@ -74,6 +74,10 @@ pub struct Config {
     /// collector (a `*.prom` file in its directory); none by default.
     #[serde(default)]
     pub metrics_textfile: Option<PathBuf>,
+    /// The address `--metrics_port` listens on: all (`0.0.0.0`, as
+    /// upstream) unless set, e.g. to 127.0.0.1. Not an upstream key.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
     /// Seconds one request to the server may take (connect, send, answer)
     /// before it counts as failed and is retried; at least 1. Not an
     /// upstream key.
@@ -222,6 +226,12 @@ impl Config {
             return Err(err(Some("job_queues".into()), None, "must list at least one queue".into()));
         }
         check_durations(&config).map_err(|(key, reason)| err(Some(key.into()), None, reason))?;
+        if let Some(address) = &config.metrics_address {
+            if address.trim().parse::<std::net::IpAddr>().is_err() {
+                let reason = format!("{address:?} is not an IP address (such as 127.0.0.1, 0.0.0.0 or ::1)");
+                return Err(err(Some("metrics_address".into()), None, reason));
+            }
+        }
         if let Some(ca) = &config.server_ca_file {
             check_ca_file(ca).map_err(|reason| err(Some("server_ca_file".into()), None, reason))?;
         }
@@ -253,6 +263,16 @@ impl Config {
                 reason: format!("{}: {reason}", dir.display()),
             })?;
         }
+        // Its directory is node_exporter's, not made by the agent; but the
+        // agent renames files into it, so it must not be another user's.
+        if let Some(dir) = self.metrics_textfile.as_deref().and_then(Path::parent) {
+            crate::safe_fs::check_path(dir).map_err(|e| ConfigError {
+                file: file.to_path_buf(),
+                key: Some("metrics_textfile".into()),
+                line: None,
+                reason: e.to_string(),
+            })?;
+        }
         Ok(())
     }
 
@@ -262,6 +282,12 @@ impl Config {
             output_interval: std::time::Duration::from_secs_f64(self.output_interval),
             cancel_interval: std::time::Duration::from_secs_f64(self.cancel_check_interval),
         }
+    }
+
+    /// Where the metrics endpoint listens (checked by `parse`).
+    pub fn metrics_ip(&self) -> std::net::IpAddr {
+        let all = std::net::IpAddr::from([0, 0, 0, 0]);
+        self.metrics_address.as_deref().and_then(|a| a.trim().parse().ok()).unwrap_or(all)
     }
 
     pub fn kill_grace(&self) -> std::time::Duration {
@@ -382,7 +408,11 @@ fn plain_types(reason: &str) -> String {
 fn usable_dir(dir: &Path, mode: u32) -> Result<(), String> {
     // Made private and without following planted links, like every
     // directory the agent makes.
-    crate::safe_fs::ensure_base_dir(dir, mode).map_err(|e| format!("cannot create the directory: {e}"))?;
+    crate::safe_fs::ensure_base_dir(dir, mode).map_err(|e| {
+        let e = e.to_string();
+        // A refusal names the path and the owner or mode at fault.
+        if e.starts_with("refusing ") { e } else { format!("cannot create the directory: {e}") }
+    })?;
     let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
     if !meta.is_dir() {
         return Err("not a directory".into());

@@ -8,7 +8,6 @@
 //! after the agent died posts the events from before the crash too: the
 //! webhook sees the whole list each time, and a shorter one would drop them.
 
-use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -61,7 +60,7 @@ impl Events {
     pub fn restore(&mut self, file: PathBuf) {
         self.keep_in(file);
         let Some(file) = &self.file else { return };
-        let Ok(text) = fs::read_to_string(file) else { return };
+        let Ok(text) = crate::safe_fs::read_own(file) else { return };
         match Json::parse(&text) {
             Ok(Json::Array(list)) => self.list = list,
             _ => log::warn!("{}: not an events list, starting a new one", file.display()),

@@ -174,6 +174,23 @@ fn is_date(s: &str) -> bool {
     b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }
 
+/// `text` with its control characters escaped (`\n`, `\r`, `\u{1b}`...):
+/// one record, one line, in the file and in the journal.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 struct Logger {
     level: LevelFilter,
     terminal: bool,
@@ -195,26 +212,28 @@ impl log::Log for Logger {
         }
         let now = now_secs();
         let file = record.file().map_or("?", |f| f.rsplit('/').next().unwrap_or(f));
-        let line = outbound::mask_log_line(format!(
-            "{} {:>7}: ({}:{})| {}\n",
+        // Masked whole (a secret may hold a line break), then made one line:
+        // text from the server or a job must not forge records of its own.
+        let masked = outbound::mask_log_line(record.args().to_string());
+        let masked = String::from_utf8_lossy(&masked);
+        let text = one_line(&masked);
+        if self.terminal && self.journal {
+            let entry = format!("<{}>{text}\n", crate::notify::priority(record.level()));
+            let _ = io::stderr().write_all(entry.as_bytes());
+        }
+        let line = format!(
+            "{} {:>7}: ({}:{})| {text}\n",
             stamp(now),
             level_name(record.level()),
             file,
             record.line().unwrap_or(0),
-            record.args()
-        ));
-        if self.terminal && self.journal {
-            // One message, one journal entry: a line break inside it would
-            // start an entry without a priority.
-            let text = record.args().to_string().replace('\n', " ");
-            let entry = outbound::mask_log_line(format!("<{}>{text}\n", crate::notify::priority(record.level())));
-            let _ = io::stderr().write_all(&entry);
-        } else if self.terminal {
-            let _ = io::stderr().write_all(&line);
+        );
+        if self.terminal && !self.journal {
+            let _ = io::stderr().write_all(line.as_bytes());
         }
         if let Ok(mut guard) = self.file.lock() {
             if let Some(f) = guard.as_mut() {
-                f.write(&line, now);
+                f.write(line.as_bytes(), now);
             }
         }
     }
@@ -264,6 +283,15 @@ mod tests {
         assert_eq!(parse_level("warning"), Some(LevelFilter::Warn));
         assert_eq!(parse_level("CRITICAL"), Some(LevelFilter::Error));
         assert_eq!(parse_level("chatty"), None);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_so_a_record_stays_one_line() {
+        let forged = "offline\n<3>[25-01-01 00:00:00]   ERROR: (x.rs:1)| FORGED\r\x1b[2J\u{85}";
+        let line = one_line(forged);
+        assert_eq!(line, "offline\\n<3>[25-01-01 00:00:00]   ERROR: (x.rs:1)| FORGED\\r\\u{1b}[2J\\u{85}");
+        assert!(!line.contains(char::is_control));
+        assert_eq!(one_line("plain text, ünïcode"), "plain text, ünïcode");
     }
 
     #[test]

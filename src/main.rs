@@ -135,10 +135,11 @@ fn main() -> ExitCode {
         None => {
             let mut metrics = metrics::Metrics::new(&config.agent_id, config.identifier.as_deref().unwrap_or(""));
             if let Some(port) = args.metrics_port {
-                metrics = match metrics.serve(port) {
+                let address = std::net::SocketAddr::new(config.metrics_ip(), port);
+                metrics = match metrics.serve(address) {
                     Ok(m) => m,
                     Err(e) => {
-                        eprintln!("testflinger-agent: cannot serve metrics on port {port}: {}", testflinger_agent::human::without_os_error(&e.to_string()));
+                        eprintln!("testflinger-agent: cannot serve metrics on {address}: {}", testflinger_agent::human::without_os_error(&e.to_string()));
                         return ExitCode::FAILURE;
                     }
                 };

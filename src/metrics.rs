@@ -6,8 +6,8 @@
 //! for the Python agent keep working.
 //!
 //! The endpoint never blocks the agent: the listener and every connection
-//! are non-blocking, each connection has a small request buffer and a
-//! deadline, and the number of open connections is capped. The endpoint
+//! are non-blocking, each connection has a small request buffer and
+//! deadlines, and the number of open connections is capped. The endpoint
 //! is a wake source of the agent's one waiting place (`wait`): its
 //! descriptors are polled along with the others, and it is served whenever
 //! the agent waits (between polls, in the allocation hold, and while a
@@ -86,10 +86,11 @@ impl Metrics {
         }
     }
 
-    /// Listens on `0.0.0.0:port` (as upstream's `start_http_server` does:
-    /// Prometheus scrapes agents from another host).
-    pub fn serve(mut self, port: u16) -> io::Result<Metrics> {
-        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    /// Listens on `address`: by default all addresses, as upstream's
+    /// `start_http_server` does (Prometheus scrapes agents from another
+    /// host); `metrics_address` narrows it.
+    pub fn serve(mut self, address: SocketAddr) -> io::Result<Metrics> {
+        let listener = TcpListener::bind(address)?;
         listener.set_nonblocking(true)?;
         log::info!("serving metrics on {}", listener.local_addr()?);
         self.endpoint = Some(Endpoint { listener, conns: Vec::new() });
@@ -200,20 +201,13 @@ impl Metrics {
 
     /// Accepts, reads and answers whatever scrapers are ready; never waits.
     pub fn service(&mut self, now: Instant) {
-        let Some(ep) = &mut self.endpoint else { return };
-        ep.accept(now);
-        if ep.conns.is_empty() {
-            return;
-        }
-        // The connections are taken out so that rendering can borrow self.
-        let mut conns = std::mem::take(&mut ep.conns);
+        // Taken out so that rendering can borrow self.
+        let Some(mut ep) = self.endpoint.take() else { return };
         // Rendered at most once per wake, and only when someone asked.
         let mut body: Option<Vec<u8>> = None;
         let this = &*self;
-        conns.retain_mut(|c| c.progress(now, &mut || body.get_or_insert_with(|| this.render().into_bytes()).clone()));
-        if let Some(ep) = &mut self.endpoint {
-            ep.conns = conns;
-        }
+        ep.service(now, &mut || body.get_or_insert_with(|| this.render().into_bytes()).clone());
+        self.endpoint = Some(ep);
     }
 
     #[cfg(test)]
@@ -234,7 +228,7 @@ impl wait::Source for Metrics {
 
     /// A connection's deadline: it is dropped then, ready or not.
     fn due(&self) -> Option<Instant> {
-        self.endpoint.as_ref()?.conns.iter().map(|c| c.deadline).min()
+        self.endpoint.as_ref()?.conns.iter().map(|c| c.deadline()).min()
     }
 
     fn service(&mut self, now: Instant) {
@@ -315,7 +309,7 @@ mod tests {
 
     #[test]
     fn endpoint_answers_despite_silent_and_endless_clients() {
-        let mut m = Metrics::new("a", "").serve(0).expect("bind");
+        let mut m = Metrics::new("a", "").serve(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         let port = m.local_port().expect("port");
         // One client that never speaks, one that sends header bytes forever.
         let _silent = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -335,6 +329,42 @@ mod tests {
     }
 
     #[test]
+    fn slow_clients_hold_a_place_one_second_at_most_and_a_scraper_still_gets_in() {
+        let mut m = Metrics::new("a", "").serve(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let port = m.local_port().expect("port");
+        let t0 = Instant::now();
+        // As many slow clients as there are places: half silent, half
+        // trickling a request head.
+        let mut slow: Vec<TcpStream> = (0..endpoint::MAX_CONNS).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+        for c in slow.iter_mut().skip(1).step_by(2) {
+            c.write_all(b"GE").expect("send");
+        }
+        let held = |m: &Metrics| m.endpoint.as_ref().map_or(0, |e| e.conns.len());
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while held(&m) < endpoint::MAX_CONNS {
+            assert!(Instant::now() < give_up, "only {} accepted", held(&m));
+            m.service(t0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // All places taken: a scraper still gets its answer...
+        let answer = scrape(port, &mut m, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // ...and however they trickle, the slow ones are gone a second after
+        // they connected.
+        for c in slow.iter_mut().skip(1).step_by(2) {
+            c.write_all(b"T").expect("send");
+        }
+        m.service(t0 + Duration::from_millis(900));
+        m.service(t0 + Duration::from_secs(1));
+        assert_eq!(held(&m), 0);
+        for c in &mut slow {
+            c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            let mut buf = [0u8; 64];
+            assert_eq!(c.read(&mut buf).map_err(|e| e.kind()).ok(), Some(0), "closed without an answer");
+        }
+    }
+
+    #[test]
     fn textfile_is_replaced_whole() {
         let dir = std::env::temp_dir().join(format!("tf-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -350,7 +380,7 @@ mod tests {
 
     #[test]
     fn scrapes_are_answered_while_the_agent_waits() {
-        let mut m = Metrics::new("a", "").serve(0).expect("bind");
+        let mut m = Metrics::new("a", "").serve(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         let port = m.local_port().expect("port");
         // The scraper says it got its answer through `done`, which ends the wait.
         let (done, mut tell) = std::os::unix::net::UnixStream::pair().expect("pair");

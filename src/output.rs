@@ -223,7 +223,7 @@ impl LiveStream {
     ) -> Result<(), ClientError> {
         let local = |path: &Path, e: io::Error| ClientError::Local { path: path.to_path_buf(), reason: e.to_string() };
         if self.reader.is_none() {
-            self.reader = Some(File::open(&self.path).map_err(|e| local(&self.path, e))?);
+            self.reader = Some(crate::safe_fs::open_own(&self.path).map_err(|e| local(&self.path, e))?);
         }
         let Some(reader) = &self.reader else { return Ok(()) };
         let prefix = format!(

@@ -136,7 +136,7 @@ impl RunDir {
 
     /// The job as the run dir holds it, when it is a readable object.
     pub fn job(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(JOB_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(JOB_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
 
@@ -150,7 +150,7 @@ impl RunDir {
 
     /// The outcome file, when it is a readable object.
     pub fn outcome(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(OUTCOME_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(OUTCOME_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
 
@@ -175,7 +175,7 @@ impl RunDir {
     /// The connector's failure detail for `phase` (unmasked), empty when
     /// it left none.
     pub fn connector_error(&self, phase: Phase) -> String {
-        let Ok(text) = fs::read_to_string(self.path.join(CONNECTOR_ERROR_FILE)) else { return String::new() };
+        let Ok(text) = safe_fs::read_own(&self.path.join(CONNECTOR_ERROR_FILE)) else { return String::new() };
         let Ok(json) = Json::parse(&text) else { return String::new() };
         let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
         let field = |k: &str| info.get(k).and_then(Json::as_str).unwrap_or("").to_string();
@@ -192,7 +192,7 @@ impl RunDir {
     /// member, or the whole object), unmasked; `None` when there is none
     /// or it is not JSON.
     pub fn device_info(&self) -> Option<Json> {
-        let text = fs::read_to_string(self.path.join(DEVICE_INFO_FILE)).ok()?;
+        let text = safe_fs::read_own(&self.path.join(DEVICE_INFO_FILE)).ok()?;
         let Ok(info) = Json::parse(&text) else {
             log::warn!("{DEVICE_INFO_FILE} is not valid JSON; ignored");
             return None;
@@ -214,7 +214,7 @@ impl RunDir {
 
     /// The delivery state saved last; the default when there is none.
     pub fn load_state(&self) -> JobState {
-        let Ok(text) = fs::read_to_string(self.path.join(STATE_FILE)) else { return JobState::default() };
+        let Ok(text) = safe_fs::read_own(&self.path.join(STATE_FILE)) else { return JobState::default() };
         let Ok(json) = Json::parse(&text) else { return JobState::default() };
         JobState::from_json(&json)
     }
@@ -233,7 +233,8 @@ impl RunDir {
 
     /// The job is delivered: the run dir goes.
     pub fn remove(&self) {
-        if let Err(e) = fs::remove_dir_all(&self.path) {
+        // Not another user's put in its place: theirs is left alone.
+        if let Err(e) = safe_fs::check_own(&self.path).and_then(|_| fs::remove_dir_all(&self.path)) {
             log::warn!("cannot remove {}: {e}", self.path.display());
         }
     }
@@ -243,6 +244,10 @@ impl RunDir {
     /// (results_basedir full or not writable) the run dir stays where it
     /// is, and the polling loop delivers it from there.
     pub fn keep(&self, results_basedir: &Path, job_id: &str) {
+        if let Err(e) = safe_fs::check_own(&self.path) {
+            log::error!("job {job_id}: not keeping {}: {e}", self.path.display());
+            return;
+        }
         self.prune();
         let dest = results_basedir.join(job_id);
         let moved = safe_fs::ensure_base_dir(results_basedir, safe_fs::PRIVATE_DIR).and_then(|_| {

@@ -248,15 +248,20 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
     let spawned = pipe().and_then(|(read, write)| {
         let write2 = write.try_clone()?;
+        // The command starts in the directory checked here, not in whatever
+        // the path names by the time it is spawned.
+        let dir = crate::safe_fs::open_dir(cwd)?;
+        let dir_fd = dir.as_raw_fd();
         let mut command = Command::new("/bin/sh");
-        // SAFETY: the hook makes one raw system call, async-signal-safe.
+        // SAFETY: the hooks make raw system calls only, async-signal-safe;
+        // `dir` outlives the spawn.
         unsafe {
+            command.pre_exec(move || if libc::fchdir(dir_fd) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) });
             command.pre_exec(cloexec_above_stderr);
         }
         let child = command
             .arg("-c")
             .arg(cmd)
-            .current_dir(cwd)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(write))

@@ -8,9 +8,13 @@
 //! - Directories the agent makes are made one component at a time with
 //!   their final mode (0700, or 0750 for logs), then opened without
 //!   following links and checked: a real directory, owned by this user.
-//! - A directory the operator made is used as it is, unless someone else
-//!   could plant links in it (owned by another user, or writable by others
-//!   without the sticky bit).
+//! - A directory the operator made is used as it is, unless another user
+//!   could alter it or the path to it: it and every directory above it
+//!   must be owned by root or this user, and not writable by group or
+//!   others without the sticky bit (sshd's StrictModes rule); a link on
+//!   the way must be root's or this user's.
+//! - Files the agent writes to or reads back from a run dir must be this
+//!   user's own, so a directory swapped in by someone else is noticed.
 //!
 //! Every refusal is one line naming the path.
 
@@ -49,15 +53,38 @@ fn explain(path: &Path, e: io::Error) -> io::Error {
     }
 }
 
+/// Opens the file `path` through its directory, opened first and checked
+/// (not alterable by another user, see `alterable_by_others`): the file is
+/// found or made in the directory judged, whatever happens to the path
+/// meanwhile (a run dir swapped for someone else's). Links on the way to
+/// the directory are followed (base dirs may be the operator's links; their
+/// path is checked at start); the file itself is never opened through one.
+fn open_in_dir(path: &Path, flags: libc::c_int, mode: u32) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else {
+        return Err(refused(path, "not a file name"));
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let dir = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(parent)?;
+    if let Some(why) = alterable_by_others(&dir.metadata()?) {
+        return Err(refused(parent, &format!("{why}; it holds {}", path.display())));
+    }
+    let name = std::ffi::CString::new(name.as_bytes()).map_err(|_| refused(path, "holds a NUL byte"))?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: openat(2) on a directory descriptor we hold and a
+    // NUL-terminated name; a descriptor it returns is ours alone.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(explain(path, io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor owned by no one else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// Creates `path`, which must not exist yet (not even as a link).
 pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))
+    open_in_dir(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode)
 }
 
 /// Writes `data` to `path`, which must be new.
@@ -66,37 +93,50 @@ pub fn write_new(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// Opens `path` for writing at its end, creating it when missing; a link is
-/// refused, and so is anything but a regular file with one name.
+/// refused, and so is anything but a regular file of this user's with one name.
 pub fn open_append(path: &Path, mode: u32) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))?;
+    let file = open_in_dir(path, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NONBLOCK, mode)?;
     check_plain_file(path, &file)?;
+    Ok(file)
+}
+
+/// Opens `path` for writing from its start (created when missing, emptied
+/// when there), under the same rules as `open_append`.
+pub fn create_truncate(path: &Path, mode: u32) -> io::Result<File> {
+    // No O_TRUNC: a hard link to someone's file must be refused before
+    // anything of it is lost.
+    let file = open_in_dir(path, libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK, mode)?;
+    check_plain_file(path, &file)?;
+    file.set_len(0)?;
     Ok(file)
 }
 
 /// Replaces the content of `path` (created when missing) in place.
 pub fn rewrite(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    // No O_TRUNC: a hard link to someone's file must be refused before
-    // anything of it is lost.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(path, e))?;
-    check_plain_file(path, &file)?;
-    file.set_len(0)?;
-    file.write_all(data)
+    create_truncate(path, mode)?.write_all(data)
+}
+
+/// Opens `path` for reading: a regular file of this user's, not a link.
+/// What a run dir holds is read back only when the agent or its job wrote it.
+pub fn open_own(path: &Path) -> io::Result<File> {
+    let file = open_in_dir(path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refused(path, "not a regular file"));
+    }
+    check_owner(path, &meta)?;
+    Ok(file)
+}
+
+/// The text of `path`, opened as `open_own` does.
+pub fn read_own(path: &Path) -> io::Result<String> {
+    let mut text = String::new();
+    io::Read::read_to_string(&mut open_own(path)?, &mut text)?;
+    Ok(text)
 }
 
 /// A FIFO or device would block or write elsewhere; a second hard link
-/// would be written through.
+/// would be written through; another user's file is not the agent's to write.
 fn check_plain_file(path: &Path, file: &File) -> io::Result<()> {
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
@@ -105,7 +145,36 @@ fn check_plain_file(path: &Path, file: &File) -> io::Result<()> {
     if meta.nlink() > 1 {
         return Err(refused(path, "it has other hard links"));
     }
+    check_owner(path, &meta)
+}
+
+fn check_owner(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    let me = euid();
+    if meta.uid() != me {
+        return Err(refused(path, &format!("owned by uid {}, not by this agent's user (uid {me})", meta.uid())));
+    }
     Ok(())
+}
+
+/// Opens the directory `path` (a run dir) without following a link, for
+/// working relative to it: a phase's command starts in the directory opened
+/// here even if the path is swapped meanwhile. Refused when another user
+/// could alter it (see `alterable_by_others`).
+pub fn open_dir(path: &Path) -> io::Result<File> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused(path, "it is a symbolic link"),
+            Some(libc::ENOTDIR) => refused(path, "not a directory"),
+            _ => e,
+        })?;
+    let meta = dir.metadata()?;
+    if let Some(why) = alterable_by_others(&meta) {
+        return Err(refused(path, &why));
+    }
+    Ok(dir)
 }
 
 /// Makes the directory `path`, which must not exist, with `mode`, and checks
@@ -113,6 +182,12 @@ fn check_plain_file(path: &Path, file: &File) -> io::Result<()> {
 pub fn make_dir(path: &Path, mode: u32) -> io::Result<()> {
     DirBuilder::new().mode(mode).create(path).map_err(|e| explain(path, e))?;
     check_own_dir(path, Some(mode))
+}
+
+/// Refused unless `path` is a directory of this user's (not a link): one the
+/// agent made, before it removes or moves it with all it holds.
+pub fn check_own(path: &Path) -> io::Result<()> {
+    check_own_dir(path, None)
 }
 
 /// Opens `path` as a directory without following a link, checks it is this
@@ -143,9 +218,10 @@ fn check_own_dir(path: &Path, mode: Option<u32>) -> io::Result<()> {
 /// Makes sure the base directory `path` (`execution_basedir`,
 /// `results_basedir`, `logging_basedir`) exists and is safe to create files
 /// in. Missing components are made with `mode` and checked; an existing
-/// directory is the operator's and keeps its mode, but is refused when
-/// another user could plant links in it.
+/// directory is the operator's and keeps its mode. Refused when another
+/// user could alter the path (see `check_path`), before anything is made.
 pub fn ensure_base_dir(path: &Path, mode: u32) -> io::Result<()> {
+    check_path(path)?;
     let mut missing: Vec<PathBuf> = Vec::new();
     let mut p = Some(path);
     while let Some(dir) = p {
@@ -163,27 +239,51 @@ pub fn ensure_base_dir(path: &Path, mode: u32) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    check_existing_base(path)
-}
-
-/// An existing base directory: a link is followed only when this user or
-/// root made it (the operator's layout); the directory itself must not let
-/// other users plant links in it.
-fn check_existing_base(path: &Path) -> io::Result<()> {
-    let me = euid();
-    let link = fs::symlink_metadata(path)?;
-    if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
-        return Err(refused(path, &format!("a symbolic link owned by uid {}", link.uid())));
-    }
-    let meta = fs::metadata(path)?;
-    if !meta.is_dir() {
+    if !fs::metadata(path)?.is_dir() {
         return Err(refused(path, "not a directory"));
     }
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(refused(path, &format!("owned by uid {}, who could plant links in it", meta.uid())));
+    check_path(path)
+}
+
+/// Why another user could alter the directory (or link) `meta` describes,
+/// or `None`: it must be owned by root or this user, and a directory must
+/// not be writable by group or others unless it has the sticky bit (then
+/// they may add entries but not rename or remove this user's).
+fn alterable_by_others(meta: &fs::Metadata) -> Option<String> {
+    let (me, uid, mode) = (euid(), meta.uid(), meta.mode() & 0o7777);
+    if uid != me && uid != 0 {
+        return Some(format!("owned by uid {uid} (mode {mode:04o}), neither root nor this agent's user (uid {me})"));
     }
-    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
-        return Err(refused(path, "writable by all users without the sticky bit"));
+    if meta.is_dir() && mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Some(format!("mode {mode:04o} (owner uid {uid}): writable by group or others without the sticky bit"));
+    }
+    None
+}
+
+/// Refuses `path` when a user other than root and this one could alter it
+/// or swap it for something of theirs, as sshd's StrictModes does: `path`
+/// and every directory above it, both as written (each link on the way is
+/// judged by its owner) and as the links lead. Components that do not
+/// exist yet are not judged (the agent makes them).
+pub fn check_path(path: &Path) -> io::Result<()> {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let judge = |at: &Path, meta: &fs::Metadata| match alterable_by_others(meta) {
+        None => Ok(()),
+        Some(why) if at == abs => Err(refused(path, &why)),
+        Some(why) => Err(refused(at, &format!("{why}; it leads to {}", path.display()))),
+    };
+    let mut deepest = None;
+    let prefixes: Vec<&Path> = abs.ancestors().collect();
+    for at in prefixes.into_iter().rev() {
+        let Ok(meta) = fs::symlink_metadata(at) else { break };
+        judge(at, &meta)?;
+        deepest = Some(at);
+    }
+    let Some(deepest) = deepest else { return Ok(()) };
+    // Where the links lead: every real directory on the way.
+    let real = fs::canonicalize(deepest)?;
+    for at in real.ancestors() {
+        judge(at, &fs::metadata(at)?)?;
     }
     Ok(())
 }
@@ -255,6 +355,94 @@ mod tests {
         fs::create_dir(&open).unwrap();
         fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(ensure_base_dir(&open, PRIVATE_DIR).unwrap_err().to_string().contains("sticky"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A uid that is neither root nor this process's (tests run as root
+    /// here; as another user, chown to someone else is not allowed).
+    const OTHER: u32 = 65534;
+
+    fn chown(path: &Path, uid: u32) {
+        std::os::unix::fs::lchown(path, Some(uid), None).unwrap();
+    }
+
+    #[test]
+    fn a_base_dir_whose_parents_another_user_can_alter_is_refused() {
+        if euid() != 0 {
+            return; // chown to another uid needs root
+        }
+        let dir = scratch("parents");
+        // Sticky and world-writable, like /tmp: fine.
+        let sticky = dir.join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        ensure_base_dir(&sticky.join("tf/run"), PRIVATE_DIR).unwrap();
+        // Owned by another user, or writable by others without the sticky bit.
+        let theirs = dir.join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        chown(&theirs, OTHER);
+        let open = dir.join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let group = dir.join("group");
+        fs::create_dir(&group).unwrap();
+        fs::set_permissions(&group, fs::Permissions::from_mode(0o775)).unwrap();
+        for (parent, fault) in [(&theirs, "owned by uid 65534 (mode 0755)"), (&open, "mode 0777"), (&group, "mode 0775")] {
+            for base in [parent.join("run"), parent.join("a/b/run")] {
+                let e = ensure_base_dir(&base, PRIVATE_DIR).expect_err("refused");
+                let e = e.to_string();
+                assert!(e.starts_with(&format!("refusing {}: {fault}", parent.display())), "{e}");
+                assert!(e.ends_with(&format!("it leads to {}", base.display())), "{e}");
+                assert!(!parent.join("run").exists() && !parent.join("a").exists(), "nothing made under {}", parent.display());
+            }
+        }
+        // The same, reached through a link of ours: judged where it leads.
+        let via = dir.join("via");
+        symlink(&open, &via).unwrap();
+        assert!(ensure_base_dir(&via.join("run"), PRIVATE_DIR).unwrap_err().to_string().contains("mode 0777"));
+        // A link of someone else's on the way is refused even to a safe place.
+        let their_link = dir.join("their-link");
+        symlink(&sticky, &their_link).unwrap();
+        chown(&their_link, OTHER);
+        let e = ensure_base_dir(&their_link.join("tf/run"), PRIVATE_DIR).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("refusing {}: owned by uid 65534", their_link.display())), "{e}");
+        // The base dir itself.
+        let base = dir.join("base");
+        fs::create_dir(&base).unwrap();
+        chown(&base, OTHER);
+        let e = ensure_base_dir(&base, PRIVATE_DIR).unwrap_err().to_string();
+        assert_eq!(e, format!("refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0)", base.display()));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_of_another_user_are_neither_written_nor_read_back() {
+        if euid() != 0 {
+            return; // chown to another uid needs root
+        }
+        let dir = scratch("owner");
+        let log = dir.join("test.log");
+        fs::write(&log, "theirs\n").unwrap();
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o666)).unwrap();
+        chown(&log, OTHER);
+        for e in [
+            open_append(&log, PRIVATE_FILE).map(drop).unwrap_err(),
+            create_truncate(&log, PRIVATE_FILE).map(drop).unwrap_err(),
+            read_own(&log).map(drop).unwrap_err(),
+        ] {
+            assert_eq!(e.to_string(), format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", log.display()));
+        }
+        assert_eq!(fs::read_to_string(&log).unwrap(), "theirs\n");
+        chown(&log, 0);
+        assert_eq!(read_own(&log).unwrap(), "theirs\n");
+        open_append(&log, PRIVATE_FILE).unwrap().write_all(b"ours\n").unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "theirs\nours\n");
+        // A directory of theirs is not a phase's working directory.
+        let run = dir.join("run");
+        fs::create_dir(&run).unwrap();
+        open_dir(&run).unwrap();
+        chown(&run, OTHER);
+        assert!(open_dir(&run).unwrap_err().to_string().contains("owned by uid 65534"));
         fs::remove_dir_all(&dir).unwrap();
     }
 

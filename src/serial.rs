@@ -121,8 +121,16 @@ impl SerialTail {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(e),
             };
-            if !raw.metadata()?.is_file() {
+            let meta = raw.metadata()?;
+            if !meta.is_file() {
                 return Err(io::Error::other("not a regular file; not sent"));
+            }
+            // The connector runs as this user: another user's file here means
+            // the run dir is not the one the phase ran in.
+            // SAFETY: geteuid(2) cannot fail and has no side effects.
+            let me = unsafe { libc::geteuid() };
+            if std::os::unix::fs::MetadataExt::uid(&meta) != me {
+                return Err(io::Error::other(format!("owned by uid {}, not by this agent's user (uid {me}); not sent", std::os::unix::fs::MetadataExt::uid(&meta))));
             }
             self.out = Some(safe_fs::open_append(&self.masked_path, safe_fs::PRIVATE_FILE)?);
             self.raw = Some(raw);

@@ -400,7 +400,8 @@ fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
                 return Err(Failure::TooLarge(cap));
             }
             let local = |e: io::Error| Failure::Local(path.to_path_buf(), e);
-            let mut file = std::fs::File::create(path).map_err(local)?;
+            // Not through a link, and only a file of this user's (see safe_fs).
+            let mut file = crate::safe_fs::create_truncate(path, crate::safe_fs::PRIVATE_FILE).map_err(local)?;
             let mut limited = body.take(cap.saturating_add(1));
             let mut buf = vec![0u8; 64 * 1024];
             let mut n: u64 = 0;

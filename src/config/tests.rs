@@ -35,6 +35,18 @@ fn errors_name_the_key() {
 }
 
 #[test]
+fn metrics_address_is_an_ip_address_all_by_default() {
+    assert_eq!(parse(MINIMAL).unwrap().metrics_ip().to_string(), "0.0.0.0");
+    for (given, ip) in [("127.0.0.1", "127.0.0.1"), ("\"::1\"", "::1"), ("\" 10.0.0.7 \"", "10.0.0.7")] {
+        assert_eq!(parse(&format!("{MINIMAL}metrics_address: {given}\n")).unwrap().metrics_ip().to_string(), ip);
+    }
+    for bad in ["localhost", "127.0.0.1:9000", "\"\"", "[1]"] {
+        let e = parse(&format!("{MINIMAL}metrics_address: {bad}\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("metrics_address"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn server_timeout_is_seconds_and_at_least_one() {
     assert_eq!(parse(&format!("{MINIMAL}server_timeout: 2\n")).unwrap().server_timeout, 2);
     for bad in ["0", "-1", "soon", "1.5"] {

@@ -1,17 +1,26 @@
 //! The metrics endpoint's sockets: a non-blocking listener and at most a
-//! few connections, each with a small request buffer and a deadline.
+//! few connections, each with a small request buffer and deadlines.
+//!
+//! A slow client (silent, or trickling its request a byte at a time) holds
+//! a place for `HEAD_DEADLINE` at most, and a newcomer takes the place of
+//! the oldest such client when all are taken; a new connection is read the
+//! moment it is accepted, so a scraper whose request is already there is
+//! answered before any other newcomer could push it out.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-/// A scraper gets this long, from connect to the last byte of the answer.
+/// A client gets this long, from connect, to send its request head (a
+/// scraper sends ~200 bytes at once).
+const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+/// And this long from connect to the last byte of the answer.
 const CONN_DEADLINE: Duration = Duration::from_secs(2);
 /// A request head larger than this is refused (a scrape needs ~200 bytes).
 pub(super) const MAX_HEAD: usize = 4096;
-/// Open connections beyond this evict the oldest, so a flood of idle
-/// sockets costs a bounded amount of memory and work per wake.
-const MAX_CONNS: usize = 16;
+/// Open connections beyond this evict one, so a flood of idle sockets
+/// costs a bounded amount of memory and work per wake.
+pub(super) const MAX_CONNS: usize = 16;
 /// New connections taken per wake; the rest wait in the kernel's backlog.
 const ACCEPTS_PER_WAKE: usize = 16;
 
@@ -21,17 +30,25 @@ pub(super) struct Endpoint {
 }
 
 impl Endpoint {
-    pub(super) fn accept(&mut self, now: Instant) {
+    /// Moves every exchange on, then takes newcomers; never waits.
+    pub(super) fn service(&mut self, now: Instant, body: &mut dyn FnMut() -> Vec<u8>) {
+        // Those already open first: one accepted at the last wake is
+        // answered before newcomers can take its place.
+        self.conns.retain_mut(|c| c.progress(now, &mut *body));
         for _ in 0..ACCEPTS_PER_WAKE {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    if self.conns.len() >= MAX_CONNS {
-                        self.conns.remove(0);
+                    let mut conn = Conn { stream, head: Vec::new(), out: None, accepted: now };
+                    if !conn.progress(now, &mut *body) {
+                        continue; // answered at once, or gone
                     }
-                    self.conns.push(Conn { stream, head: Vec::new(), out: None, deadline: crate::deadline::after(now, CONN_DEADLINE) });
+                    if self.conns.len() >= MAX_CONNS {
+                        self.evict();
+                    }
+                    self.conns.push(conn);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // ECONNABORTED, EMFILE...: logged, retried at the next wake.
@@ -42,6 +59,13 @@ impl Endpoint {
             }
         }
     }
+
+    /// Drops the oldest connection still sending its request (the slowest
+    /// of them, as all had the same deadline), else the oldest of all.
+    fn evict(&mut self) {
+        let at = self.conns.iter().position(|c| c.out.is_none()).unwrap_or(0);
+        self.conns.remove(at);
+    }
 }
 
 pub(super) struct Conn {
@@ -49,13 +73,18 @@ pub(super) struct Conn {
     pub(super) head: Vec<u8>,
     /// The answer and how much of it was written.
     pub(super) out: Option<(Vec<u8>, usize)>,
-    pub(super) deadline: Instant,
+    accepted: Instant,
 }
 
 impl Conn {
+    /// When the connection is dropped, ready or not.
+    pub(super) fn deadline(&self) -> Instant {
+        crate::deadline::after(self.accepted, if self.out.is_none() { HEAD_DEADLINE } else { CONN_DEADLINE })
+    }
+
     /// Moves the exchange on without blocking; false when it is over.
     pub(super) fn progress(&mut self, now: Instant, body: &mut dyn FnMut() -> Vec<u8>) -> bool {
-        if now >= self.deadline {
+        if now >= self.deadline() {
             return false;
         }
         if self.out.is_none() {

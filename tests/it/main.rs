@@ -16,6 +16,8 @@ mod streaming;
 mod faults;
 mod soak;
 mod startup;
+mod strict_dirs;
+mod metrics_endpoint;
 mod upstream_parity;
 mod budget;
 mod minimal_image;

@@ -340,3 +340,40 @@ fn systemd_unit_stops_on_config_errors_and_readme_lists_every_exit_status() {
         assert!(readme.contains(&format!("| {code} |")), "README exit status table lacks {code}");
     }
 }
+
+/// Issue 21, item 7: a state comment from the server with line breaks and
+/// other control characters is logged escaped, as one line; it cannot
+/// forge a record of its own.
+#[test]
+fn server_text_with_line_breaks_cannot_forge_log_lines() {
+    let server = FakeServer::start();
+    let forged = "cabling\n<3>[26-01-01 00:00:00]   ERROR: (agent.rs:1)| FORGED\r\n\u{1b}[2Jagain";
+    server.set_agent_state(crate::harness::AGENT_ID, "offline", forged);
+    let agent = Agent::new(&server);
+    // stderr as the journal (see budget::journal_stderr_gets_priority_prefixes_and_no_timestamps).
+    let journal = agent.dir().join("stderr-0.txt");
+    fs::write(&journal, "").unwrap();
+    let meta = fs::metadata(&journal).unwrap();
+    let mut p = agent.env("JOURNAL_STREAM", &format!("{}:{}", std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))).spawn();
+    let deadline = std::time::Instant::now() + T;
+    let log = loop {
+        let log = p.log_text();
+        if log.contains("not taking jobs") {
+            break log;
+        }
+        assert!(std::time::Instant::now() < deadline && p.try_wait().is_none(), "no offline line\n{}", p.diagnostics());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    p.kill();
+    assert!(log.contains(r"(cabling\n<3>[26-01-01 00:00:00]   ERROR: (agent.rs:1)| FORGED\r\n\u{1b}[2Jagain)"), "{log}");
+    for line in log.lines() {
+        assert!(line.starts_with('[') && line.get(19..).is_some_and(|r| r.contains(".rs:")), "a line of no record: {line:?}\n{log}");
+        assert!(!line.contains(['\r', '\u{1b}']), "{line:?}");
+    }
+    let entries = p.stderr_text();
+    assert!(entries.contains(r"<6>agent is offline on the server (cabling\n<3>[26-01-01"), "{entries}");
+    for entry in entries.lines() {
+        assert!(["<3>", "<4>", "<6>", "<7>"].iter().any(|n| entry.starts_with(n)), "{entry:?}\n{entries}");
+        assert!(!entry.contains("FORGED") || entry.starts_with("<6>agent is offline"), "{entry:?}");
+    }
+}
