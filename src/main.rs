@@ -94,13 +94,14 @@ fn main() -> ExitCode {
     // Descriptors the agent inherited (a pipe from a wrapper, whatever its
     // supervisor left open) must not reach the phase commands.
     runner::cloexec_inherited_fds();
-    let config = match Config::load(&args.config).and_then(|c| c.prepare_dirs(&args.config).map(|()| c)) {
+    let mut config = match Config::load(&args.config).and_then(|c| c.prepare_dirs(&args.config).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("testflinger-agent: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    config.export_token_file(args.token_file.as_deref().unwrap_or(Path::new(DEFAULT_TOKEN_FILE)));
     let level = logging::parse_level(&config.logging_level).unwrap_or(logging::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
