@@ -274,10 +274,12 @@ impl Packing {
     }
 }
 
-/// Bytes of member names kept for hard links still to come: a folder of
-/// many multiply-linked files costs at most this much memory; past it,
-/// further ones are packed as copies.
-const HARD_LINK_NAMES: usize = 1 << 20;
+/// Bytes kept for hard links still to come (names, plus a rough cost per
+/// entry): a folder of many multiply-linked files (copied with `cp -al`,
+/// whose other names are outside) costs about this much memory at most;
+/// past it, further ones are packed as copies.
+const HARD_LINK_MEMORY: usize = 1 << 20;
+const HARD_LINK_ENTRY: usize = 64;
 
 /// Files packed whose other links may come later (`st_nlink` > 1), by
 /// device and inode: the member name the later ones link to, and how many
@@ -297,14 +299,15 @@ impl HardLinks {
         *left = left.saturating_sub(1);
         if *left == 0 {
             self.seen.remove(&key);
-            self.bytes -= name.len();
+            self.bytes -= name.len() + HARD_LINK_ENTRY;
         }
         Some(name)
     }
 
     fn packed(&mut self, meta: &Metadata, name: &[u8]) {
-        if meta.nlink() > 1 && self.bytes + name.len() <= HARD_LINK_NAMES {
-            self.bytes += name.len();
+        let cost = name.len() + HARD_LINK_ENTRY;
+        if meta.nlink() > 1 && self.bytes + cost <= HARD_LINK_MEMORY {
+            self.bytes += cost;
             self.seen.insert((meta.dev(), meta.ino()), (name.to_vec(), meta.nlink() - 1));
         }
     }
