@@ -67,7 +67,7 @@ impl JobPlan {
             })
             .collect();
         JobPlan {
-            warnings: field_warnings(config, &job),
+            warnings: [field_warnings(config, &job), unknown_key_warnings(&job)].concat(),
             attachments: text(&job, "attachments_status").as_deref() == Some("complete"),
             parent_job_id: text(&job, "parent_job_id"),
             webhook: text(&job, "job_status_webhook").filter(|w| !w.is_empty()),
@@ -205,6 +205,79 @@ fn field_warnings(config: &Config, job: &Json) -> Vec<String> {
     warnings
 }
 
+/// The top-level keys of upstream's job schema (the server's `Job`, which
+/// refuses others at submission), those the server adds when it hands the
+/// job out, and the `<phase>_data` of the phases the agent reads secrets
+/// from (setup and cleanup too).
+const JOB_KEYS: [&str; 20] = [
+    "job_id",
+    "parent_job_id",
+    "name",
+    "tags",
+    "job_queue",
+    "global_timeout",
+    "output_timeout",
+    "allocation_timeout",
+    "provision_data",
+    "firmware_update_data",
+    "test_data",
+    "allocate_data",
+    "reserve_data",
+    "job_status_webhook",
+    "job_priority",
+    "exclude_agents",
+    "debug",
+    "attachments_status",
+    "client_id",
+    "started_at",
+];
+
+/// A warning per top-level key the job schema does not know, naming the
+/// nearest known key when one is close: a typo (`tset_data`) would
+/// otherwise leave its phase skipped without a word above INFO.
+fn unknown_key_warnings(job: &Json) -> Vec<String> {
+    let Json::Object(fields) = job else { return Vec::new() };
+    let data_keys: Vec<String> = Phase::ALL.iter().map(|p| p.data_key()).collect();
+    let known = || JOB_KEYS.iter().copied().chain(data_keys.iter().map(String::as_str));
+    let mut warnings = Vec::new();
+    for (key, _) in fields {
+        if known().any(|k| k == key) {
+            continue;
+        }
+        let shown: String = key.chars().take(60).flat_map(char::escape_default).collect();
+        let nearest = known().map(|k| (edit_distance(key, k), k)).min();
+        let hint = match nearest {
+            Some((d, k)) if d <= 3 && d * 3 <= key.chars().count() => format!(" (did you mean {k}?)"),
+            _ => String::new(),
+        };
+        warnings.push(format!("unknown job key {shown}{hint}: ignored"));
+    }
+    warnings
+}
+
+/// Edits (insert, delete, replace, swap two neighbours) from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().take(64).collect(), b.chars().collect());
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        rows[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
 /// What kind of JSON value `v` is, for a warning.
 fn kind_of(v: &Json) -> &'static str {
     match v {
@@ -315,6 +388,23 @@ mod tests {
         let fine = r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#;
         assert!(plan("", fine).warnings.is_empty());
         assert_eq!(plan("", r#"{"allocate_data":7}"#).warnings, ["allocate_data: a number, not a mapping; the allocate phase is skipped"]);
+    }
+
+    #[test]
+    fn unknown_job_keys_are_named_with_the_nearest_known_one() {
+        let warned = |job: &str| plan(ALL_COMMANDS, job).warnings;
+        assert_eq!(warned(r#"{"tset_data":{"test_cmds":"x"}}"#), ["unknown job key tset_data (did you mean test_data?): ignored"]);
+        assert_eq!(warned(r#"{"job_queue":"q","global_timout":5}"#), ["unknown job key global_timout (did you mean global_timeout?): ignored"]);
+        assert_eq!(warned(r#"{"colour":"red"}"#), ["unknown job key colour: ignored"]);
+        assert_eq!(warned("{\"a\\nb\":1}"), ["unknown job key a\\nb: ignored"]);
+        // Every key upstream's server sends, and every phase's data.
+        let all = r#"{"job_id":"j","parent_job_id":"p","name":"n","tags":[],"job_queue":"q","global_timeout":9,
+            "output_timeout":9,"allocation_timeout":9,"provision_data":{},"firmware_update_data":{},"test_data":{},
+            "allocate_data":{},"reserve_data":{},"job_status_webhook":"w","job_priority":1,"exclude_agents":[],
+            "debug":true,"attachments_status":"complete","client_id":"c","started_at":"t","setup_data":{},"cleanup_data":{}}"#;
+        assert!(warned(all).is_empty(), "{:?}", warned(all));
+        assert_eq!(edit_distance("tset", "test"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]
