@@ -295,6 +295,28 @@ fn local_job_names_a_typoed_key_and_the_phases_it_skipped() {
     assert_eq!(out.status.code(), Some(1), "setup failed: {stdout}");
 }
 
+/// The README's first command works from any directory: the example's
+/// phase commands need no file beside the config.
+#[test]
+fn bundled_example_runs_from_any_directory() {
+    let dir = crate::harness::TempDir::new("tf-example-cwd");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let out = agent_command()
+        .current_dir(dir.path())
+        .arg("-c")
+        .arg(examples.join("agent.conf"))
+        .arg("--job")
+        .arg(examples.join("job.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["test", "0"]), "{stdout}");
+    assert!(stdout.contains("TOKEN is set") && !stdout.contains("s3cr3t-value"), "{stdout}");
+    let run = dir.path().join("tf-example/run/00000000-0000-4000-8000-000000000001");
+    assert!(run.join("artifacts/result.txt").is_file(), "{stdout}");
+}
+
 #[test]
 fn an_empty_poll_does_not_wait_for_the_server_to_close_the_connection() {
     // The fake keeps connections alive for 5 s and, as the HTTP spec asks,
