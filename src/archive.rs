@@ -371,6 +371,14 @@ fn add_dir<W: Write>(
             return Ok(());
         }
     };
+    // `artifacts` itself a link (`ln -s /etc artifacts`): stored as the
+    // link, as tarfile stores it, never followed into what it points at.
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(dir).map(|t| masked_name(t.as_os_str(), mask)).unwrap_or_default();
+        tar.append(&packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()), &mut io::empty())?;
+        packing.files += 1;
+        return Ok(());
+    }
     let mut dir_name = name.as_os_str().as_bytes().to_vec();
     dir_name.push(b'/');
     tar.append(&packing.member(&dir_name, pax::DIRECTORY, &meta, 0, b""), &mut io::empty())?;

@@ -204,3 +204,21 @@ fn unpacks_with_python_tarfile_and_gnu_tar() {
     }
     fs::remove_dir_all(&base).unwrap();
 }
+
+/// A test phase that makes `artifacts` a link to a folder outside (`ln -s
+/// /etc artifacts`) uploads the link, not the folder's files.
+#[test]
+fn artifacts_itself_a_link_is_packed_as_the_link() {
+    let base = std::env::temp_dir().join(format!("tf-arch-rootlink-{}", std::process::id()));
+    let outside = base.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("shadow"), b"secret").unwrap();
+    symlink(&outside, base.join("artifacts")).unwrap();
+    let dest = base.join("a.tar.gz");
+    pack_artifacts(&base.join("artifacts"), &dest, None).unwrap();
+    let seen = members(&dest);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].0.as_str(), seen[0].1), ("artifacts", tar::EntryType::Symlink));
+    assert_eq!(seen[0].2, outside.to_string_lossy());
+    fs::remove_dir_all(&base).unwrap();
+}
