@@ -313,7 +313,7 @@ class Run:
                     {"name": m.name, "type": m.type.decode() if isinstance(m.type, bytes) else m.type,
                      "mode": oct(m.mode), "size": m.size if m.isfile() else 0,
                      "uname": m.uname, "gname": m.gname, "linkname": m.linkname,
-                     "pax": sorted(m.pax_headers), "format": tar.format}
+                     "pax": sorted(m.pax_headers)}
                     for m in tar.getmembers()
                 ]
         def accepted(path):
