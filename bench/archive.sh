@@ -64,9 +64,9 @@ for _ in $(seq 50); do python3 -c "import socket; socket.create_connection(('127
 rss() { sed -n 's/.*Maximum resident set size (kbytes): //p' "$1"; }
 RS_RSS=$(rss "$WORK/agent1.err")
 ATT_RSS=$(rss "$WORK/agent2.err")
-PACKED=$(grep -ho 'artifacts packed: [0-9]* bytes from [0-9]* in [0-9.]*s' "$WORK/agent1.err" "$WORK/logs"/* 2>/dev/null | head -1)
-RS_SIZE=$(echo "$PACKED" | awk '{print $3}')
-RS_T=$(echo "$PACKED" | awk '{print $8}' | tr -d s)
+PACKED=$(grep -ho 'artifacts packed: [0-9]* files, [0-9]* bytes from [0-9]* in [0-9.]*s' "$WORK/agent1.err" "$WORK/logs"/* 2>/dev/null | head -1)
+RS_SIZE=$(echo "$PACKED" | awk '{print $5}')
+RS_T=$(echo "$PACKED" | awk '{print $10}' | tr -d s)
 UPLOADED=$(awk '/upload_body_bytes/ {print $2}' "$WORK/report" | tail -1)
 UNPACKED=$(grep -ho 'attachments unpacked: [0-9]* files, [0-9]* bytes' "$WORK/agent2.err" "$WORK/logs"/* 2>/dev/null | head -1)
 ATT_WALL=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$WORK/agent2.err")

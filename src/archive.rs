@@ -9,7 +9,8 @@
 use std::ffi::CStr;
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Seek, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +18,9 @@ use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 
 use crate::outbound::JobSecrets;
 use crate::safe_fs;
+use pax::PaxWriter;
+
+mod pax;
 
 /// Deflate level for compressible data. Measured on 256 MiB of logs
 /// (bench/archive.sh): miniz_oxide level 5 is about twice as fast as
@@ -52,8 +56,11 @@ pub fn has_content(dir: &Path) -> bool {
 }
 
 /// Packs `src` (the artifacts folder) into `dest` as tar.gz, members under
-/// `artifacts/`. Symlinks are stored as links and never followed; modes are
-/// kept; files that cannot be read are logged and skipped. Only an error
+/// `artifacts/`, in the PAX format Python's `tarfile` writes. Symlinks are
+/// stored as links and never followed; a file's second name is a hard link
+/// to its first; fifos are kept; device nodes and sockets are logged and
+/// skipped; modes are kept; files that cannot be read are logged and
+/// skipped. Only an error
 /// writing `dest` (disk full) fails the whole archive. With `mask`
 /// (`mask_artifacts: true`), text files are packed with the job's secrets
 /// masked. `dest` is created new, never through a link.
@@ -64,13 +71,11 @@ pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Res
     let _ = fs::remove_file(dest);
     let out = safe_fs::create_new(dest, safe_fs::PRIVATE_FILE).map_err(werr)?;
     let gz = AdaptiveGz::new(BufWriter::with_capacity(128 * 1024, out)).map_err(werr)?;
-    let mut tar = tar::Builder::new(gz);
-    tar.follow_symlinks(false);
-    tar.mode(tar::HeaderMode::Complete);
+    let mut tar = PaxWriter::new(gz);
     let mask = mask.filter(|m| !m.is_empty());
     let mut packing = Packing::default();
     add_dir(&mut tar, src, Path::new("artifacts"), mask, &mut packing).map_err(werr)?;
-    let mut gz = tar.into_inner().map_err(werr)?;
+    let mut gz = tar.finish().map_err(werr)?;
     // The last, partial block is counted once it is compressed.
     gz.flush_block().map_err(werr)?;
     let (stored, deflated) = (gz.stored_bytes, gz.deflated_bytes);
@@ -231,23 +236,21 @@ fn looks_incompressible(sample: &[u8]) -> bool {
     entropy > INCOMPRESSIBLE_ENTROPY
 }
 
-/// What packing has seen so far: the files (and links) packed, and the
-/// owner names looked up, once per id.
+/// What packing has seen so far: the members packed, the owner names
+/// looked up (once per id), and the files with more links still to come.
 #[derive(Default)]
 struct Packing {
     files: u64,
     users: Vec<(u32, String)>,
     groups: Vec<(u32, String)>,
+    links: HardLinks,
 }
 
 impl Packing {
-    /// A header for `meta` as Python's `tarfile` (upstream's packer) writes
-    /// it: permission bits only in the mode (`0o755`, not `0o40755`), and
-    /// the owner's user and group names.
-    fn header(&mut self, meta: &Metadata) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_metadata(meta);
-        h.set_mode(meta.mode() & 0o7777);
+    /// A member for `meta` as Python's `tarfile` (upstream's packer) makes
+    /// it: the permission bits (`0o755`, not `0o40755`), the owner's user
+    /// and group names, the time to the nanosecond.
+    fn member<'a>(&'a mut self, name: &'a [u8], kind: u8, meta: &Metadata, size: u64, link: &'a [u8]) -> pax::Member<'a> {
         let (uid, gid) = (meta.uid(), meta.gid());
         if !self.users.iter().any(|(id, _)| *id == uid) {
             self.users.push((uid, user_name(uid)));
@@ -255,12 +258,58 @@ impl Packing {
         if !self.groups.iter().any(|(id, _)| *id == gid) {
             self.groups.push((gid, group_name(gid)));
         }
-        let user = self.users.iter().find(|(id, _)| *id == uid).map_or("", |(_, n)| n.as_str());
-        let group = self.groups.iter().find(|(id, _)| *id == gid).map_or("", |(_, n)| n.as_str());
-        // A name too long for the header is left out, as tarfile would fail.
-        let _ = h.set_username(user);
-        let _ = h.set_groupname(group);
-        h
+        pax::Member {
+            name,
+            kind,
+            mode: meta.mode(),
+            uid: u64::from(uid),
+            gid: u64::from(gid),
+            size,
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            link,
+            uname: self.users.iter().find(|(id, _)| *id == uid).map_or("", |(_, n)| n.as_str()),
+            gname: self.groups.iter().find(|(id, _)| *id == gid).map_or("", |(_, n)| n.as_str()),
+        }
+    }
+}
+
+/// Bytes kept for hard links still to come (names, plus a rough cost per
+/// entry): a folder of many multiply-linked files (copied with `cp -al`,
+/// whose other names are outside) costs about this much memory at most;
+/// past it, further ones are packed as copies.
+const HARD_LINK_MEMORY: usize = 1 << 20;
+const HARD_LINK_ENTRY: usize = 64;
+
+/// Files packed whose other links may come later (`st_nlink` > 1), by
+/// device and inode: the member name the later ones link to, and how many
+/// links are left (the entry goes when none is, as GNU tar does).
+#[derive(Default)]
+struct HardLinks {
+    seen: std::collections::HashMap<(u64, u64), (Vec<u8>, u64)>,
+    bytes: usize,
+}
+
+impl HardLinks {
+    /// The member an earlier link of this file was packed as, if any.
+    fn earlier(&mut self, meta: &Metadata) -> Option<Vec<u8>> {
+        let key = (meta.dev(), meta.ino());
+        let (name, left) = self.seen.get_mut(&key)?;
+        let name = name.clone();
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.seen.remove(&key);
+            self.bytes -= name.len() + HARD_LINK_ENTRY;
+        }
+        Some(name)
+    }
+
+    fn packed(&mut self, meta: &Metadata, name: &[u8]) {
+        let cost = name.len() + HARD_LINK_ENTRY;
+        if meta.nlink() > 1 && self.bytes + cost <= HARD_LINK_MEMORY {
+            self.bytes += cost;
+            self.seen.insert((meta.dev(), meta.ino()), (name.to_vec(), meta.nlink() - 1));
+        }
     }
 }
 
@@ -309,22 +358,30 @@ fn lookup_name(mut lookup: impl FnMut(&mut [u8]) -> (libc::c_int, *const libc::c
 /// Adds `dir` and everything under it. Errors reading the source are logged
 /// and skipped; errors writing the archive are returned.
 fn add_dir<W: Write>(
-    tar: &mut tar::Builder<W>,
+    tar: &mut PaxWriter<W>,
     dir: &Path,
     name: &Path,
     mask: Option<&JobSecrets>,
     packing: &mut Packing,
 ) -> io::Result<()> {
-    let mut header = match fs::symlink_metadata(dir) {
-        Ok(meta) => packing.header(&meta),
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
         Err(e) => {
             log::warn!("artifacts: skipping {}: {e}", dir.display());
             return Ok(());
         }
     };
-    header.set_entry_type(tar::EntryType::Directory);
-    header.set_size(0);
-    tar.append_data(&mut header, name, io::empty())?;
+    // `artifacts` itself a link (`ln -s /etc artifacts`): stored as the
+    // link, as tarfile stores it, never followed into what it points at.
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(dir).map(|t| masked_name(t.as_os_str(), mask)).unwrap_or_default();
+        tar.append(&packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()), &mut io::empty())?;
+        packing.files += 1;
+        return Ok(());
+    }
+    let mut dir_name = name.as_os_str().as_bytes().to_vec();
+    dir_name.push(b'/');
+    tar.append(&packing.member(&dir_name, pax::DIRECTORY, &meta, 0, b""), &mut io::empty())?;
     let mut entries: Vec<_> = match fs::read_dir(dir) {
         Ok(d) => d.filter_map(Result::ok).collect(),
         Err(e) => {
@@ -336,6 +393,7 @@ fn add_dir<W: Write>(
     for entry in entries {
         let path = entry.path();
         let member = name.join(masked_name(&entry.file_name(), mask));
+        let member_bytes = member.as_os_str().as_bytes();
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -354,16 +412,17 @@ fn add_dir<W: Write>(
                     continue;
                 }
             };
-            let mut h = packing.header(&meta);
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            let target = match mask {
-                Some(secrets) => PathBuf::from(masked_name(target.as_os_str(), Some(secrets))),
-                None => target,
-            };
-            tar.append_link(&mut h, &member, &target)?;
+            let target = masked_name(target.as_os_str(), mask);
+            tar.append(&packing.member(member_bytes, pax::SYMLINK, &meta, 0, target.as_bytes()), &mut io::empty())?;
             packing.files += 1;
         } else if ft.is_file() {
+            // A second name of a file already packed is a link to it, as
+            // tarfile stores it: the content once.
+            if let Some(first) = packing.links.earlier(&meta) {
+                tar.append(&packing.member(member_bytes, pax::HARD_LINK, &meta, 0, &first), &mut io::empty())?;
+                packing.files += 1;
+                continue;
+            }
             let mut f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
@@ -371,14 +430,13 @@ fn add_dir<W: Write>(
                     continue;
                 }
             };
-            let mut h = packing.header(&meta);
             if let Some(secrets) = mask {
                 match masked_size(&mut f, secrets) {
                     Ok(Some(len)) => {
                         // The header's size is the masked content's.
-                        h.set_size(len);
                         let mut exact = secrets.reader(&mut f).chain(io::repeat(0)).take(len);
-                        tar.append_data(&mut h, &member, &mut exact)?;
+                        tar.append(&packing.member(member_bytes, pax::REGULAR, &meta, len, b""), &mut exact)?;
+                        packing.links.packed(&meta, member_bytes);
                         packing.files += 1;
                         continue;
                     }
@@ -389,13 +447,22 @@ fn add_dir<W: Write>(
                     }
                 }
             }
-            // append_data copies exactly the header's size; a file that
-            // shrinks meanwhile would corrupt the archive, so pad/trim.
+            // Exactly the header's size is copied; a file that shrinks
+            // meanwhile would corrupt the archive, so pad/trim.
             let mut exact = (&mut f).chain(io::repeat(0)).take(meta.len());
-            tar.append_data(&mut h, &member, &mut exact)?;
+            tar.append(&packing.member(member_bytes, pax::REGULAR, &meta, meta.len(), b""), &mut exact)?;
+            packing.links.packed(&meta, member_bytes);
             packing.files += 1;
+        } else if ft.is_fifo() {
+            // Kept, as tarfile keeps it: only its name and mode.
+            tar.append(&packing.member(member_bytes, pax::FIFO, &meta, 0, b""), &mut io::empty())?;
+            packing.files += 1;
+        } else if ft.is_socket() {
+            log::warn!("artifacts: skipping {} (a socket: a tar archive cannot hold one)", path.display());
         } else {
-            log::warn!("artifacts: skipping {} (not a file, directory or link)", path.display());
+            // tarfile would store it, and whoever unpacks the archive as
+            // root would get a live device node a test left behind.
+            log::warn!("artifacts: skipping {} (a device node: not packed, by design)", path.display());
         }
     }
     Ok(())
@@ -404,7 +471,7 @@ fn add_dir<W: Write>(
 /// A member's name (or a link's target) with the secrets masked, when
 /// masking; names are job text too.
 fn masked_name(name: &std::ffi::OsStr, mask: Option<&JobSecrets>) -> std::ffi::OsString {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::os::unix::ffi::OsStringExt;
     match mask {
         Some(secrets) => std::ffi::OsString::from_vec(secrets.bytes(name.as_bytes())),
         None => name.to_os_string(),

@@ -110,10 +110,44 @@ pub struct Config {
     #[serde(default = "default_min_free_mb")]
     pub min_free_mb: u64,
 
-    /// Every top-level key whose value is a string, exported to phase
-    /// commands as environment variables (as upstream does).
+    /// What phase commands get in their environment from the config, as
+    /// upstream exports it: see [`phase_env`]; `token_file` is added by
+    /// [`Config::export_token_file`].
     #[serde(skip)]
     pub string_env: Vec<(String, String)>,
+}
+
+/// The upstream keys whose default is a string, with that default: upstream
+/// fills them in before it exports the config, so a phase sees them even
+/// when the file leaves them out.
+const STRING_DEFAULTS: [(&str, &str); 11] = [
+    ("execution_basedir", "/tmp/testflinger/run"),
+    ("logging_basedir", "/tmp/testflinger/logs"),
+    ("results_basedir", "/tmp/testflinger/results"),
+    ("logging_level", "INFO"),
+    ("setup_command", ""),
+    ("provision_command", ""),
+    ("firmware_update_command", ""),
+    ("test_command", ""),
+    ("allocate_command", ""),
+    ("reserve_command", ""),
+    ("cleanup_command", ""),
+];
+
+/// The config as upstream hands it to phase commands: every key whose value
+/// is a string, written or left at a string default, as written; keys
+/// holding numbers, booleans, lists or mappings are not exported (upstream
+/// keeps only `str` values).
+fn phase_env(raw: &serde_yaml_ng::Mapping) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = STRING_DEFAULTS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    for (k, v) in raw {
+        let (Some(k), Some(v)) = (k.as_str(), v.as_str()) else { continue };
+        match env.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v.to_string(),
+            None => env.push((k.to_string(), v.to_string())),
+        }
+    }
+    env
 }
 
 fn default_polling_interval() -> f64 {
@@ -209,10 +243,7 @@ impl Config {
         // it parsed above, so this only fails on something very odd.
         let raw: serde_yaml_ng::Mapping =
             serde_yaml_ng::from_str(text).map_err(|e| err(None, None, e.to_string()))?;
-        config.string_env = raw
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
-            .collect();
+        config.string_env = phase_env(&raw);
 
         let required = [("agent_id", &config.agent_id), ("server_address", &config.server_address)];
         for (key, value) in required {
@@ -274,6 +305,13 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    /// Exports the token file (given or upstream's default) to phase
+    /// commands as `token_file`, as upstream adds it to its config.
+    pub fn export_token_file(&mut self, path: &Path) {
+        self.string_env.retain(|(k, _)| k != "token_file");
+        self.string_env.push(("token_file".into(), path.display().to_string()));
     }
 
     /// The request budget these keys set (see `budget.rs`).

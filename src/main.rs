@@ -94,13 +94,14 @@ fn main() -> ExitCode {
     // Descriptors the agent inherited (a pipe from a wrapper, whatever its
     // supervisor left open) must not reach the phase commands.
     runner::cloexec_inherited_fds();
-    let config = match Config::load(&args.config).and_then(|c| c.prepare_dirs(&args.config).map(|()| c)) {
+    let mut config = match Config::load(&args.config).and_then(|c| c.prepare_dirs(&args.config).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("testflinger-agent: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    config.export_token_file(args.token_file.as_deref().unwrap_or(Path::new(DEFAULT_TOKEN_FILE)));
     let level = logging::parse_level(&config.logging_level).unwrap_or(logging::LevelFilter::Info);
     logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
     signals::install();
@@ -184,16 +185,39 @@ fn run_local_job(config: &Config, path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let plan = job::plan::JobPlan::new(config, job.clone());
     let summary = job::JobRunner::new(config, None, job, true).run();
     println!("\n== job {} ({}) ==", summary.job_id, summary.end_reason);
-    for (phase, code) in &summary.statuses {
-        println!("{phase:<16} {code}");
+    for line in summary_lines(&summary, &plan) {
+        println!("{line}");
+    }
+    // Said again here: the job's first lines have scrolled away by now.
+    for warning in &plan.warnings {
+        println!("warning: {warning}");
     }
     if summary.statuses.is_empty() {
         println!("(no phase ran: check the *_command keys and the job's *_data)");
     }
     println!("run dir: {}", config.execution_basedir.join(&summary.job_id).display());
     if summary.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+/// The `--job` summary: each phase's exit code, or why it was skipped,
+/// or that the job ended before it.
+fn summary_lines(summary: &job::Summary, plan: &job::plan::JobPlan) -> Vec<String> {
+    plan.phases
+        .iter()
+        .map(|planned| {
+            let phase = planned.phase;
+            let codes: Vec<String> = summary.statuses.iter().filter(|(p, _)| *p == phase).map(|(_, c)| c.to_string()).collect();
+            let what = match &planned.skip {
+                _ if !codes.is_empty() => codes.join(", "),
+                Some(why) => format!("skipped: {why}"),
+                None => "not run: the job ended before it".to_string(),
+            };
+            format!("{phase:<16} {what}")
+        })
+        .collect()
 }
 
 fn read_job_file(path: &Path) -> Result<Json, String> {

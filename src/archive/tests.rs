@@ -110,3 +110,115 @@ fn adaptive_gzip_of_nothing_is_a_valid_empty_member() {
     let out = gz.finish().unwrap();
     assert_eq!(gunzip(&out), only_noise);
 }
+
+/// Every member of the packed tree, as the `tar` crate reads it: (name,
+/// type, link target, body).
+fn members(archive: &Path) -> Vec<(String, tar::EntryType, String, Vec<u8>)> {
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(archive).unwrap()));
+    let mut seen = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut body = Vec::new();
+        e.read_to_end(&mut body).unwrap();
+        seen.push((name, e.header().entry_type(), link, body));
+    }
+    seen
+}
+
+/// A folder with a second name of a file, a fifo, a socket and a name too
+/// long for ustar, packed in `base`.
+fn special_tree(base: &Path) -> PathBuf {
+    let src = base.join("artifacts");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("a.txt"), b"hello").unwrap();
+    fs::hard_link(src.join("a.txt"), src.join("sub/again.txt")).unwrap();
+    let fifo = std::ffi::CString::new(src.join("pipe").as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    let _socket = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+    fs::write(src.join("n".repeat(150)), b"long").unwrap();
+    let dest = base.join("a.tar.gz");
+    pack_artifacts(&src, &dest, None).unwrap();
+    dest
+}
+
+#[test]
+fn hard_links_and_fifos_are_kept_as_tarfile_keeps_them_and_sockets_skipped() {
+    let base = std::env::temp_dir().join(format!("tf-arch-special-{}", std::process::id()));
+    let dest = special_tree(&base);
+    let seen = members(&dest);
+    let find = |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
+    assert_eq!(find("artifacts/a.txt").3, b"hello");
+    // The second name is a link to the first, the content stored once.
+    let again = find("artifacts/sub/again.txt");
+    assert_eq!((again.1, again.2.as_str(), again.3.len()), (tar::EntryType::Link, "artifacts/a.txt", 0));
+    assert_eq!(find("artifacts/pipe").1, tar::EntryType::Fifo);
+    assert_eq!(find(&format!("artifacts/{}", "n".repeat(150))).3, b"long");
+    assert!(seen.iter().all(|s| !s.0.contains("sock")), "{seen:?}");
+    // PAX: ustar headers, each after an extended header with the time.
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(File::open(&dest).unwrap()).read_to_end(&mut raw).unwrap();
+    assert_eq!(&raw[257..265], b"ustar\x0000");
+    assert_eq!(raw[156], b'x');
+    assert_eq!(raw.len() % (20 * 512), 0);
+    fs::remove_dir_all(&base).unwrap();
+}
+
+/// The archive unpacks with Python's tarfile (what upstream's tooling
+/// reads it with) and GNU tar, links and fifo included. Skipped, saying
+/// so, on a machine without python3 or tar.
+#[test]
+fn unpacks_with_python_tarfile_and_gnu_tar() {
+    let base = std::env::temp_dir().join(format!("tf-arch-unpack-{}", std::process::id()));
+    let dest = special_tree(&base);
+    let script = "import sys, tarfile\n\
+        t = tarfile.open(sys.argv[1])\n\
+        kw = {'filter': 'tar'} if hasattr(tarfile, 'tar_filter') else {}\n\
+        t.extractall(sys.argv[2], **kw)\n\
+        print(' '.join(f'{m.name}:{m.type.decode()}' for m in t.getmembers()))\n";
+    let py_out = base.join("py");
+    match std::process::Command::new("python3").arg("-c").arg(script).arg(&dest).arg(&py_out).output() {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let listed = String::from_utf8_lossy(&out.stdout);
+            assert!(listed.contains("artifacts/sub/again.txt:1") && listed.contains("artifacts/pipe:6"), "{listed}");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => eprintln!("no python3: tarfile check skipped"),
+        Err(e) => panic!("python3: {e}"),
+    }
+    let tar_out = base.join("gnu");
+    fs::create_dir_all(&tar_out).unwrap();
+    match std::process::Command::new("tar").arg("-xzf").arg(&dest).arg("-C").arg(&tar_out).output() {
+        Ok(out) => assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => eprintln!("no tar: GNU tar check skipped"),
+        Err(e) => panic!("tar: {e}"),
+    }
+    for root in [&py_out, &tar_out].into_iter().filter(|r| r.join("artifacts").exists()) {
+        let a = root.join("artifacts");
+        assert_eq!(fs::read(a.join("sub/again.txt")).unwrap(), b"hello", "{}", root.display());
+        assert_eq!(fs::metadata(a.join("a.txt")).unwrap().ino(), fs::metadata(a.join("sub/again.txt")).unwrap().ino());
+        assert!(fs::symlink_metadata(a.join("pipe")).unwrap().file_type().is_fifo());
+        assert_eq!(fs::read(a.join("n".repeat(150))).unwrap(), b"long");
+    }
+    fs::remove_dir_all(&base).unwrap();
+}
+
+/// A test phase that makes `artifacts` a link to a folder outside (`ln -s
+/// /etc artifacts`) uploads the link, not the folder's files.
+#[test]
+fn artifacts_itself_a_link_is_packed_as_the_link() {
+    let base = std::env::temp_dir().join(format!("tf-arch-rootlink-{}", std::process::id()));
+    let outside = base.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("shadow"), b"secret").unwrap();
+    symlink(&outside, base.join("artifacts")).unwrap();
+    let dest = base.join("a.tar.gz");
+    pack_artifacts(&base.join("artifacts"), &dest, None).unwrap();
+    let seen = members(&dest);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].0.as_str(), seen[0].1), ("artifacts", tar::EntryType::Symlink));
+    assert_eq!(seen[0].2, outside.to_string_lossy());
+    fs::remove_dir_all(&base).unwrap();
+}

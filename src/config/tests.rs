@@ -20,6 +20,39 @@ fn defaults_match_upstream() {
 }
 
 #[test]
+fn phase_env_is_what_upstream_exports() {
+    let mut c = parse(&format!("{MINIMAL}location: lab 2\ntest_command: run\nlogging_level: DEBUG\nlogging_quiet: true\nglobal_timeout: 60\n")).unwrap();
+    c.export_token_file(Path::new("/t/token"));
+    let get = |k: &str| c.string_env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    // Written strings as written, over the defaults.
+    assert_eq!(get("agent_id"), Some("a1"));
+    assert_eq!(get("server_address"), Some("10.0.0.5:8000"));
+    assert_eq!(get("location"), Some("lab 2"));
+    assert_eq!(get("test_command"), Some("run"));
+    assert_eq!(get("logging_level"), Some("DEBUG"));
+    // String keys left out, at upstream's defaults; commands empty.
+    assert_eq!(get("execution_basedir"), Some("/tmp/testflinger/run"));
+    assert_eq!(get("logging_basedir"), Some("/tmp/testflinger/logs"));
+    assert_eq!(get("results_basedir"), Some("/tmp/testflinger/results"));
+    for phase in ["setup", "provision", "firmware_update", "allocate", "reserve", "cleanup"] {
+        assert_eq!(get(&format!("{phase}_command")), Some(""), "{phase}");
+    }
+    assert_eq!(get("token_file"), Some("/t/token"));
+    // Not strings in upstream's config: not exported.
+    for key in ["job_queues", "polling_interval", "logging_quiet", "global_timeout", "output_bytes", "identifier", "provision_type", "server_timeout"] {
+        assert_eq!(get(key), None, "{key}");
+    }
+    // Each key once, the token file too when set again.
+    c.export_token_file(Path::new("/u"));
+    let mut keys: Vec<_> = c.string_env.iter().map(|(k, _)| k.as_str()).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n);
+    assert_eq!(n, 15);
+}
+
+#[test]
 fn errors_name_the_key() {
     let e = parse(&format!("{MINIMAL}test_comand: x\n")).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("test_comand"));

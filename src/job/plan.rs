@@ -67,7 +67,7 @@ impl JobPlan {
             })
             .collect();
         JobPlan {
-            warnings: field_warnings(config, &job),
+            warnings: [field_warnings(config, &job), unknown_key_warnings(&job)].concat(),
             attachments: text(&job, "attachments_status").as_deref() == Some("complete"),
             parent_job_id: text(&job, "parent_job_id"),
             webhook: text(&job, "job_status_webhook").filter(|w| !w.is_empty()),
@@ -208,6 +208,79 @@ fn field_warnings(config: &Config, job: &Json) -> Vec<String> {
         }
     }
     warnings
+}
+
+/// The top-level keys of upstream's job schema (the server's `Job`, which
+/// refuses others at submission), those the server adds when it hands the
+/// job out, and the `<phase>_data` of the phases the agent reads secrets
+/// from (setup and cleanup too).
+const JOB_KEYS: [&str; 20] = [
+    "job_id",
+    "parent_job_id",
+    "name",
+    "tags",
+    "job_queue",
+    "global_timeout",
+    "output_timeout",
+    "allocation_timeout",
+    "provision_data",
+    "firmware_update_data",
+    "test_data",
+    "allocate_data",
+    "reserve_data",
+    "job_status_webhook",
+    "job_priority",
+    "exclude_agents",
+    "debug",
+    "attachments_status",
+    "client_id",
+    "started_at",
+];
+
+/// A warning per top-level key the job schema does not know, naming the
+/// nearest known key when one is close: a typo (`tset_data`) would
+/// otherwise leave its phase skipped without a word above INFO.
+fn unknown_key_warnings(job: &Json) -> Vec<String> {
+    let Json::Object(fields) = job else { return Vec::new() };
+    let data_keys: Vec<String> = Phase::ALL.iter().map(|p| p.data_key()).collect();
+    let known = || JOB_KEYS.iter().copied().chain(data_keys.iter().map(String::as_str));
+    let mut warnings = Vec::new();
+    for (key, _) in fields {
+        if known().any(|k| k == key) {
+            continue;
+        }
+        let shown: String = key.chars().take(60).flat_map(char::escape_default).collect();
+        let nearest = known().map(|k| (edit_distance(key, k), k)).min();
+        let hint = match nearest {
+            Some((d, k)) if d <= 3 && d * 3 <= key.chars().count() => format!(" (did you mean {k}?)"),
+            _ => String::new(),
+        };
+        warnings.push(format!("unknown job key {shown}{hint}: ignored"));
+    }
+    warnings
+}
+
+/// Edits (insert, delete, replace, swap two neighbours) from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().take(64).collect(), b.chars().collect());
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 /// What kind of JSON value `v` is, for a warning.

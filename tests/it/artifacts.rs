@@ -317,6 +317,27 @@ fn artifact_symlink_to_a_file_outside_uploads_the_link_not_the_content() {
     assert!(!all.windows(18).any(|w| w == b"TOP-SECRET-CONTENT"), "the linked file's content was uploaded");
 }
 
+/// `artifacts` itself a link to a folder outside the run dir: the upload
+/// holds the link only (as upstream's tarfile stores it), not the folder.
+#[test]
+fn artifacts_folder_that_is_a_link_uploads_the_link_not_the_folder() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server);
+    let outside = agent.dir().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("shadow"), "TOP-SECRET-CONTENT").unwrap();
+    let agent = agent.command("test", &format!("ln -s {} artifacts", outside.display()));
+    assert!(agent.run_once(T).status.success());
+    let bytes = server.artifact(&job).expect("artifact uploaded");
+    let members = server.artifact_members(&job);
+    assert_eq!(members.iter().map(|m| (m.0.as_str(), m.2)).collect::<Vec<_>>(), [("artifacts", SYM)]);
+    let mut all = Vec::new();
+    flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut all).unwrap();
+    assert!(!all.windows(18).any(|w| w == b"TOP-SECRET-CONTENT"), "the linked folder's content was uploaded");
+}
+
 /// A TCP proxy to `upstream` that cuts the first `cuts` artifact uploads
 /// after `after` bytes, both ways, as a dying connection would.
 fn cutting_proxy(upstream: String, cuts: usize, after: usize) -> (String, Arc<AtomicUsize>) {

@@ -264,6 +264,64 @@ fn local_job_runs_without_a_server_and_reports_failure() {
     assert!(!written.contains("hunter2"), "secrets never reach the disk");
 }
 
+/// A typo'd phase key (`tset_data`) gets a WARNING naming the key and the
+/// one meant, and the summary says the test was skipped and why, where
+/// before the job ran green without a word above INFO.
+#[test]
+fn local_job_names_a_typoed_key_and_the_phases_it_skipped() {
+    let dir = crate::harness::TempDir::new("tf-local-typo");
+    let d = dir.path().to_string_lossy();
+    let conf = dir.path().join("agent.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "agent_id: bench\nserver_address: 127.0.0.1:9\njob_queues: [q]\nexecution_basedir: {d}/run\nlogging_basedir: {d}/logs\n\
+             setup_command: exit 3\ntest_command: echo tested\n"
+        ),
+    )
+    .unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(&job, "job_id: typo-1\njob_queue: q\ntset_data:\n  test_cmds: run it\n").unwrap();
+    let out = agent_command().arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let warning = "unknown job key tset_data (did you mean test_data?): ignored";
+    assert!(stderr.lines().any(|l| l.contains("WARNING") && l.contains(warning)), "{stderr}");
+    let summary: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("== job typo-1"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let line = |phase: &str| summary.iter().find(|l| l.first() == Some(&phase)).map(|l| l[1..].join(" "));
+    assert_eq!(line("setup").as_deref(), Some("3"), "{stdout}");
+    assert_eq!(line("test").as_deref(), Some("skipped: no test_data in the job"), "{stdout}");
+    assert_eq!(line("provision").as_deref(), Some("skipped: no provision_command configured"), "{stdout}");
+    assert_eq!(line("cleanup").as_deref(), Some("skipped: no cleanup_command configured"), "{stdout}");
+    assert!(stdout.contains(&format!("warning: {warning}")), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "setup failed: {stdout}");
+}
+
+/// The README's first command works from any directory: the example's
+/// phase commands need no file beside the config.
+#[test]
+fn bundled_example_runs_from_any_directory() {
+    let dir = crate::harness::TempDir::new("tf-example-cwd");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let out = agent_command()
+        .current_dir(dir.path())
+        .arg("-c")
+        .arg(examples.join("agent.conf"))
+        .arg("--job")
+        .arg(examples.join("job.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["test", "0"]), "{stdout}");
+    assert!(stdout.contains("TOKEN is set") && !stdout.contains("s3cr3t-value"), "{stdout}");
+    let run = dir.path().join("tf-example/run/00000000-0000-4000-8000-000000000001");
+    assert!(run.join("artifacts/result.txt").is_file(), "{stdout}");
+}
+
 #[test]
 fn an_empty_poll_does_not_wait_for_the_server_to_close_the_connection() {
     // The fake keeps connections alive for 5 s and, as the HTTP spec asks,

@@ -48,6 +48,9 @@ fn reserve_has_no_agent_timeout_and_ends_early_only_on_cancel() {
 
 /// Item 2: `<phase>_data.secrets` reach that phase's environment only; a
 /// key two phases use has each phase's own value. Output masks them all.
+/// Every phase also gets the config as upstream exports it: string keys
+/// left at their defaults too (an unset command as an empty variable), the
+/// token file, and no key that is not a string.
 #[test]
 fn secrets_reach_only_their_own_phase() {
     let server = FakeServer::start();
@@ -62,9 +65,21 @@ fn secrets_reach_only_their_own_phase() {
     let out = agent.dir().join("env");
     fs::create_dir_all(&out).expect("mkdir");
     let dump = |phase: &str| format!("echo \"${{SHARED:-unset}},${{PROV_ONLY:-unset}}\" > '{}/{phase}'; echo \"$SHARED\"", out.display());
-    let agent = agent.command("setup", &dump("setup")).command("provision", &dump("provision")).command("test", &dump("test"));
+    let config_env = format!(
+        "echo \"${{logging_level-unset}},${{agent_id-unset}},${{token_file-unset}},[${{firmware_update_command-unset}}],${{provision_type-unset}},${{polling_interval-unset}}\" > '{}/config'",
+        out.display()
+    );
+    let agent = agent
+        .remove("logging_level")
+        .command("setup", &format!("{}; {config_env}", dump("setup")))
+        .command("provision", &dump("provision"))
+        .command("test", &dump("test"));
     assert!(agent.run_once(T).status.success());
     let seen = |phase: &str| fs::read_to_string(out.join(phase)).unwrap_or_else(|e| panic!("{phase}: {e}"));
+    assert_eq!(
+        seen("config"),
+        format!("INFO,{},/var/lib/testflinger-agent/refresh_token,[],unset,unset\n", agent.get("agent_id").unwrap_or_default())
+    );
     assert_eq!(seen("setup"), "unset,unset\n");
     assert_eq!(seen("provision"), "prov-value,p-only\n");
     assert_eq!(seen("test"), "test-value,unset\n");

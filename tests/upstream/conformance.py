@@ -312,7 +312,8 @@ class Run:
                 members = [
                     {"name": m.name, "type": m.type.decode() if isinstance(m.type, bytes) else m.type,
                      "mode": oct(m.mode), "size": m.size if m.isfile() else 0,
-                     "uname": m.uname, "gname": m.gname}
+                     "uname": m.uname, "gname": m.gname, "linkname": m.linkname,
+                     "pax": sorted(m.pax_headers)}
                     for m in tar.getmembers()
                 ]
         def accepted(path):

@@ -102,6 +102,8 @@ SCENARIOS = {
                     "echo hello from test\n"
                     "mkdir -p artifacts/sub && echo one > artifacts/a.txt\n"
                     "echo two > artifacts/sub/b.txt && chmod 755 artifacts/sub/b.txt\n"
+                    # a second name of a file and a fifo: how each packer stores them
+                    "ln artifacts/a.txt artifacts/sub/again.txt && mkfifo artifacts/fifo\n"
                 ),
             },
             "reserve_data": {"timeout": 5},
@@ -112,7 +114,11 @@ SCENARIOS = {
         "commands": {
             "setup_command": (
                 'echo "outcome file: $(cat testflinger-outcome.json 2>&1)";'
-                ' echo "descriptors: $(ls /proc/self/fd | sort -n | tr \'\\n\' \' \')"'
+                ' echo "descriptors: $(ls /proc/self/fd | sort -n | tr \'\\n\' \' \')";'
+                # the config as the phase's environment has it
+                " env | grep -E '^(agent_id|server_address|identifier|location|polling_interval"
+                "|[a-z]+_basedir|logging_[a-z]+|job_queues|[a-z_]+_command|provision_type"
+                "|[a-z]+_timeout|output_bytes|token_file|metrics_endpoint_port)=' | sort"
             ),
         },
         "drive": full,

@@ -135,3 +135,20 @@ fn secrets_go_to_their_own_phase_and_leave_the_document() {
     assert_eq!(p.job_id, "j");
     assert_eq!(plan("", "{}").job_id, "local-job");
 }
+
+#[test]
+fn unknown_job_keys_are_named_with_the_nearest_known_one() {
+    let warned = |job: &str| plan(ALL_COMMANDS, job).warnings;
+    assert_eq!(warned(r#"{"tset_data":{"test_cmds":"x"}}"#), ["unknown job key tset_data (did you mean test_data?): ignored"]);
+    assert_eq!(warned(r#"{"job_queue":"q","global_timout":5}"#), ["unknown job key global_timout (did you mean global_timeout?): ignored"]);
+    assert_eq!(warned(r#"{"colour":"red"}"#), ["unknown job key colour: ignored"]);
+    assert_eq!(warned("{\"a\\nb\":1}"), ["unknown job key a\\nb: ignored"]);
+    // Every key upstream's server sends, and every phase's data.
+    let all = r#"{"job_id":"j","parent_job_id":"p","name":"n","tags":[],"job_queue":"q","global_timeout":9,
+        "output_timeout":9,"allocation_timeout":9,"provision_data":{},"firmware_update_data":{},"test_data":{},
+        "allocate_data":{},"reserve_data":{},"job_status_webhook":"w","job_priority":1,"exclude_agents":[],
+        "debug":true,"attachments_status":"complete","client_id":"c","started_at":"t","setup_data":{},"cleanup_data":{}}"#;
+    assert!(warned(all).is_empty(), "{:?}", warned(all));
+    assert_eq!(edit_distance("tset", "test"), 1);
+    assert_eq!(edit_distance("", "abc"), 3);
+}
