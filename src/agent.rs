@@ -118,6 +118,11 @@ impl<'a> Agent<'a> {
                 }
                 Err(reason) => reason,
             };
+            // A stop while the server is away just stops: not a word about
+            // the server, and no start-up registration after.
+            if signals::interrupted() {
+                return true;
+            }
             let wait = backoff.failed(Instant::now());
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = crate::client::unreachable_kind(&reason);
@@ -188,7 +193,13 @@ impl<'a> Agent<'a> {
         if !self.wait_for_server() {
             return Exit::Unreachable;
         }
+        if signals::interrupted() {
+            return Exit::Stopped;
+        }
         self.announce();
+        if signals::interrupted() {
+            return Exit::Stopped;
+        }
         // Jobs a killed agent left behind are finished before any new one.
         recovery::recover(self.config, &mut self.client, &mut self.metrics);
         loop {
@@ -288,6 +299,9 @@ impl<'a> Agent<'a> {
             return None;
         }
         if !delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
+            if signals::interrupted() {
+                return Some(Exit::Stopped);
+            }
             let wait = self.kept.failed(Instant::now());
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {wait:?}");
             notify::status("earlier outcomes undelivered; not taking jobs");
@@ -296,6 +310,7 @@ impl<'a> Agent<'a> {
         self.kept.succeeded();
         let agent_data = match self.client.get_agent_data() {
             Ok(d) => d,
+            Err(e) if e.is_stop() => return Some(Exit::Stopped),
             Err(e) => {
                 log::error!("cannot read agent data: {e}");
                 if !self.client.is_reachable() && !self.wait_for_server() {
@@ -352,6 +367,7 @@ impl<'a> Agent<'a> {
                 notify::status("waiting for a job");
                 return None;
             }
+            Err(e) if e.is_stop() => return Some(Exit::Stopped),
             Err(e) => {
                 log::error!("cannot get a job: {e}");
                 return None;
@@ -381,6 +397,7 @@ impl<'a> Agent<'a> {
                 log::warn!("cannot post the offline state, retrying next cycle: {e}");
                 self.offline_unposted = Some(after);
             }
+            Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("cannot post agent state: {e}"),
         }
         summary.interrupted.then_some(Exit::Stopped)

@@ -339,6 +339,7 @@ impl Client {
         match result {
             Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
             Ok(None) => None,
+            Err(e) if e.is_stop() => None,
             Err(e) => {
                 log::warn!("cannot read the job state: {e}");
                 None

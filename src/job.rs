@@ -400,7 +400,11 @@ impl<'a> JobRunner<'a> {
                 true
             }
             Err(e) => {
-                log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
+                if e.is_stop() {
+                    log::info!("job {}: stopping; the outcome is kept and delivered at the next start", self.plan.job_id);
+                } else {
+                    log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
+                }
                 self.rundir.keep(&self.config.results_basedir, &self.plan.job_id);
                 false
             }
