@@ -92,7 +92,7 @@ pub fn unreachable_kind(reason: &str) -> &'static str {
         "TLS certificate not accepted"
     } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
         "TLS failure"
-    } else if has(&["lookup", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
+    } else if has(&["lookup", "looking up", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
         "host name not resolved"
     } else if has(&["refused"]) {
         "connection refused"

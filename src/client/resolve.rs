@@ -58,7 +58,10 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
         match budget.check() {
             Some(Cut::Stop) => return Err(stop_error(&format!("looking up {host}"))),
             Some(Cut::Deadline) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("looking up {host}: no answer in {}", secs(budget.elapsed()))))
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("looking up {host}: timed out after {} (the call's deadline)", secs(budget.elapsed())),
+                ))
             }
             None => {}
         }

@@ -19,6 +19,7 @@ mod startup;
 mod upstream_parity;
 mod budget;
 mod minimal_image;
+mod stalls;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
