@@ -207,3 +207,111 @@ fn an_early_413_on_the_artifact_drops_it_and_the_agent_takes_the_next_job() {
     let refused = server.requests_to("POST", &format!("/v1/result/{first}/artifact"));
     assert_eq!(refused.iter().map(|r| r.status).collect::<Vec<_>>(), vec![413], "sent once, refused once");
 }
+
+/// The watchdog keeps beating while a request waits on a slow server: a
+/// healthy agent waiting is not a hung one.
+#[test]
+fn the_watchdog_beats_while_a_request_is_drip_fed() {
+    use std::os::unix::net::UnixDatagram;
+    let server = FakeServer::start();
+    server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, FaultAction::Drip(Duration::from_secs(1))));
+    let setup = agent(&server).set("server_timeout", "30");
+    let path = setup.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let mut p = setup.env("NOTIFY_SOCKET", &path.to_string_lossy()).env("WATCHDOG_USEC", "400000").spawn();
+    server.wait_until(T, "the job request drip-fed", |s| s.dripping() > 0);
+    let mut buf = [0u8; 4096];
+    // Drop what came before the drip.
+    while sock.recv(&mut buf).is_ok() {}
+    let deadline = Instant::now() + T;
+    let mut beats = 0;
+    while beats < 5 {
+        assert!(Instant::now() < deadline, "{beats} watchdog beats while the request dripped");
+        assert!(server.dripping() > 0, "the drip ended before five beats: {beats}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            beats += String::from_utf8_lossy(&buf[..n]).lines().filter(|l| *l == "WATCHDOG=1").count();
+        }
+    }
+    stop(&mut p, "drip-fed GET /v1/job under the watchdog");
+}
+
+/// Starts an agent in one state and returns it once there (see
+/// `stop_times_in_each_state`); the guard keeps what the state needs.
+fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsize>)>) {
+    let server = FakeServer::start();
+    let slow_job = |server: &FakeServer, fault: &dyn Fn(&str) -> Fault| {
+        let job = push_job(server);
+        server.add_fault(fault(&job));
+        job
+    };
+    let base = agent(&server).set("server_timeout", "30").command("test", "echo started; sleep 30");
+    let mut proxy = None;
+    let setup = match state {
+        "polling" | "phase" => base,
+        "held fragment" => {
+            slow_job(&server, &|job| Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(Duration::from_secs(15))));
+            base
+        }
+        "delivering" => {
+            slow_job(&server, &|job| Fault::new(Some("POST"), &format!("/v1/result/{job}/artifact"), 1, FaultAction::Stall(Duration::from_secs(15))));
+            agent(&server).set("server_timeout", "30")
+        }
+        "drip-feeding server" => {
+            server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, FaultAction::Drip(Duration::from_secs(1))));
+            base
+        }
+        "stalled proxy" => {
+            let (port, seen) = stalled_proxy();
+            proxy = Some((port, seen));
+            base.set("server_address", &format!("\"https://127.0.0.1:{}\"", server.port())).env("HTTPS_PROXY", &format!("http://127.0.0.1:{port}"))
+        }
+        "hanging name lookup" => base
+            .set("server_address", &format!("\"http://tf-hang.example:{}\"", server.port()))
+            .env("TESTFLINGER_AGENT_TEST_LOOKUP_DELAY", "120"),
+        other => panic!("unknown state {other}"),
+    };
+    if state == "phase" {
+        push_job(&server);
+    }
+    let p = setup.spawn();
+    let reached: Box<dyn Fn(&FakeServer) -> bool> = match state {
+        "polling" => Box::new(|s: &FakeServer| s.requests_to("GET", "/v1/job").len() >= 2),
+        "phase" => Box::new(|s: &FakeServer| s.requests().iter().any(|r| r.path.ends_with("/log/output") && String::from_utf8_lossy(&r.body).contains("started"))),
+        "held fragment" | "delivering" => Box::new(|s: &FakeServer| s.stalling() > 0),
+        "drip-feeding server" => Box::new(|s: &FakeServer| s.dripping() > 0),
+        "stalled proxy" => {
+            let seen = proxy.as_ref().map(|(_, s)| s.clone()).expect("proxy");
+            Box::new(move |_: &FakeServer| seen.load(Ordering::SeqCst) > 0)
+        }
+        _ => {
+            let log = p.log_path().to_path_buf();
+            Box::new(move |_: &FakeServer| std::fs::read_to_string(&log).unwrap_or_default().contains("polling http://tf-hang.example"))
+        }
+    };
+    server.wait_until(T, state, |s| reached(s));
+    (server, p, proxy)
+}
+
+/// The README's table: time from SIGTERM to exit in each state, `STOP_REPS`
+/// times each (default 5). Run by `bench/stop.sh`.
+#[test]
+#[ignore = "a bench: bench/stop.sh"]
+fn stop_times_in_each_state() {
+    let reps: usize = std::env::var("STOP_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
+    println!("| state | median | max | runs |");
+    println!("|---|---|---|---|");
+    for state in ["polling", "phase", "held fragment", "delivering", "drip-feeding server", "stalled proxy", "hanging name lookup"] {
+        let mut times: Vec<f64> = Vec::new();
+        for _ in 0..reps {
+            let (_server, mut p, _proxy) = into_state(state);
+            let t = Instant::now();
+            p.signal(libc::SIGTERM);
+            let status = p.wait_exit(T);
+            times.push(t.elapsed().as_secs_f64());
+            assert!(status.success(), "{state}: {status}\n{}", p.diagnostics());
+        }
+        times.sort_by(f64::total_cmp);
+        println!("| {state} | {:.2} s | {:.2} s | {reps} |", times[times.len() / 2], times[times.len() - 1]);
+    }
+}
