@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::delivery;
 use crate::jitter;
@@ -166,10 +166,11 @@ impl<'a> Agent<'a> {
         }
         match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
+            Err(e) if e.is_stop() => return,
             Err(e) => log::error!("cannot post agent data: {e}"),
         }
         if let Some(images) = c.advertised_images_json() {
-            if let Err(e) = self.client.post_images(&images) {
+            if let Err(e) = self.client.post_images(&images).filter_stop() {
                 log::error!("cannot post advertised images: {e}");
             }
         }
@@ -271,7 +272,7 @@ impl<'a> Agent<'a> {
     fn post_restarting(&mut self, comment: &str) {
         let comment = format!("{RESTARTING}{comment}");
         let data = Json::object().with("state", Json::str("offline")).with("comment", Json::str(comment));
-        if let Err(e) = self.client.post_agent_data(&data) {
+        if let Err(e) = self.client.post_agent_data(&data).filter_stop() {
             log::warn!("cannot post the restart: {e}");
         }
     }
@@ -289,6 +290,7 @@ impl<'a> Agent<'a> {
         let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(comment));
         match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
+            Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
     }
@@ -323,7 +325,9 @@ impl<'a> Agent<'a> {
         let comment = agent_data.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("").to_string();
         if let Some(offline) = self.offline_unposted.take() {
             if let Err(e) = self.client.post_agent_data(&offline) {
-                log::warn!("cannot post the offline state yet: {e}");
+                if !e.is_stop() {
+                    log::warn!("cannot post the offline state yet: {e}");
+                }
                 self.offline_unposted = Some(offline);
                 return None;
             }
@@ -357,7 +361,7 @@ impl<'a> Agent<'a> {
             return None;
         }
         if let Some(queues) = self.config.advertised_queues_json() {
-            if let Err(e) = self.client.post_queues(&queues) {
+            if let Err(e) = self.client.post_queues(&queues).filter_stop() {
                 log::warn!("cannot post advertised queues: {e}");
             }
         }
@@ -401,6 +405,20 @@ impl<'a> Agent<'a> {
             Err(e) => log::warn!("cannot post agent state: {e}"),
         }
         summary.interrupted.then_some(Exit::Stopped)
+    }
+}
+
+/// A call abandoned for the agent's stop is no failure to report.
+trait FilterStop {
+    fn filter_stop(self) -> Result<(), ClientError>;
+}
+
+impl FilterStop for Result<(), ClientError> {
+    fn filter_stop(self) -> Result<(), ClientError> {
+        match self {
+            Err(e) if e.is_stop() => Ok(()),
+            other => other,
+        }
     }
 }
 

@@ -38,6 +38,7 @@ fn push_job(server: &FakeServer) -> String {
 /// Sends SIGTERM, waits for the exit (panics past `T`), prints and returns
 /// the time it took.
 fn stop(p: &mut AgentProc, what: &str) -> Duration {
+    let before = p.log_text().len();
     let t = Instant::now();
     p.signal(libc::SIGTERM);
     let status = p.wait_exit(T);
@@ -45,6 +46,15 @@ fn stop(p: &mut AgentProc, what: &str) -> Duration {
     println!("| SIGTERM to exit, {what} | {:.2} s |", took.as_secs_f64());
     assert!(status.success(), "{what}: exit {status}\n{}", p.diagnostics());
     assert!(took < STOP_BOUND, "{what}: the stop took {took:?}\n{}", p.diagnostics());
+    // A stop just stops: the calls it abandons are not failures to report
+    // (only a fragment that may be missing is worth a line).
+    let log = p.log_text();
+    let after = log.get(before..).unwrap_or("");
+    let loud: Vec<&str> = after
+        .lines()
+        .filter(|l| (l.contains("] WARNING: (") || l.contains("]   ERROR: (")) && !l.contains("may be missing on the server"))
+        .collect();
+    assert!(loud.is_empty(), "{what}: the stop logged {loud:#?}");
     took
 }
 
@@ -96,7 +106,6 @@ fn sigterm_is_honoured_while_any_request_is_drip_fed() {
         let prefix = path.replace("{job}", &job);
         let every = Duration::from_secs(1);
         let action = if handled { FaultAction::DripAfterHandling(every) } else { FaultAction::Drip(every) };
-        // Artifacts go after the output; skip the live fragments' kind.
         server.add_fault(Fault::new(Some(method), &prefix, 1, action));
         let setup = agent(&server).set("server_timeout", "30");
         let mut p = setup.spawn();
