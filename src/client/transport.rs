@@ -196,7 +196,7 @@ impl Read for Socket<'_, '_> {
 impl Write for Socket<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.watch_early && !self.sent && self.readable() {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server answered before the request was sent"));
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server answered or closed before the request was sent"));
         }
         self.io("sending the request", |t| t.write(buf))
     }
