@@ -43,6 +43,7 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
     let name = host.to_string();
     RUNNING.fetch_add(1, Ordering::SeqCst);
     let spawned = std::thread::Builder::new().name("resolve".into()).spawn(move || {
+        block_signals();
         test_delay();
         let r = (name.as_str(), port).to_socket_addrs().map(Iterator::collect::<Vec<_>>);
         RUNNING.fetch_sub(1, Ordering::SeqCst);
@@ -72,6 +73,21 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
                 return Err(io::Error::other(format!("looking up {host}: the lookup thread ended without an answer")))
             }
         }
+    }
+}
+
+/// The agent's signals go to its main thread, whose blocking calls they
+/// interrupt (the rest of the agent is written for one thread).
+fn block_signals() {
+    // SAFETY: a sigset built with sigemptyset/sigaddset, applied to this
+    // thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGCHLD] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
