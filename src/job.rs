@@ -125,6 +125,8 @@ impl<'a> JobRunner<'a> {
         self.events.keep_in(self.rundir.events_file());
         let end = match self.fetch_attachments() {
             Ok(()) => self.run_phases(),
+            // The stop cut the download short: no fault of the job's.
+            Err(_) if signals::interrupted() => EndReason::AgentInterrupted,
             Err(why) => self.attachments_failed(&why),
         };
         self.run_cleanup();

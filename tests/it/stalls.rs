@@ -90,7 +90,8 @@ fn sigterm_is_honoured_while_any_request_is_drip_fed() {
     // Each kind of request in turn drips its answer; the stop must come
     // within the bound, nothing may be stored twice, and what the stop
     // left behind is delivered by the next start.
-    let kinds: [(&str, &str, bool); 8] = [
+    let kinds: [(&str, &str, bool); 9] = [
+        ("GET", "/v1/job/{job}/attachments", false),
         ("GET", "/v1/job", false),
         ("GET", "/v1/agents/data/", false),
         ("POST", "/v1/agents/data/", false),
@@ -102,7 +103,17 @@ fn sigterm_is_honoured_while_any_request_is_drip_fed() {
     ];
     for (method, path, handled) in kinds {
         let server = FakeServer::start();
-        let job = push_job(&server);
+        let job = if path.ends_with("/attachments") {
+            let job = unique_id();
+            server.push_job(&job_json(
+                &job,
+                QUEUE,
+                &format!(r#"{{{WEBHOOK},"attachments_status":"complete","test_data":{{"test_cmds":"x","attachments":[{{"agent":"t"}}]}}}}"#),
+            ));
+            job
+        } else {
+            push_job(&server)
+        };
         let prefix = path.replace("{job}", &job);
         let every = Duration::from_secs(1);
         let action = if handled { FaultAction::DripAfterHandling(every) } else { FaultAction::Drip(every) };
