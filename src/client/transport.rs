@@ -3,7 +3,9 @@
 //! streamed to disk, and the calls made while a phase runs (the caller's
 //! [`Idle`] work is done while the socket waits). One request per
 //! connection (`Connection: close`), through a proxy when the environment
-//! names one (CONNECT for https), over TLS for https.
+//! names one (CONNECT for https), over TLS for https. Every wait of a call
+//! is cut into ticks that look at the agent's stop and the call's deadline
+//! (`budget.rs`); names are looked up within them (`resolve.rs`).
 //!
 //! Redirects are not followed here: the answer's `Location` goes back to
 //! the client, which alone knows whether the new URL may see its token.
