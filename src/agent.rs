@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::delivery;
 use crate::human;
@@ -123,6 +123,11 @@ impl<'a> Agent<'a> {
                 }
                 Err(reason) => reason,
             };
+            // A stop while the server is away just stops: not a word about
+            // the server, and no start-up registration after.
+            if signals::interrupted() {
+                return true;
+            }
             let wait = backoff.failed(Instant::now());
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = crate::client::unreachable_kind(&reason);
@@ -172,10 +177,11 @@ impl<'a> Agent<'a> {
         }
         match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
+            Err(e) if e.is_stop() => return,
             Err(e) => log::error!("cannot post agent data: {e}"),
         }
         if let Some(images) = c.advertised_images_json() {
-            if let Err(e) = self.client.post_images(&images) {
+            if let Err(e) = self.client.post_images(&images).filter_stop() {
                 log::error!("cannot post advertised images: {e}");
             }
         }
@@ -199,7 +205,13 @@ impl<'a> Agent<'a> {
         if !self.wait_for_server() {
             return Exit::Unreachable;
         }
+        if signals::interrupted() {
+            return Exit::Stopped;
+        }
         self.announce();
+        if signals::interrupted() {
+            return Exit::Stopped;
+        }
         // Jobs a killed agent left behind are finished before any new one.
         recovery::recover(self.config, &mut self.client, &mut self.metrics);
         loop {
@@ -271,7 +283,7 @@ impl<'a> Agent<'a> {
     fn post_restarting(&mut self, comment: &str) {
         let comment = format!("{RESTARTING}{comment}");
         let data = Json::object().with("state", Json::str("offline")).with("comment", Json::str(comment));
-        if let Err(e) = self.client.post_agent_data(&data) {
+        if let Err(e) = self.client.post_agent_data(&data).filter_stop() {
             log::warn!("cannot post the restart: {e}");
         }
     }
@@ -289,6 +301,7 @@ impl<'a> Agent<'a> {
         let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(comment));
         match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
+            Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
     }
@@ -305,6 +318,9 @@ impl<'a> Agent<'a> {
         } else if delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
             self.kept.succeeded();
         } else {
+            if signals::interrupted() {
+                return Some(Exit::Stopped);
+            }
             let wait = self.kept.failed(Instant::now());
             log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {}", human::duration(wait));
             notify::status("earlier outcomes undelivered; not taking jobs");
@@ -314,6 +330,7 @@ impl<'a> Agent<'a> {
         }
         let agent_data = match self.client.get_agent_data() {
             Ok(d) => d,
+            Err(e) if e.is_stop() => return Some(Exit::Stopped),
             Err(e) => {
                 log::error!("cannot read agent data: {e}");
                 if !self.client.is_reachable() && !self.wait_for_server() {
@@ -326,7 +343,9 @@ impl<'a> Agent<'a> {
         let comment = agent_data.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("").to_string();
         if let Some(offline) = self.offline_unposted.take() {
             if let Err(e) = self.client.post_agent_data(&offline) {
-                log::warn!("cannot post the offline state yet: {e}");
+                if !e.is_stop() {
+                    log::warn!("cannot post the offline state yet: {e}");
+                }
                 self.offline_unposted = Some(offline);
                 return None;
             }
@@ -371,7 +390,7 @@ impl<'a> Agent<'a> {
             return None;
         }
         if let Some(queues) = self.config.advertised_queues_json() {
-            if let Err(e) = self.client.post_queues(&queues) {
+            if let Err(e) = self.client.post_queues(&queues).filter_stop() {
                 log::warn!("cannot post advertised queues: {e}");
             }
         }
@@ -381,6 +400,7 @@ impl<'a> Agent<'a> {
                 notify::status("waiting for a job");
                 return None;
             }
+            Err(e) if e.is_stop() => return Some(Exit::Stopped),
             Err(e) => {
                 log::error!("cannot get a job: {e}");
                 return None;
@@ -410,9 +430,24 @@ impl<'a> Agent<'a> {
                 log::warn!("cannot post the offline state, retrying next cycle: {e}");
                 self.offline_unposted = Some(after);
             }
+            Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("cannot post agent state: {e}"),
         }
         summary.interrupted.then_some(Exit::Stopped)
+    }
+}
+
+/// A call abandoned for the agent's stop is no failure to report.
+trait FilterStop {
+    fn filter_stop(self) -> Result<(), ClientError>;
+}
+
+impl FilterStop for Result<(), ClientError> {
+    fn filter_stop(self) -> Result<(), ClientError> {
+        match self {
+            Err(e) if e.is_stop() => Ok(()),
+            other => other,
+        }
     }
 }
 

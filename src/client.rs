@@ -15,9 +15,11 @@
 //! https is never given up for http. Such a redirect is refused and logged.
 
 mod auth;
+mod budget;
 mod error;
 mod files;
 mod proxy;
+mod resolve;
 #[cfg(feature = "tls")]
 mod tls;
 mod transport;
@@ -137,12 +139,25 @@ impl Client {
         let mut target = origin.clone();
         let mut method = method;
         for hop in 0..=MAX_REDIRECTS {
-            let reply = transport::exchange(&self.net, method, &target, &headers, payload.reborrow(), keep, timeout, idle.as_deref_mut())
-                .map_err(|f| match f {
-                    Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
-                    Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
-                    Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
-                })?;
+            let request = transport::Request {
+                method,
+                url: &target,
+                headers: &headers,
+                payload: payload.reborrow(),
+                keep,
+                timeout,
+                // Written out: the closure's lifetime shortens only here.
+                idle: match idle.as_deref_mut() {
+                    Some(f) => Some(f),
+                    None => None,
+                },
+            };
+            let reply = transport::exchange(&self.net, request).map_err(|f| match f {
+                Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
+                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
+                Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
+                Failure::Stopped { request_sent } => ClientError::Stopped { url: target.to_string(), request_sent },
+            })?;
             let status = reply.status;
             let location = match (&reply.location, status) {
                 (Some(l), 301 | 302 | 303 | 307 | 308) => l,
@@ -334,6 +349,7 @@ impl Client {
         match result {
             Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
             Ok(None) => None,
+            Err(e) if e.is_stop() => None,
             Err(e) => {
                 log::warn!("cannot read the job state: {e}");
                 None

@@ -25,7 +25,9 @@ pub fn send_pending(client: &mut Client, rundir: &RunDir, job_id: &str, state: &
             log::debug!("cannot save fragment progress: {e}");
         }
         if let Err(e) = result {
-            log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
+            if !e.is_stop() {
+                log::warn!("{} {} log not fully sent, kept for later: {e}", p.phase, p.kind);
+            }
             return Err(e);
         }
     }
@@ -74,7 +76,16 @@ pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut stat
 
     let archive = rundir.archive();
     if archive.exists() && !rundir.archive_sent() {
-        client.post_artifact(job_id, &archive)?;
+        match client.post_artifact(job_id, &archive) {
+            Ok(()) => {}
+            // Refused for good (a 413 from a proxy's body limit, say): the
+            // outcome, exit codes and output must not wait on it forever.
+            Err(e) if e.is_refusal() => {
+                let size = std::fs::metadata(&archive).map(|m| m.len() >> 20).unwrap_or(0);
+                log::error!("job {job_id}: the server refuses the artifacts ({size} MiB), dropped; the outcome goes without them: {e}");
+            }
+            Err(e) => return Err(e),
+        }
         rundir.mark_archive_sent();
     }
 
@@ -107,6 +118,7 @@ pub fn deliver_kept(client: &mut Client, results_basedir: &Path, execution_based
                     }
                 }
             }
+            Err(e) if e.is_stop() => return false,
             Err(e) => {
                 log::warn!("job {job_id}: kept outcome still not delivered: {e}");
                 return false;

@@ -112,7 +112,9 @@ impl Events {
                 }
                 Err(e) => {
                     self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
+                    if !e.is_stop() {
+                        log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
+                    }
                     self.hold_until = Some(crate::deadline::from_now(self.hold));
                     self.unsent = true;
                 }

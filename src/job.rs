@@ -125,6 +125,8 @@ impl<'a> JobRunner<'a> {
         self.events.keep_in(self.rundir.events_file());
         let end = match self.fetch_attachments() {
             Ok(()) => self.run_phases(),
+            // The stop cut the download short: no fault of the job's.
+            Err(_) if signals::interrupted() => EndReason::AgentInterrupted,
             Err(why) => self.attachments_failed(&why),
         };
         self.run_cleanup();
@@ -428,7 +430,11 @@ impl<'a> JobRunner<'a> {
                 true
             }
             Err(e) => {
-                log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
+                if e.is_stop() {
+                    log::info!("job {}: stopping; the outcome is kept and delivered at the next start", self.plan.job_id);
+                } else {
+                    log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
+                }
                 self.rundir.keep(&self.config.results_basedir, &self.plan.job_id);
                 false
             }

@@ -257,8 +257,29 @@ impl LiveStream {
                 self.backoff.succeeded();
                 Ok(())
             }
+            // The server had the whole fragment and may have stored it: sent
+            // again at the next start, it could show twice. Never twice is
+            // the rule; this fragment may be missing instead, and the log
+            // says which bytes.
+            Err(ClientError::Stopped { request_sent: true, .. }) => {
+                log::warn!(
+                    "{} log fragment {} (bytes {}..{} of {}) may be missing on the server: the agent stopped before the server answered",
+                    self.kind,
+                    *counter,
+                    self.sent,
+                    plan.end,
+                    self.phase
+                );
+                *counter += 1;
+                self.sent = plan.end;
+                self.inflight_end = None;
+                Ok(())
+            }
             Err(e) => {
                 self.inflight_end = Some(plan.end);
+                if e.is_stop() {
+                    return Err(e);
+                }
                 let backoff = self.backoff.failed(Instant::now());
                 log::warn!("{} log fragment not sent, will retry in {}: {e}", self.kind, crate::human::duration(backoff));
                 Err(e)

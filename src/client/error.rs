@@ -17,6 +17,9 @@ pub enum ClientError {
     BadAnswer { url: String, reason: String },
     /// A local file the request needed could not be used.
     Local { path: PathBuf, reason: String },
+    /// Abandoned because the agent is stopping; `request_sent`: the server
+    /// had the whole request and may have acted on it.
+    Stopped { url: String, request_sent: bool },
 }
 
 impl fmt::Display for ClientError {
@@ -28,6 +31,7 @@ impl fmt::Display for ClientError {
             ClientError::TooLarge { url, limit } => write!(f, "{url}: answer larger than {limit} bytes"),
             ClientError::BadAnswer { url, reason } => write!(f, "{url}: bad answer: {reason}"),
             ClientError::Local { path, reason } => write!(f, "{}: {reason}", path.display()),
+            ClientError::Stopped { url, .. } => write!(f, "{url}: not waited for, the agent is stopping"),
         }
     }
 }
@@ -35,6 +39,11 @@ impl fmt::Display for ClientError {
 impl std::error::Error for ClientError {}
 
 impl ClientError {
+    /// The call was abandoned for the agent's stop: nothing to report.
+    pub fn is_stop(&self) -> bool {
+        matches!(self, ClientError::Stopped { .. })
+    }
+
     /// The server refuses this request for good: trying again cannot help.
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Status { status, .. } if (400..500).contains(status) && !matches!(status, 401 | 408 | 429))
@@ -115,7 +124,7 @@ pub fn unreachable_kind(reason: &str) -> &'static str {
         "TLS certificate not accepted"
     } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
         "TLS failure"
-    } else if has(&["lookup", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
+    } else if has(&["lookup", "looking up", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
         "host name not resolved"
     } else if has(&["refused"]) {
         "connection refused"

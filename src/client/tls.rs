@@ -159,9 +159,10 @@ pub fn handshake<S: Read + Write>(tls: &mut StreamOwned<ClientConnection, S>, au
     slot(&VERDICT).take();
     while tls.conn.is_handshaking() {
         if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-            if e.raw_os_error().is_some() {
-                // The network (reset, no answer in time), not TLS: the
-                // caller says it as it says any other.
+            if e.get_ref().is_none_or(|inner| !inner.is::<rustls::Error>()) {
+                // The network (reset, no answer in time), the call's
+                // deadline or the agent's stop, not TLS: the caller says it
+                // as it says any other.
                 return Err(e);
             }
             while tls.conn.wants_write() {

@@ -3,17 +3,21 @@
 //! streamed to disk, and the calls made while a phase runs (the caller's
 //! [`Idle`] work is done while the socket waits). One request per
 //! connection (`Connection: close`), through a proxy when the environment
-//! names one (CONNECT for https), over TLS for https.
+//! names one (CONNECT for https), over TLS for https. Every wait of a call
+//! is cut into ticks that look at the agent's stop and the call's deadline
+//! (`budget.rs`); names are looked up within them (`resolve.rs`).
 //!
 //! Redirects are not followed here: the answer's `Location` goes back to
 //! the client, which alone knows whether the new URL may see its token.
 
 use std::io::{self, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::budget::{is_stop, secs, stop_error, Budget, Cut, TICK};
 use super::proxy::{Proxies, Proxy};
+use super::resolve;
 use super::wire::{self, BodyReader, Framing, Url};
 
 /// Writes exactly the announced number of body bytes.
@@ -30,10 +34,23 @@ pub type Idle<'a> = dyn FnMut() + 'a;
 /// long at most.
 const IDLE_TICK: Duration = Duration::from_millis(5);
 
-/// Connects without blocking, running `idle` every [`IDLE_TICK`] until
-/// the connection is up or `timeout` passes: a server whose packets are
-/// dropped must not hold the phase's pipe for the whole connect timeout.
-fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::Result<TcpStream> {
+fn timed_out(budget: &Budget, what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what}: timed out after {} (the call's deadline)", secs(budget.elapsed())))
+}
+
+/// Ends the wait when the call must end (stop or deadline).
+fn check(budget: &Budget, what: &str) -> io::Result<()> {
+    match budget.check() {
+        Some(Cut::Stop) => Err(stop_error(what)),
+        Some(Cut::Deadline) => Err(timed_out(budget, what)),
+        None => Ok(()),
+    }
+}
+
+/// Connects without blocking, waiting in ticks (the caller's idle work,
+/// the stop and the call's deadline looked at between them) until the
+/// connection is up or `budget.timeout` passes.
+fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut dyn FnMut()) -> io::Result<TcpStream> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -77,12 +94,14 @@ fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::
         if e.raw_os_error() != Some(libc::EINPROGRESS) {
             return Err(e);
         }
-        let deadline = crate::deadline::from_now(timeout);
+        let started = Instant::now();
         loop {
             idle();
+            check(budget, &format!("connecting to {addr}"))?;
             let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            let wait = budget.tick(tick).as_millis().clamp(1, i32::MAX as u128) as i32;
             // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, IDLE_TICK.as_millis() as i32) };
+            let n = unsafe { libc::poll(&mut pfd, 1, wait) };
             if n > 0 {
                 let mut err: libc::c_int = 0;
                 let mut err_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -104,55 +123,105 @@ fn connect_idling(addr: &SocketAddr, timeout: Duration, idle: &mut Idle) -> io::
                     return Err(e);
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer in {timeout:?}")));
+            if started.elapsed() >= budget.timeout {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer in {}", secs(budget.timeout))));
             }
         }
     }
     let tcp = TcpStream::from(sock);
-    // Back to blocking: the socket timeouts set next bound each call.
+    // Back to blocking: the socket timeouts set for each call bound it.
     tcp.set_nonblocking(false)?;
     Ok(tcp)
 }
 
-/// The socket, with the caller's [`Idle`] work done between and during its
-/// blocking calls. `timeout` still bounds each call's wait for progress.
+/// The socket of one call: every blocking call is cut into ticks, between
+/// which the caller's [`Idle`] work is done and the stop and the call's
+/// deadline are looked at; `budget.timeout` bounds each wait for progress.
 struct Socket<'a, 'b> {
     tcp: TcpStream,
     idle: Option<&'a mut Idle<'b>>,
-    timeout: Duration,
+    budget: Budget,
+    tick: Duration,
+    /// The socket timeout set now, to set it only when it changes.
+    wait: Option<Duration>,
+    /// Plain HTTP: the socket turning readable while the request still
+    /// goes out means the server answers early (a 413 before the body).
+    watch_early: bool,
+    /// The whole request went out: the server may have acted on it.
+    sent: bool,
 }
 
 impl Socket<'_, '_> {
-    fn io<T>(&mut self, mut op: impl FnMut(&mut TcpStream) -> io::Result<T>) -> io::Result<T> {
-        let Some(idle) = self.idle.as_deref_mut() else { return op(&mut self.tcp) };
-        let deadline = crate::deadline::from_now(self.timeout);
+    fn io(&mut self, what: &str, mut op: impl FnMut(&mut TcpStream) -> io::Result<usize>) -> io::Result<usize> {
         loop {
-            idle();
+            if let Some(idle) = self.idle.as_deref_mut() {
+                idle();
+            }
+            check(&self.budget, what)?;
+            let wait = self.budget.tick(self.tick);
+            if self.wait != Some(wait) {
+                self.tcp.set_read_timeout(Some(wait))?;
+                self.tcp.set_write_timeout(Some(wait))?;
+                self.wait = Some(wait);
+            }
             match op(&mut self.tcp) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    if Instant::now() >= deadline {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no progress in {:?}", self.timeout)));
+                    if self.budget.stalled() {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: no progress in {}", secs(self.budget.timeout))));
                     }
                 }
-                r => return r,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(n) => {
+                    self.budget.progress(n);
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether the server has sent something (an answer, or its close).
+    fn readable(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd { fd: self.tcp.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }
 }
 
 impl Read for Socket<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io(|t| t.read(buf))
+        self.io("reading the answer", |t| t.read(buf))
     }
 }
 
 impl Write for Socket<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.io(|t| t.write(buf))
+        if self.watch_early && !self.sent && self.readable() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server answered or closed before the request was sent"));
+        }
+        self.io("sending the request", |t| t.write(buf))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.io(|t| t.flush())
+        self.tcp.flush()
+    }
+}
+
+/// A connection, plain or TLS, that can note the request went out.
+trait Conn: Read + Write {
+    fn mark_sent(&mut self);
+}
+
+impl Conn for Socket<'_, '_> {
+    fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+}
+
+#[cfg(feature = "tls")]
+impl Conn for rustls::StreamOwned<rustls::ClientConnection, Socket<'_, '_>> {
+    fn mark_sent(&mut self) {
+        self.sock.sent = true;
     }
 }
 
@@ -205,6 +274,9 @@ pub enum Failure {
     TooLarge(u64),
     /// The local file for a download.
     Local(PathBuf, io::Error),
+    /// Abandoned because the agent is stopping; `request_sent`: the whole
+    /// request had gone out, so the server may have acted on it.
+    Stopped { request_sent: bool },
 }
 
 impl From<io::Error> for Failure {
@@ -264,46 +336,55 @@ impl Default for Net {
     }
 }
 
-fn connect(host: &str, port: u16, timeout: Duration, idle: &mut Option<&mut Idle>) -> io::Result<TcpStream> {
-    let addrs = (host, port).to_socket_addrs()?;
+/// One request: what [`exchange`] sends and how it treats the answer.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub url: &'a Url,
+    pub headers: &'a [(String, String)],
+    pub payload: Payload<'a, 'a>,
+    pub keep: Keep<'a>,
+    /// Each wait for progress; the whole call gets twice this plus its
+    /// transfer allowance (see `budget`).
+    pub timeout: Duration,
+    pub idle: Option<&'a mut Idle<'a>>,
+}
+
+fn connect(host: &str, port: u16, budget: &Budget, tick: Duration, idle: &mut dyn FnMut()) -> io::Result<TcpStream> {
+    let addrs = resolve::resolve(host, port, budget, tick, idle)?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
     for addr in addrs {
-        let attempt = match idle.as_deref_mut() {
-            Some(idle) => connect_idling(&addr, timeout, idle),
-            None => TcpStream::connect_timeout(&addr, timeout),
-        };
-        match attempt {
+        match connect_addr(&addr, budget, tick, idle) {
             Ok(s) => return Ok(s),
+            Err(e) if is_stop(&e) => return Err(e),
             Err(e) => last = e,
         }
     }
     Err(last)
 }
 
-/// One request on a fresh connection.
-#[allow(clippy::too_many_arguments)]
-pub fn exchange(
-    net: &Net,
-    method: &str,
-    url: &Url,
-    headers: &[(String, String)],
-    payload: Payload,
-    keep: Keep,
-    timeout: Duration,
-    idle: Option<&mut Idle>,
-) -> Result<Reply, Failure> {
+/// One request on a fresh connection, within the call's deadline and
+/// abandoned when the agent stops (see `budget`).
+pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
+    let Request { method, url, headers, payload, keep, timeout, idle } = req;
+    let budget = Budget::new(timeout);
     let proxy = net.proxies.for_url(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut idle = idle;
-    let tcp = match &proxy {
-        Some(p) => connect(&p.host, p.port, timeout, &mut idle)
-            .map_err(|e| io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)))?,
-        None => connect(&url.host, url.port, timeout, &mut idle)?,
+    let tick = if idle.is_some() { IDLE_TICK } else { TICK };
+    let connected = {
+        let mut no_idle = || {};
+        let work: &mut dyn FnMut() = match idle.as_deref_mut() {
+            Some(f) => f,
+            None => &mut no_idle,
+        };
+        match &proxy {
+            Some(p) => connect(&p.host, p.port, &budget, tick, work)
+                .map_err(|e| if is_stop(&e) { e } else { io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)) }),
+            None => connect(&url.host, url.port, &budget, tick, work),
+        }
     };
-    let wait = if idle.is_some() { IDLE_TICK } else { timeout };
-    tcp.set_read_timeout(Some(wait))?;
-    tcp.set_write_timeout(Some(wait))?;
+    let tcp = connected.map_err(|e| stopped(e, false))?;
     tcp.set_nodelay(true)?;
-    let mut socket = Socket { tcp, idle, timeout };
+    let mut socket = Socket { tcp, idle, budget, tick, wait: None, watch_early: !url.https, sent: false };
 
     let mut all = headers.to_vec();
     if let Some(p) = proxy.as_ref().filter(|_| !url.https) {
@@ -329,12 +410,17 @@ pub fn exchange(
 
     if url.https {
         if let Some(p) = &proxy {
-            tunnel(&mut socket, p, url)?;
+            tunnel(&mut socket, p, url).map_err(|e| stopped(e, false))?;
         }
         exchange_tls(net, socket, url, &head, payload, keep)
     } else {
-        exchange_on(socket, &head, payload, keep)
+        exchange_on(&mut socket, &head, payload, keep)
     }
+}
+
+/// A stop error becomes [`Failure::Stopped`]; others stay network errors.
+fn stopped(e: io::Error, request_sent: bool) -> Failure {
+    if is_stop(&e) { Failure::Stopped { request_sent } } else { Failure::Net(e) }
 }
 
 /// Opens a CONNECT tunnel to `url` through the proxy.
@@ -359,18 +445,39 @@ fn tunnel(socket: &mut Socket, proxy: &Proxy, url: &Url) -> io::Result<()> {
     Ok(())
 }
 
-fn exchange_on<S: Read + Write>(stream: S, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
-    // 64 KiB chunks keep syscalls few and memory flat.
-    let mut w = io::BufWriter::with_capacity(64 * 1024, stream);
-    w.write_all(head)?;
-    match payload {
-        Payload::None => {}
-        Payload::Bytes { bytes, .. } => w.write_all(bytes)?,
-        Payload::Stream { write, .. } => write(&mut w)?,
+fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
+    let written = (|| {
+        // 64 KiB chunks keep syscalls few and memory flat.
+        let mut w = io::BufWriter::with_capacity(64 * 1024, &mut *conn);
+        w.write_all(head)?;
+        match payload {
+            Payload::None => {}
+            Payload::Bytes { bytes, .. } => w.write_all(bytes)?,
+            Payload::Stream { write, .. } => write(&mut w)?,
+        }
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.flush()
+    })();
+    if let Err(e) = written {
+        if is_stop(&e) || e.kind() == io::ErrorKind::TimedOut {
+            return Err(stopped(e, false));
+        }
+        // A server may answer before it has the whole request and close
+        // (nginx's 413 for a body over client_max_body_size): that answer
+        // says more than the reset our write then gets.
+        return match read_reply(&mut *conn, keep) {
+            Ok(reply) => {
+                log::debug!("the server answered HTTP {} before the request was sent ({e})", reply.status);
+                Ok(reply)
+            }
+            Err(_) => Err(Failure::Net(e)),
+        };
     }
-    w.flush()?;
-    let stream = w.into_inner().map_err(|e| e.into_error())?;
-    read_reply(stream, keep)
+    conn.mark_sent();
+    read_reply(&mut *conn, keep).map_err(|f| match f {
+        Failure::Net(e) => stopped(e, true),
+        other => other,
+    })
 }
 
 /// The status counts only once the whole head (status line and headers,
@@ -433,8 +540,8 @@ fn exchange_tls(net: &Net, socket: Socket, url: &Url, head: &[u8], payload: Payl
     let mut tls = rustls::StreamOwned::new(conn, socket);
     // The handshake first, so that a certificate problem reads as one and
     // not as a failed write of the request.
-    super::tls::handshake(&mut tls, &url.authority())?;
-    exchange_on(tls, head, payload, keep)
+    super::tls::handshake(&mut tls, &url.authority()).map_err(|e| stopped(e, false))?;
+    exchange_on(&mut tls, head, payload, keep)
 }
 
 #[cfg(not(feature = "tls"))]

@@ -158,14 +158,19 @@ fn finish_streams(mut watcher: PhaseWatcher, phase: Phase) -> Vec<PendingStream>
     let mut unsent = Vec::new();
     let Some((mut stream, client, counter)) = watcher.live.take() else { return unsent };
     if let Err(e) = stream.flush(client, counter, written) {
-        log::warn!("{phase} output not fully sent, kept for later: {e}");
+        // A stop's abandoned call is no failure to report.
+        if !e.is_stop() {
+            log::warn!("{phase} output not fully sent, kept for later: {e}");
+        }
         unsent.push(stream.unsent());
     }
     if let Some((mut tail, serial_counter)) = watcher.serial.take() {
         tail.finish();
         if tail.started() {
             if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
-                log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+                if !e.is_stop() {
+                    log::warn!("{phase} serial log not fully sent, kept for later: {e}");
+                }
                 unsent.push(tail.stream.unsent());
             }
         }

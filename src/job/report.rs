@@ -22,8 +22,9 @@ impl JobRunner<'_> {
 
     pub(super) fn post_result(&mut self, data: Json) {
         if let Some(client) = self.client.as_deref_mut() {
-            if let Err(e) = client.post_result(&self.plan.job_id, &data) {
-                log::warn!("result update not posted: {e}");
+            match client.post_result(&self.plan.job_id, &data) {
+                Err(e) if !e.is_stop() => log::warn!("result update not posted: {e}"),
+                _ => {}
             }
         }
     }
@@ -95,8 +96,9 @@ impl JobRunner<'_> {
                 .with("job_id", Json::str(self.plan.job_id.as_str()))
                 .with("exit_code", Json::int(i64::from(code)))
                 .with("detail", Json::str(exit_event.to_string()));
-            if let Err(e) = client.post_provision_log(&body) {
-                log::warn!("provision log not posted: {e}");
+            match client.post_provision_log(&body) {
+                Err(e) if !e.is_stop() => log::warn!("provision log not posted: {e}"),
+                _ => {}
             }
         }
     }
@@ -122,7 +124,9 @@ impl JobRunner<'_> {
             Some(client) => match client.post_result(&self.plan.job_id, &Json::object().with("device_info", info)) {
                 Ok(()) => true,
                 Err(e) => {
-                    log::warn!("device info not posted: {e}");
+                    if !e.is_stop() {
+                        log::warn!("device info not posted: {e}");
+                    }
                     false
                 }
             },
@@ -152,7 +156,8 @@ pub(super) fn post_state_unless_held(client: &mut Client, state: Phase, retry: c
     }
     // Always with a comment, as upstream posts a state.
     let data = Json::object().with("state", Json::str(state.as_str())).with("comment", Json::str(""));
-    if let Err(e) = client.post_agent_data_with(&data, retry) {
-        log::warn!("agent state {state} not posted: {e}");
+    match client.post_agent_data_with(&data, retry) {
+        Err(e) if !e.is_stop() => log::warn!("agent state {state} not posted: {e}"),
+        _ => {}
     }
 }

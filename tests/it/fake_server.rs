@@ -109,6 +109,18 @@ pub enum FaultAction {
     /// Handle the request normally: lets the first matching requests
     /// through before a fault added after this one.
     Pass,
+    /// Do not handle the request: answer one byte every `Duration`, an
+    /// answer that never ends (a 200 announcing a megabyte), until the
+    /// client closes. Recorded with status 0 when it arrives.
+    Drip(Duration),
+    /// Handle the request normally (state changes happen), then answer
+    /// like `Drip`: a slow server that took the request.
+    DripAfterHandling(Duration),
+    /// Answer this status as soon as the head and the first body byte are
+    /// in, then close without reading the rest (nginx's 413 for a body
+    /// over `client_max_body_size`: the client's writes get a reset).
+    /// Recorded with this status and an empty body.
+    EarlyAnswer(u16),
 }
 
 /// Matches requests whose method equals `method` (any when `None`) and whose
@@ -145,6 +157,8 @@ struct State {
     /// Requests a `Stall` holds right now, recorded as they arrive (the
     /// others are recorded once answered).
     stalling: usize,
+    /// Requests a `Drip` answers right now.
+    dripping: usize,
     agents: HashMap<String, Json>,
     agent_states: HashMap<String, Vec<String>>,
     jobs: VecDeque<Json>,
@@ -263,6 +277,11 @@ impl FakeServer {
     /// How many requests a `Stall` fault holds unanswered right now.
     pub fn stalling(&self) -> usize {
         self.lock().stalling
+    }
+
+    /// How many requests a `Drip` fault answers right now.
+    pub fn dripping(&self) -> usize {
+        self.lock().dripping
     }
 
     /// One line per recorded request: `METHOD /path?q -> status`.
@@ -572,7 +591,7 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
     while shared.alive(generation) {
-        let req = match read_request(&mut reader, &mut writer) {
+        let req = match read_request(&mut reader, &mut writer, &shared) {
             Ok(Some(req)) => req,
             Ok(None) | Err(ReadError::Close) => break,
             Err(ReadError::Reply(status, msg)) => {
@@ -598,6 +617,18 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
             }
             Reply::Huge(len) => {
                 let _ = write_huge(&mut writer, len);
+                break;
+            }
+            Reply::Drip(every) => {
+                shared.lock().dripping += 1;
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"a\":\"";
+                for b in answer.iter().chain(std::iter::repeat(&b'x')) {
+                    if !shared.alive(generation) || writer.write_all(&[*b]).and_then(|()| writer.flush()).is_err() {
+                        break;
+                    }
+                    thread::sleep(every);
+                }
+                shared.lock().dripping -= 1;
                 break;
             }
         }
@@ -627,7 +658,7 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> Result<Option<String>, ReadEr
 }
 
 /// Reads one request; `Ok(None)` on a clean end of stream between requests.
-fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Result<Option<Request>, ReadError> {
+fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, shared: &Shared) -> Result<Option<Request>, ReadError> {
     // Tolerate empty lines between requests.
     let line = loop {
         match read_line(reader) {
@@ -666,6 +697,36 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Re
     let connection = header("connection").unwrap_or_default();
     let keep_alive = if http10 { connection.contains("keep-alive") } else { !connection.contains("close") };
 
+    let (path, query) = split_target(target);
+    if early_answer(shared, &method, &path) {
+        let mut first = [0u8; 1];
+        let _ = reader.read(&mut first);
+        let status = {
+            let mut st = shared.lock();
+            let found = st.faults.iter_mut().find(|f| {
+                f.times > 0
+                    && matches!(f.action, FaultAction::EarlyAnswer(_))
+                    && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(&method))
+                    && path.starts_with(&f.path_prefix)
+            });
+            let status = match found {
+                Some(f) => {
+                    f.times -= 1;
+                    match f.action {
+                        FaultAction::EarlyAnswer(s) => s,
+                        _ => 500,
+                    }
+                }
+                None => 500,
+            };
+            let req = Request { method: method.clone(), path: path.clone(), query: query.clone(), headers: headers.clone(), body: Vec::new(), keep_alive: false, at: Instant::now() };
+            st.requests.push(req.record(status));
+            status
+        };
+        let _ = write_response(writer, &Response::error(status, "Request Entity Too Large"), false);
+        return Err(ReadError::Close);
+    }
+
     if header("expect").is_some_and(|e| e.contains("100-continue")) {
         let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
@@ -684,8 +745,16 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Re
         Vec::new()
     };
 
-    let (path, query) = split_target(target);
     Ok(Some(Request { method, path, query, headers, body, keep_alive, at: Instant::now() }))
+}
+
+/// Whether the first fault matching the request is an `EarlyAnswer`.
+fn early_answer(shared: &Shared, method: &str, path: &str) -> bool {
+    let st = shared.lock();
+    let found = st.faults.iter().find(|f| {
+        f.times > 0 && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(method)) && path.starts_with(&f.path_prefix)
+    });
+    found.is_some_and(|f| matches!(f.action, FaultAction::EarlyAnswer(_)))
 }
 
 fn read_chunked(reader: &mut BufReader<TcpStream>) -> Result<Vec<u8>, ReadError> {
@@ -818,6 +887,8 @@ enum Reply {
     Raw(Vec<u8>),
     /// A 200 JSON answer of this many bytes, generated while writing.
     Huge(u64),
+    /// One byte of a never-ending answer every so often (see `Drip`).
+    Drip(Duration),
 }
 
 fn serialize(resp: &Response) -> Vec<u8> {
@@ -877,6 +948,18 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             shared.lock().requests.push(req.record(200));
             return Reply::Huge(len);
         }
+        Some(FaultAction::Drip(every)) => {
+            shared.lock().requests.push(req.record(0));
+            return Reply::Drip(every);
+        }
+        Some(FaultAction::DripAfterHandling(every)) => {
+            let mut st = shared.lock();
+            let resp = route(&mut st, &req);
+            st.requests.push(req.record(resp.status));
+            return Reply::Drip(every);
+        }
+        // Answered in `read_request`, before the body.
+        Some(FaultAction::EarlyAnswer(status)) => Response::empty(status),
         Some(FaultAction::ResetMidAnswer) => {
             let resp = route(&mut shared.lock(), &req);
             let mut bytes = serialize(&resp);

@@ -580,3 +580,44 @@ fn faults_huge_job_durations() {
     let mut p = setup.spawn();
     finish("huge job durations (i64::MAX, 1e300, u64::MAX + 1, negative)", &server, &mut p, &setup, &jobs, Once::Exactly, &["is more than the longest allowed", "is not a positive number of seconds"]);
 }
+
+/// Issue 21: a server that drips its answers one byte a second holds no
+/// request past the call's deadline (2 × server_timeout, here 2 s). Not
+/// handled by the server, so everything arrives exactly once. Log
+/// fragments are left out: their answers are waited for 60 s per attempt
+/// (a slow answer must not make the agent send them twice).
+#[test]
+fn faults_answers_dripped_one_byte_a_second() {
+    let server = FakeServer::start();
+    let jobs = push_jobs(&server, 2);
+    let drip = FaultAction::Drip(Duration::from_secs(1));
+    for job in &jobs {
+        for (method, path) in job_endpoints(job) {
+            if !path.ends_with("/log/output") {
+                server.add_fault(Fault::new(Some(method), &path, 1, drip.clone()));
+            }
+        }
+    }
+    for (method, path) in loop_endpoints() {
+        server.add_fault(Fault::new(Some(method), &path, 1, drip.clone()));
+    }
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish("answers dripped 1 byte/s (whole-call deadline 2 s)", &server, &mut p, &setup, &jobs, Once::Exactly, &["(the call's deadline)"]);
+}
+
+/// Issue 21: an early 413 on an artifact upload (the server answers at the
+/// first body byte and closes): the answer is read, the artifact dropped
+/// with an ERROR, the outcome delivered, and the agent goes on.
+#[test]
+fn faults_an_early_413_on_an_artifact_upload() {
+    let server = FakeServer::start();
+    let refused = push_jobs(&server, 1).remove(0);
+    let jobs = push_jobs(&server, 2);
+    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{refused}/artifact"), 1, FaultAction::EarlyAnswer(413)));
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish("early 413 on an artifact upload (then two jobs)", &server, &mut p, &setup, &jobs, Once::Exactly, &["refuses the artifacts"]);
+    assert!(server.job_states_posted(&refused).iter().any(|s| s == "complete"), "the refused job's outcome");
+    assert!(server.artifact(&refused).is_none());
+}

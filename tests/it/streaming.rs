@@ -396,7 +396,7 @@ fn output_sent_after_the_phase_waits_for_a_slow_answer_too() {
 /// A phase whose first output fragment the server holds for 15 s: the
 /// phase writes `late` 6 s in, which it must not live to do once `stop`
 /// (run when the fragment is held) or its 2 s timeout has ended it.
-fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut crate::harness::AgentProc)) -> (FakeServer, String) {
+fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut crate::harness::AgentProc)) -> (FakeServer, String, AgentSetup) {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{job_fields}"test_data":{{"test_cmds":"x"}}}}"#)));
@@ -409,22 +409,37 @@ fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut cra
     stop(&mut p);
     p.wait_exit(T);
     assert!(!late.exists(), "the phase lived on until the held answer came");
-    (server, job)
+    (server, job, agent)
 }
 
 #[test]
 fn the_agents_stop_ends_the_phase_while_a_fragment_waits_on_a_slow_server() {
-    // The fragment is left to finish (abandoning it could store it twice);
-    // the stop is acted on meanwhile.
-    let (server, job) = stopped_while_a_fragment_is_held("", |p| p.signal(libc::SIGTERM));
+    // The held fragment is abandoned a second after the stop and counted
+    // as sent (the server had all of it: sending it again could store it
+    // twice); the rest of the job is kept and delivered at the next start.
+    let mut signalled = None;
+    let (server, job, agent) = stopped_while_a_fragment_is_held("", |p| {
+        let t = Instant::now();
+        p.signal(libc::SIGTERM);
+        let status = p.wait_exit(T);
+        signalled = Some((t.elapsed(), status));
+    });
+    let (took, status) = signalled.expect("stopped");
+    println!("SIGTERM to exit with a fragment held: {took:?}");
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    server.wait_until(T, "the held answer given", |s| s.stalling() == 0);
+    let next = agent.run_once(T);
+    assert!(next.status.success(), "{}", String::from_utf8_lossy(&next.stderr));
+    server.wait_until(T, "the kept outcome delivered", |s| s.job_states_posted(&job).iter().any(|j| j == "complete"));
     let text = phase_text(&server, &job, "test");
-    assert!(text.contains("started\n") && text.contains("The agent was stopped"), "{text}");
+    assert_eq!((text.matches("started\n").count(), text.matches("The agent was stopped").count()), (1, 1), "{text}");
     assert_no_fragment_stored_twice(&server, &job);
 }
 
 #[test]
 fn a_timeout_ends_the_phase_while_a_fragment_waits_on_a_slow_server() {
-    let (server, job) = stopped_while_a_fragment_is_held(&format!(r#"{WEBHOOK},"global_timeout":2,"#), |_| {});
+    let (server, job, _agent) = stopped_while_a_fragment_is_held(&format!(r#"{WEBHOOK},"global_timeout":2,"#), |_| {});
     let text = phase_text(&server, &job, "test");
     assert!(text.contains("started\n") && text.contains("ERROR: Global timeout reached! (2s)"), "{text}");
     assert!(server.events(&job).iter().any(|e| e == "global_timeout"), "{:?}", server.events(&job));
