@@ -104,10 +104,6 @@ impl Budget {
     }
 }
 
-/// Seconds for a log line: whole seconds above 10, tenths below.
-pub(crate) fn secs(d: Duration) -> String {
-    if d >= Duration::from_secs(10) { format!("{} s", d.as_secs()) } else { format!("{:.1} s", d.as_secs_f64()) }
-}
 
 /// The error a call ends with when the agent's stop cut it (see [`is_stop`]).
 #[derive(Debug)]

@@ -92,6 +92,12 @@ pub(super) fn net_reason(e: &std::io::Error, waited: std::time::Duration) -> Str
     if e.raw_os_error().is_some() && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
         return format!("no answer within {}", crate::human::duration(waited));
     }
+    // The transport's own "<step>: no answer within N": the wait first, as
+    // the line that says the server is not reachable reads it.
+    let text = e.to_string();
+    if let Some((step, wait)) = text.split_once(": no answer within ") {
+        return format!("no answer within {wait} ({step})");
+    }
     crate::human::without_os_error(&e.to_string())
 }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::budget::{secs, stop_error, Budget, Cut};
+use super::budget::{stop_error, Budget, Cut};
 
 /// Lookups still running on their threads, given up on or not.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
@@ -61,7 +61,7 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
             Some(Cut::Deadline) => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("looking up {host}: timed out after {} (the call's deadline)", secs(budget.elapsed())),
+                    format!("looking up {host}: timed out after {} (the call's deadline)", crate::human::duration(budget.elapsed())),
                 ))
             }
             None => {}

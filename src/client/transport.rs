@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::budget::{is_stop, secs, stop_error, Budget, Cut, TICK};
+use super::budget::{is_stop, stop_error, Budget, Cut, TICK};
 use super::proxy::{Proxies, Proxy};
 use super::resolve;
 use super::wire::{self, BodyReader, Framing, Url};
@@ -35,7 +35,7 @@ pub type Idle<'a> = dyn FnMut() + 'a;
 const IDLE_TICK: Duration = Duration::from_millis(5);
 
 fn timed_out(budget: &Budget, what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, format!("{what}: timed out after {} (the call's deadline)", secs(budget.elapsed())))
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what}: timed out after {} (the call's deadline)", crate::human::duration(budget.elapsed())))
 }
 
 /// Ends the wait when the call must end (stop or deadline).
@@ -124,7 +124,7 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
                 }
             }
             if started.elapsed() >= budget.timeout {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer in {}", secs(budget.timeout))));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer within {}", crate::human::duration(budget.timeout))));
             }
         }
     }
@@ -167,7 +167,7 @@ impl Socket<'_, '_> {
             match op(&mut self.tcp) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     if self.budget.stalled() {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: no progress in {}", secs(self.budget.timeout))));
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: no answer within {}", crate::human::duration(self.budget.timeout))));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
