@@ -239,6 +239,42 @@ fn allocate_holds_the_device_until_the_parent_job_is_over() {
     assert_eq!(status(&server, &child, "cleanup"), Some(0));
 }
 
+/// As upstream (issue 22): a child holds whatever allocate's status, since
+/// the parent waits for `allocated`; the phase's events come after the
+/// release, and the failure then ends the job (no reserve).
+#[test]
+fn a_failing_allocate_still_holds_and_reports_after_the_release() {
+    let server = FakeServer::start();
+    let (parent, child) = (unique_id(), unique_id());
+    server.set_job_state(&parent, "provision");
+    let extra = format!(
+        r#"{{"parent_job_id":"{parent}","allocate_data":{{"allocate":true}},"reserve_data":{{"timeout":5}},"job_status_webhook":"http://hook.example/x"}}"#
+    );
+    server.push_job(&job_json(&child, QUEUE, &extra));
+    server.set_job_state(&child, "waiting");
+    let agent = Agent::new(&server)
+        .command("allocate", r#"echo '{"device_info": {"device_ip": "10.9.8.7"}}' > device-info.json; exit 1"#)
+        .command("reserve", "echo reserve ran")
+        .command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn_with(&["--once"]);
+    server.wait_until(T, "allocated", |s| s.job_states_posted(&child).iter().any(|x| x == "allocated"));
+    let ip = server.result(&child).and_then(|r| r.get("device_info")?.get("device_ip")?.as_str().map(String::from));
+    assert_eq!(ip.as_deref(), Some("10.9.8.7"), "device info posted before allocated");
+    assert_eq!(status(&server, &child, "allocate"), Some(1), "the status is posted before the hold");
+    let checks = server.requests_to("GET", &format!("/v1/result/{parent}")).len();
+    server.wait_until(T, "parent checked again", |s| s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3);
+    assert!(p.try_wait().is_none(), "held: {}", p.diagnostics());
+    let events = server.events(&child);
+    assert_eq!(events.last().map(String::as_str), Some("allocate_start"), "no allocate event during the hold: {events:?}");
+    server.set_job_state(&parent, "cancelled");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let events = server.events(&child);
+    let tail: Vec<&str> = events.iter().map(String::as_str).skip_while(|e| *e != "allocate_start").collect();
+    assert_eq!(tail, ["allocate_start", "allocate_fail", "cleanup_start", "cleanup_success", "job_end"], "{events:?}");
+    assert_eq!(status(&server, &child, "reserve"), None, "the failed allocate ends the job");
+    assert_eq!(status(&server, &child, "cleanup"), Some(0));
+}
+
 #[test]
 fn metrics_answer_during_a_phase_despite_hostile_scrapers() {
     let server = FakeServer::start();
