@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
+use crate::fake_server::{FakeServer, Fault};
 use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -273,6 +273,55 @@ fn a_failing_allocate_still_holds_and_reports_after_the_release() {
     assert_eq!(tail, ["allocate_start", "allocate_fail", "cleanup_start", "cleanup_success", "job_end"], "{events:?}");
     assert_eq!(status(&server, &child, "reserve"), None, "the failed allocate ends the job");
     assert_eq!(status(&server, &child, "cleanup"), Some(0));
+}
+
+/// Issue 22: the state read before `waiting` after a job fails (500): the
+/// operator's `maintenance` set during the job, which the agent could not
+/// see, stays; nothing is posted over it.
+#[test]
+fn a_failed_state_read_after_a_job_posts_nothing_over_the_operators_state() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server).command("test", BLOCK_UNTIL_GO).command("cleanup", "true");
+    let mut p = agent.spawn_with(&["--once"]);
+    wait_for_file(&agent.run_dir(&job).join("started"));
+    server.set_agent_state(AGENT_ID, "maintenance", "swapping the cable");
+    let path = format!("/v1/agents/data/{AGENT_ID}");
+    server.add_fault(Fault::status("GET", &path, 1000, 500));
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("release the phase");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    assert!(completed(&server, &job));
+    let failed_reads = server.requests_to("GET", &path).iter().filter(|r| r.status == 500).count();
+    assert!(failed_reads > 0, "the agent tried to read its state");
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+    assert_eq!(data.get("comment").and_then(Json::as_str), Some("swapping the cable"), "{data}");
+    assert_eq!(data.get("job_id").and_then(Json::as_str), Some(""), "the job id is still cleared: {data}");
+}
+
+/// The `waiting` held back by a failed read goes once a cycle reads a
+/// state that is not an operator's.
+#[test]
+fn waiting_held_back_by_a_failed_read_is_posted_once_the_state_reads() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server).command("test", BLOCK_UNTIL_GO).command("cleanup", "true");
+    let mut p = agent.spawn();
+    wait_for_file(&agent.run_dir(&job).join("started"));
+    let path = format!("/v1/agents/data/{AGENT_ID}");
+    server.add_fault(Fault::status("GET", &path, 1000, 500));
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("release the phase");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    let failed = |s: &FakeServer| s.requests_to("GET", &path).iter().filter(|r| r.status == 500).count();
+    let after_job = failed(&server);
+    server.wait_until(T, "two more failed reads", |s| failed(s) >= after_job + 2);
+    let states = server.agent_states(AGENT_ID);
+    assert_eq!(states.last().map(String::as_str), Some("test"), "nothing posted while unseen: {states:?}");
+    server.clear_faults();
+    server.wait_until(T, "waiting posted", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
+    assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
 #[test]
