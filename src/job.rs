@@ -264,8 +264,10 @@ impl<'a> JobRunner<'a> {
         self.record_status(phase, code);
         // As upstream: the allocation is held whatever allocate's status
         // (a parent waits for `allocated`, not for a status), and the
-        // phase's events follow the release.
-        if phase == Phase::Allocate {
+        // phase's events follow the release. Unlike upstream, not after a
+        // cancel (`allocated` would turn the cancelled job back into a live
+        // one) nor when the agent is stopping.
+        if phase == Phase::Allocate && !matches!(stopped, Some(Stop::Cancelled | Stop::Interrupted)) {
             self.hold_allocation();
         }
         if let Some(stop) = &stopped {

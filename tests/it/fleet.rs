@@ -275,6 +275,29 @@ fn a_failing_allocate_still_holds_and_reports_after_the_release() {
     assert_eq!(status(&server, &child, "cleanup"), Some(0));
 }
 
+/// A cancel that stops the allocate command is no allocation: nothing is
+/// held, and `allocated` is never posted over the cancel (upstream posts it,
+/// which makes the cancelled job live again on the server).
+#[test]
+fn a_cancel_during_allocate_holds_nothing() {
+    let server = FakeServer::start();
+    let (parent, child) = (unique_id(), unique_id());
+    server.set_job_state(&parent, "provision");
+    let extra = format!(r#"{{"parent_job_id":"{parent}","allocate_data":{{"allocate":true}}}}"#);
+    server.push_job(&job_json(&child, QUEUE, &extra));
+    server.set_job_state(&child, "waiting");
+    let agent = Agent::new(&server)
+        .command("allocate", r#"echo '{"device_info": {"device_ip": "10.9.8.7"}}' > device-info.json; sleep 60"#)
+        .command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn_with(&["--once"]);
+    server.wait_until(T, "allocate running", |s| s.job_states_posted(&child).iter().any(|x| x == "allocate"));
+    server.cancel_job(&child);
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let states = server.job_states_posted(&child);
+    assert!(!states.iter().any(|x| x == "allocated"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("cancelled"), "{states:?}");
+}
+
 /// Issue 22: the state read before `waiting` after a job fails (500): the
 /// operator's `maintenance` set during the job, which the agent could not
 /// see, stays; nothing is posted over it.
