@@ -71,6 +71,9 @@ pub struct Agent<'a> {
     disk_low: bool,
     /// The state comment saying so, until the server has it.
     disk_comment_unposted: Option<String>,
+    /// `waiting` was not posted because the state could not be read; the
+    /// next cycle that reads it posts it, unless an operator holds the agent.
+    waiting_unposted: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -94,6 +97,7 @@ impl<'a> Agent<'a> {
             heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
             disk_comment_unposted: None,
+            waiting_unposted: false,
         }
     }
 
@@ -167,13 +171,15 @@ impl<'a> Agent<'a> {
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
         // The `offline` this agent posts itself when it restarts is not kept.
-        let held = self.client.held_state().filter(|(_, comment)| !comment.starts_with(RESTARTING));
-        match held {
-            Some((state, _)) => log::info!("the server has this agent {state}; keeping that state"),
-            None => {
+        match self.client.held_state() {
+            Ok(Some((state, comment))) if !comment.starts_with(RESTARTING) => {
+                log::info!("the server has this agent {state}; keeping that state")
+            }
+            Ok(_) => {
                 data.set("state", Json::str("waiting"));
                 data.set("comment", Json::str(""));
             }
+            Err(e) => self.owe_waiting(&e),
         }
         match self.client.post_agent_data(&data) {
             Ok(()) => self.last_post = Instant::now(),
@@ -279,6 +285,32 @@ impl<'a> Agent<'a> {
         !low
     }
 
+    /// The state could not be read before posting `waiting`: an operator
+    /// may have set one, so nothing is posted until a cycle sees it.
+    fn owe_waiting(&mut self, e: &crate::client::ClientError) {
+        log::warn!("cannot read the agent's state on the server, so waiting is not posted over it yet: {e}");
+        self.waiting_unposted = true;
+    }
+
+    /// Posts the `waiting` owed since a failed read, now that the state
+    /// (`state`, `comment`) was read: not over an operator's hold, nor
+    /// over a restart request.
+    fn post_owed_waiting(&mut self, state: &str, comment: &str) {
+        let held = matches!(state, "offline" | "maintenance") && !comment.starts_with(RESTARTING);
+        if held || state == "restart" {
+            self.waiting_unposted = false;
+            return;
+        }
+        let data = Json::object().with("state", Json::str("waiting")).with("comment", Json::str(""));
+        match self.client.post_agent_data(&data) {
+            Ok(()) => {
+                self.waiting_unposted = false;
+                self.last_post = Instant::now();
+            }
+            Err(e) => log::warn!("cannot post the waiting state yet: {e}"),
+        }
+    }
+
     /// Tells the server why the agent goes away for a moment.
     fn post_restarting(&mut self, comment: &str) {
         let comment = format!("{RESTARTING}{comment}");
@@ -352,6 +384,9 @@ impl<'a> Agent<'a> {
             self.last_post = Instant::now();
             return None;
         }
+        if self.waiting_unposted {
+            self.post_owed_waiting(&state, &comment);
+        }
         self.heartbeat(agent_data.as_ref(), &state, &comment);
         let changed = state != self.last_state;
         self.last_state = state.clone();
@@ -415,12 +450,16 @@ impl<'a> Agent<'a> {
             // Upstream's words exactly: operators search for them.
             let comment = format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
             after.set("comment", Json::str(comment));
-        } else if let Some((held, _)) = self.client.held_state() {
-            // Set by an operator while the job ran: keep it.
-            log::info!("agent is {held} on the server; not posting waiting");
         } else {
-            after.set("state", Json::str("waiting"));
-            after.set("comment", Json::str(""));
+            match self.client.held_state() {
+                // Set by an operator while the job ran: keep it.
+                Ok(Some((held, _))) => log::info!("agent is {held} on the server; not posting waiting"),
+                Ok(None) => {
+                    after.set("state", Json::str("waiting"));
+                    after.set("comment", Json::str(""));
+                }
+                Err(e) => self.owe_waiting(&e),
+            }
         }
         match self.client.post_agent_data(&after) {
             Ok(()) => self.last_post = Instant::now(),

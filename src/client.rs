@@ -296,17 +296,18 @@ impl Client {
     }
 
     /// The state the agent is held in on the server (`offline` or
-    /// `maintenance`) and its comment; `None` when there is none or it
-    /// cannot be read. Posting a state over it would undo an operator.
-    pub fn held_state(&mut self) -> Option<(String, String)> {
+    /// `maintenance`) and its comment; `Ok(None)` when it is not held (or
+    /// has no record). Posting a state over it would undo an operator, so
+    /// a failed read (`Err`) must not be taken for "not held".
+    pub fn held_state(&mut self) -> Result<Option<(String, String)>, ClientError> {
         self.held_state_with(self.retry)
     }
 
-    pub fn held_state_with(&mut self, retry: Retry) -> Option<(String, String)> {
-        let data = self.agent_data(retry).ok().flatten()?;
-        let state = data.get("state").and_then(Json::as_str)?;
+    pub fn held_state_with(&mut self, retry: Retry) -> Result<Option<(String, String)>, ClientError> {
+        let Some(data) = self.agent_data(retry)? else { return Ok(None) };
+        let state = data.get("state").and_then(Json::as_str).unwrap_or("");
         let comment = data.get("comment").and_then(Json::as_str).unwrap_or("");
-        matches!(state, "offline" | "maintenance").then(|| (state.to_string(), comment.to_string()))
+        Ok(matches!(state, "offline" | "maintenance").then(|| (state.to_string(), comment.to_string())))
     }
 
     pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {

@@ -186,6 +186,9 @@ impl<'a> JobRunner<'a> {
     /// The end shared by `run` and `resume`: the `job_end` event, then the
     /// outcome delivered or kept.
     fn finish(mut self, end: EndReason) -> Summary {
+        // The event agrees with the outcome: a job posted `cancelled` did
+        // not end normally (a failure keeps its own reason).
+        let end = if self.state.cancelled && end == EndReason::NormalExit { EndReason::Cancelled } else { end };
         self.emit(Event::JobEnd, &end.to_string());
         let delivered = self.deliver();
         Summary {
@@ -289,13 +292,18 @@ impl<'a> JobRunner<'a> {
             m.phase_ended(phase.as_str(), started.elapsed().as_secs_f64(), code, &self.release);
         }
         self.record_status(phase, code);
+        // As upstream: the allocation is held whatever allocate's status
+        // (a parent waits for `allocated`, not for a status), and the
+        // phase's events follow the release. Unlike upstream, not after a
+        // cancel (`allocated` would turn the cancelled job back into a live
+        // one) nor when the agent is stopping.
+        if phase == Phase::Allocate && !matches!(stopped, Some(Stop::Cancelled | Stop::Interrupted)) {
+            self.hold_allocation();
+        }
         if let Some(stop) = &stopped {
             self.emit(Event::Ended(stop.reason()), stop.message().trim());
         }
         let failure = self.report_exit(phase, code, signal.filter(|_| stopped.is_none()));
-        if phase == Phase::Allocate && code == 0 {
-            self.hold_allocation();
-        }
         match stopped {
             Some(Stop::Cancelled) => {
                 self.state.cancelled = true;

@@ -146,13 +146,22 @@ impl JobRunner<'_> {
 }
 
 /// Posts the agent's `state` (a phase name), unless an operator holds the
-/// agent offline or in maintenance: an operator may put the agent in
-/// maintenance while a job runs, and a phase name must not overwrite that
-/// (upstream's does). Also the heartbeat of long phases.
+/// agent offline or in maintenance, or its state cannot be read: an
+/// operator may put the agent in maintenance while a job runs, and a phase
+/// name must not overwrite that (upstream's does). Also the heartbeat of
+/// long phases.
 pub(super) fn post_state_unless_held(client: &mut Client, state: Phase, retry: crate::retry::Retry) {
-    if let Some((held, _)) = client.held_state_with(retry) {
-        log::info!("agent is {held} on the server; not posting state {state}");
-        return;
+    match client.held_state_with(retry) {
+        Ok(None) => {}
+        Ok(Some((held, _))) => {
+            log::info!("agent is {held} on the server; not posting state {state}");
+            return;
+        }
+        // Unseen, it may be an operator's: the next phase's post reads again.
+        Err(e) => {
+            log::warn!("state {state} not posted: cannot read the agent's state on the server first: {e}");
+            return;
+        }
     }
     // Always with a comment, as upstream posts a state.
     let data = Json::object().with("state", Json::str(state.as_str())).with("comment", Json::str(""));

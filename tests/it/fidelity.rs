@@ -318,6 +318,31 @@ fn a_cancelled_job_stays_cancelled_after_its_outcome() {
     assert_eq!(posts.last().and_then(|o| o.get("job_state")).and_then(Json::as_str), Some("cancelled"), "{posts:?}");
 }
 
+/// Issue 22: a cancel landing after the test phase (here while cleanup
+/// runs) ends the job `cancelled`; `job_end` says so too, not
+/// `normal_exit` (upstream says `normal_exit` for every cancel).
+#[test]
+fn a_cancel_during_cleanup_ends_the_events_with_cancelled() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"},"job_status_webhook":"http://hook.example/x"}"#));
+    let agent = Agent::new(&server)
+        .command("test", "true")
+        .command("cleanup", "touch started; while [ ! -f go ]; do sleep 0.02; done");
+    let mut p = agent.spawn_with(&["--once"]);
+    let started = agent.run_dir(&job).join("started");
+    server.wait_until(T, "cleanup running", |_| started.exists());
+    server.cancel_job(&job);
+    fs::write(agent.run_dir(&job).join("go"), "").expect("release cleanup");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let posts = server.results_posted(&job);
+    assert_eq!(posts.last().and_then(|o| o.get("job_state")).and_then(Json::as_str), Some("cancelled"), "{posts:?}");
+    let last = server.event_posts(&job).last().and_then(|p| p.get("events")?.as_array()?.last().cloned());
+    let end = last.expect("events posted");
+    assert_eq!(end.get("event_name").and_then(Json::as_str), Some("job_end"), "{end}");
+    assert_eq!(end.get("detail").and_then(Json::as_str), Some("cancelled"), "{end}");
+}
+
 /// Item 20 (ours on purpose): a phase the agent kills reports 143
 /// (SIGTERM), where upstream reports 247.
 #[test]

@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
+use crate::fake_server::{FakeServer, Fault};
 use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -237,6 +237,114 @@ fn allocate_holds_the_device_until_the_parent_job_is_over() {
     assert!(completed(&server, &child));
     assert_eq!(status(&server, &child, "allocate"), Some(0));
     assert_eq!(status(&server, &child, "cleanup"), Some(0));
+}
+
+/// As upstream (issue 22): a child holds whatever allocate's status, since
+/// the parent waits for `allocated`; the phase's events come after the
+/// release, and the failure then ends the job (no reserve).
+#[test]
+fn a_failing_allocate_still_holds_and_reports_after_the_release() {
+    let server = FakeServer::start();
+    let (parent, child) = (unique_id(), unique_id());
+    server.set_job_state(&parent, "provision");
+    let extra = format!(
+        r#"{{"parent_job_id":"{parent}","allocate_data":{{"allocate":true}},"reserve_data":{{"timeout":5}},"job_status_webhook":"http://hook.example/x"}}"#
+    );
+    server.push_job(&job_json(&child, QUEUE, &extra));
+    server.set_job_state(&child, "waiting");
+    let agent = Agent::new(&server)
+        .command("allocate", r#"echo '{"device_info": {"device_ip": "10.9.8.7"}}' > device-info.json; exit 1"#)
+        .command("reserve", "echo reserve ran")
+        .command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn_with(&["--once"]);
+    server.wait_until(T, "allocated", |s| s.job_states_posted(&child).iter().any(|x| x == "allocated"));
+    let ip = server.result(&child).and_then(|r| r.get("device_info")?.get("device_ip")?.as_str().map(String::from));
+    assert_eq!(ip.as_deref(), Some("10.9.8.7"), "device info posted before allocated");
+    assert_eq!(status(&server, &child, "allocate"), Some(1), "the status is posted before the hold");
+    let checks = server.requests_to("GET", &format!("/v1/result/{parent}")).len();
+    server.wait_until(T, "parent checked again", |s| s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3);
+    assert!(p.try_wait().is_none(), "held: {}", p.diagnostics());
+    let events = server.events(&child);
+    assert_eq!(events.last().map(String::as_str), Some("allocate_start"), "no allocate event during the hold: {events:?}");
+    server.set_job_state(&parent, "cancelled");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let events = server.events(&child);
+    let tail: Vec<&str> = events.iter().map(String::as_str).skip_while(|e| *e != "allocate_start").collect();
+    assert_eq!(tail, ["allocate_start", "allocate_fail", "cleanup_start", "cleanup_success", "job_end"], "{events:?}");
+    assert_eq!(status(&server, &child, "reserve"), None, "the failed allocate ends the job");
+    assert_eq!(status(&server, &child, "cleanup"), Some(0));
+}
+
+/// A cancel that stops the allocate command is no allocation: nothing is
+/// held, and `allocated` is never posted over the cancel (upstream posts it,
+/// which makes the cancelled job live again on the server).
+#[test]
+fn a_cancel_during_allocate_holds_nothing() {
+    let server = FakeServer::start();
+    let (parent, child) = (unique_id(), unique_id());
+    server.set_job_state(&parent, "provision");
+    let extra = format!(r#"{{"parent_job_id":"{parent}","allocate_data":{{"allocate":true}}}}"#);
+    server.push_job(&job_json(&child, QUEUE, &extra));
+    server.set_job_state(&child, "waiting");
+    let agent = Agent::new(&server)
+        .command("allocate", r#"echo '{"device_info": {"device_ip": "10.9.8.7"}}' > device-info.json; sleep 60"#)
+        .command("cleanup", "echo cleanup ran");
+    let mut p = agent.spawn_with(&["--once"]);
+    server.wait_until(T, "allocate running", |s| s.job_states_posted(&child).iter().any(|x| x == "allocate"));
+    server.cancel_job(&child);
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    let states = server.job_states_posted(&child);
+    assert!(!states.iter().any(|x| x == "allocated"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("cancelled"), "{states:?}");
+}
+
+/// Issue 22: the state read before `waiting` after a job fails (500): the
+/// operator's `maintenance` set during the job, which the agent could not
+/// see, stays; nothing is posted over it.
+#[test]
+fn a_failed_state_read_after_a_job_posts_nothing_over_the_operators_state() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server).command("test", BLOCK_UNTIL_GO).command("cleanup", "true");
+    let mut p = agent.spawn_with(&["--once"]);
+    wait_for_file(&agent.run_dir(&job).join("started"));
+    server.set_agent_state(AGENT_ID, "maintenance", "swapping the cable");
+    let path = format!("/v1/agents/data/{AGENT_ID}");
+    server.add_fault(Fault::status("GET", &path, 1000, 500));
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("release the phase");
+    assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
+    assert!(completed(&server, &job));
+    let failed_reads = server.requests_to("GET", &path).iter().filter(|r| r.status == 500).count();
+    assert!(failed_reads > 0, "the agent tried to read its state");
+    let data = server.agent_data(AGENT_ID).expect("agent data");
+    assert_eq!(data.get("state").and_then(Json::as_str), Some("maintenance"), "{data}");
+    assert_eq!(data.get("comment").and_then(Json::as_str), Some("swapping the cable"), "{data}");
+    assert_eq!(data.get("job_id").and_then(Json::as_str), Some(""), "the job id is still cleared: {data}");
+}
+
+/// The `waiting` held back by a failed read goes once a cycle reads a
+/// state that is not an operator's.
+#[test]
+fn waiting_held_back_by_a_failed_read_is_posted_once_the_state_reads() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server).command("test", BLOCK_UNTIL_GO).command("cleanup", "true");
+    let mut p = agent.spawn();
+    wait_for_file(&agent.run_dir(&job).join("started"));
+    let path = format!("/v1/agents/data/{AGENT_ID}");
+    server.add_fault(Fault::status("GET", &path, 1000, 500));
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("release the phase");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    let failed = |s: &FakeServer| s.requests_to("GET", &path).iter().filter(|r| r.status == 500).count();
+    let after_job = failed(&server);
+    server.wait_until(T, "two more failed reads", |s| failed(s) >= after_job + 2);
+    let states = server.agent_states(AGENT_ID);
+    assert_eq!(states.last().map(String::as_str), Some("test"), "nothing posted while unseen: {states:?}");
+    server.clear_faults();
+    server.wait_until(T, "waiting posted", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
+    assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
 #[test]

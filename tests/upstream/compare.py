@@ -41,6 +41,8 @@ def normaliser(snap):
     """A function making a string comparable across the two sides."""
     pairs = [(snap["job_id"], "<JOB>"), (snap["workdir"], "<DIR>"), (snap["tag"], "<AGENT>")]
     pairs += [(url, "<SERVER>") for url in snap["server"]]
+    # a multi-device run's other agents (tag, placeholder)
+    pairs += [tuple(a) for a in snap.get("aliases", [])]
 
     def norm(text):
         for old, new in pairs:

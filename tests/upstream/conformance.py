@@ -395,9 +395,18 @@ def main():
     results = {}
     slots = threading.Semaphore(args.parallel)
 
+    rows = {}  # a multi-device scenario's table rows (one per role) and notes
+
     def work(name):
         with slots:
-            results[name] = run_scenario(env, name, SCENARIOS[name])
+            if "multi" in SCENARIOS[name]:
+                import multi
+
+                pairs, notes = multi.run(env, name, SCENARIOS[name])
+                results.update(pairs)
+                rows[name] = (list(pairs), notes)
+            else:
+                results[name] = run_scenario(env, name, SCENARIOS[name])
 
     # daemon threads: a SIGTERM ends the harness at once (atexit stops the agents)
     threads = [threading.Thread(target=work, args=(name,), daemon=True) for name in names]
@@ -406,7 +415,9 @@ def main():
     for t in threads:
         t.join()
 
-    lines, failed, dump = compare.table(names, results, allowed)
+    table_names = [row for n in names for row in rows.get(n, ([n], []))[0]]
+    lines, failed, dump = compare.table(table_names, results, allowed)
+    lines += [note for n in names for note in rows.get(n, ([], []))[1]]
     lines += complaints
     lines.append(f"elapsed: {time.time() - started:.0f} s; {'FAIL' if failed else 'OK'}"
                  f" ({failed} unexplained difference(s))")

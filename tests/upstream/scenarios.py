@@ -9,12 +9,17 @@ A scenario is a dict:
   files      {name: (text, mode)} written next to the job file (attachments)
   drive      fn(ctx) run after submission: cancel, operator states, outage
   submit     "cli" (default) or "hostile" (raw API with a crafted archive)
+A multi-device scenario (multi.py) has instead:
+  multi      who runs each role: {"parent"|"child1"|"child2": "ours"|"upstream"}
+  test_cmds  the parent's test
+  cancel     cancel the parent while its test runs and the children hold
 """
 
 import io
 import tarfile
 
 TEST_SLOW = "echo test started; sleep 120; echo never"
+MULTI_TEST = "echo devices: $DEVICE_IP_1 $DEVICE_IP_2"
 
 
 def full(ctx):
@@ -232,5 +237,27 @@ SCENARIOS = {
     "server_unreachable": {
         "job": {"test_data": {"test_cmds": "for i in $(seq 1 15); do echo tick $i; sleep 2; done"}},
         "drive": server_unreachable,
+    },
+    # issue 22: the `multi` connector's parent and two children, in mixes
+    "multi_ours_ours": {
+        "multi": {"parent": "ours", "child1": "ours", "child2": "ours"},
+        "test_cmds": MULTI_TEST,
+    },
+    "multi_ours_upstream_children": {
+        "multi": {"parent": "ours", "child1": "upstream", "child2": "upstream"},
+        "test_cmds": MULTI_TEST,
+    },
+    "multi_upstream_ours_children": {
+        "multi": {"parent": "upstream", "child1": "ours", "child2": "ours"},
+        "test_cmds": MULTI_TEST,
+    },
+    "multi_mixed_children": {
+        "multi": {"parent": "ours", "child1": "ours", "child2": "upstream"},
+        "test_cmds": MULTI_TEST,
+    },
+    "multi_cancel_parent": {
+        "multi": {"parent": "ours", "child1": "ours", "child2": "upstream"},
+        "test_cmds": "echo test started; sleep 120; echo never",
+        "cancel": True,
     },
 }
