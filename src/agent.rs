@@ -80,11 +80,7 @@ impl<'a> Agent<'a> {
             metrics,
             last_post: Instant::now(),
             last_state: String::new(),
-            kept: Backoff::new(Schedule::new(
-                Duration::from_secs_f64(config.polling_interval).max(Duration::from_secs(1)),
-                MAX_BACKOFF,
-                Jitter::Spread,
-            )),
+            kept: Backoff::new(kept_schedule(config.polling_interval)),
             unreachable: None,
             heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
@@ -387,6 +383,14 @@ impl<'a> Agent<'a> {
     }
 }
 
+/// Kept outcomes are retried after a random part (at least 1 s) of the
+/// polling interval, doubling: a fleet whose deliveries failed together (an
+/// outage) delivers them spread over the last wait when the server returns.
+fn kept_schedule(polling_interval: f64) -> Schedule {
+    let first = Duration::from_secs_f64(polling_interval).max(Duration::from_secs(1));
+    Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_secs(1) })
+}
+
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
 fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
@@ -403,6 +407,17 @@ fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: Syste
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn kept_retries_and_heartbeats_are_spread() {
+        let s = kept_schedule(10.0);
+        let waits: Vec<Duration> = (0..1000).map(|_| s.wait(3)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_secs(1) && *w <= Duration::from_secs(40)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35)));
+        let beats: Vec<Duration> = (0..1000).map(|_| jitter::early(HEARTBEAT)).collect();
+        assert!(beats.iter().all(|b| *b >= HEARTBEAT.mul_f64(0.8) && *b <= HEARTBEAT));
+        assert!(beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95)));
+    }
 
     #[test]
     fn heartbeat_once_a_day() {

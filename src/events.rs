@@ -109,8 +109,11 @@ impl Events {
                 }
                 Err(e) => {
                     self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                    log::warn!("event {name} not posted, holding events back for {:?}: {e}", self.hold);
-                    self.hold_until = Some(Instant::now() + self.hold);
+                    // A random part of the hold: jobs whose posts failed
+                    // together (an outage) post again apart.
+                    let wait = crate::jitter::full(self.hold, FIRST_HOLD / 2);
+                    log::warn!("event {name} not posted, holding events back for {:.1} s: {e}", wait.as_secs_f64());
+                    self.hold_until = Some(Instant::now() + wait);
                     self.unsent = true;
                 }
             }

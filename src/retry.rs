@@ -100,6 +100,67 @@ impl Backoff {
     }
 }
 
+/// The server seen failing across calls (no answer, or 500/502/503/504)
+/// for [`OUTAGE_AFTER`]: an outage. Calls are then held back, failing at
+/// once without a request, until a random moment of the hold (full
+/// jitter, doubling per failed probe); the first call after it probes. A
+/// fleet that lost the server together thus comes back spread over its
+/// last hold instead of in the second the server returns, and the phases
+/// it then starts do not end (and post) in the same second either. A job
+/// does not wait on the server meanwhile: what a held call carried is kept
+/// and retried as after any failure.
+#[derive(Clone, Debug)]
+pub struct Outage {
+    /// The first failed attempt since the last answer.
+    failing_since: Option<Instant>,
+    hold: Backoff,
+}
+
+/// Failing this long, over several attempts, is an outage: one patient
+/// call's own retries (about 1.75 s) are not enough to make one.
+pub const OUTAGE_AFTER: Duration = Duration::from_secs(3);
+/// Holds after an outage began: up to 2 s, doubling per failed probe up to
+/// a minute, each a random part of that.
+pub const OUTAGE_HOLD: Schedule =
+    Schedule::new(Duration::from_secs(2), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
+
+impl Outage {
+    pub fn new(hold: Schedule) -> Outage {
+        Outage { failing_since: None, hold: Backoff::new(hold) }
+    }
+
+    /// How long calls are still held back at `now`; `None`: a call may go.
+    pub fn held(&self, now: Instant) -> Option<Duration> {
+        self.hold.next().filter(|t| *t > now).map(|t| t - now)
+    }
+
+    /// An attempt got an answer the server meant (any but 500/502/503/504):
+    /// no outage. True when that ends one.
+    pub fn answered(&mut self) -> bool {
+        let ended = self.hold.failures() > 0;
+        self.failing_since = None;
+        self.hold.succeeded();
+        ended
+    }
+
+    /// An attempt got no answer, or a 500/502/503/504, at `now`.
+    pub fn attempt_failed(&mut self, now: Instant) {
+        self.failing_since.get_or_insert(now);
+    }
+
+    /// A call gave up at `now` after failed attempts. When the server has
+    /// been failing for [`OUTAGE_AFTER`], returns the hold that begins, and
+    /// whether it is the outage's first.
+    pub fn call_failed(&mut self, now: Instant) -> Option<(Duration, bool)> {
+        let since = self.failing_since?;
+        if now.duration_since(since) < OUTAGE_AFTER {
+            return None;
+        }
+        let hold = self.hold.failed(now);
+        Some((hold, self.hold.failures() == 1))
+    }
+}
+
 /// How hard one call tries before giving the failure back.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Retry {
@@ -164,5 +225,45 @@ mod tests {
         assert_eq!((b.failures(), b.next()), (0, None));
         let spread = Schedule::new(Duration::from_secs(10), Duration::from_secs(10), Jitter::Spread).wait(1);
         assert!(spread >= Duration::from_secs(8) && spread <= Duration::from_secs(12), "{spread:?}");
+    }
+
+    #[test]
+    fn an_outage_holds_calls_back_for_a_random_part_of_a_doubling_hold() {
+        let schedule = Schedule::new(Duration::from_secs(2), Duration::from_secs(60), Jitter::None);
+        let t = Instant::now();
+        let mut o = Outage::new(schedule);
+        // Failures shorter than OUTAGE_AFTER are no outage.
+        o.attempt_failed(t);
+        assert_eq!(o.call_failed(t + Duration::from_secs(2)), None);
+        assert_eq!(o.held(t + Duration::from_secs(2)), None);
+        // An answer forgets them (no outage ended: none had begun).
+        assert!(!o.answered());
+        o.attempt_failed(t + Duration::from_secs(2));
+        assert_eq!(o.call_failed(t + Duration::from_secs(4)), None);
+        let at = t + Duration::from_secs(5);
+        assert_eq!(o.call_failed(at), Some((Duration::from_secs(2), true)));
+        assert_eq!(o.held(at + Duration::from_secs(1)), Some(Duration::from_secs(1)));
+        assert_eq!(o.held(at + Duration::from_secs(2)), None);
+        // The probe failed: the next hold doubles, and is not the first.
+        assert_eq!(o.call_failed(at + Duration::from_secs(2)), Some((Duration::from_secs(4), false)));
+        assert!(o.answered());
+        assert_eq!(o.held(at + Duration::from_secs(3)), None);
+
+        // With the real schedule each hold is anywhere in [0.5 s, nominal].
+        let mut lo = Duration::MAX;
+        let mut hi = Duration::ZERO;
+        for _ in 0..1000 {
+            let mut o = Outage::new(OUTAGE_HOLD);
+            o.attempt_failed(t);
+            let mut last = Duration::ZERO;
+            for _ in 0..6 {
+                last = o.call_failed(t + OUTAGE_AFTER).map(|(h, _)| h).unwrap_or_default();
+            }
+            // Six failed probes: nominal 2 s * 2^5 = 64 s, capped at 60 s.
+            assert!(last >= Duration::from_millis(500) && last <= Duration::from_secs(60), "{last:?}");
+            lo = lo.min(last);
+            hi = hi.max(last);
+        }
+        assert!(lo < Duration::from_secs(10) && hi > Duration::from_secs(50), "holds not spread: {lo:?}..{hi:?}");
     }
 }
