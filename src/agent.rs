@@ -203,7 +203,13 @@ impl<'a> Agent<'a> {
                 return Exit::Once;
             }
             // ±20 %: agents started together drift apart within a few polls.
-            let wait = jitter::spread(self.interval());
+            // Kept outcomes go when their own (full-jitter) wait is over,
+            // not at the next poll: that would bring back in step a fleet
+            // whose jobs ended together.
+            let mut wait = jitter::spread(self.interval());
+            if let Some(due) = self.kept.next() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
             log::debug!("next poll in {wait:?}");
             wait::until(Instant::now() + wait, Some(&mut self.metrics), None, Ends::StopOrRestart);
         }
@@ -355,6 +361,10 @@ impl<'a> Agent<'a> {
         };
         let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
         log::info!("job {} ended: {} {:?}", summary.job_id, summary.end_reason, summary.statuses);
+        if !summary.delivered {
+            // Kept: tried again after a random part of the kept wait.
+            self.kept.failed(Instant::now());
+        }
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {
             self.recovery_failed = true;

@@ -254,7 +254,7 @@ impl Client {
     fn outage_began(&mut self) {
         match self.outage.call_failed(Instant::now()) {
             Some((hold, true)) => log::warn!(
-                "server {} failing for {} s or more: requests held back for {:.1} s, then longer (random, doubling up to a minute) while it still fails",
+                "server {} failing for {} s or more: requests held back for {:.1} s, then for a random part of the outage so far (at most a minute) while it still fails",
                 self.base,
                 crate::retry::OUTAGE_AFTER.as_secs(),
                 hold.as_secs_f64()

@@ -49,7 +49,11 @@ impl Schedule {
 
     /// The wait after `failures` failures in a row, jittered.
     pub fn wait(&self, failures: u32) -> Duration {
-        let d = self.nominal(failures);
+        self.jittered(self.nominal(failures))
+    }
+
+    /// `d` varied as this schedule varies its waits.
+    pub fn jittered(&self, d: Duration) -> Duration {
         match self.jitter {
             Jitter::None => d,
             Jitter::Spread => jitter::spread(d),
@@ -103,8 +107,8 @@ impl Backoff {
 /// The server seen failing across calls (no answer, or 500/502/503/504)
 /// for [`OUTAGE_AFTER`]: an outage. Calls are then held back, failing at
 /// once without a request, until a random moment of the hold (full
-/// jitter, doubling per failed probe); the first call after it probes. A
-/// fleet that lost the server together thus comes back spread over its
+/// jitter over the longer of the doubling wait and the outage so far); the
+/// first call after it probes. A fleet that lost the server together thus comes back spread over its
 /// last hold instead of in the second the server returns, and the phases
 /// it then starts do not end (and post) in the same second either. A job
 /// does not wait on the server meanwhile: what a held call carried is kept
@@ -113,33 +117,39 @@ impl Backoff {
 pub struct Outage {
     /// The first failed attempt since the last answer.
     failing_since: Option<Instant>,
-    hold: Backoff,
+    schedule: Schedule,
+    /// Failed probes (calls that gave up) since the outage began.
+    failures: u32,
+    held_until: Option<Instant>,
 }
 
 /// Failing this long, over several attempts, is an outage: one patient
 /// call's own retries (about 1.75 s) are not enough to make one.
 pub const OUTAGE_AFTER: Duration = Duration::from_secs(3);
-/// Holds after an outage began: up to 2 s, doubling per failed probe up to
-/// a minute, each a random part of that.
+/// Holds after an outage began: a random part of 2 s doubling per failed
+/// probe, or of the outage so far when longer, up to a minute. Sized by the
+/// outage's age, agents that lost the server together come back spread over
+/// about as long as it was gone, however few probes each made.
 pub const OUTAGE_HOLD: Schedule =
     Schedule::new(Duration::from_secs(2), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
 
 impl Outage {
     pub fn new(hold: Schedule) -> Outage {
-        Outage { failing_since: None, hold: Backoff::new(hold) }
+        Outage { failing_since: None, schedule: hold, failures: 0, held_until: None }
     }
 
     /// How long calls are still held back at `now`; `None`: a call may go.
     pub fn held(&self, now: Instant) -> Option<Duration> {
-        self.hold.next().filter(|t| *t > now).map(|t| t - now)
+        self.held_until.filter(|t| *t > now).map(|t| t - now)
     }
 
     /// An attempt got an answer the server meant (any but 500/502/503/504):
     /// no outage. True when that ends one.
     pub fn answered(&mut self) -> bool {
-        let ended = self.hold.failures() > 0;
+        let ended = self.failures > 0;
         self.failing_since = None;
-        self.hold.succeeded();
+        self.failures = 0;
+        self.held_until = None;
         ended
     }
 
@@ -153,11 +163,15 @@ impl Outage {
     /// whether it is the outage's first.
     pub fn call_failed(&mut self, now: Instant) -> Option<(Duration, bool)> {
         let since = self.failing_since?;
-        if now.duration_since(since) < OUTAGE_AFTER {
+        let age = now.duration_since(since);
+        if age < OUTAGE_AFTER {
             return None;
         }
-        let hold = self.hold.failed(now);
-        Some((hold, self.hold.failures() == 1))
+        self.failures = self.failures.saturating_add(1);
+        let nominal = self.schedule.nominal(self.failures).max(age).min(self.schedule.max);
+        let hold = self.schedule.jittered(nominal);
+        self.held_until = Some(now + hold);
+        Some((hold, self.failures == 1))
     }
 }
 
@@ -240,30 +254,33 @@ mod tests {
         assert!(!o.answered());
         o.attempt_failed(t + Duration::from_secs(2));
         assert_eq!(o.call_failed(t + Duration::from_secs(4)), None);
+        // Failing for 3 s (since t + 2): the first hold is the outage so
+        // far, longer than the schedule's first 2 s.
         let at = t + Duration::from_secs(5);
-        assert_eq!(o.call_failed(at), Some((Duration::from_secs(2), true)));
-        assert_eq!(o.held(at + Duration::from_secs(1)), Some(Duration::from_secs(1)));
-        assert_eq!(o.held(at + Duration::from_secs(2)), None);
-        // The probe failed: the next hold doubles, and is not the first.
-        assert_eq!(o.call_failed(at + Duration::from_secs(2)), Some((Duration::from_secs(4), false)));
-        assert!(o.answered());
+        assert_eq!(o.call_failed(at), Some((Duration::from_secs(3), true)));
+        assert_eq!(o.held(at + Duration::from_secs(1)), Some(Duration::from_secs(2)));
         assert_eq!(o.held(at + Duration::from_secs(3)), None);
+        // The probe failed, 6 s into the outage: 6 s beats the doubled 4 s;
+        // at the next, the doubled 8 s beats the outage. Not the first.
+        assert_eq!(o.call_failed(at + Duration::from_secs(3)), Some((Duration::from_secs(6), false)));
+        assert_eq!(o.call_failed(at + Duration::from_secs(3)), Some((Duration::from_secs(8), false)));
+        // Never longer than the cap, however long the outage.
+        assert_eq!(o.call_failed(at + Duration::from_secs(600)), Some((Duration::from_secs(60), false)));
+        assert!(o.answered());
+        assert_eq!(o.held(at + Duration::from_secs(601)), None);
 
-        // With the real schedule each hold is anywhere in [0.5 s, nominal].
+        // With the real schedule each hold is anywhere in [0.5 s, nominal]:
+        // after 30 s of outage, in [0.5 s, 30 s] at the first probe.
         let mut lo = Duration::MAX;
         let mut hi = Duration::ZERO;
         for _ in 0..1000 {
             let mut o = Outage::new(OUTAGE_HOLD);
             o.attempt_failed(t);
-            let mut last = Duration::ZERO;
-            for _ in 0..6 {
-                last = o.call_failed(t + OUTAGE_AFTER).map(|(h, _)| h).unwrap_or_default();
-            }
-            // Six failed probes: nominal 2 s * 2^5 = 64 s, capped at 60 s.
-            assert!(last >= Duration::from_millis(500) && last <= Duration::from_secs(60), "{last:?}");
+            let last = o.call_failed(t + Duration::from_secs(30)).map(|(h, _)| h).unwrap_or_default();
+            assert!(last >= Duration::from_millis(500) && last <= Duration::from_secs(30), "{last:?}");
             lo = lo.min(last);
             hi = hi.max(last);
         }
-        assert!(lo < Duration::from_secs(10) && hi > Duration::from_secs(50), "holds not spread: {lo:?}..{hi:?}");
+        assert!(lo < Duration::from_secs(5) && hi > Duration::from_secs(25), "holds not spread: {lo:?}..{hi:?}");
     }
 }
