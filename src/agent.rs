@@ -88,11 +88,7 @@ impl<'a> Agent<'a> {
             last_post: Instant::now(),
             last_state: String::new(),
             restart_waits: false,
-            kept: Backoff::new(Schedule::new(
-                Duration::from_secs_f64(config.polling_interval).max(Duration::from_secs(1)),
-                MAX_BACKOFF,
-                Jitter::Spread,
-            )),
+            kept: Backoff::new(kept_schedule(config.polling_interval)),
             unreachable: None,
             heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
@@ -235,7 +231,13 @@ impl<'a> Agent<'a> {
                 return Exit::Once;
             }
             // ±20 %: agents started together drift apart within a few polls.
-            let wait = jitter::spread(self.interval());
+            // Kept outcomes go when their own (full-jitter) wait is over,
+            // not at the next poll: that would bring back in step a fleet
+            // whose jobs ended together.
+            let mut wait = jitter::spread(self.interval());
+            if let Some(due) = self.kept.next() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
             log::debug!("next poll in {}", human::duration(wait));
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
             wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, ends);
@@ -443,6 +445,10 @@ impl<'a> Agent<'a> {
         };
         let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
         log::info!("job {} ended: {}; {}", summary.job_id, summary.end_reason, human::exit_statuses(&summary.statuses));
+        if !summary.delivered {
+            // Kept: tried again after a random part of the kept wait.
+            self.kept.failed(Instant::now());
+        }
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {
             self.recovery_failed = true;
@@ -490,6 +496,14 @@ impl FilterStop for Result<(), ClientError> {
     }
 }
 
+/// Kept outcomes are retried after a random part (at least 1 s) of the
+/// polling interval, doubling: a fleet whose deliveries failed together (an
+/// outage) delivers them spread over the last wait when the server returns.
+fn kept_schedule(polling_interval: f64) -> Schedule {
+    let first = Duration::from_secs_f64(polling_interval).max(Duration::from_secs(1));
+    Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_secs(1) })
+}
+
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
 fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
@@ -506,6 +520,17 @@ fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: Syste
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn kept_retries_and_heartbeats_are_spread() {
+        let s = kept_schedule(10.0);
+        let waits: Vec<Duration> = (0..1000).map(|_| s.wait(3)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_secs(1) && *w <= Duration::from_secs(40)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35)));
+        let beats: Vec<Duration> = (0..1000).map(|_| jitter::early(HEARTBEAT)).collect();
+        assert!(beats.iter().all(|b| *b >= HEARTBEAT.mul_f64(0.8) && *b <= HEARTBEAT));
+        assert!(beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95)));
+    }
 
     #[test]
     fn heartbeat_once_a_day() {

@@ -112,10 +112,13 @@ impl Events {
                 }
                 Err(e) => {
                     self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
+                    // A random part of the hold: jobs whose posts failed
+                    // together (an outage) post again apart.
+                    let wait = crate::jitter::full(self.hold, FIRST_HOLD / 2);
                     if !e.is_stop() {
-                        log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
+                        log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(wait));
                     }
-                    self.hold_until = Some(crate::deadline::from_now(self.hold));
+                    self.hold_until = Some(crate::deadline::from_now(wait));
                     self.unsent = true;
                 }
             }

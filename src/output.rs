@@ -46,8 +46,12 @@ const HEAVY: u64 = 8 << 20;
 /// (the child's pipe is drained meanwhile, see `Idle`). Fragments sent
 /// after the phase wait at least as long, for the same reason.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a fragment failed while the phase runs: 1 s, doubling to 32 s.
-const LIVE_BACKOFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Spread);
+/// After a fragment failed while the phase runs: a random part (at least
+/// 0.5 s) of 1 s, doubling to 32 s. Full jitter: a fleet whose fragments
+/// failed together (an outage) sends them back spread over the last wait,
+/// not in the second the server returns.
+const LIVE_BACKOFF: Schedule =
+    Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Full { floor: Duration::from_millis(500) });
 
 /// The phase's log file, written through the secret masker.
 pub struct PhaseLog {
@@ -291,6 +295,13 @@ impl LiveStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_retries_are_spread_over_the_whole_wait() {
+        let waits: Vec<Duration> = (0..1000).map(|_| LIVE_BACKOFF.wait(6)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(32)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28)));
+    }
 
     #[test]
     fn phase_log_masks_secrets_on_disk() {

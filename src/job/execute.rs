@@ -47,7 +47,7 @@ impl JobRunner<'_> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (phase.can_cancel() && has_live).then(|| crate::deadline::from_now(crate::budget::get().cancel_interval)),
+            next_cancel_check: (phase.can_cancel() && has_live).then(|| super::watcher::first_cancel_check(Instant::now())),
             metrics: self.metrics.as_deref_mut(),
             progress,
             next_heartbeat: crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT)),

@@ -71,6 +71,19 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// The first cancel check of a phase: a random part of the interval in.
+/// Agents whose phases start in the same second (all those the server's
+/// return let go on together) would otherwise check in step all phase
+/// long, a burst of GETs every interval.
+pub(super) fn first_cancel_check(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::within(crate::budget::get().cancel_interval))
+}
+
+/// The checks after it: the interval ±20 %, so agents drift further apart.
+fn next_cancel_check(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::spread(crate::budget::get().cancel_interval))
+}
+
 impl Watcher for PhaseWatcher<'_> {
     fn output(&mut self, data: &[u8]) {
         self.log.write(data);
@@ -106,7 +119,7 @@ impl Watcher for PhaseWatcher<'_> {
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(crate::deadline::after(now, crate::budget::get().cancel_interval));
+                self.next_cancel_check = Some(next_cancel_check(now));
                 // One short attempt: a slow server must not hold the phase's output.
                 if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
                     return Some(Stop::Cancelled);
@@ -140,5 +153,23 @@ impl Watcher for PhaseWatcher<'_> {
             wake = wake.min(self.next_heartbeat);
         }
         wake
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_checks_start_anywhere_in_the_interval_and_stay_near_it() {
+        let now = Instant::now();
+        let interval = crate::budget::get().cancel_interval;
+        let first: Vec<Duration> = (0..1000).map(|_| first_cancel_check(now) - now).collect();
+        assert!(first.iter().all(|d| *d > Duration::ZERO && *d <= interval));
+        // Not in step: the draws cover the interval's first and last fifth.
+        assert!(first.iter().any(|d| *d < interval / 5) && first.iter().any(|d| *d > interval * 4 / 5));
+        let next: Vec<Duration> = (0..1000).map(|_| next_cancel_check(now) - now).collect();
+        assert!(next.iter().all(|d| *d >= interval.mul_f64(0.8) && *d <= interval.mul_f64(1.2)));
+        assert!(next.iter().any(|d| *d < interval.mul_f64(0.9)) && next.iter().any(|d| *d > interval.mul_f64(1.1)));
     }
 }

@@ -24,7 +24,7 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
 /// With an `output_interval` of an hour: the phase's first output (its
 /// banner) still goes at once, then nothing more while the phase keeps
 /// printing, and the rest in the final flush; with a cancel check
-/// interval of an hour, no job-state request while the phase runs.
+/// interval of an hour, at most one job-state request while the phase runs.
 #[test]
 fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
     let server = FakeServer::start();
@@ -48,7 +48,9 @@ fn live_output_first_at_once_then_at_most_one_fragment_per_interval() {
     });
     let live: Vec<_> = server.fragments(&job, "output").into_iter().filter(|f| f.phase == "test").collect();
     assert_eq!(live.len(), 1, "one fragment while the output keeps coming: {live:?}");
-    assert_eq!(state_gets(), gets_at_start, "no cancel check within the interval");
+    // The first check comes at a random point of the hour (the fleet's
+    // checks out of step): rarely, but possibly, now.
+    assert!(state_gets() <= gets_at_start + 1, "at most one cancel check within the interval");
     std::fs::write(run.join("go"), "").expect("write go");
     server.wait_until(T, "job complete", |s| completed(s, &job));
     let text = server.log_text_phase(&job, "output", "test");
