@@ -290,6 +290,9 @@ impl<'a> Agent<'a> {
     /// The state could not be read before posting `waiting`: an operator
     /// may have set one, so nothing is posted until a cycle sees it.
     fn owe_waiting(&mut self, e: &crate::client::ClientError) {
+        if e.is_stop() {
+            return;
+        }
         log::warn!("cannot read the agent's state on the server, so waiting is not posted over it yet: {e}");
         self.waiting_unposted = true;
     }
@@ -450,6 +453,7 @@ impl<'a> Agent<'a> {
             self.kept.failed(Instant::now());
         }
         let mut after = Json::object().with("job_id", Json::str(""));
+        let mut posts_waiting = false;
         if summary.recovery_failed {
             self.recovery_failed = true;
             after.set("state", Json::str("offline"));
@@ -463,6 +467,7 @@ impl<'a> Agent<'a> {
                 Ok(None) => {
                     after.set("state", Json::str("waiting"));
                     after.set("comment", Json::str(""));
+                    posts_waiting = true;
                 }
                 Err(e) => self.owe_waiting(&e),
             }
@@ -476,7 +481,13 @@ impl<'a> Agent<'a> {
                 self.offline_unposted = Some(after);
             }
             Err(e) if e.is_stop() => {}
-            Err(e) => log::warn!("cannot post agent state: {e}"),
+            Err(e) => {
+                log::warn!("cannot post agent state: {e}");
+                // Owed like a waiting held back by a failed read: otherwise
+                // the server shows the job's last phase until the next
+                // heartbeat (an outage's hold fails it at once).
+                self.waiting_unposted |= posts_waiting;
+            }
         }
         summary.interrupted.then_some(Exit::Stopped)
     }

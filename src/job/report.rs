@@ -157,6 +157,7 @@ pub(super) fn post_state_unless_held(client: &mut Client, state: Phase, retry: c
             log::info!("agent is {held} on the server; not posting state {state}");
             return;
         }
+        Err(e) if e.is_stop() => return,
         // Unseen, it may be an operator's: the next phase's post reads again.
         Err(e) => {
             log::warn!("state {state} not posted: cannot read the agent's state on the server first: {e}");
