@@ -178,11 +178,9 @@ fn global_timeout_writes_its_line_emits_its_event_and_leaves_no_process() {
     let mut p = agent.spawn_with(&["--once"]);
     let pids = wait_for_tree(&pids_file, &mut p);
     server.wait_until(T, "test status posted", |s| status(s, &job, "test").is_some());
-    let stopped = Instant::now();
     // The tree is gone by the time the phase's status is posted.
     assert_eq!(alive(&pids), Vec::<i32>::new(), "left behind after the timeout");
     assert!(p.wait_exit(T).success());
-    assert!(stopped.elapsed() < T);
     let text = phase_text(&server, &job, "test");
     assert!(text.contains("ERROR: Global timeout reached! (2s)"), "{text}");
     assert!(server.events(&job).iter().any(|e| e == "global_timeout"), "{:?}", server.events(&job));
@@ -195,12 +193,13 @@ fn output_timeout_writes_its_line_and_emits_its_event() {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"output_timeout":1,"test_data":{{"test_cmds":"x"}}}}"#)));
-    let agent = Agent::new(&server).command("test", "echo quiet now; sleep 60");
-    let started = Instant::now();
+    // Waited for rather than stopped, the phase would print its last line
+    // (or outlast run_once's deadline).
+    let agent = Agent::new(&server).command("test", "echo quiet now; sleep 30; echo still running");
     assert!(agent.run_once(T).status.success());
-    assert!(started.elapsed() < Duration::from_secs(20), "the phase was stopped, not waited for");
     let text = phase_text(&server, &job, "test");
     assert!(text.contains("quiet now\n") && text.contains("ERROR: Output timeout reached! (1s)"), "{text}");
+    assert!(!text.contains("still running"), "the phase was waited for, not stopped: {text}");
     assert!(server.events(&job).iter().any(|e| e == "output_timeout"));
 }
 
@@ -214,11 +213,9 @@ fn cancel_stops_the_phase_and_leaves_no_process() {
     let agent = agent.command("test", &tree_command(&pids_file)).command("cleanup", "echo cleaned");
     let mut p = agent.spawn_with(&["--once"]);
     let pids = wait_for_tree(&pids_file, &mut p);
-    let asked = Instant::now();
+    // The tree sleeps 300 s: only the cancel ends the phase within T.
     server.cancel_job(&job);
     server.wait_until(T, "test status posted", |s| status(s, &job, "test").is_some());
-    // Checked every few seconds, plus the SIGTERM grace.
-    assert!(asked.elapsed() < Duration::from_secs(8), "cancel took {:?}", asked.elapsed());
     assert_eq!(alive(&pids), Vec::<i32>::new(), "left behind after the cancel");
     assert!(p.wait_exit(T).success());
     let text = phase_text(&server, &job, "test");
