@@ -117,11 +117,12 @@ pub enum FaultAction {
     /// like `Drip`: a slow server that took the request.
     DripAfterHandling(Duration),
     /// Once the file `armed` exists (a phase can make it), hold each answer
-    /// until the file `release` exists, then handle the request normally
-    /// (counted by `released_holds`); after `max` without it, answer 503
-    /// instead, so the record says which came first. Before `armed`, the
-    /// request is handled normally.
-    StallUntil { armed: std::path::PathBuf, release: std::path::PathBuf, max: Duration },
+    /// (making the file `holding` meanwhile, for the phase to wait on) until
+    /// the file `release` exists, then handle the request normally (counted
+    /// by `released_holds`); after `max` without it, answer 503 instead, so
+    /// the record says which came first. Before `armed`, the request is
+    /// handled normally.
+    StallUntil { armed: std::path::PathBuf, holding: std::path::PathBuf, release: std::path::PathBuf, max: Duration },
     /// Do not handle the request: send exactly these bytes, then keep the
     /// connection open until the client closes it (counted by
     /// `closed_by_client`) or the server stops. Recorded with status 0.
@@ -1019,8 +1020,9 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             shared.lock().requests.push(req.record(0));
             return Reply::RawThenHold(bytes);
         }
-        Some(FaultAction::StallUntil { armed, release, max }) if armed.exists() && !release.exists() => {
+        Some(FaultAction::StallUntil { armed, holding, release, max }) if armed.exists() && !release.exists() => {
             shared.lock().stalling += 1;
+            let _ = std::fs::write(&holding, "");
             let deadline = Instant::now() + max;
             while !release.exists() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(10));

@@ -262,28 +262,32 @@ fn killed_by_signal_is_reported_distinctly() {
     assert!(detail.contains("killed by signal 9"), "{last}");
 }
 
-/// Runs one job whose test phase makes the file `armed`, waits `wait`,
-/// writes 3 MiB (three times what the pipe holds), then makes the file
-/// `released`. From `armed` to `released` the server holds every answer to
-/// `method path` (`path` given the job): if the agent stopped draining the
-/// pipe while it waits for one, the writer would block, `released` would
-/// never come and the answer would be a 503. Checks at least one answer
-/// was held, none gave up, and every byte reached `test.log` and the
-/// fragments; returns the server and the job.
-fn write_while_held(wait: &str, method: &str, path: impl Fn(&str) -> String) -> (FakeServer, String) {
+/// Runs one job whose test phase makes the file `armed`, prints `first`,
+/// waits (20 s at most) until the server holds an answer to `method path`
+/// (`path` given the job), writes 3 MiB (three times what the pipe holds),
+/// then makes the file `released`. From `armed` to `released` the server
+/// holds every such answer: if the agent stopped draining the pipe while
+/// it waits for one, the writer would block, `released` would never come
+/// and the answer would be a 503. Checks at least one answer was held,
+/// none gave up, and every byte reached `test.log` and the fragments.
+fn write_while_held(first: &str, method: &str, path: impl Fn(&str) -> String) {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     let agent = keep_test_log(Agent::new(&server));
-    let (armed, released) = (agent.dir().join("armed"), agent.dir().join("released"));
+    let dir = agent.dir();
+    let (armed, holding, released) = (dir.join("armed"), dir.join("holding"), dir.join("released"));
     let path = path(&job);
-    let hold = FaultAction::StallUntil { armed: armed.clone(), release: released.clone(), max: Duration::from_secs(20) };
+    let hold =
+        FaultAction::StallUntil { armed: armed.clone(), holding: holding.clone(), release: released.clone(), max: Duration::from_secs(20) };
     server.add_fault(Fault::new(Some(method), &path, 1000, hold));
     let agent = agent.command(
         "test",
         &format!(
-            "touch '{}'; {wait}; head -c 3145728 /dev/zero | tr '\\0' x; echo; touch '{}'",
+            "touch '{}'; echo {first}; i=0; while [ ! -e '{}' ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+             head -c 3145728 /dev/zero | tr '\\0' x; echo; touch '{}'",
             armed.display(),
+            holding.display(),
             released.display()
         ),
     );
@@ -294,21 +298,20 @@ fn write_while_held(wait: &str, method: &str, path: impl Fn(&str) -> String) -> 
     let answers: Vec<u16> = server.requests_to(method, &path).iter().filter(|r| r.path == path).map(|r| r.status).collect();
     assert!(!answers.contains(&503), "{method} {path} answered {answers:?}: the writer blocked while one was held");
     assert!(server.released_holds() >= 1, "no {method} {path} came while the phase ran: {answers:?}");
-    (server, job)
 }
 
 #[test]
 fn the_child_keeps_writing_while_a_fragment_waits_for_its_answer() {
     // The first line's fragment is held until the phase has written all
     // 3 MiB: the agent drains the pipe while it waits.
-    write_while_held("echo first line; sleep 0.5", "POST", |job| format!("/v1/result/{job}/log/output"));
+    write_while_held("first line", "POST", |job| format!("/v1/result/{job}/log/output"));
 }
 
 #[test]
 fn the_child_keeps_writing_while_a_cancel_check_waits_for_its_answer() {
-    // The job's state is read every 3 s while a phase runs: the check 3 s
-    // into the phase is held until the phase has written all 3 MiB.
-    write_while_held("sleep 3.4", "GET", |job| format!("/v1/result/{job}"));
+    // The job's state is read every 3 s while a phase runs: the first
+    // check into the phase is held until the phase has written all 3 MiB.
+    write_while_held("first line", "GET", |job| format!("/v1/result/{job}"));
 }
 
 #[test]
