@@ -7,7 +7,7 @@ case "$phase:$mode" in
   test:mode-normal)
     echo "live line 1"
     touch /tmp/normal-ready
-    sleep 4
+    sleep 8
     echo "live line 2"
     mkdir -p artifacts
     echo "artifact from $(uname -m)" > artifacts/result.txt ;;
