@@ -8,12 +8,13 @@ use std::path::Path;
 use crate::client::{Client, ClientError};
 use crate::json::Json;
 use crate::output::LiveStream;
-use crate::rundir::{self, JobState, PendingStream, RunDir};
+use crate::rundir::{self, DeliveryState, PendingStream, RunDir};
+use crate::states::JobState;
 
 /// Sends the output the server missed, oldest first, each log from where
 /// it stopped, numbering fragments on from the state's counters; stops at
 /// the first failure. Progress is saved in the run dir after each log.
-pub fn send_pending(client: &mut Client, rundir: &RunDir, job_id: &str, state: &mut JobState) -> Result<(), ClientError> {
+pub fn send_pending(client: &mut Client, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
     while let Some(mut p) = state.pending.first().cloned() {
         let counter = state.fragments.next(p.kind);
         let result = send_rest(&mut p, client, rundir, job_id, counter);
@@ -59,7 +60,7 @@ pub fn deliver(client: &mut Client, rundir: &RunDir, job_id: &str) -> Result<(),
 /// `deliver`, with the delivery state and the outcome given rather than read
 /// from the run dir: on a full disk the files may be stale or missing, and
 /// what the agent holds in memory is the truth.
-pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut state: JobState, mut outcome: Json) -> Result<(), ClientError> {
+pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
     send_pending(client, rundir, job_id, &mut state)?;
 
     if let Some(events) = &state.events {
@@ -91,7 +92,8 @@ pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut stat
 
     // Upstream posts "complete" here, turning a cancelled job into a
     // completed one for the CLI and dashboards.
-    outcome.set("job_state", Json::str(if state.cancelled { "cancelled" } else { "complete" }));
+    let end = if state.cancelled { JobState::Cancelled } else { JobState::Complete };
+    outcome.set("job_state", Json::str(end.as_str()));
     client.post_result(job_id, &outcome)
 }
 

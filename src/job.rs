@@ -19,9 +19,10 @@ use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking};
 use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
-use crate::rundir::{self, JobState, RunDir};
+use crate::rundir::{self, DeliveryState, RunDir};
 use crate::runner::Stop;
 use crate::signals;
+use crate::states::JobState;
 
 mod execute;
 pub mod plan;
@@ -70,7 +71,7 @@ pub struct JobRunner<'a> {
     /// Fragment numbers, output left unsent, and whether the job was
     /// cancelled on the server (the outcome must then not turn it back into
     /// a completed one): saved in the run dir as they change.
-    state: JobState,
+    state: DeliveryState,
     /// A phase exited with `RECOVERY_FAILED`: the agent goes offline.
     recovery_failed: bool,
     /// Every secret value of the job (all phases'): job text on its way
@@ -99,7 +100,7 @@ impl<'a> JobRunner<'a> {
             echo,
             plan,
             rundir,
-            state: JobState::default(),
+            state: DeliveryState::default(),
             recovery_failed: false,
             _log_masking: masks.mask_log_lines(),
             masks,
@@ -221,7 +222,7 @@ impl<'a> JobRunner<'a> {
         log::error!("cannot prepare run dir {}: {e}", self.rundir.path().display());
         self.statuses.push((Phase::Setup, NOT_RUN));
         self.emit(Event::JobEnd, &format!("cannot prepare the run dir: {e}"));
-        let outcome = self.outcome().with("job_state", Json::str("complete"));
+        let outcome = self.outcome().with("job_state", Json::str(JobState::Complete.as_str()));
         self.post_result(outcome);
         Summary {
             job_id: self.plan.job_id.clone(),
@@ -258,7 +259,7 @@ impl<'a> JobRunner<'a> {
             }
             // A skipped phase is still announced and succeeds, as upstream
             // reports it: dashboards and webhooks see every phase.
-            self.post_result(Json::object().with("job_state", Json::str(phase.as_str())));
+            self.post_result(JobState::Phase(phase).post());
             self.post_agent_state(phase);
             self.emit(Event::Start(phase), "");
             if let Some(why) = self.plan.phase(phase).skip.clone() {
@@ -336,7 +337,7 @@ impl<'a> JobRunner<'a> {
         self.statuses = self.rundir.statuses();
         self.events.restore(self.rundir.events_file());
         // The events owed are the restored list's to say (see `deliver`).
-        self.state = JobState { events: None, ..self.rundir.load_state() };
+        self.state = DeliveryState { events: None, ..self.rundir.load_state() };
     }
 
     /// `phase` was running when the agent died: its log says so, its

@@ -27,6 +27,8 @@ pub mod client;
 pub mod config;
 pub mod json;
 pub mod mask;
+// In the client's answers.
+pub mod states;
 
 pub(crate) mod archive;
 pub(crate) mod atomic;

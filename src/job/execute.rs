@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use super::report::post_state_unless_held;
 use super::watcher::{PhaseWatcher, Progress};
 use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
-use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
@@ -15,6 +14,7 @@ use crate::rundir::PendingStream;
 use crate::runner::{self, Limits, Stop};
 use crate::serial::SerialTail;
 use crate::signals;
+use crate::states::JobState;
 
 impl JobRunner<'_> {
     /// Sleeps, answering metrics scrapes meanwhile.
@@ -128,11 +128,11 @@ impl JobRunner<'_> {
             }
             Self::pause(self.metrics.as_deref_mut(), Duration::from_secs(2));
         }
-        self.post_result(Json::object().with("job_state", Json::str("allocated")));
+        self.post_result(JobState::Allocated.post());
         let parent = self.plan.parent_job_id.clone();
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
         let Some(client) = self.client.as_deref_mut() else { return };
-        let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
+        let over = |s: Option<JobState>| s.is_some_and(|s| s.is_over());
         let mut next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
         loop {
             if Instant::now() >= next_heartbeat {

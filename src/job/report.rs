@@ -8,6 +8,7 @@ use crate::client::Client;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::{EndReason, Event, Phase, RECOVERY_FAILED};
+use crate::states::{AgentState, JobState};
 
 impl JobRunner<'_> {
     /// Emits an event; its detail goes through the job's secrets.
@@ -47,7 +48,7 @@ impl JobRunner<'_> {
 
     pub(super) fn is_cancelled(&mut self) -> bool {
         match self.client.as_deref_mut() {
-            Some(client) => client.job_state(&self.plan.job_id, None).as_deref() == Some("cancelled"),
+            Some(client) => client.job_state(&self.plan.job_id, None) == Some(JobState::Cancelled),
             None => false,
         }
     }
@@ -163,9 +164,7 @@ pub(super) fn post_state_unless_held(client: &mut Client, state: Phase, retry: c
             return;
         }
     }
-    // Always with a comment, as upstream posts a state.
-    let data = Json::object().with("state", Json::str(state.as_str())).with("comment", Json::str(""));
-    match client.post_agent_data_with(&data, retry) {
+    match client.post_agent_data_with(&AgentState::Busy(state).post(""), retry) {
         Err(e) if !e.is_stop() => log::warn!("agent state {state} not posted: {e}"),
         _ => {}
     }

@@ -12,9 +12,10 @@ use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{LogKind, Phase};
 use crate::retry::Retry;
-use crate::rundir::{JobState, PendingStream, RunDir};
+use crate::rundir::{DeliveryState, PendingStream, RunDir};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
+use crate::states::JobState;
 
 /// Watches one running phase: output to the log and the live stream,
 /// a cancel on the server as its stop condition.
@@ -39,7 +40,7 @@ pub(super) struct Progress<'a> {
     phase: Phase,
     /// The job's state as the phase started (earlier unsent output, the
     /// cancel), which every save carries on.
-    base: JobState,
+    base: DeliveryState,
     saved_output_next: u64,
     /// The serial fragments' next number as last saved (at first, as the
     /// phase started).
@@ -47,7 +48,7 @@ pub(super) struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: JobState) -> Progress<'a> {
+    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: DeliveryState) -> Progress<'a> {
         Progress { rundir, phase, saved_output_next: u64::MAX, saved_serial_next: base.fragments.serial, base }
     }
 
@@ -108,7 +109,7 @@ impl Watcher for PhaseWatcher<'_> {
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(crate::deadline::after(now, crate::budget::get().cancel_interval));
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
+                if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)) == Some(JobState::Cancelled) {
                     return Some(Stop::Cancelled);
                 }
             }
