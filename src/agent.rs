@@ -435,7 +435,7 @@ impl<'a> Agent<'a> {
                 return None;
             }
         };
-        let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
+        let summary = JobRunner::new(self.config, &mut self.client, job).with_metrics(&mut self.metrics).run();
         log::info!("job {} ended: {}; {}", summary.job_id, summary.end_reason, human::exit_statuses(&summary.statuses));
         let mut after = Json::object().with("job_id", Json::str(""));
         if summary.recovery_failed {

@@ -5,19 +5,20 @@
 
 use std::path::Path;
 
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
 use crate::json::Json;
 use crate::output::LiveStream;
+use crate::server::Server;
 use crate::rundir::{self, DeliveryState, PendingStream, RunDir};
 use crate::states::JobState;
 
 /// Sends the output the server missed, oldest first, each log from where
 /// it stopped, numbering fragments on from the state's counters; stops at
 /// the first failure. Progress is saved in the run dir after each log.
-pub fn send_pending(client: &mut Client, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
+pub fn send_pending(server: &mut dyn Server, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
     while let Some(mut p) = state.pending.first().cloned() {
         let counter = state.fragments.next(p.kind);
-        let result = send_rest(&mut p, client, rundir, job_id, counter);
+        let result = send_rest(&mut p, server, rundir, job_id, counter);
         state.pending[0] = p.clone();
         if result.is_ok() {
             state.pending.remove(0);
@@ -38,12 +39,12 @@ pub fn send_pending(client: &mut Client, rundir: &RunDir, job_id: &str, state: &
 /// Sends the rest of this log (from `sent`) as fragments numbered from
 /// `counter`; `sent` and `inflight_end` record how far it got. A serial
 /// log is sent from its masked copy, never from the connector's file.
-fn send_rest(p: &mut PendingStream, client: &mut Client, rundir: &RunDir, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
+fn send_rest(p: &mut PendingStream, server: &mut dyn Server, rundir: &RunDir, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
     let path = rundir.log(p.phase, p.kind);
     let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let mut stream = LiveStream::new(job_id, p.kind, p.phase, &path, p.sent);
     stream.inflight_end = p.inflight_end;
-    let result = stream.flush(client, counter, written);
+    let result = stream.flush(server, counter, written);
     p.sent = stream.sent;
     p.inflight_end = stream.inflight_end;
     result
@@ -52,19 +53,20 @@ fn send_rest(p: &mut PendingStream, client: &mut Client, rundir: &RunDir, job_id
 /// Sends what the server still lacks of the job in `rundir`, in order:
 /// missed output, artifacts, then the outcome. Each step that succeeds is
 /// recorded, so a retry resumes rather than repeats.
-pub fn deliver(client: &mut Client, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
+pub fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
     let outcome = rundir.outcome().unwrap_or_else(|| Json::object().with("status", Json::object()));
-    deliver_with(client, rundir, job_id, rundir.load_state(), outcome)
+    deliver_with(server, rundir, job_id, rundir.load_state(), outcome)
 }
 
 /// `deliver`, with the delivery state and the outcome given rather than read
 /// from the run dir: on a full disk the files may be stale or missing, and
 /// what the agent holds in memory is the truth.
-pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
-    send_pending(client, rundir, job_id, &mut state)?;
+pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
+    send_pending(server, rundir, job_id, &mut state)?;
 
     if let Some(events) = &state.events {
-        match client.post_events(job_id, events) {
+        let retry = server.retry();
+        match server.post_events(job_id, events, retry) {
             Ok(()) => {}
             // Refused for good: the events are the webhook's, not the
             // outcome; they must not hold the outcome back.
@@ -77,7 +79,7 @@ pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut stat
 
     let archive = rundir.archive();
     if archive.exists() && !rundir.archive_sent() {
-        match client.post_artifact(job_id, &archive) {
+        match server.post_artifact(job_id, &archive) {
             Ok(()) => {}
             // Refused for good (a 413 from a proxy's body limit, say): the
             // outcome, exit codes and output must not wait on it forever.
@@ -94,7 +96,7 @@ pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut stat
     // completed one for the CLI and dashboards.
     let end = if state.cancelled { JobState::Cancelled } else { JobState::Complete };
     outcome.set("job_state", Json::str(end.as_str()));
-    client.post_result(job_id, &outcome)
+    server.post_result(job_id, &outcome)
 }
 
 /// Delivers every kept job: those in `results_basedir`, and finished run
@@ -102,11 +104,11 @@ pub fn deliver_with(client: &mut Client, rundir: &RunDir, job_id: &str, mut stat
 /// true when none is left. A job the server refuses for good (a 4xx other
 /// than 401/408/429: the job is gone, the body is refused) is set aside rather
 /// than blocking every later job.
-pub fn deliver_kept(client: &mut Client, results_basedir: &Path, execution_basedir: &Path) -> bool {
+pub fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
     let mut kept = rundir::job_dirs(results_basedir);
     kept.extend(rundir::run_dirs(execution_basedir));
     for (job_id, dir) in kept {
-        match deliver(client, &dir, &job_id) {
+        match deliver(server, &dir, &job_id) {
             Ok(()) => {
                 log::info!("job {job_id}: kept outcome delivered");
                 dir.remove();

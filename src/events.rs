@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic;
-use crate::client::Client;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::Event;
+use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
 /// After a failed post, events wait this long (doubling per failure, up to
@@ -69,7 +69,7 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, event: Event, detail: &Masked) {
+    pub fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
         let name = event.to_string();
         let detail = detail.as_str();
         if detail.is_empty() {
@@ -89,35 +89,29 @@ impl Events {
                 log::debug!("cannot keep the events in {}: {e}", file.display());
             }
         }
-        if let Some(client) = client {
-            if self.hold_until.is_some_and(|t| Instant::now() < t) {
-                log::debug!("event {name} held back; the whole list goes with the next post");
-                self.unsent = true;
-                return;
+        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+            log::debug!("event {name} held back; the whole list goes with the next post");
+            self.unsent = true;
+            return;
+        }
+        let body = header.clone().with("events", Json::Array(self.list.clone()));
+        // While holding back after a failure one attempt is enough: the
+        // hold is the retry schedule.
+        let retry = server.retry();
+        let retry = if self.hold_until.is_some() { crate::retry::Retry::once(retry.timeout) } else { retry };
+        match server.post_events(job_id, &body, retry) {
+            Ok(()) => {
+                self.unsent = false;
+                self.hold_until = None;
+                self.hold = Duration::ZERO;
             }
-            let body = header.clone().with("events", Json::Array(self.list.clone()));
-            // While holding back after a failure one attempt is enough: the
-            // hold is the retry schedule.
-            let posted = if self.hold_until.is_some() {
-                let once = crate::retry::Retry::once(client.retry().timeout);
-                client.post_events_with(job_id, &body, once)
-            } else {
-                client.post_events(job_id, &body)
-            };
-            match posted {
-                Ok(()) => {
-                    self.unsent = false;
-                    self.hold_until = None;
-                    self.hold = Duration::ZERO;
+            Err(e) => {
+                self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
+                if !e.is_stop() {
+                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
                 }
-                Err(e) => {
-                    self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                    if !e.is_stop() {
-                        log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
-                    }
-                    self.hold_until = Some(crate::deadline::from_now(self.hold));
-                    self.unsent = true;
-                }
+                self.hold_until = Some(crate::deadline::from_now(self.hold));
+                self.unsent = true;
             }
         }
     }

@@ -1,9 +1,9 @@
 //! One job: the phases of its plan in order with their stop rules, events,
 //! and the outcome, from the run dir to the server.
 //!
-//! With a server (`client` is `Some`) progress is reported as it happens;
-//! without one (the local `--job` mode) the same phases run and only the
-//! run dir and the terminal see the output.
+//! Progress is reported to the [`Server`] as it happens; with none (the
+//! local `--job` mode, [`crate::server::Local`]) the same phases run and
+//! only the run dir and the terminal see the output.
 //!
 //! `run` and `resume` read as their steps; both end in `finish`.
 
@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::archive;
 use crate::attachments;
-use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
 use crate::events::Events;
@@ -21,6 +20,7 @@ use crate::outbound::{JobSecrets, LogMasking};
 use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
 use crate::rundir::{self, DeliveryState, RunDir};
 use crate::runner::Stop;
+use crate::server::Server;
 use crate::signals;
 use crate::states::JobState;
 
@@ -64,8 +64,7 @@ impl Summary {
 
 pub struct JobRunner<'a> {
     config: &'a Config,
-    client: Option<&'a mut Client>,
-    echo: bool,
+    server: &'a mut dyn Server,
     plan: JobPlan,
     rundir: RunDir,
     /// Fragment numbers, output left unsent, and whether the job was
@@ -89,15 +88,14 @@ pub struct JobRunner<'a> {
 
 impl<'a> JobRunner<'a> {
     /// `job` must have a safe `job_id` (checked by the caller).
-    pub fn new(config: &'a Config, client: Option<&'a mut Client>, job: Json, echo: bool) -> JobRunner<'a> {
+    pub fn new(config: &'a Config, server: &'a mut dyn Server, job: Json) -> JobRunner<'a> {
         let plan = JobPlan::new(config, job);
         let rundir = RunDir::of(&config.execution_basedir, &plan.job_id);
         let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, &config.agent_id);
         let masks = JobSecrets::new(plan.secret_values());
         JobRunner {
             config,
-            client,
-            echo,
+            server,
             plan,
             rundir,
             state: DeliveryState::default(),
@@ -206,7 +204,7 @@ impl<'a> JobRunner<'a> {
     /// hears `job_start`, the log says what of the job is ignored.
     fn start(&mut self) {
         self.post_job_id();
-        let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.plan.job_id))).unwrap_or_default();
+        let job_url = self.server.job_url(&self.plan.job_id);
         self.emit(Event::JobStart, &job_url);
         for warning in &self.plan.warnings {
             log::warn!("job {}: {warning}", self.plan.job_id);
@@ -366,24 +364,24 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Unpacks the job's attachments into the run dir, when it has some.
-    /// Without a server
-    /// (`--job`) they are skipped: there is nothing to download from.
+    /// Without a server (`--job`) they are skipped: there is nothing to
+    /// download from.
     fn fetch_attachments(&mut self) -> Result<(), String> {
         if !self.plan.attachments {
             return Ok(());
         }
-        let Some(client) = self.client.as_deref_mut() else {
+        if self.server.is_local() {
             log::warn!("job {}: attachments are not fetched without a server", self.plan.job_id);
             return Ok(());
-        };
-        let done = attachments::fetch(client, &self.plan.job_id, &self.rundir)?;
+        }
+        let done = attachments::fetch(self.server, &self.plan.job_id, &self.rundir)?;
         log::info!("job {}: attachments unpacked: {} files, {} bytes", self.plan.job_id, done.files, done.bytes);
         Ok(())
     }
 
     /// Creates the run dir and the files device connectors expect.
     fn prepare(&mut self) -> std::io::Result<()> {
-        self.rundir.create(&self.config.execution_basedir, self.client.is_none(), &self.plan.document)
+        self.rundir.create(&self.config.execution_basedir, self.server.is_local(), &self.plan.document)
     }
 
     fn outcome(&self) -> Json {
@@ -402,9 +400,8 @@ impl<'a> JobRunner<'a> {
 
     /// Sends the output the server missed before the agent died.
     fn flush_pending(&mut self) {
-        let Some(client) = self.client.as_deref_mut() else { return };
         // Saves its progress; what is not sent stays pending for delivery.
-        let _ = delivery::send_pending(client, &self.rundir, &self.plan.job_id, &mut self.state);
+        let _ = delivery::send_pending(self.server, &self.rundir, &self.plan.job_id, &mut self.state);
     }
 
     /// Packs artifacts, delivers the outcome, and removes the run dir, or
@@ -430,10 +427,11 @@ impl<'a> JobRunner<'a> {
         }
         // Delivered from memory: on a full disk the outcome file may be stale.
         let outcome = self.outcome();
-        let Some(client) = self.client.as_deref_mut() else {
+        // Without a server the outcome stays in the run dir (`--job` says where).
+        if self.server.is_local() {
             return false;
-        };
-        match delivery::deliver_with(client, &self.rundir, &self.plan.job_id, state, outcome) {
+        }
+        match delivery::deliver_with(self.server, &self.rundir, &self.plan.job_id, state, outcome) {
             Ok(()) => {
                 self.rundir.remove();
                 true

@@ -19,6 +19,7 @@ pub mod notify;
 pub mod retry;
 pub mod runner;
 pub mod safe_fs;
+pub mod server;
 pub mod signals;
 
 // Used by the fuzz targets (client, config and json by `main` too).

@@ -119,7 +119,7 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         left.dir.keep(&config.results_basedir, &left.job_id);
         return;
     };
-    let runner = JobRunner::new(config, Some(client), job, false).with_metrics(metrics);
+    let runner = JobRunner::new(config, client, job).with_metrics(metrics);
     let summary = match give_up {
         Some(why) => runner.give_up(left.interrupted, &why),
         None => runner.resume(left.interrupted),
