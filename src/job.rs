@@ -27,6 +27,8 @@ use crate::states::JobState;
 mod execute;
 pub mod plan;
 mod report;
+#[cfg(test)]
+mod tests;
 mod watcher;
 
 pub use plan::JobPlan;

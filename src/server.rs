@@ -13,6 +13,9 @@ use crate::json::Json;
 use crate::retry::Retry;
 use crate::states::{AgentState, JobState};
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 
 pub trait Server {
     /// No server at all (`--job`): a phase's output goes to the terminal
