@@ -131,3 +131,77 @@ pub fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_b
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phase::Phase;
+    use crate::server::fake::{Call, Fake};
+
+    /// A finished job kept in `base`: its statuses, and what `state` owes.
+    fn kept(base: &Path, job_id: &str, state: &DeliveryState) -> RunDir {
+        let dir = RunDir::of(base, job_id);
+        dir.create(base, false, &Json::object().with("job_id", Json::str(job_id))).expect("run dir");
+        dir.write_outcome(&rundir::outcome_of(&[(Phase::Setup, 0), (Phase::Cleanup, 0)])).expect("outcome");
+        dir.save_state(state).expect("state");
+        dir
+    }
+
+    fn base(name: &str) -> std::path::PathBuf {
+        let base = std::env::temp_dir().join(format!("tf-delivery-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        base
+    }
+
+    fn outcome_posted(fake: &Fake, job_id: &str) -> Option<String> {
+        fake.calls.iter().rev().find_map(|c| match c {
+            Call::Result(id, body) if id == job_id => Some(body.to_string_compact()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn refused_artifacts_and_events_do_not_hold_the_outcome_back() {
+        let base = base("refused-parts");
+        let events = Json::object().with("events", Json::Array(Vec::new()));
+        let dir = kept(&base, "j1", &DeliveryState { events: Some(events), ..DeliveryState::default() });
+        std::fs::write(dir.archive(), b"tar.gz").expect("archive");
+        let mut fake = Fake::new().refusing(|c| matches!(c, Call::Events(..) | Call::Artifact(_)));
+        deliver(&mut fake, &dir, "j1").expect("delivered");
+        assert_eq!(fake.calls.len(), 3, "events, artifact, outcome: {:?}", fake.calls);
+        assert_eq!(outcome_posted(&fake, "j1").as_deref(), Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"complete"}"#));
+        // Not tried again by a later delivery.
+        let mut again = Fake::new();
+        deliver(&mut again, &dir, "j1").expect("delivered");
+        assert_eq!(again.calls.len(), 1, "{:?}", again.calls);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_refused_job_is_set_aside_and_the_next_one_still_goes() {
+        let base = base("set-aside");
+        let (results, run) = (base.join("results"), base.join("run"));
+        kept(&results, "ja", &DeliveryState { cancelled: true, ..DeliveryState::default() });
+        kept(&results, "jb", &DeliveryState::default());
+        let mut fake = Fake::new().refusing(|c| matches!(c, Call::Result(id, _) if id == "ja"));
+        assert!(deliver_kept(&mut fake, &results, &run), "none left");
+        assert!(results.join(".undeliverable").join("ja").is_dir());
+        assert!(!results.join("jb").exists());
+        assert_eq!(outcome_posted(&fake, "ja").as_deref(), Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"cancelled"}"#));
+        assert!(outcome_posted(&fake, "jb").is_some());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn an_unreachable_server_keeps_the_job_and_stops_the_round() {
+        let base = base("down");
+        let (results, run) = (base.join("results"), base.join("run"));
+        kept(&results, "jc", &DeliveryState::default());
+        kept(&results, "jd", &DeliveryState::default());
+        let mut down = Fake::new().failing(|_| true);
+        assert!(!deliver_kept(&mut down, &results, &run));
+        assert_eq!(down.calls.len(), 1, "the first failure ends the round: {:?}", down.calls);
+        assert!(results.join("jc").is_dir() && results.join("jd").is_dir());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

@@ -33,12 +33,14 @@ pub(crate) struct Fake {
     pub(crate) states: States,
     /// Calls that fail (with a connection error); they are still recorded.
     pub(crate) fails: fn(&Call) -> bool,
+    /// Calls refused for good (HTTP 413); recorded too.
+    pub(crate) refuses: fn(&Call) -> bool,
     pub(crate) held: Option<(AgentState, String)>,
 }
 
 impl Fake {
     pub(crate) fn new() -> Fake {
-        Fake { calls: Vec::new(), states: Box::new(|_| None), fails: |_| false, held: None }
+        Fake { calls: Vec::new(), states: Box::new(|_| None), fails: |_| false, refuses: |_| false, held: None }
     }
 
     /// Answers job-state reads with `states`.
@@ -52,11 +54,19 @@ impl Fake {
         self
     }
 
+    pub(crate) fn refusing(mut self, refuses: fn(&Call) -> bool) -> Fake {
+        self.refuses = refuses;
+        self
+    }
+
     fn record(&mut self, call: Call) -> Result<(), ClientError> {
-        let fails = (self.fails)(&call);
+        let (fails, refuses) = ((self.fails)(&call), (self.refuses)(&call));
         self.calls.push(call);
         if fails {
-            return Err(ClientError::Connection { url: "fake".into(), reason: "refused by the test".into() });
+            return Err(ClientError::Connection { url: "fake".into(), reason: "failed by the test".into() });
+        }
+        if refuses {
+            return Err(ClientError::Status { url: "fake".into(), status: 413, body: String::new() });
         }
         Ok(())
     }
