@@ -337,3 +337,16 @@ fn without_a_server_the_phases_run_and_the_run_dir_stays() {
     assert!(log.contains("test-out"), "{log}");
     assert!(!bench.config.results_basedir.join("j15").exists(), "not kept for a delivery");
 }
+
+#[test]
+fn a_connectors_serial_log_is_streamed_masked_beside_the_output() {
+    let _serial = serial();
+    let bench = Bench::new("serial", "test_command: echo out; echo console s3cret > test-serial.log\n");
+    let mut fake = Fake::new();
+    let job = r#"{"job_id":"j16","test_data":{"t":1,"secrets":{"TOKEN":"s3cret"}}}"#;
+    let summary = bench.run(&mut fake, job);
+    assert_eq!(phases(&summary), [("setup", 0), ("test", 0), ("cleanup", 0)]);
+    let serial = fake.log("serial");
+    assert!(serial.starts_with("console ") && !serial.contains("s3cret"), "{serial}");
+    assert!(fake.log("output").contains("out") && !fake.log("output").contains("console"));
+}
