@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::json::Json;
 use crate::retry::{Backoff, Outage, Retry, OUTAGE_HOLD};
+use crate::states::{AgentState, JobState};
 
 pub use error::{unreachable_kind, unreachable_text, Answer, ClientError};
 use error::{is_retryable, net_reason};
@@ -337,15 +338,14 @@ impl Client {
     /// `maintenance`) and its comment; `Ok(None)` when it is not held (or
     /// has no record). Posting a state over it would undo an operator, so
     /// a failed read (`Err`) must not be taken for "not held".
-    pub fn held_state(&mut self) -> Result<Option<(String, String)>, ClientError> {
+    pub fn held_state(&mut self) -> Result<Option<(AgentState, String)>, ClientError> {
         self.held_state_with(self.retry)
     }
 
-    pub fn held_state_with(&mut self, retry: Retry) -> Result<Option<(String, String)>, ClientError> {
+    pub fn held_state_with(&mut self, retry: Retry) -> Result<Option<(AgentState, String)>, ClientError> {
         let Some(data) = self.agent_data(retry)? else { return Ok(None) };
-        let state = data.get("state").and_then(Json::as_str).unwrap_or("");
-        let comment = data.get("comment").and_then(Json::as_str).unwrap_or("");
-        Ok(matches!(state, "offline" | "maintenance").then(|| (state.to_string(), comment.to_string())))
+        let (state, comment) = AgentState::of(&data);
+        Ok(state.is_hold().then_some((state, comment)))
     }
 
     pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {
@@ -374,11 +374,11 @@ impl Client {
     /// The job's `job_state` on the server, if it can be read. `idle`, when
     /// given (the runner draining a phase's pipe), runs while the request
     /// waits on the server.
-    pub fn job_state(&mut self, job_id: &str, idle: Option<&mut Idle>) -> Option<String> {
+    pub fn job_state(&mut self, job_id: &str, idle: Option<&mut Idle>) -> Option<JobState> {
         self.job_state_with(job_id, idle, self.retry)
     }
 
-    pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<String> {
+    pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<JobState> {
         let url = self.url(&format!("/v1/result/{job_id}"));
         let answer = self.with_retries("GET", &url, retry, &mut |c| {
             let reply = c.exchange("GET", &url, Payload::None, Keep::Memory(JOB_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
@@ -386,7 +386,7 @@ impl Client {
         });
         let result = answer.and_then(|a| a.ok(&url)).and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
         match result {
-            Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
+            Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(JobState::parse),
             Ok(None) => None,
             Err(e) if e.is_stop() => None,
             Err(e) => {

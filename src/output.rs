@@ -12,13 +12,14 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, ClientError, Idle};
+use crate::client::{ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
 use crate::rundir::PendingStream;
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::safe_fs;
+use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
 mod fragment;
@@ -193,7 +194,7 @@ impl LiveStream {
     /// Sends one fragment if one is due: a single attempt (timeout
     /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
-    pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
+    pub fn pump(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
         if self.due(written).is_some_and(|t| now >= t) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
@@ -205,7 +206,7 @@ impl LiveStream {
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
-    pub fn flush(&mut self, client: &mut Client, counter: &mut u64, written: u64) -> Result<(), ClientError> {
+    pub fn flush(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64) -> Result<(), ClientError> {
         let retry = client.retry();
         // A `server_timeout` shorter than a slow server's answer would send
         // the same fragment again, and the server would show it twice.
@@ -218,7 +219,7 @@ impl LiveStream {
 
     fn send_one(
         &mut self,
-        client: &mut Client,
+        client: &mut dyn Server,
         counter: &mut u64,
         written: u64,
         last: bool,

@@ -7,20 +7,21 @@ use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
 use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
-use crate::client::Client;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{LogKind, Phase};
 use crate::retry::Retry;
-use crate::rundir::{JobState, PendingStream, RunDir};
+use crate::rundir::{DeliveryState, PendingStream, RunDir};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
+use crate::server::Server;
+use crate::states::JobState;
 
 /// Watches one running phase: output to the log and the live stream,
 /// a cancel on the server as its stop condition.
 pub(super) struct PhaseWatcher<'a> {
     pub(super) log: PhaseLog,
-    pub(super) live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
+    pub(super) live: Option<(LiveStream, &'a mut dyn Server, &'a mut u64)>,
     /// The connector's serial log, masked and streamed as it grows (only
     /// with a server, like `live`); the counter is the serial fragments'.
     pub(super) serial: Option<(SerialTail, &'a mut u64)>,
@@ -39,7 +40,7 @@ pub(super) struct Progress<'a> {
     phase: Phase,
     /// The job's state as the phase started (earlier unsent output, the
     /// cancel), which every save carries on.
-    base: JobState,
+    base: DeliveryState,
     saved_output_next: u64,
     /// The serial fragments' next number as last saved (at first, as the
     /// phase started).
@@ -47,7 +48,7 @@ pub(super) struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: JobState) -> Progress<'a> {
+    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: DeliveryState) -> Progress<'a> {
         Progress { rundir, phase, saved_output_next: u64::MAX, saved_serial_next: base.fragments.serial, base }
     }
 
@@ -98,12 +99,12 @@ impl Watcher for PhaseWatcher<'_> {
             let written = log.written;
             let mut drain = || drain(&mut |data| log.write(data));
             let drain = &mut drain;
-            stream.pump(client, counter, written, now, drain);
+            stream.pump(*client, counter, written, now, drain);
             let mut serial_progress = None;
             if let Some((tail, serial_counter)) = &mut self.serial {
                 tail.look(now);
                 if tail.started() {
-                    tail.stream.pump(client, serial_counter, tail.written, now, drain);
+                    tail.stream.pump(*client, serial_counter, tail.written, now, drain);
                     serial_progress = Some((**serial_counter, tail.stream.sent));
                 }
             }
@@ -115,13 +116,13 @@ impl Watcher for PhaseWatcher<'_> {
                 self.next_heartbeat = crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT));
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != Phase::Cleanup {
-                    post_state_unless_held(client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
+                    post_state_unless_held(*client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(next_cancel_check(now));
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
+                if client.job_state(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)) == Some(JobState::Cancelled) {
                     return Some(Stop::Cancelled);
                 }
             }

@@ -17,9 +17,7 @@ impl Watcher for Collect {
     }
 }
 
-// `run` reaps every descendant of this process when a phase ends, so
-// the tests of this module must not run side by side.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+use super::TEST_SERIAL as SERIAL;
 
 fn collect() -> Collect {
     Collect { out: Vec::new(), stop_after: None }
