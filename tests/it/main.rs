@@ -21,6 +21,7 @@ mod budget;
 mod minimal_image;
 mod upstream_checklist;
 mod operator;
+mod version;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
