@@ -15,6 +15,10 @@
 # toolchain), else built from source: `cargo +nightly zigbuild
 # -Zbuild-std=std,panic_abort` (armv7, armv6 and riscv64 here).
 #
+# Every binary carries its dependency list (cargo auditable: a .dep-v0
+# section, zlib-compressed JSON) for `cargo audit bin`, and is reproducible:
+# see remap_flags below and .ci/reproducible.sh.
+#
 # Results: target/dist/testflinger-agent-<triple>[-notls]. Every binary is
 # checked with `file` to be statically linked and against its size budget
 # (cross/targets.sh: 3,000,000 bytes with TLS, 1,500,000 without). Exit
@@ -106,7 +110,7 @@ cargo_zig() {
   fi
   # zig supplies musl's CRT and libc; rustc's self-contained copies stay out.
   env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$(remap_flags "${tc[@]}")-C link-self-contained=no" \
-    cargo "${tc[@]}" zigbuild --release --locked --target "$t" "${zflags[@]}" "${features[@]}"
+    cargo "${tc[@]}" auditable zigbuild --release --locked --target "$t" "${zflags[@]}" "${features[@]}"
 }
 
 # The glibc-static fallback, with Debian's gcc cross compiler.
@@ -116,7 +120,7 @@ cargo_glibc() {
   pre=$(gcc_prefix "$t")
   env "CC_$low=$pre-gcc" "AR_$low=$pre-ar" "CARGO_TARGET_${up}_LINKER=$pre-gcc" \
     RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$(remap_flags)-C target-feature=+crt-static" \
-    cargo build --release --locked --target "$t" "${features[@]}"
+    cargo auditable build --release --locked --target "$t" "${features[@]}"
 }
 
 fail=0
