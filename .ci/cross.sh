@@ -25,6 +25,12 @@ read -r -a targets <<<"${CROSS_CI_TARGETS:-${RELEASE_TARGETS[*]}}"
 section "build TLS, ${#targets[@]} targets" bash cross/build.sh "${targets[@]}"
 section "build plain HTTP, ${#targets[@]} targets" bash cross/build.sh --no-tls "${targets[@]}"
 
+# The dependency list each binary carries (cargo auditable) is readable by
+# `cargo audit bin`, as on a binary taken from a controller.
+bins=()
+for t in "${targets[@]}"; do bins+=("target/dist/testflinger-agent-$t" "target/dist/testflinger-agent-$t-notls"); done
+section "cargo audit bin, ${#bins[@]} binaries" cargo audit --db ../shared/advisory-db --no-fetch --stale bin "${bins[@]}"
+
 # What ran where, for the table: target -> "passed/skipped".
 declare -A suite
 check() {   # check TARGET [--no-tls] [filter]

@@ -15,6 +15,10 @@
 # toolchain), else built from source: `cargo +nightly zigbuild
 # -Zbuild-std=std,panic_abort` (armv7, armv6 and riscv64 here).
 #
+# Every binary carries its dependency list (cargo auditable: a .dep-v0
+# section, zlib-compressed JSON) for `cargo audit bin`, and is reproducible:
+# see remap_flags below and .ci/reproducible.sh.
+#
 # Results: target/dist/testflinger-agent-<triple>[-notls]. Every binary is
 # checked with `file` to be statically linked and against its size budget
 # (cross/targets.sh: 3,000,000 bytes with TLS, 1,500,000 without). Exit
@@ -72,6 +76,23 @@ if [ "$mode" = cross ]; then
     || { echo "build.sh: --cross given but cross/docker unavailable" >&2; exit 1; }
 fi
 
+# Reproducible: the same commit gives bit-identical binaries whatever the
+# checkout's directory, the user's $HOME (cargo registry, rustup toolchain)
+# or the time of the build. The absolute paths rustc would write into panic
+# locations are mapped to fixed ones; build.rs takes the build date from
+# SOURCE_DATE_EPOCH, which defaults to the commit's date.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  SOURCE_DATE_EPOCH=$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)
+fi
+export SOURCE_DATE_EPOCH
+remap_flags() {   # remap_flags [+toolchain]
+  local sysroot
+  sysroot=$(rustc "$@" --print sysroot)
+  printf '%s ' "--remap-path-prefix=$ROOT=/build/testflinger-agent" \
+    "--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo" \
+    "--remap-path-prefix=$sysroot=/rustc/toolchain"
+}
+
 have_std() {   # rustup (stable) has the standard library for $1
   rustup target list --installed 2>/dev/null | grep -qx "$1" && return 0
   rustup target add "$1" >/dev/null 2>&1
@@ -88,8 +109,8 @@ cargo_zig() {
     how="zig, rustup std"
   fi
   # zig supplies musl's CRT and libc; rustc's self-contained copies stay out.
-  env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C link-self-contained=no" \
-    cargo "${tc[@]}" zigbuild --release --locked --target "$t" "${zflags[@]}" "${features[@]}"
+  env RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$(remap_flags "${tc[@]}")-C link-self-contained=no" \
+    cargo "${tc[@]}" auditable zigbuild --release --locked --target "$t" "${zflags[@]}" "${features[@]}"
 }
 
 # The glibc-static fallback, with Debian's gcc cross compiler.
@@ -98,8 +119,8 @@ cargo_glibc() {
   up=$(tr 'a-z-' 'A-Z_' <<<"$t"); low=${t//-/_}
   pre=$(gcc_prefix "$t")
   env "CC_$low=$pre-gcc" "AR_$low=$pre-ar" "CARGO_TARGET_${up}_LINKER=$pre-gcc" \
-    RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-    cargo build --release --locked --target "$t" "${features[@]}"
+    RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$(remap_flags)-C target-feature=+crt-static" \
+    cargo auditable build --release --locked --target "$t" "${features[@]}"
 }
 
 fail=0

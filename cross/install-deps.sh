@@ -9,7 +9,8 @@
 #           agent's process-tree cleanup relies on; 10.0 passes it through),
 #           busybox-static (the minimal-image proof)
 #   pip     ziglang (zig: C compiler and linker, musl CRT and libc per target)
-#   cargo   cargo-zigbuild (--locked)
+#   cargo   cargo-zigbuild, cargo-auditable (--locked; 0.7.3 or later
+#           works under zigbuild)
 #   rustup  rust-src for nightly (build-std), and the rustup musl std for
 #           each target where the mirror has it (x86_64, aarch64 here)
 #   --glibc-static  also Debian's gcc cross compilers and the *-linux-gnu std
@@ -71,6 +72,10 @@ command -v python-zig >/dev/null 2>&1 || command -v zig >/dev/null 2>&1 || pytho
 if ! command -v cargo-zigbuild >/dev/null 2>&1; then
   echo "install-deps: cargo install cargo-zigbuild --locked"
   cargo install -q cargo-zigbuild --locked
+fi
+if ! command -v cargo-auditable >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-auditable --locked"
+  cargo install -q cargo-auditable --locked
 fi
 echo "install-deps: zig $(python3 -m ziglang version 2>/dev/null || zig version), $(cargo-zigbuild --version 2>/dev/null || cargo zigbuild --version)"
 

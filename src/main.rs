@@ -61,7 +61,15 @@ fn parse_args(argv: &[String]) -> Parsed {
         return Parsed::Exit(0);
     }
     if m.opt_present("V") {
-        println!("testflinger-agent {}", env!("CARGO_PKG_VERSION"));
+        // One "key: value" a line after the first, for scripts and bug reports.
+        println!(
+            "testflinger-agent {}\ncommit: {}\ntarget: {}\nfeatures: {}\nbuilt: {}",
+            env!("CARGO_PKG_VERSION"),
+            env!("TF_AGENT_BUILD_COMMIT"),
+            env!("TF_AGENT_BUILD_TARGET"),
+            env!("TF_AGENT_BUILD_FEATURES"),
+            env!("TF_AGENT_BUILD_DATE"),
+        );
         return Parsed::Exit(0);
     }
     if !m.free.is_empty() {

@@ -25,6 +25,7 @@ mod minimal_image;
 mod upstream_checklist;
 mod operator;
 mod stalls;
+mod version;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
