@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Dependency audit: every crate in Cargo.lock checked against the RustSec
 # advisory database snapshot in ../shared/advisory-db (no network: the
-# snapshot is refreshed by hand, see the README). Fails on any
+# snapshot is refreshed by hand, see docs/testing.md). Fails on any
 # vulnerability; warnings (unmaintained, yanked) are printed, not fatal.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ten common mistakes of a new operator, each run against the agent:
 # prints a Markdown table (mistake, the first line printed, the first line
-# at WARNING or worse, the exit status) for the README's troubleshooting
+# at WARNING or worse, the exit status) for docs/operations.md's troubleshooting
 # section. Re-run it after changing a message. Uses bench/fake_server.py as
 # the server; every run is bounded (timeout 15 s). AGENT_BIN=path runs that
 # binary instead of the debug build.

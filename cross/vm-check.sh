@@ -16,7 +16,7 @@
 #   --deadline  seconds for one whole VM run, boot to poweroff (default 900);
 #               past it qemu is killed and the target fails
 #   --all       every target with a VM here: aarch64, armv7 (riscv64 and
-#               ARMv6 have none; see README)
+#               ARMv6 have none; see docs/cross.md)
 #
 # Kernels and busybox-static are Debian bookworm's packages (downloaded with
 # a private apt state under target/vm/, the host's apt is untouched); the
@@ -64,7 +64,7 @@ run_target() {
   case "$t" in
     aarch64-*) debarch=arm64 qemu=qemu-system-aarch64 machine=virt cpu=cortex-a57 console=ttyAMA0 flavour=arm64 ;;
     armv7-*)   debarch=armhf qemu=qemu-system-arm machine=virt cpu=cortex-a7 console=ttyAMA0 flavour=armmp ;;
-    *) echo "vm-check: $t: no VM (see README: riscv64 has no kernel in Debian 12's main archive, ARMv6 no machine Debian's kernels boot)" >&2; return 1 ;;
+    *) echo "vm-check: $t: no VM (see docs/cross.md: riscv64 has no kernel in Debian 12's main archive, ARMv6 no machine Debian's kernels boot)" >&2; return 1 ;;
   esac
   command -v "$qemu" >/dev/null || { echo "vm-check: $qemu missing (apt-get install qemu-system-arm)" >&2; return 1; }
   local agent="$ROOT/target/dist/testflinger-agent-$t"

@@ -25,7 +25,7 @@ mod pax;
 /// Deflate level for compressible data. Measured on 256 MiB of logs
 /// (bench/archive.sh): miniz_oxide level 5 is about twice as fast as
 /// level 6 for 7% more bytes on text, and level 6 is no faster than
-/// Python's zlib level 9; see the README for the figures.
+/// Python's zlib level 9; see docs/measured.md for the figures.
 const TEXT_LEVEL: u32 = 5;
 /// Input is classified and compressed in blocks of this size.
 const BLOCK: usize = 256 * 1024;

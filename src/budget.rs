@@ -5,7 +5,7 @@
 //! that have no config at hand.
 //!
 //! A fleet of hundreds of agents shares one server: what one agent sends
-//! per minute is multiplied by the fleet. See README "Request budget".
+//! per minute is multiplied by the fleet. See docs/operations.md, "Request budget".
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! Only the modules `main` and the fuzz targets use are public; the rest are
 //! the crate's own. Calls go config → agent → job → runner; the runner hands
 //! output back up to the job's watcher, which sends it through the client
-//! while the phase runs (see the README's architecture section).
+//! while the phase runs (see docs/architecture.md).
 
 // Used by `main`.
 pub mod agent;

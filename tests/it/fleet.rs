@@ -456,7 +456,7 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     // The agent records a fragment as sent right after the post, before its
     // next request: waiting for one makes the kill land mid-phase rather
     // than between a post and its record (a crash there may send that one
-    // fragment again; see the README).
+    // fragment again; see docs/operations.md, crash recovery).
     server.wait_until(T, "the agent's next request", |s| streamed(s).is_some_and(|i| s.requests().len() > i + 1));
     let pid: i32 = std::fs::read_to_string(rundir.join("test.pid")).expect("pid").trim().parse().expect("pid number");
     p.kill();

@@ -192,7 +192,7 @@ impl AgentSetup {
         let mut v = Json::obj();
         v.set("refresh_token", Json::str(refresh_token));
         fs::write(&path, v.to_string()).expect("write token file");
-        // Private, as the README tells operators; tests of the warning widen it.
+        // Private, as docs/operations.md tells operators; tests of the warning widen it.
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod token file");
         let path = path.to_string_lossy().into_owned();
         self.arg("--token-file").arg(&path)

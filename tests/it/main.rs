@@ -23,6 +23,7 @@ mod upstream_parity;
 mod budget;
 mod minimal_image;
 mod upstream_checklist;
+mod docs;
 mod operator;
 mod stalls;
 mod version;

@@ -276,7 +276,7 @@ fn soak_many_short_jobs_with_random_faults() {
     let fd1 = settled_fd_count(pid);
     let leftovers = leftover_processes(pid);
     let mut t = tally(&server, &jobs, expected);
-    // Refused artifacts are dropped by design (README, delivery): each
+    // Refused artifacts are dropped by design (docs/operations.md, delivery guarantees): each
     // must be missing, and counted apart.
     for job in &refused {
         assert!(server.artifact(job).is_none(), "{job}: a refused artifact was stored");

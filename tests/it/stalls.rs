@@ -4,7 +4,7 @@
 //!
 //! The stop tests print the time from SIGTERM to exit
 //! (`cargo test --test it stalls -- --nocapture | grep '^| '`); they assert
-//! only a generous bound (5 s); the README's figures come from
+//! only a generous bound (5 s); docs/measured.md's figures come from
 //! `bench/stop.sh`.
 
 use std::io::Read;
@@ -17,7 +17,7 @@ use crate::fake_server::{FakeServer, Fault, FaultAction};
 use crate::harness::{Agent, AgentProc, AgentSetup, QUEUE, job_json, unique_id};
 
 const T: Duration = Duration::from_secs(60);
-/// The bound the tests hold the stop to; the README reports the figures.
+/// The bound the tests hold the stop to; docs/measured.md reports the figures.
 const STOP_BOUND: Duration = Duration::from_secs(5);
 const WEBHOOK: &str = r#""job_status_webhook":"http://hook.example/x""#;
 
@@ -313,7 +313,7 @@ fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsi
     (server, p, proxy)
 }
 
-/// The README's table: time from SIGTERM to exit in each state, `STOP_REPS`
+/// docs/measured.md's table: time from SIGTERM to exit in each state, `STOP_REPS`
 /// times each (default 5). Run by `bench/stop.sh`.
 #[test]
 #[ignore = "a bench: bench/stop.sh"]

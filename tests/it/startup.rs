@@ -314,7 +314,7 @@ fn log_file_rotates_daily_keeping_six() {
 
 /// Item 16.
 #[test]
-fn systemd_unit_stops_on_config_errors_and_readme_lists_every_exit_status() {
+fn systemd_unit_stops_on_config_errors_and_docs_list_every_exit_status() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let unit = fs::read_to_string(root.join("deploy/testflinger-agent@.service")).unwrap();
     let prevent = unit.lines().find_map(|l| l.strip_prefix("RestartPreventExitStatus=")).expect("RestartPreventExitStatus= in the unit");
@@ -325,9 +325,10 @@ fn systemd_unit_stops_on_config_errors_and_readme_lists_every_exit_status() {
     let server = FakeServer::start();
     assert_config_error(&Agent::new(&server).set("polling_interval", "soon").run_once(T), "polling_interval");
 
-    // Every status the binary defines is in the README's table.
+    // Every status the binary defines is in the exit status table
+    // (docs/operations.md, "Exit status").
     let main = fs::read_to_string(root.join("src/main.rs")).unwrap();
-    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let table = fs::read_to_string(root.join("docs/operations.md")).unwrap();
     let mut codes = vec!["0".to_string(), "1".to_string()];
     for line in main.lines().filter(|l| l.starts_with("const EXIT_")) {
         let code = line.rsplit('=').next().unwrap_or_default().trim().trim_end_matches(';');
@@ -335,7 +336,7 @@ fn systemd_unit_stops_on_config_errors_and_readme_lists_every_exit_status() {
     }
     assert!(codes.len() >= 5, "{codes:?}");
     for code in codes {
-        assert!(readme.contains(&format!("| {code} |")), "README exit status table lacks {code}");
+        assert!(table.contains(&format!("| {code} |")), "docs/operations.md exit status table lacks {code}");
     }
 }
 

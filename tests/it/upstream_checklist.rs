@@ -458,10 +458,11 @@ fn our_tests_in(path: &Path) -> Vec<String> {
     names
 }
 
-/// The first cells of the README's "How it differs" table (the table cites
-/// a row by the start of its first cell).
+/// The first cells of the "How it differs" table (the table cites a row by
+/// the start of its first cell), wherever the docs keep it: README.md or
+/// docs/*.md.
 fn readme_rows() -> Vec<String> {
-    let text = fs::read_to_string(repo().join("README.md")).unwrap_or_default();
+    let text = crate::docs::all_docs_text(&repo());
     let section = text.split("## How it differs from the upstream agent").nth(1).unwrap_or("");
     let section = section.split("\n## ").next().unwrap_or("");
     section

@@ -93,8 +93,8 @@ fn a_phase_the_agent_stops_has_its_stop_message_only() {
 
 /// (d) A cancel mid-phase: the stop's `cancelled`, the phase's failure,
 /// then the `cancelled` of the next phase's check (upstream's sequence),
-/// cleanup. `job_end` says `cancelled` (upstream: `normal_exit`; see the
-/// README's row on the outcome of a cancelled job).
+/// cleanup. `job_end` says `cancelled` (upstream: `normal_exit`; see
+/// docs/differences.md, the row on the outcome of a cancelled job).
 #[test]
 fn a_cancel_mid_phase_has_upstreams_events() {
     let server = FakeServer::start();

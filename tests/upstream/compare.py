@@ -5,6 +5,7 @@ import difflib
 import fnmatch
 import json
 import re
+from pathlib import Path
 
 import yaml
 
@@ -19,11 +20,21 @@ TIMESTAMP = re.compile(
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+def docs_text(root):
+    """README.md and every docs/*.md of the checkout at `root`, one after
+    another: the documented differences live in docs/differences.md, and a
+    `readme:` phrase may be cited from any of them."""
+    root = Path(root)
+    parts = [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+    return "\n".join(p.read_text() for p in parts if p.is_file())
+
+
 def load_allowed(path, readme_text):
-    """The allow-list. An entry citing the README (`readme: phrase`) only
-    counts while the README's text holds that phrase, so the list cannot
-    drift from the documented differences; the others are upstream quirks
-    we do not copy, each with its reason. Returns (entries, complaints)."""
+    """The allow-list. An entry citing the docs (`readme: phrase`) only
+    counts while the docs' text (`docs_text`: the README and docs/*.md)
+    holds that phrase, so the list cannot drift from the documented
+    differences; the others are upstream quirks we do not copy, each with
+    its reason. Returns (entries, complaints)."""
     with open(path) as f:
         entries = yaml.safe_load(f) or []
     usable, complaints = [], []
@@ -31,7 +42,7 @@ def load_allowed(path, readme_text):
         if not {"scenario", "field", "reason"} <= set(e) or ("readme" in e) == (e.get("kind") == "upstream-quirk"):
             raise ValueError(f"{path}: entry needs scenario, field, reason and either readme or kind: upstream-quirk: {e}")
         if "readme" in e and e["readme"] not in readme_text:
-            complaints.append(f"allowed.yaml: README does not (yet) say {e['readme']!r}; not applied: {e['reason']}")
+            complaints.append(f"allowed.yaml: neither README.md nor docs/ (yet) says {e['readme']!r}; not applied: {e['reason']}")
             continue
         usable.append(e)
     return usable, complaints

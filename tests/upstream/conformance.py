@@ -372,8 +372,9 @@ def main():
     p.add_argument("--parallel", type=int, default=4,
                    help="scenarios run at once (each runs both agents); the server answers one request at a time")
     p.add_argument("--pgid-file", help="list the process groups started here in this file")
-    p.add_argument("--readme", default=str(HERE.parent.parent / "README.md"),
-                   help="the README whose differences table allowed.yaml cites")
+    p.add_argument("--readme",
+                   help="a file holding the differences allowed.yaml cites "
+                        "(default: the checkout's README.md and docs/*.md)")
     p.add_argument("--dump", help="write both sides' normalised snapshots here (JSON)")
     args = p.parse_args()
 
@@ -387,7 +388,7 @@ def main():
     if unknown:
         sys.exit(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
 
-    readme = Path(args.readme).read_text()
+    readme = Path(args.readme).read_text() if args.readme else compare.docs_text(HERE.parent.parent)
     allowed, complaints = compare.load_allowed(HERE / "allowed.yaml", readme)
 
     started = time.time()
