@@ -188,3 +188,68 @@ fn types_and_functions_the_architecture_cites_exist() {
     assert!(cited >= 20, "only {cited} type names read from docs/architecture.md");
     assert!(problems.is_empty(), "docs/architecture.md:\n{}", problems.join("\n"));
 }
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces
+/// to hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut in_code = false;
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            out.insert(slug(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+/// Every relative link in the README and docs/ leads to a file that exists
+/// and, with `#anchor`, to a heading of that file: moving a section
+/// between documents cannot leave a link behind.
+#[test]
+fn links_between_the_docs_lead_somewhere() {
+    let mut docs = vec![root().join("README.md")];
+    if let Ok(d) = fs::read_dir(root().join("docs")) {
+        docs.extend(d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "md")));
+    }
+    docs.sort();
+    let mut problems = Vec::new();
+    let mut links = 0;
+    for doc in &docs {
+        let text = fs::read_to_string(doc).unwrap();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            links += 1;
+            let (path, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let file = if path.is_empty() { doc.clone() } else { doc.parent().unwrap().join(path) };
+            let name = doc.strip_prefix(root()).unwrap_or(doc).display().to_string();
+            let Ok(linked) = fs::read_to_string(&file) else {
+                if !file.exists() {
+                    problems.push(format!("{name}: link to {target}: no such file"));
+                }
+                continue;
+            };
+            if !anchor.is_empty() && !anchors(&linked).contains(anchor) {
+                problems.push(format!("{name}: link to {target}: no heading with that anchor"));
+            }
+        }
+    }
+    assert!(links >= 20, "only {links} links read");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
