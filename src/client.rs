@@ -158,7 +158,7 @@ impl Client {
             };
             let reply = transport::exchange(&self.net, request).map_err(|f| match f {
                 Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
-                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
+                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: usize::try_from(limit).unwrap_or(usize::MAX) },
                 Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
                 Failure::Stopped { request_sent } => ClientError::Stopped { url: target.to_string(), request_sent },
             })?;
