@@ -315,3 +315,39 @@ fn a_connection_that_would_idle_past_its_limit_is_closed_before_the_wait() {
     assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
     assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn an_early_answer_on_a_kept_connection_is_read_and_the_connection_dropped() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let read_head = |s: &mut TcpStream| {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).map(|n| n == 1).unwrap_or(false) {
+                head.push(b[0]);
+            }
+        };
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("answer");
+        // The upload on the kept connection: refused after its head.
+        read_head(&mut s);
+        let _ = s.write_all(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        drop(s);
+        // The next call comes on a new connection.
+        let (mut s, _) = listener.accept().expect("accept");
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("answer");
+    });
+    let net = Net::new();
+    let body = vec![b'x'; 32 << 20];
+    assert_eq!(call(&net, port, "GET", ""), Ok(200));
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/x")).unwrap();
+    let payload = Payload::Bytes { content_type: "application/octet-stream", bytes: &body };
+    let req = Request { method: "POST", url: &url, headers: &[], payload, keep: Keep::Memory(1024), timeout: Duration::from_secs(10), idle: None };
+    assert_eq!(exchange(&net, req).map(|r| r.status).map_err(|e| format!("{e:?}")), Ok(413));
+    assert_eq!(call(&net, port, "GET", ""), Ok(200));
+    h.join().expect("server");
+}
