@@ -107,6 +107,12 @@ impl Client {
         self.net.set_ca_file(path);
     }
 
+    /// The agent makes no call for `wait`: the kept connection is closed
+    /// now if it would idle past its limit meanwhile (see `transport`).
+    pub fn before_wait(&self, wait: Duration) {
+        self.net.before_wait(wait);
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }
