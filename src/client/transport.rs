@@ -53,6 +53,7 @@ fn check(budget: &Budget, what: &str) -> io::Result<()> {
 /// Connects without blocking, waiting in ticks (the caller's idle work,
 /// the stop and the call's deadline looked at between them) until the
 /// connection is up or `budget.timeout` passes.
+#[allow(clippy::cast_possible_truncation)] // address families (2, 10) and sockaddr sizes (16, 28 bytes) fit their C types
 fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut dyn FnMut()) -> io::Result<TcpStream> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
@@ -102,7 +103,7 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
             idle();
             check(budget, &format!("connecting to {addr}"))?;
             let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-            let wait = budget.tick(tick).as_millis().clamp(1, i32::MAX as u128) as i32;
+            let wait = i32::try_from(budget.tick(tick).as_millis().max(1)).unwrap_or(i32::MAX);
             // SAFETY: one valid pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, wait) };
             if n > 0 {
