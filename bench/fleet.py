@@ -4,8 +4,13 @@ server that counts requests per second. Timeline: idle, then one job per
 agent (a quiet setup phase, a chatty test phase printing a line every
 0.25 s), and the server goes down for DOWN seconds while the jobs run.
 
-Prints requests per agent-minute (idle, jobs running), the peak requests per
-second in the 10 s after the server returns vs the run's mean, the agents'
+The server is --workers processes sharing one port (SO_REUSEPORT), so that
+it is not what limits a large fleet: one Python process answers about
+130 requests/s. They share their state through files in a scratch dir.
+
+Prints requests per agent-minute (idle, jobs running), the run's mean
+requests per second and its peak second anywhere after the server returned
+(with what that second held), a per-second table (5 s a row), the agents'
 total CPU and RSS, jobs completed, outcomes and output lines lost.
 """
 import argparse, json, os, signal, socket, subprocess, sys, tempfile, threading, time
@@ -20,78 +25,130 @@ ap.add_argument("--down-after", type=float, default=8, help="seconds into the jo
 ap.add_argument("--down", type=float, default=30)
 ap.add_argument("--polling", type=float, default=10)
 ap.add_argument("--limit", type=float, default=400, help="give up after this many seconds")
+ap.add_argument("--workers", type=int, default=2, help="server processes")
 ap.add_argument("--extra", action="append", default=[], help="extra config line")
+ap.add_argument("--keep", action="store_true", help="keep the agents' dirs and logs (printed)")
 a = ap.parse_args()
 
-LOCK = threading.Lock()
 T0 = time.time()
-PER_SECOND = {}          # int(second) -> requests
-JOBS = []                # queue of job dicts
-COMPLETE = set()
-FRAGS = {}               # job_id -> {number: text}
-DOWN = threading.Event()
 LINES = a.phase * 4
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *x): pass
-    def _count(self):
-        with LOCK:
-            s = int(time.time() - T0)
-            PER_SECOND[s] = PER_SECOND.get(s, 0) + 1
-    def _send(self, code, body=b""):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/json")
-        if self.path.startswith("/v1/agents/data/"):
-            self.send_header("Set-Cookie", "agent_name=" + self.path.rsplit("/", 1)[1])
-        self.end_headers(); self.wfile.write(body)
-    def _down(self):
-        if DOWN.is_set():
-            self.close_connection = True
-            return True
-        return False
-    def do_GET(self):
-        if self._down(): return
-        self._count()
-        if self.path.startswith("/v1/job"):
-            with LOCK:
-                job = JOBS.pop() if JOBS else None
-            return self._send(200, json.dumps(job).encode()) if job else self._send(204)
-        if self.path.startswith("/v1/agents/data"):
-            return self._send(200, b'{"state":"waiting","restricted_to":{}}')
-        if self.path.startswith("/v1/result/"):
-            return self._send(200, b'{"job_state":"test"}')
-        self._send(200, b"{}")
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n)
-        if self._down(): return
-        self._count()
-        parts = self.path.split("/")
-        if self.path.startswith("/v1/result/") and len(parts) == 4:
-            try:
-                if json.loads(body).get("job_state") == "complete":
-                    with LOCK: COMPLETE.add(parts[3])
-            except Exception: pass
-        elif self.path.endswith("/log/output"):
-            f = json.loads(body)
-            with LOCK: FRAGS.setdefault(parts[3], {})[f["fragment_number"]] = f["log_data"]
-        self._send(200, b"OK")
-
-ERRORS = [0]
-
-class Server(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        # A client that gave up (timeout, reset): counted, not printed.
-        with LOCK: ERRORS[0] += 1
-
-srv = Server(("127.0.0.1", 0), H)
-srv.daemon_threads = True
-port = srv.server_address[1]
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-
 tmp = tempfile.mkdtemp(prefix="tf-fleet-")
+S = os.path.join(tmp, "server")  # the workers' shared state
+for d in ("given", "complete"):
+    os.makedirs(os.path.join(S, d))
+JOBS_OPEN = os.path.join(S, "jobs-open")
+DOWN = os.path.join(S, "down")
+
+
+def job_for(agent):
+    i = int(agent.rsplit("-", 1)[1])
+    return {"job_id": f"00000000-0000-4000-8000-{i:012d}", "job_queue": "fleet",
+            "setup_data": {}, "test_data": {"test_cmds": "x"}}
+
+
+def kind(method, path):
+    p = path.split("?")[0].split("/")
+    if path.startswith("/v1/result/"):
+        if len(p) > 4:
+            return "fragment"
+        return "cancel check" if method == "GET" else "result post"
+    if path.startswith("/v1/agents/data"):
+        return "agent " + method
+    if path.startswith("/v1/job") and method == "GET":
+        return "job poll"
+    return "other"
+
+
+def worker(sock):
+    lock = threading.Lock()
+    log = open(os.path.join(S, f"log-{os.getpid()}"), "w", buffering=1 << 16)
+
+    def flush_and_exit(*_):
+        with lock:
+            log.flush()
+        os._exit(0)
+    signal.signal(signal.SIGTERM, flush_and_exit)
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *x): pass
+        def _count(self, method, extra=""):
+            with lock:
+                log.write(f"{time.time() - T0:.3f}\t{kind(method, self.path)}\t{extra}\n")
+        def _send(self, code, body=b""):
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", "application/json")
+            if self.path.startswith("/v1/agents/data/"):
+                self.send_header("Set-Cookie", "agent_name=" + self.path.rsplit("/", 1)[1])
+            self.end_headers(); self.wfile.write(body)
+        def _down(self):
+            if os.path.exists(DOWN):
+                self.close_connection = True
+                return True
+            return False
+        def do_GET(self):
+            if self._down(): return
+            self._count("GET")
+            if self.path.startswith("/v1/job"):
+                agent = (self.headers.get("Cookie") or "").partition("agent_name=")[2].split(";")[0]
+                if agent.startswith("fleet-") and os.path.exists(JOBS_OPEN):
+                    try:
+                        os.close(os.open(os.path.join(S, "given", agent), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                        return self._send(200, json.dumps(job_for(agent)).encode())
+                    except FileExistsError:
+                        pass
+                return self._send(204)
+            if self.path.startswith("/v1/agents/data"):
+                return self._send(200, b'{"state":"waiting","restricted_to":{}}')
+            if self.path.startswith("/v1/result/"):
+                return self._send(200, b'{"job_state":"test"}')
+            self._send(200, b"{}")
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n)
+            if self._down(): return
+            parts = self.path.split("/")
+            extra = ""
+            if self.path.startswith("/v1/result/") and len(parts) == 4:
+                try:
+                    if json.loads(body).get("job_state") == "complete":
+                        os.close(os.open(os.path.join(S, "complete", parts[3]), os.O_CREAT | os.O_WRONLY))
+                except Exception: pass
+            elif self.path.endswith("/log/output"):
+                f = json.loads(body)
+                extra = json.dumps([parts[3], f["fragment_number"], f["log_data"]])
+            self._count("POST", extra)
+            self._send(200, b"OK")
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        def handle_error(self, request, client_address):
+            # A client that gave up (timeout, reset): counted, not printed.
+            with lock:
+                log.write(f"{time.time() - T0:.3f}\terror\t\n")
+
+    srv = Server(sock.getsockname(), H, bind_and_activate=False)
+    srv.socket.close()
+    srv.socket = sock
+    srv.serve_forever()
+
+
+# One listening socket, inherited by every worker: the kernel hands each
+# connection to whichever worker accepts first.
+lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lsock.bind(("127.0.0.1", 0))
+lsock.listen(1024)
+port = lsock.getsockname()[1]
+workers = []
+for _ in range(a.workers):
+    pid = os.fork()
+    if pid == 0:
+        worker(lsock)
+        os._exit(0)
+    workers.append(pid)
+
 procs = []
 for i in range(a.agents):
     d = os.path.join(tmp, f"a{i}")
@@ -106,26 +163,17 @@ for i in range(a.agents):
         for e in a.extra: c.write(e + "\n")
     procs.append(subprocess.Popen([a.bin, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-def rate(t1, t2):
-    with LOCK: n = sum(v for s, v in PER_SECOND.items() if t1 <= s < t2)
-    return n / (t2 - t1) / a.agents * 60
-
 time.sleep(a.idle)
-idle = rate(a.idle / 3, a.idle)
 jobs_at = time.time() - T0
-with LOCK:
-    for i in range(a.agents):
-        JOBS.append({"job_id": f"00000000-0000-4000-8000-{i:012d}", "job_queue": "fleet",
-                     "setup_data": {}, "test_data": {"test_cmds": "x"}})
+open(JOBS_OPEN, "w").close()
 time.sleep(a.down_after)
 down_at = time.time() - T0
-DOWN.set()
+open(DOWN, "w").close()
 time.sleep(a.down)
-DOWN.clear()
+os.remove(DOWN)
 up_at = time.time() - T0
 while time.time() - T0 < a.limit:
-    with LOCK:
-        if len(COMPLETE) == a.agents: break
+    if len(os.listdir(os.path.join(S, "complete"))) == a.agents: break
     time.sleep(0.5)
 end = time.time() - T0
 cpu = rss = hwm = 0
@@ -142,18 +190,59 @@ for p in procs: p.send_signal(signal.SIGTERM)
 for p in procs:
     try: p.wait(timeout=30)
     except subprocess.TimeoutExpired: p.kill()
+for pid in workers:
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+
+PER_SECOND = {}   # second -> requests
+KINDS = {}        # second -> {kind: requests}
+FRAGS = {}        # job_id -> {number: text}
+errors = 0
+for name in os.listdir(S):
+    if not name.startswith("log-"): continue
+    for line in open(os.path.join(S, name)):
+        t, k, extra = line.rstrip("\n").split("\t", 2)
+        if k == "error":
+            errors += 1
+            continue
+        s = int(float(t))
+        if s >= end: continue
+        PER_SECOND[s] = PER_SECOND.get(s, 0) + 1
+        KINDS.setdefault(s, {})[k] = KINDS.get(s, {}).get(k, 0) + 1
+        if extra:
+            job, n, data = json.loads(extra)
+            FRAGS.setdefault(job, {})[n] = data
+complete = len(os.listdir(os.path.join(S, "complete")))
+
+
+def rate(t1, t2):
+    n = sum(v for s, v in PER_SECOND.items() if t1 <= s < t2)
+    return n / (t2 - t1) / a.agents * 60
+
+
 lost_lines = 0
 for i in range(a.agents):
     text = "".join(v for _, v in sorted(FRAGS.get(f"00000000-0000-4000-8000-{i:012d}", {}).items()))
     lost_lines += sum(1 for k in range(LINES) if f"line {k}\n" not in text)
-with LOCK:
-    after = [PER_SECOND.get(s, 0) for s in range(int(up_at), int(up_at) + 10)]
-    total = sum(PER_SECOND.values())
+total = sum(PER_SECOND.values())
 mean = total / end
-print(f"agents {a.agents} (polling {a.polling:g} s{', ' + ', '.join(a.extra) if a.extra else ''}), run {end:.0f} s, server down {down_at:.0f}-{up_at:.0f} s")
-print(f"requests per agent-minute: idle {idle:.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
-print(f"requests/s: mean {mean:.1f}, peak in the 10 s after the server returned {max(after)} ({after})")
-print(f"jobs completed {len(COMPLETE)}/{a.agents}, outcomes lost {a.agents - len(COMPLETE)}, output lines lost {lost_lines}")
-print(f"requests the server could not answer (client gone: timeout or reset) {ERRORS[0]}")
+after = [(PER_SECOND.get(s, 0), s) for s in range(int(up_at), int(end))]
+peak, peak_at = max(after) if after else (0, 0)
+what = ", ".join(f"{k} {v}" for k, v in sorted(KINDS.get(peak_at, {}).items(), key=lambda kv: -kv[1]))
+print(f"agents {a.agents} (polling {a.polling:g} s{', ' + ', '.join(a.extra) if a.extra else ''}), "
+      f"server {a.workers} processes, run {end:.0f} s, jobs from {jobs_at:.0f} s, server down {down_at:.0f}-{up_at:.0f} s")
+print(f"requests per agent-minute: idle {rate(a.idle / 3, a.idle):.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
+print(f"requests/s: mean {mean:.1f}; peak second after the server returned {peak} at {peak_at} s "
+      f"({peak_at - up_at:+.0f} s), {peak / mean:.1f}x the mean: {what}")
+print("requests per second (row: 5 s from its start; * server down):")
+for row in range(0, int(end), 5):
+    cells = " ".join(f"{PER_SECOND.get(s, 0):5d}" for s in range(row, min(row + 5, int(end))))
+    mark = "*" if row < up_at and row + 5 > down_at else " "
+    print(f"  {row:4d} s{mark}{cells}")
+print(f"jobs completed {complete}/{a.agents}, outcomes lost {a.agents - complete}, output lines lost {lost_lines}")
+print(f"requests the server could not answer (client gone: timeout or reset) {errors}")
 print(f"agents' CPU {cpu:.1f} s total, RSS now {rss/1024:.1f} MB total, largest peak RSS {hwm/1024:.1f} MB")
-subprocess.run(["rm", "-rf", tmp])
+if a.keep:
+    print(f"kept: {tmp}")
+else:
+    subprocess.run(["rm", "-rf", tmp])

@@ -15,6 +15,7 @@ use crate::notify;
 use crate::recovery;
 use crate::retry::{Backoff, Jitter, Schedule};
 use crate::signals;
+use crate::states::AgentState;
 use crate::wait::{self, Ends};
 
 /// Why the loop ended; `main` maps it to an exit status.
@@ -53,7 +54,7 @@ pub struct Agent<'a> {
     /// When we last posted our state, for the heartbeat.
     last_post: Instant,
     /// The server state last seen, to log changes once rather than per poll.
-    last_state: String,
+    last_state: AgentState,
     /// A restart (SIGUSR1) is waiting for an operator's hold, and the log
     /// has said so.
     restart_waits: bool,
@@ -86,13 +87,9 @@ impl<'a> Agent<'a> {
             offline_unposted: None,
             metrics,
             last_post: Instant::now(),
-            last_state: String::new(),
+            last_state: AgentState::Other(String::new()),
             restart_waits: false,
-            kept: Backoff::new(Schedule::new(
-                Duration::from_secs_f64(config.polling_interval).max(Duration::from_secs(1)),
-                MAX_BACKOFF,
-                Jitter::Spread,
-            )),
+            kept: Backoff::new(kept_schedule(config.polling_interval)),
             unreachable: None,
             heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
@@ -175,10 +172,7 @@ impl<'a> Agent<'a> {
             Ok(Some((state, comment))) if !comment.starts_with(RESTARTING) => {
                 log::info!("the server has this agent {state}; keeping that state")
             }
-            Ok(_) => {
-                data.set("state", Json::str("waiting"));
-                data.set("comment", Json::str(""));
-            }
+            Ok(_) => AgentState::Waiting.set_in(&mut data, ""),
             Err(e) => self.owe_waiting(&e),
         }
         match self.client.post_agent_data(&data) {
@@ -235,7 +229,13 @@ impl<'a> Agent<'a> {
                 return Exit::Once;
             }
             // ±20 %: agents started together drift apart within a few polls.
-            let wait = jitter::spread(self.interval());
+            // Kept outcomes go when their own (full-jitter) wait is over,
+            // not at the next poll: that would bring back in step a fleet
+            // whose jobs ended together.
+            let mut wait = jitter::spread(self.interval());
+            if let Some(due) = self.kept.next() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
             log::debug!("next poll in {}", human::duration(wait));
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
             wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, ends);
@@ -273,7 +273,7 @@ impl<'a> Agent<'a> {
             self.disk_comment_unposted = Some(comment);
         }
         if let Some(comment) = self.disk_comment_unposted.take() {
-            let data = Json::object().with("state", Json::str("waiting")).with("comment", Json::str(comment.as_str()));
+            let data = AgentState::Waiting.post(&comment);
             match self.client.post_agent_data(&data) {
                 Ok(()) => self.last_post = Instant::now(),
                 Err(e) => {
@@ -288,6 +288,9 @@ impl<'a> Agent<'a> {
     /// The state could not be read before posting `waiting`: an operator
     /// may have set one, so nothing is posted until a cycle sees it.
     fn owe_waiting(&mut self, e: &crate::client::ClientError) {
+        if e.is_stop() {
+            return;
+        }
         log::warn!("cannot read the agent's state on the server, so waiting is not posted over it yet: {e}");
         self.waiting_unposted = true;
     }
@@ -295,14 +298,13 @@ impl<'a> Agent<'a> {
     /// Posts the `waiting` owed since a failed read, now that the state
     /// (`state`, `comment`) was read: not over an operator's hold, nor
     /// over a restart request.
-    fn post_owed_waiting(&mut self, state: &str, comment: &str) {
-        let held = matches!(state, "offline" | "maintenance") && !comment.starts_with(RESTARTING);
-        if held || state == "restart" {
+    fn post_owed_waiting(&mut self, state: &AgentState, comment: &str) {
+        let held = state.is_hold() && !comment.starts_with(RESTARTING);
+        if held || *state == AgentState::Restart {
             self.waiting_unposted = false;
             return;
         }
-        let data = Json::object().with("state", Json::str("waiting")).with("comment", Json::str(""));
-        match self.client.post_agent_data(&data) {
+        match self.client.post_agent_data(&AgentState::Waiting.post("")) {
             Ok(()) => {
                 self.waiting_unposted = false;
                 self.last_post = Instant::now();
@@ -314,24 +316,22 @@ impl<'a> Agent<'a> {
     /// Tells the server why the agent goes away for a moment.
     fn post_restarting(&mut self, comment: &str) {
         let comment = format!("{RESTARTING}{comment}");
-        let data = Json::object().with("state", Json::str("offline")).with("comment", Json::str(comment));
-        if let Err(e) = self.client.post_agent_data(&data).filter_stop() {
+        if let Err(e) = self.client.post_agent_data(&AgentState::Offline.post(&comment)).filter_stop() {
             log::warn!("cannot post the restart: {e}");
         }
     }
 
     /// Re-posts the state when the server has not heard from us for a day,
     /// so that an agent kept offline for long is not forgotten.
-    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &str, comment: &str) {
+    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &AgentState, comment: &str) {
         let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
         if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now(), self.heartbeat_every) {
             return;
         }
-        let state = if state.is_empty() { "waiting" } else { state };
+        let state = if state.as_str().is_empty() { &AgentState::Waiting } else { state };
         log::info!("heartbeat: re-posting state {state}");
         // The comment goes along, or an operator's reason would be wiped.
-        let data = Json::object().with("state", Json::str(state)).with("comment", Json::str(comment));
-        match self.client.post_agent_data(&data) {
+        match self.client.post_agent_data(&state.post(comment)) {
             Ok(()) => self.last_post = Instant::now(),
             Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("heartbeat not posted: {e}"),
@@ -371,8 +371,7 @@ impl<'a> Agent<'a> {
                 return None;
             }
         };
-        let state = agent_data.as_ref().and_then(|d| d.get("state")).and_then(Json::as_str).unwrap_or("").to_string();
-        let comment = agent_data.as_ref().and_then(|d| d.get("comment")).and_then(Json::as_str).unwrap_or("").to_string();
+        let (state, comment) = AgentState::of(agent_data.as_ref().unwrap_or(&Json::Null));
         if let Some(offline) = self.offline_unposted.take() {
             if let Err(e) = self.client.post_agent_data(&offline) {
                 if !e.is_stop() {
@@ -390,13 +389,13 @@ impl<'a> Agent<'a> {
         self.heartbeat(agent_data.as_ref(), &state, &comment);
         let changed = state != self.last_state;
         self.last_state = state.clone();
-        match state.as_str() {
-            "restart" => {
+        match &state {
+            AgentState::Restart => {
                 log::info!("the server asks for a restart ({comment}); exiting while idle");
                 self.post_restarting(&format!("restart requested from the server ({comment})"));
                 return Some(Exit::Restart);
             }
-            "offline" | "maintenance" => {
+            AgentState::Offline | AgentState::Maintenance => {
                 notify::status(&format!("{state} on the server: {comment}"));
                 if changed {
                     log::info!("agent is {state} on the server ({comment}); not taking jobs until that changes");
@@ -415,10 +414,10 @@ impl<'a> Agent<'a> {
                 return Some(Exit::Restart);
             }
             _ if self.recovery_failed => {
-                log::info!("operator changed the state to {state:?}; taking jobs again");
+                log::info!("operator changed the state to {:?}; taking jobs again", state.as_str());
                 self.recovery_failed = false;
             }
-            _ if changed => log::info!("agent state on the server: {state:?}; taking jobs"),
+            _ if changed => log::info!("agent state on the server: {:?}; taking jobs", state.as_str()),
             _ => {}
         }
         if !self.disk_has_room() {
@@ -441,22 +440,26 @@ impl<'a> Agent<'a> {
                 return None;
             }
         };
-        let summary = JobRunner::new(self.config, Some(&mut self.client), job, false).with_metrics(&mut self.metrics).run();
+        let summary = JobRunner::new(self.config, &mut self.client, job).with_metrics(&mut self.metrics).run();
         log::info!("job {} ended: {}; {}", summary.job_id, summary.end_reason, human::exit_statuses(&summary.statuses));
+        if !summary.delivered {
+            // Kept: tried again after a random part of the kept wait.
+            self.kept.failed(Instant::now());
+        }
         let mut after = Json::object().with("job_id", Json::str(""));
+        let mut posts_waiting = false;
         if summary.recovery_failed {
             self.recovery_failed = true;
-            after.set("state", Json::str("offline"));
             // Upstream's words exactly: operators search for them.
             let comment = format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
-            after.set("comment", Json::str(comment));
+            AgentState::Offline.set_in(&mut after, &comment);
         } else {
             match self.client.held_state() {
                 // Set by an operator while the job ran: keep it.
                 Ok(Some((held, _))) => log::info!("agent is {held} on the server; not posting waiting"),
                 Ok(None) => {
-                    after.set("state", Json::str("waiting"));
-                    after.set("comment", Json::str(""));
+                    AgentState::Waiting.set_in(&mut after, "");
+                    posts_waiting = true;
                 }
                 Err(e) => self.owe_waiting(&e),
             }
@@ -470,7 +473,13 @@ impl<'a> Agent<'a> {
                 self.offline_unposted = Some(after);
             }
             Err(e) if e.is_stop() => {}
-            Err(e) => log::warn!("cannot post agent state: {e}"),
+            Err(e) => {
+                log::warn!("cannot post agent state: {e}");
+                // Owed like a waiting held back by a failed read: otherwise
+                // the server shows the job's last phase until the next
+                // heartbeat (an outage's hold fails it at once).
+                self.waiting_unposted |= posts_waiting;
+            }
         }
         summary.interrupted.then_some(Exit::Stopped)
     }
@@ -490,6 +499,14 @@ impl FilterStop for Result<(), ClientError> {
     }
 }
 
+/// Kept outcomes are retried after a random part (at least 1 s) of the
+/// polling interval, doubling: a fleet whose deliveries failed together (an
+/// outage) delivers them spread over the last wait when the server returns.
+fn kept_schedule(polling_interval: f64) -> Schedule {
+    let first = Duration::from_secs_f64(polling_interval).max(Duration::from_secs(1));
+    Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_secs(1) })
+}
+
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
 fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
@@ -506,6 +523,17 @@ fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: Syste
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn kept_retries_and_heartbeats_are_spread() {
+        let s = kept_schedule(10.0);
+        let waits: Vec<Duration> = (0..1000).map(|_| s.wait(3)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_secs(1) && *w <= Duration::from_secs(40)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35)));
+        let beats: Vec<Duration> = (0..1000).map(|_| jitter::early(HEARTBEAT)).collect();
+        assert!(beats.iter().all(|b| *b >= HEARTBEAT.mul_f64(0.8) && *b <= HEARTBEAT));
+        assert!(beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95)));
+    }
 
     #[test]
     fn heartbeat_once_a_day() {

@@ -29,7 +29,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
+use crate::server::Server;
 use crate::phase::Phase;
 use crate::rundir::RunDir;
 
@@ -88,7 +89,7 @@ pub struct Unpacked {
 /// Downloads the job's attachments (streaming, to a file in the run dir)
 /// and unpacks them under `<rundir>/attachments/`. The error is one line
 /// saying why, for the log and the `setup_fail` event.
-pub fn fetch(client: &mut Client, job_id: &str, rundir: &RunDir) -> Result<Unpacked, String> {
+pub(crate) fn fetch(client: &mut dyn Server, job_id: &str, rundir: &RunDir) -> Result<Unpacked, String> {
     let archive = rundir.attachments_download();
     let got = client.download_attachments(job_id, &archive);
     let result = match got {

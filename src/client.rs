@@ -26,10 +26,11 @@ mod transport;
 pub mod wire;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::json::Json;
-use crate::retry::{Backoff, Retry};
+use crate::retry::{Backoff, Outage, Retry, OUTAGE_HOLD};
+use crate::states::{AgentState, JobState};
 
 pub use error::{unreachable_kind, unreachable_text, Answer, ClientError};
 use error::{is_retryable, net_reason};
@@ -64,6 +65,8 @@ pub struct Client {
     retry: Retry,
     /// Proxies and TLS trust.
     net: Net,
+    /// The server failing across calls: calls held back for a while.
+    outage: Outage,
 }
 
 impl Client {
@@ -83,6 +86,7 @@ impl Client {
             token_file_named: false,
             retry: Retry::default(),
             net: Net::new(),
+            outage: Outage::new(OUTAGE_HOLD),
         }
     }
 
@@ -205,6 +209,8 @@ impl Client {
     /// there is a token file and no token yet; on a 401 one refresh and one
     /// replay; connection errors and 500/502/503/504 retried with doubling
     /// backoff up to `retry.attempts`. What `send` answers last is returned.
+    /// During an outage (see [`Outage`]) a call is not tried until its hold
+    /// is over: it fails at once with a connection error saying so.
     pub(super) fn with_retries(
         &mut self,
         method: &str,
@@ -215,13 +221,27 @@ impl Client {
         if self.access_token.is_none() && self.token_file.is_some() {
             self.refresh();
         }
+        if let Some(left) = self.outage.held(Instant::now()) {
+            let reason = format!("not tried: the server has been failing, next try in {:.1} s", left.as_secs_f64());
+            return Err(ClientError::Connection { url: url.to_string(), reason });
+        }
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
             // Spread (±20 %) so that agents failing together retry apart.
             let backoff = retry.between.wait(attempt);
-            match send(self) {
+            let answer = send(self);
+            let failed = match &answer {
+                Ok(a) => is_retryable(a.status),
+                Err(e) => matches!(e, ClientError::Connection { .. }),
+            };
+            if failed {
+                self.outage.attempt_failed(Instant::now());
+            } else if answer.is_ok() && self.outage.answered() {
+                log::info!("server {} answering again; requests no longer held back", self.base);
+            }
+            match answer {
                 // Without a token file (the default path is usually absent)
                 // a 401 has nothing to refresh: it is the answer.
                 Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
@@ -243,9 +263,28 @@ impl Client {
                 Err(e @ ClientError::Connection { .. }) if attempt < retry.attempts => {
                     log::warn!("{method} {e} (attempt {attempt}), retrying in {}", crate::human::duration(backoff));
                 }
-                other => return other,
+                other => {
+                    if failed {
+                        self.outage_began();
+                    }
+                    return other;
+                }
             }
             crate::wait::sleep(backoff, None);
+        }
+    }
+
+    /// A call gave up: when that makes an outage, calls are held back.
+    fn outage_began(&mut self) {
+        match self.outage.call_failed(Instant::now()) {
+            Some((hold, true)) => log::warn!(
+                "server {} failing for {} s or more: requests held back for {:.1} s, then for a random part of the outage so far (at most a minute) while it still fails",
+                self.base,
+                crate::retry::OUTAGE_AFTER.as_secs(),
+                hold.as_secs_f64()
+            ),
+            Some((hold, false)) => log::debug!("server {} still failing: requests held back for {:.1} s", self.base, hold.as_secs_f64()),
+            None => {}
         }
     }
 
@@ -299,15 +338,14 @@ impl Client {
     /// `maintenance`) and its comment; `Ok(None)` when it is not held (or
     /// has no record). Posting a state over it would undo an operator, so
     /// a failed read (`Err`) must not be taken for "not held".
-    pub fn held_state(&mut self) -> Result<Option<(String, String)>, ClientError> {
+    pub fn held_state(&mut self) -> Result<Option<(AgentState, String)>, ClientError> {
         self.held_state_with(self.retry)
     }
 
-    pub fn held_state_with(&mut self, retry: Retry) -> Result<Option<(String, String)>, ClientError> {
+    pub fn held_state_with(&mut self, retry: Retry) -> Result<Option<(AgentState, String)>, ClientError> {
         let Some(data) = self.agent_data(retry)? else { return Ok(None) };
-        let state = data.get("state").and_then(Json::as_str).unwrap_or("");
-        let comment = data.get("comment").and_then(Json::as_str).unwrap_or("");
-        Ok(matches!(state, "offline" | "maintenance").then(|| (state.to_string(), comment.to_string())))
+        let (state, comment) = AgentState::of(&data);
+        Ok(state.is_hold().then_some((state, comment)))
     }
 
     pub fn post_queues(&mut self, queues: &Json) -> Result<(), ClientError> {
@@ -336,11 +374,11 @@ impl Client {
     /// The job's `job_state` on the server, if it can be read. `idle`, when
     /// given (the runner draining a phase's pipe), runs while the request
     /// waits on the server.
-    pub fn job_state(&mut self, job_id: &str, idle: Option<&mut Idle>) -> Option<String> {
+    pub fn job_state(&mut self, job_id: &str, idle: Option<&mut Idle>) -> Option<JobState> {
         self.job_state_with(job_id, idle, self.retry)
     }
 
-    pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<String> {
+    pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<JobState> {
         let url = self.url(&format!("/v1/result/{job_id}"));
         let answer = self.with_retries("GET", &url, retry, &mut |c| {
             let reply = c.exchange("GET", &url, Payload::None, Keep::Memory(JOB_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
@@ -348,7 +386,7 @@ impl Client {
         });
         let result = answer.and_then(|a| a.ok(&url)).and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
         match result {
-            Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(String::from),
+            Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(JobState::parse),
             Ok(None) => None,
             Err(e) if e.is_stop() => None,
             Err(e) => {

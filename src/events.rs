@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::atomic::write_atomic;
-use crate::client::Client;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::Event;
+use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
 /// After a failed post, events wait this long (doubling per failure, up to
@@ -69,7 +69,7 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, client: Option<&mut Client>, job_id: &str, event: Event, detail: &Masked) {
+    pub fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
         let name = event.to_string();
         let detail = detail.as_str();
         if detail.is_empty() {
@@ -89,35 +89,32 @@ impl Events {
                 log::debug!("cannot keep the events in {}: {e}", file.display());
             }
         }
-        if let Some(client) = client {
-            if self.hold_until.is_some_and(|t| Instant::now() < t) {
-                log::debug!("event {name} held back; the whole list goes with the next post");
-                self.unsent = true;
-                return;
+        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+            log::debug!("event {name} held back; the whole list goes with the next post");
+            self.unsent = true;
+            return;
+        }
+        let body = header.clone().with("events", Json::Array(self.list.clone()));
+        // While holding back after a failure one attempt is enough: the
+        // hold is the retry schedule.
+        let retry = server.retry();
+        let retry = if self.hold_until.is_some() { crate::retry::Retry::once(retry.timeout) } else { retry };
+        match server.post_events(job_id, &body, retry) {
+            Ok(()) => {
+                self.unsent = false;
+                self.hold_until = None;
+                self.hold = Duration::ZERO;
             }
-            let body = header.clone().with("events", Json::Array(self.list.clone()));
-            // While holding back after a failure one attempt is enough: the
-            // hold is the retry schedule.
-            let posted = if self.hold_until.is_some() {
-                let once = crate::retry::Retry::once(client.retry().timeout);
-                client.post_events_with(job_id, &body, once)
-            } else {
-                client.post_events(job_id, &body)
-            };
-            match posted {
-                Ok(()) => {
-                    self.unsent = false;
-                    self.hold_until = None;
-                    self.hold = Duration::ZERO;
+            Err(e) => {
+                self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
+                // A random part of the hold: jobs whose posts failed
+                // together (an outage) post again apart.
+                let wait = crate::jitter::full(self.hold, FIRST_HOLD / 2);
+                if !e.is_stop() {
+                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(wait));
                 }
-                Err(e) => {
-                    self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                    if !e.is_stop() {
-                        log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(self.hold));
-                    }
-                    self.hold_until = Some(crate::deadline::from_now(self.hold));
-                    self.unsent = true;
-                }
+                self.hold_until = Some(crate::deadline::from_now(wait));
+                self.unsent = true;
             }
         }
     }
@@ -129,3 +126,67 @@ impl Events {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phase::Phase;
+    use crate::server::fake::{Call, Fake};
+
+    fn none() -> Masked {
+        Masked::agent("")
+    }
+
+    #[test]
+    fn without_a_webhook_nothing_is_posted_or_owed() {
+        let mut events = Events::new(None, "q", "a");
+        let mut fake = Fake::new();
+        events.emit(&mut fake, "j", Event::JobStart, &none());
+        assert!(fake.calls.is_empty());
+        assert!(events.owed().is_none());
+    }
+
+    #[test]
+    fn each_post_carries_the_whole_list_with_the_header() {
+        let mut events = Events::new(Some("http://hook"), "q", "a");
+        let mut fake = Fake::new();
+        events.emit(&mut fake, "j", Event::JobStart, &none());
+        events.emit(&mut fake, "j", Event::Start(Phase::Setup), &Masked::agent("detail"));
+        assert_eq!(fake.calls.len(), 2);
+        let Some(Call::Events(job, body)) = fake.calls.last() else { panic!("{:?}", fake.calls) };
+        assert_eq!(job, "j");
+        assert_eq!(body.get("job_status_webhook").and_then(Json::as_str), Some("http://hook"));
+        assert_eq!((body.get("agent_id").and_then(Json::as_str), body.get("job_queue").and_then(Json::as_str)), (Some("a"), Some("q")));
+        assert_eq!(fake.last_events(), ["job_start", "setup_start"]);
+        assert!(events.owed().is_none(), "the server has them all");
+    }
+
+    #[test]
+    fn a_failed_post_holds_the_next_ones_back_and_owes_the_whole_list() {
+        let mut events = Events::new(Some("http://hook"), "q", "a");
+        let mut down = Fake::new().failing(|c| matches!(c, Call::Events(..)));
+        events.emit(&mut down, "j", Event::JobStart, &none());
+        // Within the hold (a second) the next event is not tried.
+        events.emit(&mut down, "j", Event::JobEnd, &none());
+        assert_eq!(down.calls.len(), 1, "{:?}", down.calls);
+        let owed = events.owed().expect("owed after a failure");
+        let names: Vec<&str> = owed.get("events").and_then(Json::as_array).unwrap_or(&[]).iter().filter_map(|e| e.get("event_name")?.as_str()).collect();
+        assert_eq!(names, ["job_start", "job_end"]);
+    }
+
+    #[test]
+    fn the_list_kept_in_the_run_dir_is_taken_back() {
+        let dir = std::env::temp_dir().join(format!("tf-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("events.json");
+        let mut first = Events::new(Some("http://hook"), "q", "a");
+        first.keep_in(file.clone());
+        first.emit(&mut crate::server::Local, "j", Event::JobStart, &none());
+        let mut again = Events::new(Some("http://hook"), "q", "a");
+        again.restore(file);
+        let mut fake = Fake::new();
+        again.emit(&mut fake, "j", Event::JobEnd, &none());
+        assert_eq!(fake.last_events(), ["job_start", "job_end"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

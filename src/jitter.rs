@@ -41,6 +41,13 @@ pub fn full(d: Duration, floor: Duration) -> Duration {
     floor.max(d.mul_f64(unit()))
 }
 
+/// A random part of `d`, never zero: the first wait of a periodic request
+/// (a phase's cancel checks), so that agents that start it in the same
+/// second (after an outage, say) are out of step from the first one on.
+pub fn within(d: Duration) -> Duration {
+    d.mul_f64(1.0 - unit())
+}
+
 /// `d` shortened by up to 20 %: for deadlines that must not be passed
 /// (a heartbeat owed within a day).
 pub fn early(d: Duration) -> Duration {
@@ -63,5 +70,12 @@ mod tests {
         assert!(f.iter().all(|s| *s >= Duration::from_millis(100) && *s <= d));
         assert!(f.iter().any(|s| *s < Duration::from_secs(2)) && f.iter().any(|s| *s > Duration::from_secs(8)));
         assert!((0..1000).map(|_| early(d)).all(|s| s >= Duration::from_secs(8) && s <= d));
+        let w: Vec<Duration> = (0..1000).map(|_| within(d)).collect();
+        assert!(w.iter().all(|s| *s > Duration::ZERO && *s <= d));
+        // Spread over the whole period: every tenth of it is drawn.
+        for tenth in 0..10 {
+            let (lo, hi) = (d * tenth / 10, d * (tenth + 1) / 10);
+            assert!(w.iter().any(|s| *s > lo && *s <= hi), "nothing in ({lo:?}, {hi:?}]");
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! One job: the phases of its plan in order with their stop rules, events,
 //! and the outcome, from the run dir to the server.
 //!
-//! With a server (`client` is `Some`) progress is reported as it happens;
-//! without one (the local `--job` mode) the same phases run and only the
-//! run dir and the terminal see the output.
+//! Progress is reported to the [`Server`] as it happens; with none (the
+//! local `--job` mode, [`crate::server::Local`]) the same phases run and
+//! only the run dir and the terminal see the output.
 //!
 //! `run` and `resume` read as their steps; both end in `finish`.
 
@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::archive;
 use crate::attachments;
-use crate::client::Client;
 use crate::config::Config;
 use crate::delivery;
 use crate::events::Events;
@@ -19,13 +18,17 @@ use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking};
 use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
-use crate::rundir::{self, JobState, RunDir};
+use crate::rundir::{self, DeliveryState, RunDir};
 use crate::runner::Stop;
+use crate::server::Server;
 use crate::signals;
+use crate::states::JobState;
 
 mod execute;
 pub mod plan;
 mod report;
+#[cfg(test)]
+mod tests;
 mod watcher;
 
 pub use plan::JobPlan;
@@ -63,14 +66,13 @@ impl Summary {
 
 pub struct JobRunner<'a> {
     config: &'a Config,
-    client: Option<&'a mut Client>,
-    echo: bool,
+    server: &'a mut dyn Server,
     plan: JobPlan,
     rundir: RunDir,
     /// Fragment numbers, output left unsent, and whether the job was
     /// cancelled on the server (the outcome must then not turn it back into
     /// a completed one): saved in the run dir as they change.
-    state: JobState,
+    state: DeliveryState,
     /// A phase exited with `RECOVERY_FAILED`: the agent goes offline.
     recovery_failed: bool,
     /// Every secret value of the job (all phases'): job text on its way
@@ -88,18 +90,17 @@ pub struct JobRunner<'a> {
 
 impl<'a> JobRunner<'a> {
     /// `job` must have a safe `job_id` (checked by the caller).
-    pub fn new(config: &'a Config, client: Option<&'a mut Client>, job: Json, echo: bool) -> JobRunner<'a> {
+    pub fn new(config: &'a Config, server: &'a mut dyn Server, job: Json) -> JobRunner<'a> {
         let plan = JobPlan::new(config, job);
         let rundir = RunDir::of(&config.execution_basedir, &plan.job_id);
         let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, &config.agent_id);
         let masks = JobSecrets::new(plan.secret_values());
         JobRunner {
             config,
-            client,
-            echo,
+            server,
             plan,
             rundir,
-            state: JobState::default(),
+            state: DeliveryState::default(),
             recovery_failed: false,
             _log_masking: masks.mask_log_lines(),
             masks,
@@ -205,7 +206,7 @@ impl<'a> JobRunner<'a> {
     /// hears `job_start`, the log says what of the job is ignored.
     fn start(&mut self) {
         self.post_job_id();
-        let job_url = self.client.as_deref().map(|c| c.url(&format!("/jobs/{}", self.plan.job_id))).unwrap_or_default();
+        let job_url = self.server.job_url(&self.plan.job_id);
         self.emit(Event::JobStart, &job_url);
         for warning in &self.plan.warnings {
             log::warn!("job {}: {warning}", self.plan.job_id);
@@ -221,7 +222,7 @@ impl<'a> JobRunner<'a> {
         log::error!("cannot prepare run dir {}: {e}", self.rundir.path().display());
         self.statuses.push((Phase::Setup, NOT_RUN));
         self.emit(Event::JobEnd, &format!("cannot prepare the run dir: {e}"));
-        let outcome = self.outcome().with("job_state", Json::str("complete"));
+        let outcome = self.outcome().with("job_state", Json::str(JobState::Complete.as_str()));
         self.post_result(outcome);
         Summary {
             job_id: self.plan.job_id.clone(),
@@ -258,7 +259,7 @@ impl<'a> JobRunner<'a> {
             }
             // A skipped phase is still announced and succeeds, as upstream
             // reports it: dashboards and webhooks see every phase.
-            self.post_result(Json::object().with("job_state", Json::str(phase.as_str())));
+            self.post_result(JobState::Phase(phase).post());
             self.post_agent_state(phase);
             self.emit(Event::Start(phase), "");
             if let Some(why) = self.plan.phase(phase).skip.clone() {
@@ -336,7 +337,7 @@ impl<'a> JobRunner<'a> {
         self.statuses = self.rundir.statuses();
         self.events.restore(self.rundir.events_file());
         // The events owed are the restored list's to say (see `deliver`).
-        self.state = JobState { events: None, ..self.rundir.load_state() };
+        self.state = DeliveryState { events: None, ..self.rundir.load_state() };
     }
 
     /// `phase` was running when the agent died: its log says so, its
@@ -365,24 +366,24 @@ impl<'a> JobRunner<'a> {
     }
 
     /// Unpacks the job's attachments into the run dir, when it has some.
-    /// Without a server
-    /// (`--job`) they are skipped: there is nothing to download from.
+    /// Without a server (`--job`) they are skipped: there is nothing to
+    /// download from.
     fn fetch_attachments(&mut self) -> Result<(), String> {
         if !self.plan.attachments {
             return Ok(());
         }
-        let Some(client) = self.client.as_deref_mut() else {
+        if self.server.is_local() {
             log::warn!("job {}: attachments are not fetched without a server", self.plan.job_id);
             return Ok(());
-        };
-        let done = attachments::fetch(client, &self.plan.job_id, &self.rundir)?;
+        }
+        let done = attachments::fetch(self.server, &self.plan.job_id, &self.rundir)?;
         log::info!("job {}: attachments unpacked: {} files, {} bytes", self.plan.job_id, done.files, done.bytes);
         Ok(())
     }
 
     /// Creates the run dir and the files device connectors expect.
     fn prepare(&mut self) -> std::io::Result<()> {
-        self.rundir.create(&self.config.execution_basedir, self.client.is_none(), &self.plan.document)
+        self.rundir.create(&self.config.execution_basedir, self.server.is_local(), &self.plan.document)
     }
 
     fn outcome(&self) -> Json {
@@ -401,9 +402,8 @@ impl<'a> JobRunner<'a> {
 
     /// Sends the output the server missed before the agent died.
     fn flush_pending(&mut self) {
-        let Some(client) = self.client.as_deref_mut() else { return };
         // Saves its progress; what is not sent stays pending for delivery.
-        let _ = delivery::send_pending(client, &self.rundir, &self.plan.job_id, &mut self.state);
+        let _ = delivery::send_pending(self.server, &self.rundir, &self.plan.job_id, &mut self.state);
     }
 
     /// Packs artifacts, delivers the outcome, and removes the run dir, or
@@ -429,10 +429,11 @@ impl<'a> JobRunner<'a> {
         }
         // Delivered from memory: on a full disk the outcome file may be stale.
         let outcome = self.outcome();
-        let Some(client) = self.client.as_deref_mut() else {
+        // Without a server the outcome stays in the run dir (`--job` says where).
+        if self.server.is_local() {
             return false;
-        };
-        match delivery::deliver_with(client, &self.rundir, &self.plan.job_id, state, outcome) {
+        }
+        match delivery::deliver_with(self.server, &self.rundir, &self.plan.job_id, state, outcome) {
             Ok(()) => {
                 self.rundir.remove();
                 true

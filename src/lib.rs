@@ -19,6 +19,7 @@ pub mod notify;
 pub mod retry;
 pub mod runner;
 pub mod safe_fs;
+pub mod server;
 pub mod signals;
 
 // Used by the fuzz targets (client, config and json by `main` too).
@@ -27,6 +28,8 @@ pub mod client;
 pub mod config;
 pub mod json;
 pub mod mask;
+// In the client's answers.
+pub mod states;
 
 pub(crate) mod archive;
 pub(crate) mod atomic;

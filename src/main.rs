@@ -186,7 +186,7 @@ fn run_local_job(config: &Config, path: &Path) -> ExitCode {
         }
     };
     let plan = job::plan::JobPlan::new(config, job.clone());
-    let summary = job::JobRunner::new(config, None, job, true).run();
+    let summary = job::JobRunner::new(config, &mut testflinger_agent::server::Local, job).run();
     println!("\n== job {} ({}) ==", summary.job_id, summary.end_reason);
     for line in summary_lines(&summary, &plan) {
         println!("{line}");

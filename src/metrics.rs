@@ -398,6 +398,5 @@ mod tests {
         let answer = scraper.join().expect("scraper");
         assert_eq!(woke, crate::wait::Woke::Ready);
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 }

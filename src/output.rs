@@ -12,13 +12,14 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, ClientError, Idle};
+use crate::client::{ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
 use crate::rundir::PendingStream;
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::safe_fs;
+use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
 mod bucket;
@@ -47,8 +48,12 @@ const HEAVY: u64 = 8 << 20;
 /// (the child's pipe is drained meanwhile, see `Idle`). Fragments sent
 /// after the phase wait at least as long, for the same reason.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a fragment failed while the phase runs: 1 s, doubling to 32 s.
-const LIVE_BACKOFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Spread);
+/// After a fragment failed while the phase runs: a random part (at least
+/// 0.5 s) of 1 s, doubling to 32 s. Full jitter: a fleet whose fragments
+/// failed together (an outage) sends them back spread over the last wait,
+/// not in the second the server returns.
+const LIVE_BACKOFF: Schedule =
+    Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Full { floor: Duration::from_millis(500) });
 
 /// The phase's log file, written through the secret masker.
 pub struct PhaseLog {
@@ -192,7 +197,7 @@ impl LiveStream {
     /// Sends one fragment if one is due: a single attempt (timeout
     /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
-    pub fn pump(&mut self, client: &mut Client, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
+    pub fn pump(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
         if self.due(written).is_some_and(|t| now >= t) && self.bucket.take(now) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
@@ -204,7 +209,7 @@ impl LiveStream {
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
-    pub fn flush(&mut self, client: &mut Client, counter: &mut u64, written: u64) -> Result<(), ClientError> {
+    pub fn flush(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64) -> Result<(), ClientError> {
         let retry = client.retry();
         // A `server_timeout` shorter than a slow server's answer would send
         // the same fragment again, and the server would show it twice.
@@ -217,7 +222,7 @@ impl LiveStream {
 
     fn send_one(
         &mut self,
-        client: &mut Client,
+        client: &mut dyn Server,
         counter: &mut u64,
         written: u64,
         last: bool,
@@ -294,6 +299,13 @@ impl LiveStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_retries_are_spread_over_the_whole_wait() {
+        let waits: Vec<Duration> = (0..1000).map(|_| LIVE_BACKOFF.wait(6)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(32)));
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28)));
+    }
 
     #[test]
     fn phase_log_masks_secrets_on_disk() {

@@ -18,13 +18,13 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::client::Client;
 use crate::config::Config;
 use crate::job::JobRunner;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::phase::Phase;
 use crate::rundir::{self, RunDir};
+use crate::server::Server;
 
 /// Recoveries a job gets. The start after that many gives the job up as
 /// failed without running anything of it; should even that stop the
@@ -57,7 +57,7 @@ pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
 
 /// Finishes every job an earlier agent left unfinished. Jobs that only
 /// await delivery stay in `results_basedir` for the polling loop.
-pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
+pub fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
     let mut todo = Vec::new();
     for (job_id, dir) in rundir::run_dirs(&config.execution_basedir) {
         todo.push(inspect(config, &job_id, &dir));
@@ -70,17 +70,18 @@ pub fn recover(config: &Config, client: &mut Client, metrics: &mut Metrics) {
     }
     let resumed = !todo.is_empty();
     for left in todo {
-        resume(config, client, metrics, left);
+        resume(config, server, metrics, left);
     }
     if resumed {
         // As after any job: the server no longer shows one running here.
-        if let Err(e) = client.post_agent_data(&Json::object().with("job_id", Json::str(""))) {
+        let retry = server.retry();
+        if let Err(e) = server.post_agent_data(&Json::object().with("job_id", Json::str("")), retry) {
             log::warn!("cannot clear the job id: {e}");
         }
     }
 }
 
-fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left: Leftover) {
+fn resume(config: &Config, server: &mut dyn Server, metrics: &mut Metrics, mut left: Leftover) {
     let what = match &left.interrupted {
         Some(p) => format!("interrupted during {p}"),
         None => "interrupted between phases".to_string(),
@@ -119,7 +120,7 @@ fn resume(config: &Config, client: &mut Client, metrics: &mut Metrics, mut left:
         left.dir.keep(&config.results_basedir, &left.job_id);
         return;
     };
-    let runner = JobRunner::new(config, Some(client), job, false).with_metrics(metrics);
+    let runner = JobRunner::new(config, server, job).with_metrics(metrics);
     let summary = match give_up {
         Some(why) => runner.give_up(left.interrupted, &why),
         None => runner.resume(left.interrupted),
@@ -170,6 +171,7 @@ fn processes_in(dir: &Path) -> Vec<libc::pid_t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::fake::{Call, Fake};
 
     fn config(cleanup: &str) -> Config {
         let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\ncleanup_command: {cleanup:?}\n");
@@ -207,5 +209,70 @@ mod tests {
         assert_eq!((left.interrupted, left.needs_cleanup), (None, false));
         assert!(!inspect(&config(""), "j", &RunDir::new(dir.clone())).needs_cleanup);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// What an agent killed during `test` leaves: setup done, test begun;
+    /// `attempts` recoveries of it begun before.
+    fn left_behind(config: &Config, job_id: &str, attempts: u32) -> RunDir {
+        let job = Json::parse(&format!(r#"{{"job_id":"{job_id}","test_data":{{"t":1}}}}"#)).expect("job");
+        let dir = RunDir::of(&config.execution_basedir, job_id);
+        dir.create(&config.execution_basedir, false, &job).expect("run dir");
+        dir.write_outcome(&rundir::outcome_of(&[(Phase::Setup, 0)])).expect("outcome");
+        fs::write(dir.log(Phase::Setup, crate::phase::LogKind::Output), "x").expect("setup log");
+        fs::write(dir.log(Phase::Test, crate::phase::LogKind::Output), "x").expect("test log");
+        if attempts > 0 {
+            dir.set_recovery_attempts(attempts).expect("attempts");
+        }
+        dir
+    }
+
+    fn bench(name: &str) -> (Config, std::path::PathBuf) {
+        let base = std::env::temp_dir().join(format!("tf-recover-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let mut config = config("echo cleanup-out");
+        config.execution_basedir = base.join("run");
+        config.results_basedir = base.join("results");
+        (config, base)
+    }
+
+    fn outcomes(fake: &Fake) -> Vec<String> {
+        let results = fake.calls.iter().filter_map(|c| match c {
+            Call::Result(_, b) if b.get("job_state").is_some_and(|s| s.as_str() != Some("test")) => Some(b.to_string_compact()),
+            _ => None,
+        });
+        results.collect()
+    }
+
+    #[test]
+    fn a_job_a_killed_agent_left_is_finished_and_delivered() {
+        let _serial = crate::runner::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (config, base) = bench("resume");
+        let dir = left_behind(&config, "j1", 0);
+        let mut fake = Fake::new();
+        recover(&config, &mut fake, &mut Metrics::new("a", ""));
+        assert_eq!(outcomes(&fake), [r#"{"status":{"setup":0,"test":99,"cleanup":0},"job_state":"complete"}"#]);
+        assert!(fake.log("output").contains("cleanup-out"), "cleanup ran again");
+        assert_eq!(fake.calls.last(), Some(&Call::AgentData(Json::object().with("job_id", Json::str("")))));
+        assert!(!dir.path().exists());
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_job_that_keeps_stopping_the_agent_is_given_up_then_set_aside() {
+        let _serial = crate::runner::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let (config, base) = bench("give-up");
+        // The third attempt runs nothing: the outcome goes as it stands.
+        left_behind(&config, "j2", MAX_RECOVERY_ATTEMPTS);
+        let mut fake = Fake::new();
+        recover(&config, &mut fake, &mut Metrics::new("a", ""));
+        assert_eq!(outcomes(&fake), [r#"{"status":{"setup":0,"test":99},"job_state":"complete"}"#]);
+        assert!(fake.log("output").is_empty(), "nothing ran: {}", fake.log("output"));
+        // One more and it is only set aside, for an operator.
+        left_behind(&config, "j3", MAX_RECOVERY_ATTEMPTS + 1);
+        let mut fake = Fake::new();
+        recover(&config, &mut fake, &mut Metrics::new("a", ""));
+        assert!(outcomes(&fake).is_empty(), "{:?}", fake.calls);
+        assert!(config.results_basedir.join(".undeliverable").join("j3").is_dir());
+        let _ = fs::remove_dir_all(&base);
     }
 }

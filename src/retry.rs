@@ -49,7 +49,11 @@ impl Schedule {
 
     /// The wait after `failures` failures in a row, jittered.
     pub fn wait(&self, failures: u32) -> Duration {
-        let d = self.nominal(failures);
+        self.jittered(self.nominal(failures))
+    }
+
+    /// `d` varied as this schedule varies its waits.
+    pub fn jittered(&self, d: Duration) -> Duration {
         match self.jitter {
             Jitter::None => d,
             Jitter::Spread => jitter::spread(d),
@@ -97,6 +101,77 @@ impl Backoff {
     pub fn succeeded(&mut self) {
         self.failures = 0;
         self.next = None;
+    }
+}
+
+/// The server seen failing across calls (no answer, or 500/502/503/504)
+/// for [`OUTAGE_AFTER`]: an outage. Calls are then held back, failing at
+/// once without a request, until a random moment of the hold (full
+/// jitter over the longer of the doubling wait and the outage so far); the
+/// first call after it probes. A fleet that lost the server together thus comes back spread over its
+/// last hold instead of in the second the server returns, and the phases
+/// it then starts do not end (and post) in the same second either. A job
+/// does not wait on the server meanwhile: what a held call carried is kept
+/// and retried as after any failure.
+#[derive(Clone, Debug)]
+pub struct Outage {
+    /// The first failed attempt since the last answer.
+    failing_since: Option<Instant>,
+    schedule: Schedule,
+    /// Failed probes (calls that gave up) since the outage began.
+    failures: u32,
+    held_until: Option<Instant>,
+}
+
+/// Failing this long, over several attempts, is an outage: one patient
+/// call's own retries (about 1.75 s) are not enough to make one.
+pub const OUTAGE_AFTER: Duration = Duration::from_secs(3);
+/// Holds after an outage began: a random part of 2 s doubling per failed
+/// probe, or of the outage so far when longer, up to a minute. Sized by the
+/// outage's age, agents that lost the server together come back spread over
+/// about as long as it was gone, however few probes each made.
+pub const OUTAGE_HOLD: Schedule =
+    Schedule::new(Duration::from_secs(2), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
+
+impl Outage {
+    pub fn new(hold: Schedule) -> Outage {
+        Outage { failing_since: None, schedule: hold, failures: 0, held_until: None }
+    }
+
+    /// How long calls are still held back at `now`; `None`: a call may go.
+    pub fn held(&self, now: Instant) -> Option<Duration> {
+        self.held_until.filter(|t| *t > now).map(|t| t - now)
+    }
+
+    /// An attempt got an answer the server meant (any but 500/502/503/504):
+    /// no outage. True when that ends one.
+    pub fn answered(&mut self) -> bool {
+        let ended = self.failures > 0;
+        self.failing_since = None;
+        self.failures = 0;
+        self.held_until = None;
+        ended
+    }
+
+    /// An attempt got no answer, or a 500/502/503/504, at `now`.
+    pub fn attempt_failed(&mut self, now: Instant) {
+        self.failing_since.get_or_insert(now);
+    }
+
+    /// A call gave up at `now` after failed attempts. When the server has
+    /// been failing for [`OUTAGE_AFTER`], returns the hold that begins, and
+    /// whether it is the outage's first.
+    pub fn call_failed(&mut self, now: Instant) -> Option<(Duration, bool)> {
+        let since = self.failing_since?;
+        let age = now.duration_since(since);
+        if age < OUTAGE_AFTER {
+            return None;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let nominal = self.schedule.nominal(self.failures).max(age).min(self.schedule.max);
+        let hold = self.schedule.jittered(nominal);
+        self.held_until = Some(crate::deadline::after(now, hold));
+        Some((hold, self.failures == 1))
     }
 }
 
@@ -164,5 +239,48 @@ mod tests {
         assert_eq!((b.failures(), b.next()), (0, None));
         let spread = Schedule::new(Duration::from_secs(10), Duration::from_secs(10), Jitter::Spread).wait(1);
         assert!(spread >= Duration::from_secs(8) && spread <= Duration::from_secs(12), "{spread:?}");
+    }
+
+    #[test]
+    fn an_outage_holds_calls_back_for_a_random_part_of_a_doubling_hold() {
+        let schedule = Schedule::new(Duration::from_secs(2), Duration::from_secs(60), Jitter::None);
+        let t = Instant::now();
+        let mut o = Outage::new(schedule);
+        // Failures shorter than OUTAGE_AFTER are no outage.
+        o.attempt_failed(t);
+        assert_eq!(o.call_failed(t + Duration::from_secs(2)), None);
+        assert_eq!(o.held(t + Duration::from_secs(2)), None);
+        // An answer forgets them (no outage ended: none had begun).
+        assert!(!o.answered());
+        o.attempt_failed(t + Duration::from_secs(2));
+        assert_eq!(o.call_failed(t + Duration::from_secs(4)), None);
+        // Failing for 3 s (since t + 2): the first hold is the outage so
+        // far, longer than the schedule's first 2 s.
+        let at = t + Duration::from_secs(5);
+        assert_eq!(o.call_failed(at), Some((Duration::from_secs(3), true)));
+        assert_eq!(o.held(at + Duration::from_secs(1)), Some(Duration::from_secs(2)));
+        assert_eq!(o.held(at + Duration::from_secs(3)), None);
+        // The probe failed, 6 s into the outage: 6 s beats the doubled 4 s;
+        // at the next, the doubled 8 s beats the outage. Not the first.
+        assert_eq!(o.call_failed(at + Duration::from_secs(3)), Some((Duration::from_secs(6), false)));
+        assert_eq!(o.call_failed(at + Duration::from_secs(3)), Some((Duration::from_secs(8), false)));
+        // Never longer than the cap, however long the outage.
+        assert_eq!(o.call_failed(at + Duration::from_secs(600)), Some((Duration::from_secs(60), false)));
+        assert!(o.answered());
+        assert_eq!(o.held(at + Duration::from_secs(601)), None);
+
+        // With the real schedule each hold is anywhere in [0.5 s, nominal]:
+        // after 30 s of outage, in [0.5 s, 30 s] at the first probe.
+        let mut lo = Duration::MAX;
+        let mut hi = Duration::ZERO;
+        for _ in 0..1000 {
+            let mut o = Outage::new(OUTAGE_HOLD);
+            o.attempt_failed(t);
+            let last = o.call_failed(t + Duration::from_secs(30)).map(|(h, _)| h).unwrap_or_default();
+            assert!(last >= Duration::from_millis(500) && last <= Duration::from_secs(30), "{last:?}");
+            lo = lo.min(last);
+            hi = hi.max(last);
+        }
+        assert!(lo < Duration::from_secs(5) && hi > Duration::from_secs(25), "holds not spread: {lo:?}..{hi:?}");
     }
 }

@@ -20,7 +20,7 @@ use crate::phase::{LogKind, Phase};
 use crate::safe_fs;
 
 mod state;
-pub use state::{JobState, PendingStream};
+pub use state::{DeliveryState, PendingStream};
 
 const JOB_FILE: &str = "testflinger.json";
 const OUTCOME_FILE: &str = "testflinger-outcome.json";
@@ -208,15 +208,15 @@ impl RunDir {
         let _ = safe_fs::rewrite(&self.path.join(ARCHIVE_SENT), b"", safe_fs::PRIVATE_FILE);
     }
 
-    pub fn save_state(&self, state: &JobState) -> io::Result<()> {
+    pub fn save_state(&self, state: &DeliveryState) -> io::Result<()> {
         write_atomic(&self.path.join(STATE_FILE), state.to_json().to_string_compact().as_bytes())
     }
 
     /// The delivery state saved last; the default when there is none.
-    pub fn load_state(&self) -> JobState {
-        let Ok(text) = safe_fs::read_own(&self.path.join(STATE_FILE)) else { return JobState::default() };
-        let Ok(json) = Json::parse(&text) else { return JobState::default() };
-        JobState::from_json(&json)
+    pub fn load_state(&self) -> DeliveryState {
+        let Ok(text) = safe_fs::read_own(&self.path.join(STATE_FILE)) else { return DeliveryState::default() };
+        let Ok(json) = Json::parse(&text) else { return DeliveryState::default() };
+        DeliveryState::from_json(&json)
     }
 
     /// How many times recovery of this job began (0 when never, or when
@@ -384,7 +384,7 @@ mod tests {
             fs::write(raw, "x").unwrap();
         }
         fs::create_dir_all(dir.artifacts()).unwrap();
-        dir.save_state(&JobState { cancelled: true, ..JobState::default() }).unwrap();
+        dir.save_state(&DeliveryState { cancelled: true, ..DeliveryState::default() }).unwrap();
         assert_eq!(run_dirs(&exec), [("job1".to_string(), dir.clone())]);
 
         dir.keep(&results, "job1");

@@ -110,6 +110,12 @@ pub struct Outcome {
     pub stopped: Option<Stop>,
 }
 
+/// `run` reaps every descendant of this process when a phase ends: the
+/// unit tests that run phases (here and in `job`) take this lock, so that
+/// none of them runs beside another.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How long a stopped phase gets between SIGTERM and SIGKILL by default.
 pub const GRACE: Duration = Duration::from_millis(1500);
 /// Output of a command that exited, still arriving from a leftover process

@@ -176,6 +176,8 @@ mod tests {
         const ALONE: &str = "TFA_WAIT_SIGNAL_TEST_ALONE";
         const NAME: &str = "wait::tests::a_signal_that_came_just_before_the_wait_still_ends_it";
         if std::env::var_os(ALONE).is_none() {
+            // A phase ending in another test reaps every child of this process.
+            let _serial = crate::runner::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
             let exe = std::env::current_exe().expect("test binary path");
             let out = std::process::Command::new(exe)
                 .args(["--exact", NAME, "--test-threads=1", "--nocapture"])

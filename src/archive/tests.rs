@@ -171,6 +171,8 @@ fn hard_links_and_fifos_are_kept_as_tarfile_keeps_them_and_sockets_skipped() {
 /// so, on a machine without python3 or tar.
 #[test]
 fn unpacks_with_python_tarfile_and_gnu_tar() {
+    // A phase ending in another test reaps every child of this process.
+    let _serial = crate::runner::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let base = std::env::temp_dir().join(format!("tf-arch-unpack-{}", std::process::id()));
     let dest = special_tree(&base);
     let script = "import sys, tarfile\n\

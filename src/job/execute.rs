@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 use super::report::post_state_unless_held;
 use super::watcher::{PhaseWatcher, Progress};
 use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
-use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
 use crate::rundir::PendingStream;
 use crate::runner::{self, Limits, Stop};
 use crate::serial::SerialTail;
+use crate::server::Server;
 use crate::signals;
+use crate::states::JobState;
 
 impl JobRunner<'_> {
     /// Sleeps, answering metrics scrapes meanwhile.
@@ -31,9 +32,11 @@ impl JobRunner<'_> {
         // Fragment progress is saved as it goes, with what was pending before.
         let base = self.state.clone();
         let fragments = &mut self.state.fragments;
-        let live = self.client.as_deref_mut().map(|c| {
+        // Without a server (`--job`) the output goes to the terminal instead.
+        let server: &mut dyn Server = &mut *self.server;
+        let live = (!server.is_local()).then(|| {
             let log_path = self.rundir.log(phase, LogKind::Output);
-            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), c, &mut fragments.output)
+            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), server, &mut fragments.output)
         });
         let has_live = live.is_some();
         // The connector's serial log, masked and sent as it is written.
@@ -47,7 +50,7 @@ impl JobRunner<'_> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (phase.can_cancel() && has_live).then(|| crate::deadline::from_now(crate::budget::get().cancel_interval)),
+            next_cancel_check: (phase.can_cancel() && has_live).then(|| super::watcher::first_cancel_check(Instant::now())),
             metrics: self.metrics.as_deref_mut(),
             progress,
             next_heartbeat: crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT)),
@@ -83,7 +86,7 @@ impl JobRunner<'_> {
     /// phase's part of it starts.
     fn open_log(&self, phase: Phase) -> Option<(PhaseLog, u64)> {
         let log_path = self.rundir.log(phase, LogKind::Output);
-        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.echo) {
+        let mut log = match PhaseLog::open(&log_path, self.masks.stream(), self.server.is_local()) {
             Ok(l) => l,
             Err(e) => {
                 log::error!("cannot open {}: {e}", log_path.display());
@@ -128,18 +131,23 @@ impl JobRunner<'_> {
             }
             Self::pause(self.metrics.as_deref_mut(), Duration::from_secs(2));
         }
-        self.post_result(Json::object().with("job_state", Json::str("allocated")));
+        self.post_result(JobState::Allocated.post());
         let parent = self.plan.parent_job_id.clone();
         let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
-        let Some(client) = self.client.as_deref_mut() else { return };
-        let over = |s: Option<String>| matches!(s.as_deref(), Some("complete" | "completed" | "cancelled"));
+        // Without a server nothing would ever release it.
+        if self.server.is_local() {
+            return;
+        }
+        let server = &mut *self.server;
+        let retry = server.retry();
+        let over = |s: Option<JobState>| s.is_some_and(|s| s.is_over());
         let mut next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
         loop {
             if Instant::now() >= next_heartbeat {
                 next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
-                post_state_unless_held(client, Phase::Allocate, client.retry());
+                post_state_unless_held(server, Phase::Allocate, retry);
             }
-            if over(client.job_state(&self.plan.job_id, None)) || parent.as_deref().is_some_and(|p| over(client.job_state(p, None))) {
+            if over(server.job_state(&self.plan.job_id, None, retry)) || parent.as_deref().is_some_and(|p| over(server.job_state(p, None, retry))) {
                 return;
             }
             if signals::interrupted() {

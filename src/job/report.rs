@@ -1,13 +1,15 @@
 //! What a job tells the server (and its webhook) as it goes, and what it
 //! reads back from the connector's files to say it. Every text here went
 //! through the job's secrets first. Without a server (`--job`) the posts
-//! are skipped and events only reach the log.
+//! go nowhere and events only reach the log.
 
 use super::JobRunner;
-use crate::client::Client;
+use crate::retry::Retry;
+use crate::server::Server;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::{EndReason, Event, Phase, RECOVERY_FAILED};
+use crate::states::{AgentState, JobState};
 
 impl JobRunner<'_> {
     /// Emits an event; its detail goes through the job's secrets.
@@ -17,39 +19,33 @@ impl JobRunner<'_> {
     }
 
     pub(super) fn emit_masked(&mut self, event: Event, detail: &Masked) {
-        self.events.emit(self.client.as_deref_mut(), &self.plan.job_id, event, detail);
+        self.events.emit(self.server, &self.plan.job_id, event, detail);
     }
 
     pub(super) fn post_result(&mut self, data: Json) {
-        if let Some(client) = self.client.as_deref_mut() {
-            match client.post_result(&self.plan.job_id, &data) {
-                Err(e) if !e.is_stop() => log::warn!("result update not posted: {e}"),
-                _ => {}
-            }
+        match self.server.post_result(&self.plan.job_id, &data) {
+            Err(e) if !e.is_stop() => log::warn!("result update not posted: {e}"),
+            _ => {}
         }
     }
 
     /// Posts the agent's state for a phase; there is none for cleanup
     /// (upstream posts none, and dashboards show the last phase).
     pub(super) fn post_agent_state(&mut self, state: Phase) {
-        if let Some(client) = self.client.as_deref_mut() {
-            post_state_unless_held(client, state, client.retry());
-        }
+        let retry = self.server.retry();
+        post_state_unless_held(self.server, state, retry);
     }
 
     /// Tells the server the agent works on this job (before it starts or
     /// resumes).
     pub(super) fn post_job_id(&mut self) {
-        if let Some(client) = self.client.as_deref_mut() {
-            let _ = client.post_agent_data(&Json::object().with("job_id", Json::str(self.plan.job_id.as_str())));
-        }
+        let retry = self.server.retry();
+        let _ = self.server.post_agent_data(&Json::object().with("job_id", Json::str(self.plan.job_id.as_str())), retry);
     }
 
     pub(super) fn is_cancelled(&mut self) -> bool {
-        match self.client.as_deref_mut() {
-            Some(client) => client.job_state(&self.plan.job_id, None).as_deref() == Some("cancelled"),
-            None => false,
-        }
+        let retry = self.server.retry();
+        self.server.job_state(&self.plan.job_id, None, retry) == Some(JobState::Cancelled)
     }
 
     /// The events after a phase's command exited with `code`, with the
@@ -91,15 +87,13 @@ impl JobRunner<'_> {
             RECOVERY_FAILED => Event::Ended(EndReason::RecoveryFail),
             _ => Event::Ended(EndReason::Fail(Phase::Provision)),
         };
-        if let Some(client) = self.client.as_deref_mut() {
-            let body = Json::object()
-                .with("job_id", Json::str(self.plan.job_id.as_str()))
-                .with("exit_code", Json::int(i64::from(code)))
-                .with("detail", Json::str(exit_event.to_string()));
-            match client.post_provision_log(&body) {
-                Err(e) if !e.is_stop() => log::warn!("provision log not posted: {e}"),
-                _ => {}
-            }
+        let body = Json::object()
+            .with("job_id", Json::str(self.plan.job_id.as_str()))
+            .with("exit_code", Json::int(i64::from(code)))
+            .with("detail", Json::str(exit_event.to_string()));
+        match self.server.post_provision_log(&body) {
+            Err(e) if !e.is_stop() => log::warn!("provision log not posted: {e}"),
+            _ => {}
         }
     }
 
@@ -120,17 +114,14 @@ impl JobRunner<'_> {
     /// post failed.
     pub(super) fn post_device_info(&mut self) -> bool {
         let Some(info) = self.device_info() else { return true };
-        match self.client.as_deref_mut() {
-            Some(client) => match client.post_result(&self.plan.job_id, &Json::object().with("device_info", info)) {
-                Ok(()) => true,
-                Err(e) => {
-                    if !e.is_stop() {
-                        log::warn!("device info not posted: {e}");
-                    }
-                    false
+        match self.server.post_result(&self.plan.job_id, &Json::object().with("device_info", info)) {
+            Ok(()) => true,
+            Err(e) => {
+                if !e.is_stop() {
+                    log::warn!("device info not posted: {e}");
                 }
-            },
-            None => true,
+                false
+            }
         }
     }
 
@@ -150,22 +141,21 @@ impl JobRunner<'_> {
 /// operator may put the agent in maintenance while a job runs, and a phase
 /// name must not overwrite that (upstream's does). Also the heartbeat of
 /// long phases.
-pub(super) fn post_state_unless_held(client: &mut Client, state: Phase, retry: crate::retry::Retry) {
-    match client.held_state_with(retry) {
+pub(super) fn post_state_unless_held(server: &mut dyn Server, state: Phase, retry: Retry) {
+    match server.held_state(retry) {
         Ok(None) => {}
         Ok(Some((held, _))) => {
             log::info!("agent is {held} on the server; not posting state {state}");
             return;
         }
+        Err(e) if e.is_stop() => return,
         // Unseen, it may be an operator's: the next phase's post reads again.
         Err(e) => {
             log::warn!("state {state} not posted: cannot read the agent's state on the server first: {e}");
             return;
         }
     }
-    // Always with a comment, as upstream posts a state.
-    let data = Json::object().with("state", Json::str(state.as_str())).with("comment", Json::str(""));
-    match client.post_agent_data_with(&data, retry) {
+    match server.post_agent_data(&AgentState::Busy(state).post(""), retry) {
         Err(e) if !e.is_stop() => log::warn!("agent state {state} not posted: {e}"),
         _ => {}
     }

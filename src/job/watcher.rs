@@ -7,20 +7,21 @@ use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
 use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
-use crate::client::Client;
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{LogKind, Phase};
 use crate::retry::Retry;
-use crate::rundir::{JobState, PendingStream, RunDir};
+use crate::rundir::{DeliveryState, PendingStream, RunDir};
 use crate::runner::{Drain, Stop, Watcher};
 use crate::serial::SerialTail;
+use crate::server::Server;
+use crate::states::JobState;
 
 /// Watches one running phase: output to the log and the live stream,
 /// a cancel on the server as its stop condition.
 pub(super) struct PhaseWatcher<'a> {
     pub(super) log: PhaseLog,
-    pub(super) live: Option<(LiveStream, &'a mut Client, &'a mut u64)>,
+    pub(super) live: Option<(LiveStream, &'a mut dyn Server, &'a mut u64)>,
     /// The connector's serial log, masked and streamed as it grows (only
     /// with a server, like `live`); the counter is the serial fragments'.
     pub(super) serial: Option<(SerialTail, &'a mut u64)>,
@@ -39,7 +40,7 @@ pub(super) struct Progress<'a> {
     phase: Phase,
     /// The job's state as the phase started (earlier unsent output, the
     /// cancel), which every save carries on.
-    base: JobState,
+    base: DeliveryState,
     saved_output_next: u64,
     /// The serial fragments' next number as last saved (at first, as the
     /// phase started).
@@ -47,7 +48,7 @@ pub(super) struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: JobState) -> Progress<'a> {
+    pub(super) fn new(rundir: &'a RunDir, phase: Phase, base: DeliveryState) -> Progress<'a> {
         Progress { rundir, phase, saved_output_next: u64::MAX, saved_serial_next: base.fragments.serial, base }
     }
 
@@ -71,6 +72,19 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// The first cancel check of a phase: a random part of the interval in.
+/// Agents whose phases start in the same second (all those the server's
+/// return let go on together) would otherwise check in step all phase
+/// long, a burst of GETs every interval.
+pub(super) fn first_cancel_check(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::within(crate::budget::get().cancel_interval))
+}
+
+/// The checks after it: the interval ±20 %, so agents drift further apart.
+fn next_cancel_check(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::spread(crate::budget::get().cancel_interval))
+}
+
 impl Watcher for PhaseWatcher<'_> {
     fn output(&mut self, data: &[u8]) {
         self.log.write(data);
@@ -85,12 +99,12 @@ impl Watcher for PhaseWatcher<'_> {
             let written = log.written;
             let mut drain = || drain(&mut |data| log.write(data));
             let drain = &mut drain;
-            stream.pump(client, counter, written, now, drain);
+            stream.pump(*client, counter, written, now, drain);
             let mut serial_progress = None;
             if let Some((tail, serial_counter)) = &mut self.serial {
                 tail.look(now);
                 if tail.started() {
-                    tail.stream.pump(client, serial_counter, tail.written, now, drain);
+                    tail.stream.pump(*client, serial_counter, tail.written, now, drain);
                     serial_progress = Some((**serial_counter, tail.stream.sent));
                 }
             }
@@ -102,13 +116,13 @@ impl Watcher for PhaseWatcher<'_> {
                 self.next_heartbeat = crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT));
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != Phase::Cleanup {
-                    post_state_unless_held(client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
+                    post_state_unless_held(*client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(crate::deadline::after(now, crate::budget::get().cancel_interval));
+                self.next_cancel_check = Some(next_cancel_check(now));
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.job_state_with(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)).as_deref() == Some("cancelled") {
+                if client.job_state(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)) == Some(JobState::Cancelled) {
                     return Some(Stop::Cancelled);
                 }
             }
@@ -140,5 +154,23 @@ impl Watcher for PhaseWatcher<'_> {
             wake = wake.min(self.next_heartbeat);
         }
         wake
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_checks_start_anywhere_in_the_interval_and_stay_near_it() {
+        let now = Instant::now();
+        let interval = crate::budget::get().cancel_interval;
+        let first: Vec<Duration> = (0..1000).map(|_| first_cancel_check(now) - now).collect();
+        assert!(first.iter().all(|d| *d > Duration::ZERO && *d <= interval));
+        // Not in step: the draws cover the interval's first and last fifth.
+        assert!(first.iter().any(|d| *d < interval / 5) && first.iter().any(|d| *d > interval * 4 / 5));
+        let next: Vec<Duration> = (0..1000).map(|_| next_cancel_check(now) - now).collect();
+        assert!(next.iter().all(|d| *d >= interval.mul_f64(0.8) && *d <= interval.mul_f64(1.2)));
+        assert!(next.iter().any(|d| *d < interval.mul_f64(0.9)) && next.iter().any(|d| *d > interval.mul_f64(1.1)));
     }
 }

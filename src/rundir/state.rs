@@ -33,8 +33,10 @@ impl Fragments {
     }
 }
 
+/// A job's delivery progress (not its `job_state` on the server, see
+/// `states`).
 #[derive(Clone, Debug, Default)]
-pub struct JobState {
+pub struct DeliveryState {
     pub fragments: Fragments,
     pub pending: Vec<PendingStream>,
     /// The job's events body whose last post failed: the webhook must still
@@ -45,7 +47,7 @@ pub struct JobState {
     pub cancelled: bool,
 }
 
-impl JobState {
+impl DeliveryState {
     pub(super) fn to_json(&self) -> Json {
         let pending = self
             .pending
@@ -67,7 +69,7 @@ impl JobState {
     }
 
     /// What of `json` makes sense; the rest is left at its default.
-    pub(super) fn from_json(json: &Json) -> JobState {
+    pub(super) fn from_json(json: &Json) -> DeliveryState {
         let num = |k: &str| json.get(k).and_then(Json::as_i64).unwrap_or(0).max(0) as u64;
         let pending = json
             .get("pending")
@@ -83,7 +85,7 @@ impl JobState {
                 })
             })
             .collect();
-        JobState {
+        DeliveryState {
             fragments: Fragments { output: num("output_next"), serial: num("serial_next") },
             pending,
             events: json.get("events").filter(|e| matches!(e, Json::Object(_))).cloned(),
@@ -98,17 +100,17 @@ mod tests {
 
     #[test]
     fn round_trips_and_ignores_what_it_does_not_know() {
-        let state = JobState {
+        let state = DeliveryState {
             fragments: Fragments { output: 7, serial: 2 },
             pending: vec![PendingStream { kind: LogKind::Serial, phase: Phase::Test, sent: 10, inflight_end: Some(20) }],
             events: Some(Json::object().with("events", Json::Array(vec![]))),
             cancelled: true,
         };
-        let back = JobState::from_json(&state.to_json());
+        let back = DeliveryState::from_json(&state.to_json());
         assert_eq!((back.fragments, &back.pending, back.cancelled), (state.fragments, &state.pending, true));
         assert!(back.events.is_some());
         let odd = Json::parse(r#"{"output_next":-4,"pending":[{"kind":"stderr","phase":"test","sent":1},{"kind":"output","phase":"test","sent":3}]}"#).unwrap();
-        let back = JobState::from_json(&odd);
+        let back = DeliveryState::from_json(&odd);
         assert_eq!(back.fragments, Fragments::default());
         assert_eq!(back.pending, [PendingStream { kind: LogKind::Output, phase: Phase::Test, sent: 3, inflight_end: None }]);
     }

@@ -17,9 +17,7 @@ impl Watcher for Collect {
     }
 }
 
-// `run` reaps every descendant of this process when a phase ends, so
-// the tests of this module must not run side by side.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+use super::TEST_SERIAL as SERIAL;
 
 fn collect() -> Collect {
     Collect { out: Vec::new(), stop_after: None }
@@ -58,9 +56,14 @@ fn global_timeout_kills_the_group() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut w = collect();
     let limits = Limits { global: Some(Duration::from_millis(300)), ..Limits::default() };
-    let t = Instant::now();
-    let o = run("sleep 30 & sleep 30", Path::new("/"), &[], limits, &mut w);
-    assert!(t.elapsed() < Duration::from_secs(10));
+    // Run to its end, the command would leave the file behind.
+    let dir = std::env::temp_dir().join(format!("tf-runner-global-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let o = run("sleep 30 & sleep 30; touch ran-to-the-end", &dir, &[], limits, &mut w);
+    let ran = dir.join("ran-to-the-end").exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!ran, "the command was waited for, not killed");
     assert!(matches!(o.stopped, Some(Stop::GlobalTimeout(_))));
     assert!(String::from_utf8_lossy(&w.out).contains("Global timeout reached"));
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::fake_server::FakeServer;
 use crate::harness::{Agent, AgentSetup, QUEUE, job_json, unique_id, yaml_str};
 use crate::json::Json;
+use crate::small_disk::SmallDisk;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -169,7 +170,6 @@ fn assert_refused_within(members: &[Member], end: bool, why: &str, deadline: Dur
         assert!(line.starts_with("./attachments/"), "outside attachments/: {line}\n{output}");
     }
     assert!(find_named(agent.dir(), "PWNED").iter().all(|p| p.contains("/attachments/")));
-    assert!(find_named(Path::new("/tmp"), &format!("PWNED-{job}")).is_empty());
     let log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap_or_default()
         + &String::from_utf8_lossy(&out.stderr);
     assert!(log.contains(why), "the agent log says why: {log}");
@@ -198,7 +198,7 @@ fn attachments_unpack_under_phase_folders_and_leave_phase_data() {
          test attachments/test/run.sh -ef attachments/test/run-copy.sh && echo HARDLINKED; grep -c attachments testflinger.json",
     );
     let out = agent.run_once(T);
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(status_of(&server, &job, "test"), Some(0));
     assert_eq!(status_of(&server, &job, "provision"), None, "provision_data left empty is absent");
     let text = server.log_text_phase(&job, "output", "test");
@@ -218,8 +218,10 @@ fn attachments_with_traversal_are_refused() {
 
 #[test]
 fn attachments_with_an_absolute_path_are_refused() {
-    let job_name = format!("/tmp/PWNED-{}", std::process::id());
-    assert_refused(&[file(&job_name, b"x")], true, "absolute path");
+    // Where the member would land if its absolute path were obeyed.
+    let plant = format!("/tmp/PWNED-{}", unique_id());
+    assert_refused(&[file(&plant, b"x")], true, "absolute path");
+    assert!(!Path::new(&plant).exists(), "{plant} was written");
 }
 
 #[test]
@@ -418,23 +420,9 @@ fn artifacts_that_fill_the_disk_are_logged_and_the_outcome_still_delivered() {
     let agent = Agent::new(&server);
     let small = agent.dir().join("small-disk");
     fs::create_dir_all(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
-        return;
-    }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&small);
-    let agent = agent
+    let Some(disk) = SmallDisk::mount(&small, 2) else { return };
+    let agent = disk
+        .enter(agent)
         .set("execution_basedir", &yaml_str(&small.join("run").to_string_lossy()))
         // A 2 MiB disk is far below the disk guard's default: off here, the
         // point is a job that fills the disk after it was taken.
@@ -442,7 +430,7 @@ fn artifacts_that_fill_the_disk_are_logged_and_the_outcome_still_delivered() {
         // 1.5 MiB of noise fits; its archive next to it does not.
         .command("test", "mkdir artifacts && head -c 1572864 /dev/urandom > artifacts/blob.bin");
     let out = agent.run_once(T);
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(status_of(&server, &job, "test"), Some(0));
     let last = server.results_posted(&job).last().cloned().unwrap();
     assert_eq!(last.get("job_state").and_then(Json::as_str), Some("complete"));

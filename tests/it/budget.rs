@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::fake_server::FakeServer;
 use crate::harness::{Agent, QUEUE, job_json, unique_id};
+use crate::small_disk::SmallDisk;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -24,8 +25,8 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
 /// With an `output_interval` of an hour: the phase's first output (its
 /// banner, the first lines) goes at once, up to the bucket's burst of three
 /// fragments, then nothing more while the phase keeps printing, and the
-/// rest in the final flush; with a cancel check interval of an hour, no
-/// job-state request while the phase runs.
+/// rest in the final flush; with a cancel check interval of an hour, at
+/// most one job-state request while the phase runs.
 #[test]
 fn live_output_first_at_once_then_at_most_the_burst_within_the_interval() {
     let server = FakeServer::start();
@@ -49,7 +50,9 @@ fn live_output_first_at_once_then_at_most_the_burst_within_the_interval() {
     });
     let live: Vec<_> = server.fragments(&job, "output").into_iter().filter(|f| f.phase == "test").collect();
     assert!(live.len() <= 3, "at most the burst while the output keeps coming: {live:?}");
-    assert_eq!(state_gets(), gets_at_start, "no cancel check within the interval");
+    // The first check comes at a random point of the hour (the fleet's
+    // checks out of step): rarely, but possibly, now.
+    assert!(state_gets() <= gets_at_start + 1, "at most one cancel check within the interval");
     std::fs::write(run.join("go"), "").expect("write go");
     server.wait_until(T, "job complete", |s| completed(s, &job));
     let text = server.log_text_phase(&job, "output", "test");
@@ -206,9 +209,10 @@ fn kill_grace_is_the_configured_period_between_sigterm_and_sigkill() {
         .set("cancel_check_interval", "0.1")
         .command("test", "trap 'echo got-term' TERM; touch started; while :; do sleep 0.05; done")
         .arg("--once");
-    let mut p = agent.spawn();
+    // Queued before the start: `--once` takes whatever its first poll finds.
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    let mut p = agent.spawn();
     wait_for("the phase to start", || agent.run_dir(&job).join("started").exists());
     server.cancel_job(&job);
     assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
@@ -324,35 +328,20 @@ fn disk_guard_takes_no_job_says_why_once_and_metrics_show_host_vitals() {
     p.kill();
 }
 
-/// The disk guard lets go when space returns: on a small tmpfs (skipped
-/// where it cannot be mounted), a file fills it below `min_free_mb`, no
-/// job is taken; the file goes, the comment is cleared, the job runs.
+/// The disk guard lets go when space returns: on a small tmpfs, a file
+/// fills it below `min_free_mb`, no job is taken; the file goes, the
+/// comment is cleared, the job runs.
 #[test]
 fn disk_guard_takes_jobs_again_when_space_returns() {
     let server = FakeServer::start();
     let agent = Agent::new(&server);
     let small = agent.dir().join("small-disk");
     std::fs::create_dir_all(&small).expect("mkdir");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&small)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
-    let filler = small.join("filler");
+    let Some(disk) = SmallDisk::mount(&small, 8) else { return };
+    let filler = disk.path().join("filler");
     std::fs::write(&filler, vec![0u8; 6 << 20]).expect("fill the tmpfs");
-    let agent = agent
+    let agent = disk
+        .enter(agent)
         .set("execution_basedir", &crate::harness::yaml_str(&small.join("run").to_string_lossy()))
         .set("min_free_mb", "4")
         .command("test", "echo ran");

@@ -324,13 +324,19 @@ fn bundled_example_runs_from_any_directory() {
 
 #[test]
 fn an_empty_poll_does_not_wait_for_the_server_to_close_the_connection() {
-    // The fake keeps connections alive for 5 s and, as the HTTP spec asks,
-    // sends a 204 without Content-Length. Reading that 204's "body" until
-    // the connection closes cost 5 s per poll; five polls at 0.1 s must come
-    // well before one such stall could end.
+    // A 204 carries no body and, as the HTTP spec allows, no Content-Length;
+    // here the server also keeps the connection open after it. Reading that
+    // 204's "body" until the connection closes would hang each poll for the
+    // whole server_timeout (an hour here): the agent must close it itself
+    // and poll again while the server still holds the connection.
     let server = FakeServer::start();
-    let mut p = Agent::new(&server).spawn();
-    server.wait_until(Duration::from_secs(4), "five empty polls", |s| s.requests_to("GET", "/v1/job").len() >= 5);
-    assert!(server.requests_to("GET", "/v1/job").iter().all(|r| r.status == 204));
+    let answer = b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n".to_vec();
+    server.add_fault(Fault::new(Some("GET"), "/v1/job", 3, FaultAction::RawThenHold(answer)));
+    let mut p = Agent::new(&server).set("server_timeout", "3600").spawn();
+    server.wait_until(T, "three held polls closed by the agent and a fourth poll", |s| {
+        s.closed_by_client() >= 3 && s.requests_to("GET", "/v1/job").len() >= 4
+    });
+    let log = p.log_text();
+    assert!(!log.contains("not reachable") && !log.contains("WARNING"), "{log}");
     p.kill();
 }

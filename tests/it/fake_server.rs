@@ -116,6 +116,17 @@ pub enum FaultAction {
     /// Handle the request normally (state changes happen), then answer
     /// like `Drip`: a slow server that took the request.
     DripAfterHandling(Duration),
+    /// Once the file `armed` exists (a phase can make it), hold each answer
+    /// (making the file `holding` meanwhile, for the phase to wait on) until
+    /// the file `release` exists, then handle the request normally (counted
+    /// by `released_holds`); after `max` without it, answer 503 instead, so
+    /// the record says which came first. Before `armed`, the request is
+    /// handled normally.
+    StallUntil { armed: std::path::PathBuf, holding: std::path::PathBuf, release: std::path::PathBuf, max: Duration },
+    /// Do not handle the request: send exactly these bytes, then keep the
+    /// connection open until the client closes it (counted by
+    /// `closed_by_client`) or the server stops. Recorded with status 0.
+    RawThenHold(Vec<u8>),
     /// Answer this status as soon as the head and the first body byte are
     /// in, then close without reading the rest (nginx's 413 for a body
     /// over `client_max_body_size`: the client's writes get a reset).
@@ -159,6 +170,10 @@ struct State {
     stalling: usize,
     /// Requests a `Drip` answers right now.
     dripping: usize,
+    /// `RawThenHold` connections the client closed first.
+    closed_by_client: usize,
+    /// `StallUntil` answers held until their release file came.
+    released_holds: usize,
     agents: HashMap<String, Json>,
     agent_states: HashMap<String, Vec<String>>,
     jobs: VecDeque<Json>,
@@ -282,6 +297,17 @@ impl FakeServer {
     /// How many requests a `Drip` fault answers right now.
     pub fn dripping(&self) -> usize {
         self.lock().dripping
+    }
+
+    /// How many answers a `StallUntil` held until its release file came.
+    pub fn released_holds(&self) -> usize {
+        self.lock().released_holds
+    }
+
+    /// How many `RawThenHold` connections the client closed before the
+    /// server did.
+    pub fn closed_by_client(&self) -> usize {
+        self.lock().closed_by_client
     }
 
     /// One line per recorded request: `METHOD /path?q -> status`.
@@ -610,6 +636,27 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
                 }
             }
             Reply::Close => break,
+            Reply::RawThenHold(bytes) => {
+                let _ = writer.write_all(&bytes);
+                let _ = writer.flush();
+                let _ = writer.set_read_timeout(Some(Duration::from_millis(50)));
+                let mut buf = [0u8; 512];
+                while shared.alive(generation) {
+                    match reader.read(&mut buf) {
+                        Ok(0) => {
+                            shared.lock().closed_by_client += 1;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(_) => {
+                            shared.lock().closed_by_client += 1;
+                            break;
+                        }
+                    }
+                }
+                break;
+            }
             Reply::Raw(bytes) => {
                 let _ = writer.write_all(&bytes);
                 let _ = writer.flush();
@@ -889,6 +936,8 @@ enum Reply {
     Huge(u64),
     /// One byte of a never-ending answer every so often (see `Drip`).
     Drip(Duration),
+    /// Send these bytes, then wait for the client to close (see `RawThenHold`).
+    RawThenHold(Vec<u8>),
 }
 
 fn serialize(resp: &Response) -> Vec<u8> {
@@ -967,6 +1016,27 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             shared.lock().requests.push(req.record(0));
             return Reply::Raw(bytes);
         }
+        Some(FaultAction::RawThenHold(bytes)) => {
+            shared.lock().requests.push(req.record(0));
+            return Reply::RawThenHold(bytes);
+        }
+        Some(FaultAction::StallUntil { armed, holding, release, max }) if armed.exists() && !release.exists() => {
+            shared.lock().stalling += 1;
+            let _ = std::fs::write(&holding, "");
+            let deadline = Instant::now() + max;
+            while !release.exists() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            let mut state = shared.lock();
+            state.stalling -= 1;
+            if release.exists() {
+                state.released_holds += 1;
+                route(&mut state, &req)
+            } else {
+                Response::error(503, "the release file never came")
+            }
+        }
+        Some(FaultAction::StallUntil { .. }) => route(&mut shared.lock(), &req),
         Some(FaultAction::Stall(d)) => {
             shared.lock().stalling += 1;
             thread::sleep(d);

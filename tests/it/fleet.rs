@@ -347,6 +347,33 @@ fn waiting_held_back_by_a_failed_read_is_posted_once_the_state_reads() {
     assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
+/// A `waiting` whose post failed after a job (an outage, or the client's
+/// outage hold) is owed, not dropped: it goes once a cycle reads a state
+/// that is not an operator's, instead of leaving the job's last phase shown
+/// until the next heartbeat.
+#[test]
+fn waiting_whose_post_failed_after_a_job_is_posted_later() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = Agent::new(&server).command("test", BLOCK_UNTIL_GO).command("cleanup", "true");
+    let mut p = agent.spawn();
+    wait_for_file(&agent.run_dir(&job).join("started"));
+    let path = format!("/v1/agents/data/{AGENT_ID}");
+    server.add_fault(Fault::status("POST", &path, 1000, 500));
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("release the phase");
+    server.wait_until(T, "job complete", |s| completed(s, &job));
+    // Two polling cycles later the post and its retries are over.
+    let reads = |s: &FakeServer| s.requests_to("GET", &path).len();
+    let after_job = reads(&server);
+    server.wait_until(T, "two cycles after the job", |s| reads(s) >= after_job + 2);
+    assert_ne!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("waiting"), "refused posts are not stored");
+    server.clear_faults();
+
+    server.wait_until(T, "waiting posted", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
+    assert!(p.try_wait().is_none(), "{}", p.diagnostics());
+}
+
 #[test]
 fn metrics_answer_during_a_phase_despite_hostile_scrapers() {
     let server = FakeServer::start();

@@ -142,6 +142,8 @@ pub struct AgentSetup {
     spawns: AtomicU64,
     /// Descriptors the agent inherits besides 0, 1 and 2 (see `leak_fds`).
     leak_fds: bool,
+    /// A command the agent is started through (see `run_under`).
+    prefix: Vec<String>,
 }
 
 impl AgentSetup {
@@ -160,7 +162,7 @@ impl AgentSetup {
             ("logging_level".to_string(), "DEBUG".to_string()),
             ("job_queues".to_string(), format!("[{QUEUE}]")),
         ];
-        AgentSetup { dir, config, args: Vec::new(), env: Vec::new(), spawns: AtomicU64::new(0), leak_fds: false }
+        AgentSetup { dir, config, args: Vec::new(), env: Vec::new(), spawns: AtomicU64::new(0), leak_fds: false, prefix: Vec::new() }
     }
 
     /// Sets or replaces `key` with raw YAML text (`"0.5"`, `"[a, b]"`,
@@ -218,6 +220,13 @@ impl AgentSetup {
     /// close-on-exec.
     pub fn leak_fds(mut self) -> Self {
         self.leak_fds = true;
+        self
+    }
+
+    /// Starts the agent as `<prefix...> <agent command>` (e.g. `nsenter`
+    /// into a namespace); the pid is the agent's when the prefix execs.
+    pub fn run_under(mut self, prefix: &[String]) -> Self {
+        self.prefix = prefix.to_vec();
         self
     }
 
@@ -290,7 +299,15 @@ impl AgentSetup {
         let stdout_path = self.dir.path().join(format!("stdout-{n}.txt"));
         let stderr_path = self.dir.path().join(format!("stderr-{n}.txt"));
         let bin = agent_bin();
-        let mut cmd = agent_command();
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let inner = agent_command();
+                let mut c = Command::new(first);
+                c.args(rest).arg(inner.get_program()).args(inner.get_args());
+                c
+            }
+            None => agent_command(),
+        };
         cmd.arg("-c").arg(&config).args(&self.args).args(extra);
         cmd.current_dir(self.dir.path());
         cmd.env("RUST_BACKTRACE", "1");

@@ -3,6 +3,7 @@
 mod artifacts;
 mod fake_server;
 mod harness;
+mod small_disk;
 mod http;
 mod json;
 mod core;

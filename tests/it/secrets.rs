@@ -134,6 +134,7 @@ fn a_secret_the_connector_echoes_everywhere_never_leaves_the_agent_unmasked() {
     let provision_logs: Vec<String> = server.requests_to("POST", "/v1/agents/provision_logs").iter().map(|r| r.body_text()).collect();
     // The provision log's detail is the exit event's name, as upstream's
     // (issue 11, item 6): the connector's text does not go there.
+    assert!(!provision_logs.is_empty(), "no provision log posted");
     assert!(provision_logs.iter().all(|b| b.contains(r#""detail":"provision_success""#)), "{provision_logs:?}");
     let device_info = server.results_posted(&job).into_iter().find_map(|r| r.get("device_info").cloned()).expect("device info posted");
     assert_eq!(device_info.get("ip").and_then(Json::as_str), Some(m.as_str()));
