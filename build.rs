@@ -15,6 +15,7 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+#[allow(clippy::cast_possible_truncation)] // day 1..=31 and month 1..=12 by construction
 fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

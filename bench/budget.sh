@@ -5,8 +5,40 @@
 # which records every request; the job is offered after the idle window.
 #   bench/budget.sh [SECONDS_PER_WINDOW] [extra config lines...]
 # e.g. bench/budget.sh 20 "output_interval: 0.25"   (the old 250 ms rule)
+#
+# Live-output latency: bench/budget.sh latency [SECONDS_PER_CASE] [REPEAT]
+# runs bench/latency.py (lines every 1 s, every 3 s, a start line then the
+# first line REPEAT times, chatty 4 lines/s; delay from write to server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = latency ]; then
+  secs=${2:-20}
+  repeat=${3:-5}
+  bin=${TF_AGENT_BIN:-target/debug/testflinger-agent}
+  [ -x "$bin" ] || cargo build -q
+  tmp=$(mktemp -d)
+  trap 'kill $agent $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
+  agent=
+  python3 bench/fake_server.py --port-file "$tmp/port" --lifetime $((secs * 12 + repeat * 10 + 300)) &
+  srv=$!
+  for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
+  cat > "$tmp/agent.conf" <<CONF
+agent_id: latency-agent
+server_address: 127.0.0.1:$(cat "$tmp/port")
+job_queues: [budget]
+polling_interval: 0.5
+execution_basedir: $tmp/run
+logging_basedir: $tmp/logs
+results_basedir: $tmp/results
+logging_quiet: true
+test_command: python3 $PWD/bench/emit.py $tmp/case $secs
+CONF
+  "$bin" -c "$tmp/agent.conf" &
+  agent=$!
+  echo "agent: $bin"
+  python3 bench/latency.py "$(cat "$tmp/port")" "$tmp/case" "$secs" "$repeat"
+  exit 0
+fi
 secs=${1:-20}
 shift || true
 bin=${TF_AGENT_BIN:-target/debug/testflinger-agent}

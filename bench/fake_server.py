@@ -20,6 +20,12 @@ Times are time.time() floats. The server exits after --lifetime seconds.
 With --request-log FILE every request is also written there as it comes,
 one line each: seconds since start, method, path, and for a job's result
 post the job_state it carries (bench/budget.sh counts these).
+With --conn-log FILE every accepted connection is written there: seconds
+since start, "tcp" or "tls", and for TLS "full" or "resumed" (the
+handshake). --tls CERT KEY serves https. Connections are kept alive as
+long as the client keeps them, or, with --close, end after each answer
+(`Connection: close`, as upstream's gunicorn sync workers do);
+bench/connections.sh counts them.
 """
 
 import argparse
@@ -38,6 +44,9 @@ CANCEL_SEEN = {}
 FRAGMENTS = {}  # job_id -> [(arrival, raw body)]
 JOB_STATE = {}
 REQUEST_LOG = None
+CONN_LOG = None
+TLS = None
+CLOSE = False
 START = time.time()
 
 
@@ -61,6 +70,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def setup(self):
+        kind = "tcp"
+        if TLS is not None:
+            self.request.do_handshake()
+            kind = "tls " + ("resumed" if self.request.session_reused else "full")
+        if CONN_LOG is not None:
+            with LOCK:
+                CONN_LOG.write(f"{time.time() - START:.3f} {kind}\n")
+        super().setup()
+
     def body(self):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
@@ -72,6 +91,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if cookie:
             self.send_header("Set-Cookie", "agent_name=" + cookie)
+        if CLOSE:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -134,6 +155,15 @@ class Handler(BaseHTTPRequestHandler):
         return self.reply(200, {})
 
 
+class Server(ThreadingHTTPServer):
+    def get_request(self):
+        sock, addr = super().get_request()
+        if TLS is not None:
+            # The handshake happens in the connection's thread (setup).
+            sock = TLS.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+
 def summary(job_id, phase, marks):
     with LOCK:
         frags = list(FRAGMENTS.get(job_id, []))
@@ -173,11 +203,21 @@ def main():
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--lifetime", type=float, default=900)
     ap.add_argument("--request-log")
+    ap.add_argument("--conn-log")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    ap.add_argument("--close", action="store_true")
     args = ap.parse_args()
-    global REQUEST_LOG
+    global REQUEST_LOG, CONN_LOG, TLS, CLOSE
+    CLOSE = args.close
     if args.request_log:
         REQUEST_LOG = open(args.request_log, "w", buffering=1)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if args.conn_log:
+        CONN_LOG = open(args.conn_log, "w", buffering=1)
+    if args.tls:
+        import ssl
+        TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        TLS.load_cert_chain(*args.tls)
+    server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     with open(args.port_file, "w") as f:
         f.write(str(server.server_address[1]))

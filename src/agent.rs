@@ -148,6 +148,7 @@ impl<'a> Agent<'a> {
                 log::error!("--once: server {} not reachable for {}; giving up", self.client.base_url(), human::duration(started.elapsed()));
                 return false;
             }
+            self.client.before_wait(wait);
             wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, Ends::Stop);
         }
     }
@@ -238,6 +239,7 @@ impl<'a> Agent<'a> {
             }
             log::debug!("next poll in {}", human::duration(wait));
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
+            self.client.before_wait(wait);
             wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, ends);
         }
     }

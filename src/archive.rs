@@ -171,8 +171,9 @@ impl<W: Write> AdaptiveGz<W> {
         loop {
             let (in0, out0) = (c.total_in(), c.total_out());
             let status = c.compress(&input[pos..], &mut self.scratch, flush).map_err(io::Error::other)?;
-            pos += (c.total_in() - in0) as usize;
-            let produced = (c.total_out() - out0) as usize;
+            // What one call took and gave: at most the input and the scratch buffer.
+            pos += usize::try_from(c.total_in() - in0).map_err(io::Error::other)?;
+            let produced = usize::try_from(c.total_out() - out0).map_err(io::Error::other)?;
             self.out.write_all(&self.scratch[..produced])?;
             let done = match flush {
                 FlushCompress::Finish => status == Status::StreamEnd,

@@ -316,7 +316,7 @@ fn read_record<R: Read>(entry: &mut tar::Entry<R>, name: &str) -> Result<Vec<u8>
             why: format!("an extension record of {size} bytes (at most {RECORD_MAX})"),
         });
     }
-    let mut buf = Vec::with_capacity(size as usize);
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     entry.take(RECORD_MAX).read_to_end(&mut buf).map_err(|e| UnpackError::Corrupt { reason: e.to_string() })?;
     Ok(buf)
 }

@@ -17,8 +17,8 @@ pub const DEFAULT_CANCEL_INTERVAL: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Budget {
-    /// While output keeps coming, at most one fragment per log this often;
-    /// the first output after a quiet spell goes at once.
+    /// One live fragment per log this often in the long run; a burst of
+    /// up to three goes at once (output/bucket.rs).
     pub output_interval: Duration,
     /// At most one job-state request per this while a phase runs.
     pub cancel_interval: Duration,

@@ -107,6 +107,12 @@ impl Client {
         self.net.set_ca_file(path);
     }
 
+    /// The agent makes no call for `wait`: the kept connection is closed
+    /// now if it would idle past its limit meanwhile (see `transport`).
+    pub fn before_wait(&self, wait: Duration) {
+        self.net.before_wait(wait);
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }
@@ -158,7 +164,7 @@ impl Client {
             };
             let reply = transport::exchange(&self.net, request).map_err(|f| match f {
                 Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
-                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: limit as usize },
+                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: usize::try_from(limit).unwrap_or(usize::MAX) },
                 Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
                 Failure::Stopped { request_sent } => ClientError::Stopped { url: target.to_string(), request_sent },
             })?;

@@ -369,7 +369,8 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
 /// bound; one is needed so that no sum of an instant and a limit overflows.
 pub const MAX_JOB_TIMEOUT: u64 = 365 * 86_400;
 /// The longest of every other duration key: a day.
-const MAX_INTERVAL: f64 = 86_400.0;
+const MAX_INTERVAL_SECS: u64 = 86_400;
+const MAX_INTERVAL: f64 = MAX_INTERVAL_SECS as f64;
 
 /// Every duration key within its range, or (the key, its range): a value
 /// out of range would stop the agent later, in the middle of a job.
@@ -377,7 +378,7 @@ fn check_durations(c: &Config) -> Result<(), (&'static str, String)> {
     let whole = [
         ("global_timeout", c.global_timeout, 1, MAX_JOB_TIMEOUT),
         ("output_timeout", c.output_timeout, 1, MAX_JOB_TIMEOUT),
-        ("server_timeout", Some(c.server_timeout), 1, MAX_INTERVAL as u64),
+        ("server_timeout", Some(c.server_timeout), 1, MAX_INTERVAL_SECS),
     ];
     for (key, value, lo, hi) in whole {
         if value.is_some_and(|v| !(lo..=hi).contains(&v)) {

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 static STATE: AtomicU64 = AtomicU64::new(0);
 
 fn seed() -> u64 {
+    #[allow(clippy::cast_possible_truncation)] // a seed: the low 64 bits are the ones that vary
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let s = nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
     if s == 0 { 1 } else { s }

@@ -118,7 +118,9 @@ impl Json {
         match self {
             Json::Number(n) => n.parse().ok().or_else(|| {
                 let f: f64 = n.parse().ok()?;
-                (f.fract() == 0.0 && f.abs() < 9e15).then_some(f as i64)
+                #[allow(clippy::cast_possible_truncation)] // whole and below 2^53: exact
+                let whole = (f.fract() == 0.0 && f.abs() < 9e15).then_some(f as i64);
+                whole
             }),
             _ => None,
         }

@@ -22,15 +22,16 @@ use crate::safe_fs;
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
+mod bucket;
 mod fragment;
 
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
 const MAX_BODY: u64 = 12 << 20;
-/// Pending output goes at once after a quiet spell and then at most once per
-/// `output_interval` (budget.rs) while output keeps coming: a line printed
-/// on an idle phase reaches the server at once, a chatty phase costs the
-/// server one request per interval.
+/// Pending output goes at once while the log's token bucket (bucket.rs,
+/// one token per `output_interval`, a burst of three) has a token: output
+/// whose rate fits the budget reaches the server at once, a chatty phase
+/// costs the server one request per interval in the long run.
 ///
 /// Under heavy output (a full fragment's worth waiting) fragments go at most
 /// once a second: each send holds the child on a full pipe for a few tens
@@ -150,8 +151,9 @@ pub struct LiveStream {
     pub inflight_end: Option<u64>,
     /// When the last fragment went; `None` before the first.
     last_send: Option<Instant>,
-    created: Instant,
     interval: Duration,
+    /// The live fragments' budget; the final flush is not held by it.
+    bucket: bucket::Bucket,
     /// After a failed fragment: when the next attempt is due.
     backoff: Backoff,
 }
@@ -167,10 +169,10 @@ impl LiveStream {
             path: path.to_path_buf(),
             sent,
             inflight_end: None,
-            // A start counts as after a quiet spell: the first output goes at once.
             last_send: None,
-            created: Instant::now(),
             interval,
+            // A start counts as after a quiet spell: the first output goes at once.
+            bucket: bucket::Bucket::new(interval, Instant::now()),
             backoff: Backoff::new(LIVE_BACKOFF),
         }
     }
@@ -180,22 +182,23 @@ impl LiveStream {
         if written <= self.sent {
             return None;
         }
+        let ready = self.bucket.ready();
         if let Some(t) = self.backoff.next() {
-            return Some(t);
+            return Some(t.max(ready));
         }
-        // Nothing sent yet: due since the stream began.
-        let Some(last) = self.last_send else { return Some(self.created) };
-        if written - self.sent >= HEAVY {
-            return Some(crate::deadline::after(last, HEAVY_INTERVAL.max(self.interval)));
+        match self.last_send {
+            Some(last) if written - self.sent >= HEAVY => {
+                Some(ready.max(crate::deadline::after(last, HEAVY_INTERVAL.max(self.interval))))
+            }
+            _ => Some(ready),
         }
-        Some(crate::deadline::after(last, self.interval))
     }
 
     /// Sends one fragment if one is due: a single attempt (timeout
     /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
     pub fn pump(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
-        if self.due(written).is_some_and(|t| now >= t) {
+        if self.due(written).is_some_and(|t| now >= t) && self.bucket.take(now) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
     }

@@ -158,7 +158,7 @@ impl RunDir {
     pub fn statuses(&self) -> Vec<(Phase, i32)> {
         let Some(outcome) = self.outcome() else { return Vec::new() };
         let status = outcome.get("status").and_then(Json::as_object).unwrap_or(&[]);
-        status.iter().filter_map(|(p, c)| Some((Phase::parse(p)?, c.as_i64()? as i32))).collect()
+        status.iter().filter_map(|(p, c)| Some((Phase::parse(p)?, i32::try_from(c.as_i64()?).ok()?))).collect()
     }
 
     /// The phase's log was opened (it is, just before its command starts).

@@ -43,6 +43,7 @@ pub fn parse_iso8601(s: &str) -> Option<SystemTime> {
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
 /// (Howard Hinnant's algorithm).
+#[allow(clippy::cast_possible_truncation)] // day 1..=31 and month 1..=12 by construction
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);

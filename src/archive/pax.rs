@@ -56,7 +56,7 @@ impl<W: Write> PaxWriter<W> {
 
     fn pad(&mut self) -> io::Result<()> {
         let rest = (BLOCK as u64 - self.offset % BLOCK as u64) % BLOCK as u64;
-        self.write(&[0; BLOCK][..rest as usize])
+        self.write(&[0; BLOCK][..usize::try_from(rest).unwrap_or(0)])
     }
 
     /// Writes `m`'s headers, then exactly `m.size` bytes read from `data`
@@ -72,7 +72,7 @@ impl<W: Write> PaxWriter<W> {
         self.write(&header(&fields))?;
         let mut left = m.size;
         while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
+            let want = usize::try_from(left).map_or(self.buf.len(), |l| l.min(self.buf.len()));
             let n = data.read(&mut self.buf[..want])?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "member data ended early"));
@@ -138,6 +138,7 @@ fn extended_records<'a>(m: &'a Member<'a>) -> (Vec<u8>, Fields<'a>) {
     // header, the float as Python prints it in a record.
     let float = m.mtime as f64 + m.mtime_nsec as f64 * 1e-9;
     let rounded = float.round_ties_even();
+    #[allow(clippy::cast_possible_truncation)] // whole, and checked to fit the 11-digit octal field
     let mtime = if (0.0..8f64.powi(11)).contains(&rounded) { rounded as u64 } else { 0 };
     records.push(("mtime", python_float(float).into_bytes()));
 

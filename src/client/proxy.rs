@@ -152,6 +152,7 @@ fn percent_decode(s: &str) -> String {
         let hex = |c: u8| (c as char).to_digit(16);
         match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
             (b'%', Some(h), Some(l)) => {
+                #[allow(clippy::cast_possible_truncation)] // two hex digits: below 256
                 out.push((h * 16 + l) as u8);
                 i += 3;
             }

@@ -23,7 +23,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme, StreamOwned};
+use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// Where the system keeps its CA bundle, by distribution (the list Go and
 /// rustls-native-certs use).
@@ -155,22 +155,22 @@ fn slot(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> 
 /// `a_refused_certificate_is_logged_once_and_the_server_gets_the_alert`).
 /// The error says why in words, and is logged at ERROR once per change of
 /// reason (the caller logs its failures at a quieter level).
-pub fn handshake<S: Read + Write>(tls: &mut StreamOwned<ClientConnection, S>, authority: &str) -> io::Result<()> {
+pub fn handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S, authority: &str) -> io::Result<()> {
     slot(&VERDICT).take();
-    while tls.conn.is_handshaking() {
-        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(sock) {
             if e.get_ref().is_none_or(|inner| !inner.is::<rustls::Error>()) {
                 // The network (reset, no answer in time), the call's
                 // deadline or the agent's stop, not TLS: the caller says it
                 // as it says any other.
                 return Err(e);
             }
-            while tls.conn.wants_write() {
-                if !matches!(tls.conn.write_tls(&mut tls.sock), Ok(n) if n > 0) {
+            while conn.wants_write() {
+                if !matches!(conn.write_tls(sock), Ok(n) if n > 0) {
                     break;
                 }
             }
-            let _ = tls.sock.flush();
+            let _ = sock.flush();
             let reason = format!("TLS handshake with {authority}: {}", reason(&e));
             let mut logged = slot(&LOGGED);
             if logged.as_deref() == Some(reason.as_str()) {

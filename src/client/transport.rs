@@ -1,11 +1,14 @@
 //! The one HTTP/1.1 transport every request goes through: plain calls,
 //! capped answers, bodies streamed from disk to the socket, downloads
 //! streamed to disk, and the calls made while a phase runs (the caller's
-//! [`Idle`] work is done while the socket waits). One request per
-//! connection (`Connection: close`), through a proxy when the environment
-//! names one (CONNECT for https), over TLS for https. Every wait of a call
-//! is cut into ticks that look at the agent's stop and the call's deadline
-//! (`budget.rs`); names are looked up within them (`resolve.rs`).
+//! [`Idle`] work is done while the socket waits). Through a proxy when the
+//! environment names one (CONNECT for https), over TLS for https. Every
+//! wait of a call is cut into ticks that look at the agent's stop and the
+//! call's deadline (`budget.rs`); names are looked up within them
+//! (`resolve.rs`).
+//!
+//! One connection is kept alive between calls (`keep.rs`: when it is kept,
+//! reused, and when a request that failed on it is sent again).
 //!
 //! Redirects are not followed here: the answer's `Location` goes back to
 //! the client, which alone knows whether the new URL may see its token.
@@ -50,6 +53,7 @@ fn check(budget: &Budget, what: &str) -> io::Result<()> {
 /// Connects without blocking, waiting in ticks (the caller's idle work,
 /// the stop and the call's deadline looked at between them) until the
 /// connection is up or `budget.timeout` passes.
+#[allow(clippy::cast_possible_truncation)] // address families (2, 10) and sockaddr sizes (16, 28 bytes) fit their C types
 fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut dyn FnMut()) -> io::Result<TcpStream> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
@@ -99,7 +103,7 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
             idle();
             check(budget, &format!("connecting to {addr}"))?;
             let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-            let wait = budget.tick(tick).as_millis().clamp(1, i32::MAX as u128) as i32;
+            let wait = i32::try_from(budget.tick(tick).as_millis().max(1)).unwrap_or(i32::MAX);
             // SAFETY: one valid pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, wait) };
             if n > 0 {
@@ -139,6 +143,10 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
 /// deadline are looked at; `budget.timeout` bounds each wait for progress.
 struct Socket<'a, 'b> {
     tcp: TcpStream,
+    /// Bytes the kernel took from us and gave us on this call: a failure
+    /// with none written, or none received, says how far the request got.
+    written: u64,
+    received: u64,
     idle: Option<&'a mut Idle<'b>>,
     budget: Budget,
     tick: Duration,
@@ -191,7 +199,9 @@ impl Socket<'_, '_> {
 
 impl Read for Socket<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io("reading the answer", |t| t.read(buf))
+        let n = self.io("reading the answer", |t| t.read(buf))?;
+        self.received += n as u64;
+        Ok(n)
     }
 }
 
@@ -200,7 +210,9 @@ impl Write for Socket<'_, '_> {
         if self.watch_early && !self.sent && self.readable() {
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server answered or closed before the request was sent"));
         }
-        self.io("sending the request", |t| t.write(buf))
+        let n = self.io("sending the request", |t| t.write(buf))?;
+        self.written += n as u64;
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.tcp.flush()
@@ -219,7 +231,7 @@ impl Conn for Socket<'_, '_> {
 }
 
 #[cfg(feature = "tls")]
-impl Conn for rustls::StreamOwned<rustls::ClientConnection, Socket<'_, '_>> {
+impl Conn for rustls::Stream<'_, rustls::ClientConnection, Socket<'_, '_>> {
     fn mark_sent(&mut self) {
         self.sock.sent = true;
     }
@@ -291,6 +303,7 @@ pub struct Net {
     ca_file: Option<PathBuf>,
     #[cfg(feature = "tls")]
     tls: std::cell::OnceCell<Result<super::tls::Tls, String>>,
+    kept: keep::Slot,
 }
 
 impl Net {
@@ -300,7 +313,14 @@ impl Net {
             ca_file: None,
             #[cfg(feature = "tls")]
             tls: std::cell::OnceCell::new(),
+            kept: keep::Slot::default(),
         }
+    }
+
+    /// The agent is about to make no call for `wait`: a kept connection
+    /// that would idle past its limit meanwhile is closed now.
+    pub fn before_wait(&self, wait: Duration) {
+        self.kept.close_if_idle_within(wait);
     }
 
     /// A CA file trusted on top of the store (config `server_ca_file`).
@@ -362,29 +382,15 @@ fn connect(host: &str, port: u16, budget: &Budget, tick: Duration, idle: &mut dy
     Err(last)
 }
 
-/// One request on a fresh connection, within the call's deadline and
-/// abandoned when the agent stops (see `budget`).
+/// One request, on the kept connection when there is a usable one (see
+/// `keep`), else on a new one; within the call's deadline and abandoned
+/// when the agent stops (see `budget`).
 pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
-    let Request { method, url, headers, payload, keep, timeout, idle } = req;
-    let budget = Budget::new(timeout);
+    let Request { method, url, headers, mut payload, keep, timeout, idle } = req;
+    let mut budget = Budget::new(timeout);
     let proxy = net.proxies.for_url(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut idle = idle;
     let tick = if idle.is_some() { IDLE_TICK } else { TICK };
-    let connected = {
-        let mut no_idle = || {};
-        let work: &mut dyn FnMut() = match idle.as_deref_mut() {
-            Some(f) => f,
-            None => &mut no_idle,
-        };
-        match &proxy {
-            Some(p) => connect(&p.host, p.port, &budget, tick, work)
-                .map_err(|e| if is_stop(&e) { e } else { io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)) }),
-            None => connect(&url.host, url.port, &budget, tick, work),
-        }
-    };
-    let tcp = connected.map_err(|e| stopped(e, false))?;
-    tcp.set_nodelay(true)?;
-    let mut socket = Socket { tcp, idle, budget, tick, wait: None, watch_early: !url.https, sent: false };
 
     let mut all = headers.to_vec();
     if let Some(p) = proxy.as_ref().filter(|_| !url.https) {
@@ -408,13 +414,126 @@ pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
     let target = if proxy.is_some() && !url.https { url.to_string() } else { url.path.clone() };
     let head = wire::request_head(method, &target, &url.host_header(), &all)?;
 
-    if url.https {
-        if let Some(p) = &proxy {
-            tunnel(&mut socket, p, url).map_err(|e| stopped(e, false))?;
+    let key = keep::key(url, proxy.as_ref());
+    let mut kept = net.kept.take(&key);
+    loop {
+        let reused = kept.is_some();
+        let (tcp, link) = match kept.take() {
+            Some(k) => (k.tcp, Some(k.link)),
+            None => {
+                let connected = {
+                    let mut no_idle = || {};
+                    let work: &mut dyn FnMut() = match idle.as_deref_mut() {
+                        Some(f) => f,
+                        None => &mut no_idle,
+                    };
+                    match &proxy {
+                        Some(p) => connect(&p.host, p.port, &budget, tick, work)
+                            .map_err(|e| if is_stop(&e) { e } else { io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)) }),
+                        None => connect(&url.host, url.port, &budget, tick, work),
+                    }
+                };
+                let tcp = connected.map_err(|e| stopped(e, false))?;
+                tcp.set_nodelay(true)?;
+                (tcp, None)
+            }
+        };
+        let mut socket = Socket { tcp, written: 0, received: 0, idle, budget, tick, wait: None, watch_early: !url.https, sent: false };
+        let result = attempt(net, &mut socket, link, url, proxy.as_ref(), &head, payload.reborrow(), keep);
+        let Socket { tcp, written, received, idle: idle_back, budget: budget_back, .. } = socket;
+        idle = idle_back;
+        budget = budget_back;
+        match result {
+            Ok((reply, Some((link, answer)))) => {
+                net.kept.put(key, tcp, link, &answer);
+                return Ok(reply);
+            }
+            Ok((reply, None)) => return Ok(reply),
+            Err(f) if reused && keep::may_resend(&f, method, written, received) => {
+                log::debug!("{method} {url}: the kept connection failed before the server could have the request ({}); sending it on a new one", describe(&f));
+            }
+            Err(f) => return Err(f),
         }
-        exchange_tls(net, socket, url, &head, payload, keep)
-    } else {
-        exchange_on(&mut socket, &head, payload, keep)
+    }
+}
+
+fn describe(f: &Failure) -> String {
+    match f {
+        Failure::Net(e) => crate::human::without_os_error(&e.to_string()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// What a connection carries once the call is over: the link to keep
+/// and the answer's head (which says how long it may be kept), or
+/// nothing when it must be closed.
+type Keepable = Option<(keep::Link, wire::Head)>;
+
+/// One try of the request on `socket`: a new connection is set up first
+/// (`link` is `None`: the proxy's tunnel, the TLS handshake).
+#[allow(clippy::too_many_arguments)]
+fn attempt(
+    net: &Net,
+    socket: &mut Socket,
+    link: Option<keep::Link>,
+    url: &Url,
+    proxy: Option<&Proxy>,
+    head: &[u8],
+    payload: Payload,
+    keep: Keep,
+) -> Result<(Reply, Keepable), Failure> {
+    let link = match link {
+        Some(link) => link,
+        None => {
+            if url.https {
+                if let Some(p) = proxy {
+                    tunnel(socket, p, url).map_err(|e| stopped(e, false))?;
+                }
+            }
+            new_link(net, socket, url)?
+        }
+    };
+    match link {
+        keep::Link::Plain => {
+            let (reply, answer) = exchange_on(socket, head, payload, keep)?;
+            Ok((reply, answer.map(|h| (keep::Link::Plain, h))))
+        }
+        #[cfg(feature = "tls")]
+        keep::Link::Tls(mut conn) => {
+            let (reply, answer) = exchange_on(&mut rustls::Stream::new(&mut *conn, socket), head, payload, keep)?;
+            // Anything the server sent past the answer (data, an alert)
+            // would be read as the next answer: such a connection goes.
+            let mut probe = [0u8; 1];
+            let clean = matches!(io::Read::read(&mut conn.reader(), &mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            Ok((reply, answer.filter(|_| clean && !conn.wants_write()).map(|h| (keep::Link::Tls(conn), h))))
+        }
+    }
+}
+
+/// Sets up what runs over a new connection: nothing for http, the TLS
+/// handshake for https (resumed when the config holds a session).
+fn new_link(net: &Net, socket: &mut Socket, url: &Url) -> Result<keep::Link, Failure> {
+    if !url.https {
+        return Ok(keep::Link::Plain);
+    }
+    #[cfg(feature = "tls")]
+    {
+        let config = net.tls()?;
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a TLS server name: {e}", url.host)))?;
+        let mut conn = rustls::ClientConnection::new(config, name).map_err(|e| io::Error::other(e.to_string()))?;
+        // The handshake first, so that a certificate problem reads as one and
+        // not as a failed write of the request.
+        super::tls::handshake(&mut conn, socket, &url.authority()).map_err(|e| stopped(e, false))?;
+        Ok(keep::Link::Tls(Box::new(conn)))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = (net, socket);
+        Err(Failure::Net(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("https to {}: this build has no TLS (built without the `tls` feature)", url.host),
+        )))
     }
 }
 
@@ -445,7 +564,9 @@ fn tunnel(socket: &mut Socket, proxy: &Proxy, url: &Url) -> io::Result<()> {
     Ok(())
 }
 
-fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
+/// The request and its answer; the answer's head comes back when the
+/// connection may carry another request.
+fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep) -> Result<(Reply, Option<wire::Head>), Failure> {
     let written = (|| {
         // 64 KiB chunks keep syscalls few and memory flat.
         let mut w = io::BufWriter::with_capacity(64 * 1024, &mut *conn);
@@ -466,9 +587,10 @@ fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep)
         // (nginx's 413 for a body over client_max_body_size): that answer
         // says more than the reset our write then gets.
         return match read_reply(&mut *conn, keep) {
-            Ok(reply) => {
+            Ok((reply, _)) => {
                 log::debug!("the server answered HTTP {} before the request was sent ({e})", reply.status);
-                Ok(reply)
+                // Half a request went out: the connection cannot be reused.
+                Ok((reply, None))
             }
             Err(_) => Err(Failure::Net(e)),
         };
@@ -484,24 +606,28 @@ fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep)
 /// up to the empty line) has arrived: a head cut off by a reset says
 /// nothing about whether the server took the request, so it is an error,
 /// not a status. Likewise a body shorter than announced.
-fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
+///
+/// The head comes back when the connection may be reused: HTTP/1.1
+/// without `Connection: close`, a body that ends by its framing and was
+/// read to that end, and nothing after it.
+fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<(Reply, Option<wire::Head>), Failure> {
     let mut r = BufReader::new(stream);
     let head = wire::read_head(&mut r, false)?;
-    let mut reply = Reply { status: head.status, location: head.location, body: Vec::new() };
-    let body = BodyReader::new(&mut r, head.framing);
-    let memory = |body, cap: usize| match wire::read_body_capped(body, head.framing, cap) {
+    let mut reply = Reply { status: head.status, location: head.location.clone(), body: Vec::new() };
+    let mut body = BodyReader::new(&mut r, head.framing);
+    let memory = |body: &mut BodyReader<_>, cap: usize| match wire::read_body_capped(body, head.framing, cap) {
         Ok(b) => Ok(b),
         Err(e) if e.kind() == io::ErrorKind::FileTooLarge => Err(Failure::TooLarge(cap as u64)),
         Err(e) => Err(Failure::Net(e)),
     };
     match keep {
         Keep::Drop(cap) => {
-            if io::copy(&mut body.take((cap as u64).saturating_add(1)), &mut io::sink())? > cap as u64 {
+            if io::copy(&mut (&mut body).take((cap as u64).saturating_add(1)), &mut io::sink())? > cap as u64 {
                 return Err(Failure::TooLarge(cap as u64));
             }
         }
-        Keep::Memory(cap) => reply.body = memory(body, cap)?,
-        Keep::File { other, .. } if head.status != 200 => reply.body = memory(body, other)?,
+        Keep::Memory(cap) => reply.body = memory(&mut body, cap)?,
+        Keep::File { other, .. } if head.status != 200 => reply.body = memory(&mut body, other)?,
         Keep::File { path, cap, .. } => {
             if matches!(head.framing, Framing::Length(n) if n > cap) {
                 return Err(Failure::TooLarge(cap));
@@ -509,7 +635,7 @@ fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
             let local = |e: io::Error| Failure::Local(path.to_path_buf(), e);
             // Not through a link, and only a file of this user's (see safe_fs).
             let mut file = crate::safe_fs::create_truncate(path, crate::safe_fs::PRIVATE_FILE).map_err(local)?;
-            let mut limited = body.take(cap.saturating_add(1));
+            let mut limited = (&mut body).take(cap.saturating_add(1));
             let mut buf = vec![0u8; 64 * 1024];
             let mut n: u64 = 0;
             loop {
@@ -528,28 +654,11 @@ fn read_reply<S: Read>(stream: S, keep: Keep) -> Result<Reply, Failure> {
             file.flush().map_err(local)?;
         }
     }
-    Ok(reply)
+    let reusable = !head.close && head.framing != Framing::UntilClose && body.finished() && r.buffer().is_empty();
+    Ok((reply, reusable.then_some(head)))
 }
 
-#[cfg(feature = "tls")]
-fn exchange_tls(net: &Net, socket: Socket, url: &Url, head: &[u8], payload: Payload, keep: Keep) -> Result<Reply, Failure> {
-    let config = net.tls()?;
-    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a TLS server name: {e}", url.host)))?;
-    let conn = rustls::ClientConnection::new(config, name).map_err(|e| io::Error::other(e.to_string()))?;
-    let mut tls = rustls::StreamOwned::new(conn, socket);
-    // The handshake first, so that a certificate problem reads as one and
-    // not as a failed write of the request.
-    super::tls::handshake(&mut tls, &url.authority()).map_err(|e| stopped(e, false))?;
-    exchange_on(&mut tls, head, payload, keep)
-}
+mod keep;
 
-#[cfg(not(feature = "tls"))]
-fn exchange_tls(_: &Net, _: Socket, url: &Url, _: &[u8], _: Payload, _: Keep) -> Result<Reply, Failure> {
-    Err(Failure::Net(io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("https to {}: this build has no TLS (built without the `tls` feature)", url.host),
-    )))
-}
 #[cfg(test)]
 mod tests;

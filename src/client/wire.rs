@@ -136,7 +136,7 @@ impl std::fmt::Display for Url {
 /// from us. Checked here, where every request is written.
 pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, String)]) -> io::Result<Vec<u8>> {
     let mut head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: testflinger-agent-rs/{}\r\n",
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in headers {
@@ -169,7 +169,7 @@ pub enum Framing {
     Empty,
     Length(u64),
     Chunked,
-    /// Until the server closes (we always ask for `Connection: close`).
+    /// Until the server closes (the connection cannot be kept).
     UntilClose,
 }
 
@@ -179,6 +179,11 @@ pub struct Head {
     pub status: u16,
     pub framing: Framing,
     pub location: Option<String>,
+    /// The server ends the connection after this answer: `Connection:
+    /// close`, or HTTP/1.0 (whose keep-alive we never ask for).
+    pub close: bool,
+    /// `Keep-Alive: timeout=N`: how long the server keeps an idle connection.
+    pub keep_alive: Option<u64>,
 }
 
 /// One line of at most `cap` bytes, with its line break; an error when the
@@ -223,7 +228,10 @@ fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::
         Ok(line)
     };
     let line = take_line(r, "status line")?;
-    let status = parse_status_line(line.trim_end_matches(['\r', '\n']))?;
+    let status_line = line.trim_end_matches(['\r', '\n']);
+    let status = parse_status_line(status_line)?;
+    let mut close = status_line.starts_with("HTTP/1.0");
+    let mut keep_alive = None;
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
@@ -242,7 +250,7 @@ fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::
             } else {
                 length.map_or(Framing::UntilClose, Framing::Length)
             };
-            return Ok(Head { status, framing, location });
+            return Ok(Head { status, framing, location, close, keep_alive });
         }
         let Some((name, value)) = text.split_once(':') else {
             return Err(invalid(format!("bad header line {:?}", cut(text))));
@@ -260,6 +268,13 @@ fn read_one_head<R: BufRead>(r: &mut R, budget: &mut u64, no_body: bool) -> io::
             chunked = value.rsplit(',').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         } else if name.eq_ignore_ascii_case("location") {
             location = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("connection") {
+            close |= value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
+        } else if name.eq_ignore_ascii_case("keep-alive") {
+            keep_alive = value.split(',').find_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                if k.trim().eq_ignore_ascii_case("timeout") { v.trim().parse().ok() } else { None }
+            });
         }
     }
     Err(invalid(format!("more than {MAX_HEADERS} header lines")))
@@ -348,6 +363,12 @@ impl<R: BufRead> BodyReader<R> {
             Framing::UntilClose => State::UntilClose,
         };
         BodyReader { inner, state }
+    }
+
+    /// Whether the body was read to the end its framing announced (so the
+    /// connection is at the start of the next answer).
+    pub fn finished(&self) -> bool {
+        matches!(self.state, State::Done)
     }
 
     fn data(&mut self, buf: &mut [u8], left: u64) -> io::Result<usize> {

@@ -367,10 +367,15 @@ fn cutting_proxy(upstream: String, cuts: usize, after: usize) -> (String, Arc<At
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if cutting.is_none() {
+                    // Each request on a kept connection starts a read (the
+                    // agent waits for an answer before the next one).
+                    if cutting != Some(true) {
                         let head = String::from_utf8_lossy(&buf[..n.min(200)]).into_owned();
                         let is_upload = head.starts_with("POST ") && head.lines().next().is_some_and(|l| l.contains("/artifact"));
                         cutting = Some(is_upload && cut_count.fetch_add(1, Ordering::SeqCst) < cuts);
+                        if cutting == Some(true) {
+                            sent = 0;
+                        }
                     }
                     if cutting == Some(true) && sent + n > after {
                         let _ = server.write_all(&buf[..after - sent]);

@@ -325,12 +325,15 @@ fn bundled_example_runs_from_any_directory() {
 #[test]
 fn an_empty_poll_does_not_wait_for_the_server_to_close_the_connection() {
     // A 204 carries no body and, as the HTTP spec allows, no Content-Length;
-    // here the server also keeps the connection open after it. Reading that
-    // 204's "body" until the connection closes would hang each poll for the
-    // whole server_timeout (an hour here): the agent must close it itself
-    // and poll again while the server still holds the connection.
+    // here the server also keeps the connection open after it although it
+    // said `Connection: close`. Reading that 204's "body" until the
+    // connection closes would hang each poll for the whole server_timeout
+    // (an hour here): the agent must close it itself and poll again while
+    // the server still holds the connection. (A 204 on a connection the
+    // server keeps is read the same way and the connection reused: the
+    // polls of `faults::` and `http::http_one_kept_connection_carries_a_whole_job`.)
     let server = FakeServer::start();
-    let answer = b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n".to_vec();
+    let answer = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_vec();
     server.add_fault(Fault::new(Some("GET"), "/v1/job", 3, FaultAction::RawThenHold(answer)));
     let mut p = Agent::new(&server).set("server_timeout", "3600").spawn();
     server.wait_until(T, "three held polls closed by the agent and a fourth poll", |s| {

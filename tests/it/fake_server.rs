@@ -2,7 +2,11 @@
 //!
 //! Plain std: one accept thread, one thread per connection, HTTP/1.1 with
 //! keep-alive, `Content-Length` and chunked request bodies. Every request is
-//! recorded with the status the fake answered. State lives behind one mutex;
+//! recorded with the status the fake answered; accepted connections are
+//! counted. A kept connection idle for [`READ_TIMEOUT`] (or what
+//! `set_idle_timeout` says) is closed, as a server's keep-alive timeout
+//! does; `set_connection_faults` closes kept connections at every moment a
+//! server can (see [`ConnectionFault`]). State lives behind one mutex;
 //! tests read it through the accessors and change it through the setters.
 //!
 //! Validation mirrors the server's OpenAPI schemas (unknown fields in agent
@@ -134,6 +138,27 @@ pub enum FaultAction {
     EarlyAnswer(u16),
 }
 
+/// Where `set_connection_faults` ends a kept connection, in turn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConnectionFault {
+    /// None: the request is handled and the connection kept.
+    Keep,
+    /// As the next request arrives, before reading a byte of it (the race
+    /// of a server ending an idle connection): it is not handled, not
+    /// recorded, and the unread bytes make the close a reset.
+    BeforeRequest,
+    /// After reading the request's head, before its body: not handled,
+    /// recorded with status 0.
+    MidRequest,
+    /// After handling and answering it (without saying `Connection:
+    /// close`): the client finds the connection closed before its next
+    /// request.
+    AfterAnswer,
+}
+
+const CONNECTION_FAULTS: [ConnectionFault; 4] =
+    [ConnectionFault::Keep, ConnectionFault::BeforeRequest, ConnectionFault::MidRequest, ConnectionFault::AfterAnswer];
+
 /// Matches requests whose method equals `method` (any when `None`) and whose
 /// path starts with `path_prefix`, `times` times; faults are tried in the
 /// order they were added.
@@ -187,6 +212,15 @@ struct State {
     auth: Option<Auth>,
     faults: Vec<Fault>,
     lenient: bool,
+    /// Answers say `Connection: close` and the connection ends (`false`:
+    /// gunicorn's sync workers, upstream's default).
+    no_keep_alive: bool,
+    /// How long a connection may idle between requests (default
+    /// `READ_TIMEOUT`).
+    idle_timeout: Option<Duration>,
+    /// The rotation of `set_connection_faults`, when on: how many requests
+    /// on kept connections it has seen.
+    connection_faults: Option<usize>,
 }
 
 struct Shared {
@@ -194,6 +228,8 @@ struct Shared {
     stop: AtomicBool,
     /// Bumped by `stop_listening`; connections of older generations end.
     generation: AtomicU64,
+    /// Connections accepted.
+    accepted: AtomicU64,
 }
 
 impl Shared {
@@ -222,6 +258,7 @@ impl FakeServer {
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
         });
         let handle = spawn_acceptor(listener, shared.clone(), 0);
         FakeServer { addr, shared, acceptor: Mutex::new(Some(handle)) }
@@ -493,6 +530,32 @@ impl FakeServer {
         self.lock().auth.as_ref().map_or(0, |a| a.issued)
     }
 
+    // ---- connections ---------------------------------------------------------
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// `false`: every answer says `Connection: close` and ends the
+    /// connection, as upstream's gunicorn (sync workers) does.
+    pub fn set_keep_alive(&self, on: bool) {
+        self.lock().no_keep_alive = !on;
+    }
+
+    /// How long a kept connection may idle before the fake closes it (a
+    /// server's keep-alive timeout).
+    pub fn set_idle_timeout(&self, timeout: Duration) {
+        self.lock().idle_timeout = Some(timeout);
+    }
+
+    /// Every request that comes on a kept connection (not the first on a
+    /// connection: those always go through, so the client can progress)
+    /// meets the next of the [`ConnectionFault`] moments in turn.
+    pub fn set_connection_faults(&self, on: bool) {
+        self.lock().connection_faults = on.then_some(0);
+    }
+
     // ---- faults and strictness ---------------------------------------------
 
     pub fn add_fault(&self, fault: Fault) {
@@ -527,6 +590,7 @@ fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>, generation: u64) -
             }
             match conn {
                 Ok(stream) => {
+                    shared.accepted.fetch_add(1, Ordering::SeqCst);
                     let shared = shared.clone();
                     thread::spawn(move || serve_connection(stream, shared, generation));
                 }
@@ -609,6 +673,28 @@ enum ReadError {
     Reply(u16, &'static str),
 }
 
+/// Waits for the first byte of the next request, looking at the server's
+/// stop every 20 ms; false when the connection must end (closed by the
+/// client, the server stopping, or idle past its timeout).
+fn wait_for_request(reader: &mut BufReader<TcpStream>, shared: &Shared, generation: u64) -> bool {
+    let idle_timeout = shared.lock().idle_timeout.unwrap_or(READ_TIMEOUT);
+    let started = Instant::now();
+    let _ = reader.get_ref().set_read_timeout(Some(Duration::from_millis(20)));
+    let ready = loop {
+        match reader.fill_buf() {
+            Ok(b) => break !b.is_empty(),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
+                if !shared.alive(generation) || started.elapsed() >= idle_timeout {
+                    break false;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let _ = reader.get_ref().set_read_timeout(Some(READ_TIMEOUT));
+    ready
+}
+
 fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
@@ -616,8 +702,26 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
+    let mut served = 0usize;
     while shared.alive(generation) {
-        let req = match read_request(&mut reader, &mut writer, &shared) {
+        if !wait_for_request(&mut reader, &shared, generation) {
+            break;
+        }
+        let fault = {
+            let mut st = shared.lock();
+            match st.connection_faults.as_mut() {
+                Some(n) if served > 0 => {
+                    *n += 1;
+                    CONNECTION_FAULTS[*n % CONNECTION_FAULTS.len()]
+                }
+                _ => ConnectionFault::Keep,
+            }
+        };
+        served += 1;
+        if fault == ConnectionFault::BeforeRequest {
+            break;
+        }
+        let req = match read_request(&mut reader, &mut writer, &shared, fault == ConnectionFault::MidRequest) {
             Ok(Some(req)) => req,
             Ok(None) | Err(ReadError::Close) => break,
             Err(ReadError::Reply(status, msg)) => {
@@ -628,10 +732,10 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
         if !shared.alive(generation) {
             break;
         }
-        let keep_alive = req.keep_alive;
+        let keep_alive = req.keep_alive && !shared.lock().no_keep_alive;
         match handle(&shared, req) {
             Reply::Full(resp) => {
-                if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive {
+                if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive || fault == ConnectionFault::AfterAnswer {
                     break;
                 }
             }
@@ -705,7 +809,8 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> Result<Option<String>, ReadEr
 }
 
 /// Reads one request; `Ok(None)` on a clean end of stream between requests.
-fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, shared: &Shared) -> Result<Option<Request>, ReadError> {
+/// `cut`: stop after the head, record the request with status 0, close.
+fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, shared: &Shared, cut: bool) -> Result<Option<Request>, ReadError> {
     // Tolerate empty lines between requests.
     let line = loop {
         match read_line(reader) {
@@ -745,6 +850,11 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, share
     let keep_alive = if http10 { connection.contains("keep-alive") } else { !connection.contains("close") };
 
     let (path, query) = split_target(target);
+    if cut {
+        let req = Request { method, path, query, headers, body: Vec::new(), keep_alive: false, at: Instant::now() };
+        shared.lock().requests.push(req.record(0));
+        return Err(ReadError::Close);
+    }
     if early_answer(shared, &method, &path) {
         let mut first = [0u8; 1];
         let _ = reader.read(&mut first);

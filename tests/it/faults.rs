@@ -621,3 +621,45 @@ fn faults_an_early_413_on_an_artifact_upload() {
     assert!(server.job_states_posted(&refused).iter().any(|s| s == "complete"), "the refused job's outcome");
     assert!(server.artifact(&refused).is_none());
 }
+
+/// Kept connections closed at every moment a server can: as a request
+/// arrives (unread), after its head, after its answer; and idle ones at
+/// the server's keep-alive timeout. No request the server did not handle
+/// may be lost, none it handled may be handled twice: the agent sends a
+/// request again on a new connection only when it cannot have been
+/// handled (see `client/transport/keep.rs`).
+#[test]
+fn faults_kept_connections_closed_at_every_moment() {
+    let server = FakeServer::start();
+    server.set_connection_faults(true);
+    let jobs = push_jobs(&server, 3);
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish(
+        "kept connections closed before, during and after requests",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["sending it on a new one", "the server closed the kept connection"],
+    );
+    let (connections, requests) = (server.connections(), server.requests().len() as u64);
+    println!("{connections} connections for {requests} requests");
+    assert!(connections < requests, "connections are reused: {connections} for {requests} requests");
+}
+
+/// A server whose keep-alive timeout is shorter than the agent's gaps
+/// (gunicorn's async workers: 2 s): it closes every idle connection
+/// first; the agent sees it and opens a new one, nothing fails.
+#[test]
+fn faults_a_keep_alive_timeout_shorter_than_the_polls() {
+    let server = FakeServer::start();
+    server.set_idle_timeout(Duration::from_millis(100));
+    let jobs = push_jobs(&server, 2);
+    let setup = agent(&server);
+    let mut p = setup.spawn();
+    finish("keep-alive timeout 0.1 s, polls every 0.2 s", &server, &mut p, &setup, &jobs, Once::Exactly, &["the server closed the kept connection"]);
+    let failed: Vec<String> = server.requests().iter().filter(|r| r.status == 0).map(|r| r.line()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}

@@ -67,6 +67,20 @@ fn http_redirects_to_another_host_or_port_get_no_token_and_no_job() {
     assert!(p.try_wait().is_none(), "the agent keeps running\n{}", p.diagnostics());
 }
 
+/// A whole job, polls and posts alike, goes over one kept connection.
+#[test]
+fn http_one_kept_connection_carries_a_whole_job() {
+    let server = FakeServer::start();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let setup = Agent::new(&server).command("test", "echo hi");
+    assert!(setup.run_once(T).status.success());
+    assert!(completed(&server, &job));
+    let (connections, requests) = (server.connections(), server.requests().len());
+    println!("{connections} connections for {requests} requests");
+    assert!(requests >= 10 && connections <= 2, "{connections} connections for {requests} requests: {:?}", server.request_lines());
+}
+
 #[test]
 fn http_same_origin_redirect_is_followed() {
     let server = FakeServer::start();
@@ -125,6 +139,10 @@ mod tls {
     /// certificate and relays the bytes to the fake's plain port.
     pub struct TlsFront {
         pub port: u16,
+        /// Connections accepted, and how many of their handshakes resumed
+        /// an earlier TLS session.
+        pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+        pub resumed: Arc<std::sync::atomic::AtomicUsize>,
         /// Why each connection ended early, as the server's TLS saw it
         /// (e.g. the alert the client sent).
         pub errors: Arc<Mutex<Vec<String>>>,
@@ -149,14 +167,19 @@ mod tls {
             let port = listener.local_addr().unwrap().port();
             let errors = Arc::new(Mutex::new(Vec::new()));
             let seen = errors.clone();
+            let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (a, r) = (accepted.clone(), resumed.clone());
             thread::spawn(move || {
                 for conn in listener.incoming().flatten() {
+                    a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let config = config.clone();
                     let seen = seen.clone();
-                    thread::spawn(move || relay_tls(conn, config, backend, seen));
+                    let r = r.clone();
+                    thread::spawn(move || relay_tls(conn, config, backend, seen, r));
                 }
             });
-            TlsFront { port, errors }
+            TlsFront { port, accepted, resumed, errors }
         }
 
         pub fn errors(&self) -> Vec<String> {
@@ -165,8 +188,14 @@ mod tls {
     }
 
     /// One connection: TLS on the client side, plain to the backend, until
-    /// either side is done (requests are one per connection) or a minute.
-    fn relay_tls(client: TcpStream, config: Arc<rustls::ServerConfig>, backend: u16, errors: Arc<Mutex<Vec<String>>>) {
+    /// either side is done or a minute.
+    fn relay_tls(
+        client: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+        backend: u16,
+        errors: Arc<Mutex<Vec<String>>>,
+        resumed: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let Ok(conn) = rustls::ServerConnection::new(config) else { return };
         let Ok(mut plain) = TcpStream::connect(("127.0.0.1", backend)) else { return };
         let tick = Some(Duration::from_millis(5));
@@ -176,7 +205,14 @@ mod tls {
         let mut buf = [0u8; 16384];
         let deadline = Instant::now() + Duration::from_secs(60);
         let idle = |e: &std::io::Error| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        let mut counted = false;
         while Instant::now() < deadline {
+            if !counted && !tls.conn.is_handshaking() {
+                counted = true;
+                if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    resumed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
             match tls.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -222,6 +258,41 @@ mod tls {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(completed(&server, &job));
         assert!(server.log_text_phase(&job, "output", "test").contains("over tls"));
+    }
+
+    /// One kept connection carries a whole job over https; when the server
+    /// ends every connection after its answer (upstream's gunicorn), each
+    /// new connection resumes the TLS session instead of a full handshake.
+    #[test]
+    fn https_keeps_one_connection_and_resumes_sessions_when_it_must_reconnect() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let pki = Pki::new();
+        let server = FakeServer::start();
+        let front = TlsFront::start(&pki, server.port());
+        let job = unique_id();
+        server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+        let setup = https_setup(&server, &front, "localhost").env("SSL_CERT_FILE", &pki.ca().to_string_lossy());
+        let out = setup.run_once(T);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(completed(&server, &job));
+        let (kept, requests) = (front.accepted.load(SeqCst), server.requests().len());
+        println!("kept alive: {kept} TLS connections for {requests} requests");
+        assert!(requests >= 10 && kept <= 2, "{kept} TLS connections for {requests} requests");
+
+        server.set_keep_alive(false);
+        let before = (front.accepted.load(SeqCst), front.resumed.load(SeqCst), server.requests().len());
+        let job = unique_id();
+        server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+        let out = setup.run_once(T);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(completed(&server, &job));
+        let connections = front.accepted.load(SeqCst) - before.0;
+        let resumed = front.resumed.load(SeqCst) - before.1;
+        let requests = server.requests().len() - before.2;
+        println!("Connection: close: {connections} TLS connections ({resumed} resumed) for {requests} requests");
+        assert_eq!(connections, requests, "one connection per request when the server closes each");
+        // The first of a run is a full handshake (a new process).
+        assert!(resumed + 1 >= connections, "{resumed} of {connections} handshakes resumed");
     }
 
     #[test]
@@ -325,6 +396,8 @@ mod tls {
         let seen = proxy.seen();
         let connect = format!("CONNECT localhost:{} HTTP/1.1", front.port);
         assert!(!seen.is_empty() && seen.iter().all(|(line, _)| *line == connect), "{seen:?}");
+        // The tunnel is kept: one carries the whole job.
+        assert_eq!(seen.len(), 1, "{seen:?}");
         // agent:s:cret in Basic auth.
         assert!(seen.iter().all(|(_, auth)| auth.as_deref() == Some("Basic YWdlbnQ6czpjcmV0")), "{seen:?}");
     }
@@ -333,8 +406,9 @@ mod tls {
 /// Request lines a proxy saw, each with its Proxy-Authorization.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
-/// A forward HTTP proxy: absolute-form requests for http, CONNECT tunnels
-/// for https. Records each request line and its Proxy-Authorization.
+/// A forward HTTP proxy: absolute-form requests for http (one per
+/// connection), CONNECT tunnels for https (kept as long as the client
+/// keeps them). Records each request line and its Proxy-Authorization.
 struct Proxy {
     port: u16,
     seen: Seen,
@@ -394,7 +468,9 @@ fn proxy_one(client: TcpStream, log: Seen) {
     } else {
         let Some(rest) = target.strip_prefix("http://") else { return };
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        (authority.to_string(), Some(format!("{method} {path} HTTP/1.1\r\n{}\r\n", headers.concat())))
+        // One request per connection: the server's answer then says
+        // `Connection: close`, and the agent does not keep it.
+        (authority.to_string(), Some(format!("{method} {path} HTTP/1.1\r\n{}Connection: close\r\n\r\n", headers.concat())))
     };
     let Ok(mut upstream) = TcpStream::connect(authority.as_str()) else {
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");

@@ -401,6 +401,10 @@ fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut cra
     let agent = agent.command("test", &format!("echo started; sleep 6; touch '{}'; sleep 30", late.display()));
     let mut p = agent.spawn_with(&["--once"]);
     server.wait_until(T, "the first fragment held", |s| s.stalling() > 0);
+    // The held fragment may be the banner alone: under load the shell may
+    // not have written its line yet, and a stop then would leave none.
+    let log = agent.run_dir(&job).join("test.log");
+    server.wait_until(T, "the phase's line in its log", |_| fs::read_to_string(&log).unwrap_or_default().contains("started\n"));
     stop(&mut p);
     p.wait_exit(T);
     assert!(!late.exists(), "the phase lived on until the held answer came");

@@ -125,3 +125,229 @@ fn the_deadline_grows_with_the_bytes_moved() {
     b.progress(10 * 64 * 1024);
     assert_eq!(b.deadline() - first, Duration::from_secs(10));
 }
+
+/// What the scripted keep-alive server does with each request, in order
+/// across connections (then it answers and keeps the connection).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Then {
+    /// Answer 200 and keep the connection.
+    Answer,
+    /// Answer 200 with `Connection: close`, and close.
+    AnswerClose,
+    /// Answer as HTTP/1.0 (no keep-alive), and close.
+    Answer10,
+    /// Answer 200 without saying so, then close at once (a server that
+    /// drops an idle connection right after an answer).
+    AnswerThenClose,
+    /// Wait for the request to arrive, then close without reading it:
+    /// the race of a server ending an idle connection as a request comes.
+    DropUnread,
+    /// Read the head and half the body, then close (mid-request).
+    CloseMidRequest,
+}
+
+struct Scripted {
+    port: u16,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// `METHOD path body` of every request the server handled (answered).
+    handled: Arc<Mutex<Vec<String>>>,
+    /// One message per connection the server closed.
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn scripted(script: Vec<Then>) -> Scripted {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (tx, closed) = std::sync::mpsc::channel();
+    let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+    let (a, h) = (accepted.clone(), handled.clone());
+    std::thread::spawn(move || {
+        // Ends when the test (and so the listener's last client) is gone.
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            a.fetch_add(1, Ordering::SeqCst);
+            let (script, handled, tx) = (script.clone(), h.clone(), tx.clone());
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+                loop {
+                    let then = script.lock().unwrap().pop_front().unwrap_or(Then::Answer);
+                    if then == Then::DropUnread {
+                        let mut b = [0u8; 1];
+                        // Waits for the request, leaves it unread: the close resets.
+                        let _ = s.peek(&mut b);
+                        break;
+                    }
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => {
+                                let _ = tx.send(());
+                                return;
+                            }
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .unwrap_or(0);
+                    if then == Then::CloseMidRequest {
+                        let mut half = vec![0u8; len / 2];
+                        let _ = s.read_exact(&mut half);
+                        break;
+                    }
+                    let mut body = vec![0u8; len];
+                    if s.read_exact(&mut body).is_err() {
+                        break;
+                    }
+                    let line = text.lines().next().unwrap_or("").rsplit_once(' ').map_or("", |(l, _)| l).to_string();
+                    handled.lock().unwrap().push(format!("{line} {}", String::from_utf8_lossy(&body)));
+                    let answer: &[u8] = match then {
+                        Then::AnswerClose => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        Then::Answer10 => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).is_err() || then != Then::Answer {
+                        break;
+                    }
+                }
+                drop(s);
+                let _ = tx.send(());
+            });
+        }
+    });
+    Scripted { port, accepted, handled, closed }
+}
+
+impl Scripted {
+    /// Waits (10 s at most) until the server has closed `n` connections in all.
+    fn wait_closed(&self, n: usize) {
+        for _ in 0..n {
+            self.closed.recv_timeout(Duration::from_secs(10)).expect("the server closes the connection");
+        }
+    }
+    fn handled(&self) -> Vec<String> {
+        self.handled.lock().unwrap().clone()
+    }
+}
+
+fn call(net: &Net, port: u16, method: &str, body: &str) -> Result<u16, String> {
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/x")).unwrap();
+    let payload = if body.is_empty() { Payload::None } else { Payload::Bytes { content_type: "application/json", bytes: body.as_bytes() } };
+    let req = Request { method, url: &url, headers: &[], payload, keep: Keep::Memory(1024), timeout: Duration::from_secs(10), idle: None };
+    exchange(net, req).map(|r| r.status).map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn calls_share_one_connection() {
+    let server = scripted(vec![]);
+    let net = Net::new();
+    for i in 0..5 {
+        assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+        assert_eq!(call(&net, server.port, "POST", &format!("{{\"n\":{i}}}")), Ok(200));
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(server.handled().len(), 10);
+}
+
+#[test]
+fn a_connection_the_server_ended_is_not_reused() {
+    // Closed after an answer that said so, after an HTTP/1.0 answer, and
+    // after one that did not say it: each next call opens a new connection,
+    // and each POST is handled once.
+    for then in [Then::AnswerClose, Then::Answer10, Then::AnswerThenClose] {
+        let server = scripted(vec![then]);
+        let net = Net::new();
+        assert_eq!(call(&net, server.port, "GET", ""), Ok(200), "{then:?}");
+        server.wait_closed(1);
+        assert_eq!(call(&net, server.port, "POST", "{\"n\":1}"), Ok(200), "{then:?}");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2, "{then:?}");
+        assert_eq!(server.handled(), ["GET /v1/x ", "POST /v1/x {\"n\":1}"], "{then:?}");
+    }
+}
+
+#[test]
+fn a_get_the_server_dropped_unread_goes_again_on_a_new_connection() {
+    let server = scripted(vec![Then::Answer, Then::DropUnread]);
+    let net = Net::new();
+    assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+    assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(server.handled().len(), 2);
+}
+
+#[test]
+fn a_post_that_may_have_reached_the_server_is_never_sent_again() {
+    // The server ends the kept connection as the request arrives, or in the
+    // middle of its body: the POST had gone out, so it fails to the caller
+    // instead of going again on a new connection.
+    for then in [Then::DropUnread, Then::CloseMidRequest] {
+        let server = scripted(vec![Then::Answer, then]);
+        let net = Net::new();
+        assert_eq!(call(&net, server.port, "POST", "{\"n\":1}"), Ok(200), "{then:?}");
+        let second = call(&net, server.port, "POST", "{\"n\":2}");
+        assert!(second.is_err(), "{then:?}: {second:?}");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1, "{then:?}: no second connection");
+        assert_eq!(server.handled(), ["POST /v1/x {\"n\":1}"], "{then:?}");
+    }
+}
+
+#[test]
+fn a_connection_that_would_idle_past_its_limit_is_closed_before_the_wait() {
+    let server = scripted(vec![]);
+    let net = Net::new();
+    assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+    // A wait well within the limit keeps it.
+    net.before_wait(Duration::from_secs(1));
+    assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    // A longer wait closes it now: the server sees our close.
+    net.before_wait(keep::IDLE);
+    server.wait_closed(1);
+    assert_eq!(call(&net, server.port, "GET", ""), Ok(200));
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn an_early_answer_on_a_kept_connection_is_read_and_the_connection_dropped() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let read_head = |s: &mut TcpStream| {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).map(|n| n == 1).unwrap_or(false) {
+                head.push(b[0]);
+            }
+        };
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("answer");
+        // The upload on the kept connection: refused after its head.
+        read_head(&mut s);
+        let _ = s.write_all(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        drop(s);
+        // The next call comes on a new connection.
+        let (mut s, _) = listener.accept().expect("accept");
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("answer");
+    });
+    let net = Net::new();
+    let body = vec![b'x'; 32 << 20];
+    assert_eq!(call(&net, port, "GET", ""), Ok(200));
+    let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/x")).unwrap();
+    let payload = Payload::Bytes { content_type: "application/octet-stream", bytes: &body };
+    let req = Request { method: "POST", url: &url, headers: &[], payload, keep: Keep::Memory(1024), timeout: Duration::from_secs(10), idle: None };
+    assert_eq!(exchange(&net, req).map(|r| r.status).map_err(|e| format!("{e:?}")), Ok(413));
+    assert_eq!(call(&net, port, "GET", ""), Ok(200));
+    h.join().expect("server");
+}
