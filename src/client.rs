@@ -1,5 +1,6 @@
 //! The Testflinger server API, one method per endpoint: the only module
-//! that speaks HTTP.
+//! (with its submodules) that speaks HTTP to the server; the metrics
+//! endpoint (`metrics/endpoint.rs`) answers scrapers on its own.
 //!
 //! Every request carries the `agent_name` cookie and, when a token file is
 //! configured, a bearer token (refreshed once and replayed once on a 401).
