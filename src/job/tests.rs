@@ -185,7 +185,12 @@ fn a_cancel_between_phases_stops_before_the_next_one() {
 fn a_cancel_during_a_phase_stops_its_command() {
     let _serial = serial();
     let bench = Bench::new("cancel-during", "test_command: echo begun; sleep 30\n");
-    let mut fake = Fake::new().with_states(cancelled_once(bench.run_dir("j7").join("test.log")));
+    // Cancelled once the command has written (the log exists before it has).
+    let log = bench.run_dir("j7").join("test.log");
+    let begun = move |_: &str| {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("begun").then_some(JobState::Cancelled)
+    };
+    let mut fake = Fake::new().with_states(begun);
     let summary = bench.run(&mut fake, &format!(r#"{{"job_id":"j7",{HOOK},"test_data":{{"t":1}},"reserve_data":{{"r":1}}}}"#));
     assert_eq!(summary.end_reason, EndReason::Cancelled);
     let codes = phases(&summary);

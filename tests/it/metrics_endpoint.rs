@@ -78,7 +78,7 @@ fn slowloris(port: u16, n: usize, tick_ms: u64, stop: Arc<AtomicBool>) -> std::t
 
 /// Ten scrapes, 150 ms apart, while `n` slow clients (reopened every
 /// `tick_ms` when dropped) press on an agent serving metrics on 127.0.0.1.
-fn scrapes_under_slowloris(n: usize, tick_ms: u64) {
+fn scrapes_under_slowloris(n: usize, tick_ms: u64, may_fail: usize) {
     let server = FakeServer::start();
     let port = free_port();
     let mut p = Agent::new(&server).set("metrics_address", "127.0.0.1").spawn_with(&["-p", &port.to_string()]);
@@ -101,7 +101,7 @@ fn scrapes_under_slowloris(n: usize, tick_ms: u64) {
     stop.store(true, Ordering::SeqCst);
     let opened = attacker.join().expect("attacker");
     eprintln!("metrics under {n} slow clients: 10 scrapes, {} failed, worst answer {worst:?}; the slow clients opened {opened} connections", failures.len());
-    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(failures.len() <= may_fail, "{failures:#?}");
     assert!(opened > n, "the slow clients were never dropped: the deadline was not exercised");
     assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
@@ -110,13 +110,16 @@ fn scrapes_under_slowloris(n: usize, tick_ms: u64) {
 /// scrape is answered.
 #[test]
 fn a_slowloris_does_not_starve_scrapers() {
-    scrapes_under_slowloris(16, 100);
+    scrapes_under_slowloris(16, 100, 0);
 }
 
-/// Four times as many, reopened as fast as they are dropped.
+/// Four times as many, reopened as fast as they are dropped. A scrape
+/// whose request has not arrived when a newcomer needs its place can be
+/// the one dropped (seen once in a CI run on a loaded machine: 9 of 10),
+/// so most, not all, must be answered; with no eviction none would be.
 #[test]
 fn a_connection_flood_does_not_starve_scrapers() {
-    scrapes_under_slowloris(64, 5);
+    scrapes_under_slowloris(64, 5, 2);
 }
 
 /// `metrics_address` is where the endpoint listens (127.0.0.2 is loopback
