@@ -97,6 +97,12 @@ for t in "${targets[@]}"; do
   fi
 done
 if [ "$need_src" = 1 ]; then
-  rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src' \
-    || { echo "install-deps: rustup toolchain install $NIGHTLY --component rust-src"; rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src; }
+  # component add, not toolchain install: an installed "nightly" is not updated.
+  if rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1; then
+    rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src' \
+      || { echo "install-deps: rustup component add rust-src --toolchain $NIGHTLY"; rustup component add rust-src --toolchain "$NIGHTLY"; }
+  else
+    echo "install-deps: rustup toolchain install $NIGHTLY --component rust-src"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+  fi
 fi
