@@ -75,6 +75,7 @@ in_root dpkg-query -W testflinger-agent
 in_root tail -1 /etc/testflinger-agent/example.yaml | grep -q 'edited by the admin' || fail "edited conffile replaced"
 echo "example.yaml: the admin's edit kept; $(in_root ls /etc/testflinger-agent | tr '\n' ' ')"
 in_root id testflinger-agent
+in_root stat -c '%A %U:%G %n' /etc/testflinger-agent
 
 step dpkg -r testflinger-agent
 in_root dpkg -r testflinger-agent
@@ -90,6 +91,14 @@ echo "after purge: example.yaml gone, /var/log/testflinger-agent gone; left: $(i
 
 step "dpkg -i after purge  (user exists already)"
 in_root dpkg -i /tmp/new.deb >/dev/null && in_root dpkg-query -W testflinger-agent
+
+step "userdel testflinger-agent; dpkg -P; dpkg -i  (with systemd: systemd-sysusers creates the user)"
+in_root dpkg -P testflinger-agent >/dev/null
+in_root userdel testflinger-agent
+in_root getent group testflinger-agent >/dev/null && in_root groupdel testflinger-agent
+in_root dpkg -i /tmp/new.deb >/dev/null
+in_root id testflinger-agent || fail "systemd-sysusers made no user"
+in_root stat -c '%A %U:%G %n' /etc/testflinger-agent /var/lib/testflinger-agent /var/log/testflinger-agent
 
 if command -v lintian >/dev/null; then
   step lintian "$(basename "$deb")"
