@@ -19,12 +19,10 @@ use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
-/// After a failed post, events wait a second, doubling per failure up to a
-/// minute, before the next try: each post carries the whole list, so the
-/// ones in between lose nothing, and a job (skipped phases emit events too)
-/// is not held by a server that refuses them. A random part of the hold
-/// (at least half a second): jobs whose posts failed together (an outage)
-/// post again apart.
+/// After a failed post, events wait (a second doubling to a minute) before the
+/// next try: each post carries the whole list, so the ones in between lose
+/// nothing, and a job is not held by a server that refuses them. A random
+/// part of the hold: jobs whose posts failed together post again apart.
 const HOLD: Schedule =
     Schedule::new(Duration::from_secs(1), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
 
