@@ -98,6 +98,15 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Posts the agent's data; one the server took counts for the heartbeat.
+    fn post_data(&mut self, data: &Json) -> Result<(), ClientError> {
+        let posted = self.client.post_agent_data(data);
+        if posted.is_ok() {
+            self.last_post = Instant::now();
+        }
+        posted
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_secs_f64(self.config.polling_interval)
     }
@@ -176,8 +185,8 @@ impl<'a> Agent<'a> {
             Ok(_) => AgentState::Waiting.set_in(&mut data, ""),
             Err(e) => self.owe_waiting(&e),
         }
-        match self.client.post_agent_data(&data) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&data) {
+            Ok(()) => {}
             Err(e) if e.is_stop() => return,
             Err(e) => log::error!("cannot post agent data: {e}"),
         }
@@ -276,8 +285,8 @@ impl<'a> Agent<'a> {
         }
         if let Some(comment) = self.disk_comment_unposted.take() {
             let data = AgentState::Waiting.post(&comment);
-            match self.client.post_agent_data(&data) {
-                Ok(()) => self.last_post = Instant::now(),
+            match self.post_data(&data) {
+                Ok(()) => {}
                 Err(e) => {
                     log::debug!("cannot post the disk state yet: {e}");
                     self.disk_comment_unposted = Some(comment);
@@ -306,11 +315,8 @@ impl<'a> Agent<'a> {
             self.waiting_unposted = false;
             return;
         }
-        match self.client.post_agent_data(&AgentState::Waiting.post("")) {
-            Ok(()) => {
-                self.waiting_unposted = false;
-                self.last_post = Instant::now();
-            }
+        match self.post_data(&AgentState::Waiting.post("")) {
+            Ok(()) => self.waiting_unposted = false,
             Err(e) => log::warn!("cannot post the waiting state yet: {e}"),
         }
     }
@@ -333,8 +339,8 @@ impl<'a> Agent<'a> {
         let state = if state.as_str().is_empty() { &AgentState::Waiting } else { state };
         log::info!("heartbeat: re-posting state {state}");
         // The comment goes along, or an operator's reason would be wiped.
-        match self.client.post_agent_data(&state.post(comment)) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&state.post(comment)) {
+            Ok(()) => {}
             Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
@@ -375,14 +381,12 @@ impl<'a> Agent<'a> {
         };
         let (state, comment) = AgentState::of(agent_data.as_ref().unwrap_or(&Json::Null));
         if let Some(offline) = self.offline_unposted.take() {
-            if let Err(e) = self.client.post_agent_data(&offline) {
+            if let Err(e) = self.post_data(&offline) {
                 if !e.is_stop() {
                     log::warn!("cannot post the offline state yet: {e}");
                 }
                 self.offline_unposted = Some(offline);
-                return None;
             }
-            self.last_post = Instant::now();
             return None;
         }
         if self.waiting_unposted {
@@ -466,8 +470,8 @@ impl<'a> Agent<'a> {
                 Err(e) => self.owe_waiting(&e),
             }
         }
-        match self.client.post_agent_data(&after) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&after) {
+            Ok(()) => {}
             // The offline state must not be lost, or jobs would keep coming
             // to a device that cannot be recovered.
             Err(e) if summary.recovery_failed => {

@@ -465,9 +465,14 @@ pub fn is_safe_id(id: &str) -> bool {
 }
 
 fn url_encode(s: &str) -> String {
-    let mut out = String::new();
+    percent_encode(s, |b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
+/// `s` with every byte `keep` refuses written as `%XX`.
+fn percent_encode(s: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+        if keep(b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -40,6 +40,13 @@ const ATTACHMENTS_FAILED: i32 = NOT_RUN;
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
 const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
+
+/// When the agent's state is next re-posted while a phase or an allocation
+/// hold lasts, from `now`: shortened by a random part, so that a fleet's
+/// jobs started together do not post together.
+fn next_heartbeat(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT))
+}
 /// One cancel check may wait this long (how often: `cancel_check_interval`).
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.

@@ -161,7 +161,17 @@ fn check_owner(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
 /// here even if the path is swapped meanwhile. Refused when another user
 /// could alter it (see `alterable_by_others`).
 pub fn open_dir(path: &Path) -> io::Result<File> {
-    let dir = OpenOptions::new()
+    let dir = open_dir_nofollow(path)?;
+    let meta = dir.metadata()?;
+    if let Some(why) = alterable_by_others(&meta) {
+        return Err(refused(path, &why));
+    }
+    Ok(dir)
+}
+
+/// Opens the directory `path` itself, never what a link there points to.
+fn open_dir_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(path)
@@ -169,12 +179,7 @@ pub fn open_dir(path: &Path) -> io::Result<File> {
             Some(libc::ELOOP) => refused(path, "it is a symbolic link"),
             Some(libc::ENOTDIR) => refused(path, "not a directory"),
             _ => e,
-        })?;
-    let meta = dir.metadata()?;
-    if let Some(why) = alterable_by_others(&meta) {
-        return Err(refused(path, &why));
-    }
-    Ok(dir)
+        })
 }
 
 /// Makes the directory `path`, which must not exist, with `mode`, and checks
@@ -194,15 +199,7 @@ pub fn check_own(path: &Path) -> io::Result<()> {
 /// user's, and (when `mode` is given) sets exactly that mode: `mkdir`
 /// applies the umask, which may narrow the logs dir's group access.
 fn check_own_dir(path: &Path, mode: Option<u32>) -> io::Result<()> {
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => refused(path, "it is a symbolic link"),
-            Some(libc::ENOTDIR) => refused(path, "not a directory"),
-            _ => e,
-        })?;
+    let dir = open_dir_nofollow(path)?;
     let meta = dir.metadata()?;
     if meta.uid() != euid() {
         return Err(refused(path, &format!("owned by uid {}, not by this agent's user", meta.uid())));

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Client, SMALL_ANSWER};
+use super::{percent_encode, Client, SMALL_ANSWER};
 use crate::json::Json;
 use crate::retry::{Jitter, Schedule};
 
@@ -127,15 +127,7 @@ fn is_token(token: &str) -> bool {
 /// percent-encoded, so an `agent_id` holding `;` or a space cannot add a
 /// cookie or break the header. Ordinary names go as they are.
 fn cookie_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(value, |b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%'))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
 use super::watcher::{PhaseWatcher, Progress};
-use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
+use super::{next_heartbeat, JobRunner, CLEANUP_WHEN_INTERRUPTED};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
@@ -53,7 +53,7 @@ impl JobRunner<'_> {
             next_cancel_check: (phase.can_cancel() && has_live).then(|| super::watcher::first_cancel_check(Instant::now())),
             metrics: self.metrics.as_deref_mut(),
             progress,
-            next_heartbeat: crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT)),
+            next_heartbeat: next_heartbeat(Instant::now()),
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, self.rundir.path(), &env, limits, &mut watcher);
@@ -141,10 +141,10 @@ impl JobRunner<'_> {
         let server = &mut *self.server;
         let retry = server.retry();
         let over = |s: Option<JobState>| s.is_some_and(|s| s.is_over());
-        let mut next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
+        let mut heartbeat_at = next_heartbeat(Instant::now());
         loop {
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
+            if Instant::now() >= heartbeat_at {
+                heartbeat_at = next_heartbeat(Instant::now());
                 post_state_unless_held(server, Phase::Allocate, retry);
             }
             if over(server.job_state(&self.plan.job_id, None, retry)) || parent.as_deref().is_some_and(|p| over(server.job_state(p, None, retry))) {

@@ -355,3 +355,11 @@ fn a_connectors_serial_log_is_streamed_masked_beside_the_output() {
     assert!(serial.starts_with("console ") && !serial.contains("s3cret"), "{serial}");
     assert!(fake.log("output").contains("out") && !fake.log("output").contains("console"));
 }
+
+#[test]
+fn the_phase_heartbeat_is_due_within_twelve_hours_shortened_by_a_random_part() {
+    let now = Instant::now();
+    let due: Vec<Duration> = (0..500).map(|_| next_heartbeat(now) - now).collect();
+    assert!(due.iter().all(|d| *d >= PHASE_HEARTBEAT.mul_f64(0.8) && *d <= PHASE_HEARTBEAT), "{due:?}");
+    assert!(due.iter().any(|d| *d < PHASE_HEARTBEAT.mul_f64(0.9)), "not spread");
+}

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
-use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use super::{next_heartbeat, CANCEL_CHECK_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{LogKind, Phase};
@@ -113,7 +113,7 @@ impl Watcher for PhaseWatcher<'_> {
                 self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
-                self.next_heartbeat = crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT));
+                self.next_heartbeat = next_heartbeat(now);
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != Phase::Cleanup {
                     post_state_unless_held(*client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
