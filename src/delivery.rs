@@ -15,7 +15,7 @@ use crate::states::JobState;
 /// Sends the output the server missed, oldest first, each log from where
 /// it stopped, numbering fragments on from the state's counters; stops at
 /// the first failure. Progress is saved in the run dir after each log.
-pub fn send_pending(server: &mut dyn Server, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
+pub(crate) fn send_pending(server: &mut dyn Server, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
     while let Some(mut p) = state.pending.first().cloned() {
         let counter = state.fragments.next(p.kind);
         let result = send_rest(&mut p, server, rundir, job_id, counter);
@@ -53,7 +53,7 @@ fn send_rest(p: &mut PendingStream, server: &mut dyn Server, rundir: &RunDir, jo
 /// Sends what the server still lacks of the job in `rundir`, in order:
 /// missed output, artifacts, then the outcome. Each step that succeeds is
 /// recorded, so a retry resumes rather than repeats.
-pub fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
+pub(crate) fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
     let outcome = rundir.outcome().unwrap_or_else(|| Json::object().with("status", Json::object()));
     deliver_with(server, rundir, job_id, rundir.load_state(), outcome)
 }
@@ -61,7 +61,7 @@ pub fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result
 /// `deliver`, with the delivery state and the outcome given rather than read
 /// from the run dir: on a full disk the files may be stale or missing, and
 /// what the agent holds in memory is the truth.
-pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
+pub(crate) fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
     send_pending(server, rundir, job_id, &mut state)?;
 
     if let Some(events) = &state.events {
@@ -104,7 +104,7 @@ pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut 
 /// true when none is left. A job the server refuses for good (a 4xx other
 /// than 401/408/429: the job is gone, the body is refused) is set aside rather
 /// than blocking every later job.
-pub fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
+pub(crate) fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
     let mut kept = rundir::job_dirs(results_basedir);
     kept.extend(rundir::run_dirs(execution_basedir));
     for (job_id, dir) in kept {

@@ -27,7 +27,7 @@ const HOLD: Schedule =
     Schedule::new(Duration::from_secs(1), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
 
 /// The job's events, posted whole each time when the job has a webhook.
-pub struct Events {
+pub(crate) struct Events {
     list: Vec<Json>,
     header: Option<Json>,
     /// The last post failed: the whole list is owed to the server.
@@ -40,7 +40,7 @@ pub struct Events {
 
 impl Events {
     /// Events are posted only when the job has a `webhook`.
-    pub fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
+    pub(crate) fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
         let header = webhook.map(|w| {
             Json::object()
                 .with("agent_id", Json::str(agent_id))
@@ -51,13 +51,13 @@ impl Events {
     }
 
     /// Keeps the list in `file` (in the run dir) from now on.
-    pub fn keep_in(&mut self, file: PathBuf) {
+    pub(crate) fn keep_in(&mut self, file: PathBuf) {
         self.file = Some(file);
     }
 
     /// Takes back the list an earlier run of the agent kept in `file`,
     /// and keeps it there from now on.
-    pub fn restore(&mut self, file: PathBuf) {
+    pub(crate) fn restore(&mut self, file: PathBuf) {
         self.keep_in(file);
         let Some(file) = &self.file else { return };
         let Ok(text) = crate::safe_fs::read_own(file) else { return };
@@ -69,7 +69,7 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
+    pub(crate) fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
         let name = event.to_string();
         let detail = detail.as_str();
         if detail.is_empty() {
@@ -115,7 +115,7 @@ impl Events {
     }
 
     /// The whole events body, when the server has not had all of it yet.
-    pub fn owed(&self) -> Option<Json> {
+    pub(crate) fn owed(&self) -> Option<Json> {
         let header = self.header.as_ref().filter(|_| self.unsent)?;
         Some(header.clone().with("events", Json::Array(self.list.clone())))
     }

@@ -1,5 +1,7 @@
 //! testflinger-agent: arguments, logging, one-line errors, exit codes.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -30,14 +30,14 @@ use crate::server::Server;
 /// failed without running anything of it; should even that stop the
 /// agent, the next start sets the run dir aside: no job can keep a device
 /// in a crash loop, whatever stops the agent.
-pub const MAX_RECOVERY_ATTEMPTS: u32 = 2;
+pub(crate) const MAX_RECOVERY_ATTEMPTS: u32 = 2;
 
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// What a left-behind run dir needs.
 #[derive(Debug, PartialEq)]
-pub struct Leftover {
+pub(crate) struct Leftover {
     pub job_id: String,
     pub dir: RunDir,
     /// The phase that was running when the agent died, if any.
@@ -47,7 +47,7 @@ pub struct Leftover {
 }
 
 /// Reads `dir` (a run dir) to decide what is left to do.
-pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
+pub(crate) fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
     let outcome = dir.outcome();
     let has_code = |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
     let interrupted = Phase::ALL.into_iter().rev().find(|p| dir.has_log(*p) && !has_code(*p));
@@ -57,7 +57,7 @@ pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
 
 /// Finishes every job an earlier agent left unfinished. Jobs that only
 /// await delivery stay in `results_basedir` for the polling loop.
-pub fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
+pub(crate) fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
     let mut todo = Vec::new();
     for (job_id, dir) in rundir::run_dirs(&config.execution_basedir) {
         todo.push(inspect(config, &job_id, &dir));

@@ -23,12 +23,12 @@ use crate::rundir::RunDir;
 use crate::safe_fs;
 
 /// How often the connector's file is looked at while the phase runs.
-pub const POLL: Duration = Duration::from_millis(250);
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 /// Bytes read from it per look: the agent's one thread must get back to the
 /// phase's pipe; serial lines come slowly anyway.
 const STEP: usize = 256 * 1024;
 
-pub struct SerialTail {
+pub(crate) struct SerialTail {
     raw_path: PathBuf,
     raw: Option<File>,
     /// Bytes of the raw file consumed.
@@ -46,7 +46,7 @@ pub struct SerialTail {
 }
 
 impl SerialTail {
-    pub fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
+    pub(crate) fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
         let masked_path = rundir.log(phase, LogKind::Serial);
         // A cleanup run again after a crash appends to its earlier copy.
         let written = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
@@ -67,18 +67,18 @@ impl SerialTail {
     }
 
     /// True once the connector's file existed (there is a copy to send).
-    pub fn started(&self) -> bool {
+    pub(crate) fn started(&self) -> bool {
         self.out.is_some()
     }
 
     /// When the file should next be looked at.
-    pub fn next_look(&self) -> Instant {
+    pub(crate) fn next_look(&self) -> Instant {
         self.next_look
     }
 
     /// Masks what the connector added since the last look, at most one step
     /// of it, when a look is due.
-    pub fn look(&mut self, now: Instant) {
+    pub(crate) fn look(&mut self, now: Instant) {
         if now < self.next_look {
             return;
         }
@@ -90,7 +90,7 @@ impl SerialTail {
 
     /// The phase has ended: masks the rest of the file, and what the masker
     /// held back.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Err(e) = self.catch_up(None) {
             self.fail(&e);
         }

@@ -38,7 +38,7 @@ const SYSTEM_BUNDLES: &[&str] = &[
 const SYSTEM_DIR: &str = "/etc/ssl/certs";
 
 /// The client's TLS settings, built once, and a line saying what it trusts.
-pub struct Tls {
+pub(super) struct Tls {
     pub config: Arc<ClientConfig>,
     pub trusts: String,
 }
@@ -46,7 +46,7 @@ pub struct Tls {
 /// Builds the trust store and the TLS config. An error when a CA file that
 /// was asked for (environment or config) cannot be read or holds no
 /// certificate: an operator who names a CA must not get another one.
-pub fn build(ca_file: Option<&Path>) -> Result<Tls, String> {
+pub(super) fn build(ca_file: Option<&Path>) -> Result<Tls, String> {
     build_with(ca_file, |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 
@@ -155,7 +155,7 @@ fn slot(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> 
 /// `a_refused_certificate_is_logged_once_and_the_server_gets_the_alert`).
 /// The error says why in words, and is logged at ERROR once per change of
 /// reason (the caller logs its failures at a quieter level).
-pub fn handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S, authority: &str) -> io::Result<()> {
+pub(super) fn handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S, authority: &str) -> io::Result<()> {
     slot(&VERDICT).take();
     while conn.is_handshaking() {
         if let Err(e) = conn.complete_io(sock) {

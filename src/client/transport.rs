@@ -238,7 +238,7 @@ impl Conn for rustls::Stream<'_, rustls::ClientConnection, Socket<'_, '_>> {
 }
 
 /// What goes after the request head.
-pub enum Payload<'a, 'b> {
+pub(crate) enum Payload<'a, 'b> {
     None,
     Bytes { content_type: &'a str, bytes: &'a [u8] },
     /// Written by `write` straight into the socket: exactly `len` bytes.
@@ -246,7 +246,7 @@ pub enum Payload<'a, 'b> {
 }
 
 impl Payload<'_, '_> {
-    pub fn reborrow(&mut self) -> Payload<'_, '_> {
+    pub(crate) fn reborrow(&mut self) -> Payload<'_, '_> {
         match self {
             Payload::None => Payload::None,
             Payload::Bytes { content_type, bytes } => Payload::Bytes { content_type, bytes },
@@ -257,7 +257,7 @@ impl Payload<'_, '_> {
 
 /// What becomes of the answer's body.
 #[derive(Clone, Copy)]
-pub enum Keep<'a> {
+pub(crate) enum Keep<'a> {
     /// Read to its end and dropped (uploads, whose answers say nothing
     /// more), at most this many bytes: a body that breaks its framing
     /// means the answer may not be the server's, so it fails the call.
@@ -271,7 +271,7 @@ pub enum Keep<'a> {
 
 /// The answer: status, redirect target, and the body when kept in memory.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub location: Option<String>,
     pub body: Vec<u8>,
@@ -279,7 +279,7 @@ pub struct Reply {
 
 /// Why an exchange failed.
 #[derive(Debug)]
-pub enum Failure {
+pub(super) enum Failure {
     /// The network or the server: no usable answer.
     Net(io::Error),
     /// The body was over the cap.
@@ -298,7 +298,7 @@ impl From<io::Error> for Failure {
 }
 
 /// The parts of the client's setup every connection needs.
-pub struct Net {
+pub(super) struct Net {
     proxies: Proxies,
     ca_file: Option<PathBuf>,
     #[cfg(feature = "tls")]
@@ -307,7 +307,7 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new() -> Net {
+    pub(super) fn new() -> Net {
         Net {
             proxies: Proxies::from_env(),
             ca_file: None,
@@ -319,12 +319,12 @@ impl Net {
 
     /// The agent is about to make no call for `wait`: a kept connection
     /// that would idle past its limit meanwhile is closed now.
-    pub fn before_wait(&self, wait: Duration) {
+    pub(super) fn before_wait(&self, wait: Duration) {
         self.kept.close_if_idle_within(wait);
     }
 
     /// A CA file trusted on top of the store (config `server_ca_file`).
-    pub fn set_ca_file(&mut self, path: Option<PathBuf>) {
+    pub(super) fn set_ca_file(&mut self, path: Option<PathBuf>) {
         self.ca_file = path;
         #[cfg(feature = "tls")]
         {
@@ -357,7 +357,7 @@ impl Default for Net {
 }
 
 /// One request: what [`exchange`] sends and how it treats the answer.
-pub struct Request<'a> {
+pub(super) struct Request<'a> {
     pub method: &'a str,
     pub url: &'a Url,
     pub headers: &'a [(String, String)],
@@ -385,7 +385,7 @@ fn connect(host: &str, port: u16, budget: &Budget, tick: Duration, idle: &mut dy
 /// One request, on the kept connection when there is a usable one (see
 /// `keep`), else on a new one; within the call's deadline and abandoned
 /// when the agent stops (see `budget`).
-pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
+pub(super) fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
     let Request { method, url, headers, mut payload, keep, timeout, idle } = req;
     let mut budget = Budget::new(timeout);
     let proxy = net.proxies.for_url(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

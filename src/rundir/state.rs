@@ -9,7 +9,7 @@ use crate::phase::{LogKind, Phase};
 
 /// A phase log (or serial log) the server has only part of.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PendingStream {
+pub(crate) struct PendingStream {
     pub kind: LogKind,
     pub phase: Phase,
     pub sent: u64,
@@ -19,13 +19,13 @@ pub struct PendingStream {
 
 /// The next fragment number of each log kind (each numbers its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Fragments {
+pub(crate) struct Fragments {
     pub output: u64,
     pub serial: u64,
 }
 
 impl Fragments {
-    pub fn next(&mut self, kind: LogKind) -> &mut u64 {
+    pub(crate) fn next(&mut self, kind: LogKind) -> &mut u64 {
         match kind {
             LogKind::Output => &mut self.output,
             LogKind::Serial => &mut self.serial,
@@ -36,7 +36,7 @@ impl Fragments {
 /// A job's delivery progress (not its `job_state` on the server, see
 /// `states`).
 #[derive(Clone, Debug, Default)]
-pub struct DeliveryState {
+pub(crate) struct DeliveryState {
     pub fragments: Fragments,
     pub pending: Vec<PendingStream>,
     /// The job's events body whose last post failed: the webhook must still

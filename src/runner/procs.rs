@@ -64,7 +64,7 @@ pub(super) fn signal_group(pgid: i32, sig: i32) {
 /// left (or 2 s pass). Descendants that escaped the process group were
 /// re-parented to us, the subreaper, so walking /proc from our pid finds
 /// them all.
-pub fn kill_descendants() {
+pub(super) fn kill_descendants() {
     let deadline = crate::deadline::from_now(Duration::from_secs(2));
     loop {
         let pids = descendants(std::process::id() as i32);
@@ -83,7 +83,7 @@ pub fn kill_descendants() {
 }
 
 /// Reaps every exited child without blocking.
-pub fn reap() {
+pub(super) fn reap() {
     loop {
         let mut st = 0;
         // SAFETY: waitpid with WNOHANG and a valid status pointer.
