@@ -147,7 +147,11 @@ impl<W: Write> AdaptiveGz<W> {
             if let Some(was) = self.current {
                 self.run(was, None, FlushCompress::Sync)?;
             }
-            if store { self.store.reset() } else { self.deflate.reset() }
+            if store {
+                self.store.reset()
+            } else {
+                self.deflate.reset()
+            }
             self.current = Some(store);
         }
         let block = std::mem::take(&mut self.block);
@@ -230,10 +234,14 @@ fn looks_incompressible(sample: &[u8]) -> bool {
         counts[b as usize] += 1;
     }
     let n = sample.len() as f64;
-    let entropy: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = f64::from(c) / n;
-        -p * p.log2()
-    }).sum();
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
     entropy > INCOMPRESSIBLE_ENTROPY
 }
 
@@ -251,7 +259,14 @@ impl Packing {
     /// A member for `meta` as Python's `tarfile` (upstream's packer) makes
     /// it: the permission bits (`0o755`, not `0o40755`), the owner's user
     /// and group names, the time to the nanosecond.
-    fn member<'a>(&'a mut self, name: &'a [u8], kind: u8, meta: &Metadata, size: u64, link: &'a [u8]) -> pax::Member<'a> {
+    fn member<'a>(
+        &'a mut self,
+        name: &'a [u8],
+        kind: u8,
+        meta: &Metadata,
+        size: u64,
+        link: &'a [u8],
+    ) -> pax::Member<'a> {
         let (uid, gid) = (meta.uid(), meta.gid());
         if !self.users.iter().any(|(id, _)| *id == uid) {
             self.users.push((uid, user_name(uid)));
@@ -376,7 +391,10 @@ fn add_dir<W: Write>(
     // link, as tarfile stores it, never followed into what it points at.
     if meta.file_type().is_symlink() {
         let target = fs::read_link(dir).map(|t| masked_name(t.as_os_str(), mask)).unwrap_or_default();
-        tar.append(&packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()), &mut io::empty())?;
+        tar.append(
+            &packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()),
+            &mut io::empty(),
+        )?;
         packing.files += 1;
         return Ok(());
     }

@@ -107,7 +107,10 @@ impl Events {
             Err(e) => {
                 let wait = self.hold.failed(Instant::now());
                 if !e.is_stop() {
-                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(wait));
+                    log::warn!(
+                        "event {name} not posted, holding events back for {}: {e}",
+                        crate::human::duration(wait)
+                    );
                 }
                 self.unsent = true;
             }
@@ -120,7 +123,6 @@ impl Events {
         Some(header.clone().with("events", Json::Array(self.list.clone())))
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -151,7 +153,10 @@ mod tests {
         let Some(Call::Events(job, body)) = fake.calls.last() else { panic!("{:?}", fake.calls) };
         assert_eq!(job, "j");
         assert_eq!(body.get("job_status_webhook").and_then(Json::as_str), Some("http://hook"));
-        assert_eq!((body.get("agent_id").and_then(Json::as_str), body.get("job_queue").and_then(Json::as_str)), (Some("a"), Some("q")));
+        assert_eq!(
+            (body.get("agent_id").and_then(Json::as_str), body.get("job_queue").and_then(Json::as_str)),
+            (Some("a"), Some("q"))
+        );
         assert_eq!(fake.last_events(), ["job_start", "setup_start"]);
         assert!(events.owed().is_none(), "the server has them all");
     }
@@ -165,7 +170,13 @@ mod tests {
         events.emit(&mut down, "j", Event::JobEnd, &none());
         assert_eq!(down.calls.len(), 1, "{:?}", down.calls);
         let owed = events.owed().expect("owed after a failure");
-        let names: Vec<&str> = owed.get("events").and_then(Json::as_array).unwrap_or(&[]).iter().filter_map(|e| e.get("event_name")?.as_str()).collect();
+        let names: Vec<&str> = owed
+            .get("events")
+            .and_then(Json::as_array)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|e| e.get("event_name")?.as_str())
+            .collect();
         assert_eq!(names, ["job_start", "job_end"]);
     }
 

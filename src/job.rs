@@ -17,7 +17,7 @@ use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking};
-use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
+use crate::phase::{EndReason, Event, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN, Phase};
 use crate::rundir::{self, DeliveryState, RunDir};
 use crate::runner::Stop;
 use crate::server::Server;
@@ -447,7 +447,10 @@ impl<'a> JobRunner<'a> {
             }
             Err(e) => {
                 if e.is_stop() {
-                    log::info!("job {}: stopping; the outcome is kept and delivered at the next start", self.plan.job_id);
+                    log::info!(
+                        "job {}: stopping; the outcome is kept and delivered at the next start",
+                        self.plan.job_id
+                    );
                 } else {
                     log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
                 }

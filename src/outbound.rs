@@ -108,7 +108,9 @@ impl JobSecrets {
         match value {
             Json::Str(s) => Json::Str(self.text(s).0),
             Json::Array(items) => Json::Array(items.iter().map(|v| self.json(v)).collect()),
-            Json::Object(members) => Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect()),
+            Json::Object(members) => {
+                Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect())
+            }
             other => other.clone(),
         }
     }

@@ -16,8 +16,8 @@ use crate::client::{ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
-use crate::rundir::PendingStream;
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
+use crate::rundir::PendingStream;
 use crate::safe_fs;
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
@@ -75,15 +75,7 @@ impl PhaseLog {
     pub(crate) fn open(path: &Path, masker: Masker, echo: bool) -> io::Result<PhaseLog> {
         let mut file = safe_fs::open_append(path, safe_fs::PRIVATE_FILE)?;
         let written = file.seek(SeekFrom::End(0))?;
-        Ok(PhaseLog {
-            file,
-            path: path.to_path_buf(),
-            masker,
-            echo,
-            scratch: Vec::new(),
-            written,
-            failed: false,
-        })
+        Ok(PhaseLog { file, path: path.to_path_buf(), masker, echo, scratch: Vec::new(), written, failed: false })
     }
 
     pub(crate) fn write(&mut self, data: &[u8]) {
@@ -197,7 +189,14 @@ impl LiveStream {
     /// Sends one fragment if one is due: a single attempt (timeout
     /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
-    pub(crate) fn pump(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
+    pub(crate) fn pump(
+        &mut self,
+        client: &mut dyn Server,
+        counter: &mut u64,
+        written: u64,
+        now: Instant,
+        idle: &mut Idle,
+    ) {
         if self.due(written).is_some_and(|t| now >= t) && self.bucket.take(now) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
@@ -209,7 +208,12 @@ impl LiveStream {
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
-    pub(crate) fn flush(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64) -> Result<(), ClientError> {
+    pub(crate) fn flush(
+        &mut self,
+        client: &mut dyn Server,
+        counter: &mut u64,
+        written: u64,
+    ) -> Result<(), ClientError> {
         let retry = client.retry();
         // A `server_timeout` shorter than a slow server's answer would send
         // the same fragment again, and the server would show it twice.
@@ -289,7 +293,11 @@ impl LiveStream {
                     return Err(e);
                 }
                 let backoff = self.backoff.failed(Instant::now());
-                log::warn!("{} log fragment not sent, will retry in {}: {e}", self.kind, crate::human::duration(backoff));
+                log::warn!(
+                    "{} log fragment not sent, will retry in {}: {e}",
+                    self.kind,
+                    crate::human::duration(backoff)
+                );
                 Err(e)
             }
         }
@@ -304,7 +312,9 @@ mod tests {
     fn live_retries_are_spread_over_the_whole_wait() {
         let waits: Vec<Duration> = (0..1000).map(|_| LIVE_BACKOFF.wait(6)).collect();
         assert!(waits.iter().all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(32)));
-        assert!(waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28)));
+        assert!(
+            waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28))
+        );
     }
 
     #[test]

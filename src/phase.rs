@@ -29,8 +29,15 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 7] =
-        [Phase::Setup, Phase::Provision, Phase::FirmwareUpdate, Phase::Test, Phase::Allocate, Phase::Reserve, Phase::Cleanup];
+    pub const ALL: [Phase; 7] = [
+        Phase::Setup,
+        Phase::Provision,
+        Phase::FirmwareUpdate,
+        Phase::Test,
+        Phase::Allocate,
+        Phase::Reserve,
+        Phase::Cleanup,
+    ];
     /// The phases before cleanup, in order (cleanup runs whatever happened).
     pub const BEFORE_CLEANUP: [Phase; 6] =
         [Phase::Setup, Phase::Provision, Phase::FirmwareUpdate, Phase::Test, Phase::Allocate, Phase::Reserve];

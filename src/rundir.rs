@@ -260,7 +260,8 @@ impl RunDir {
                 Ok(_) => fs::remove_dir_all(&dest)?,
                 Err(_) => {}
             }
-            fs::rename(&self.path, &dest).or_else(|_| copy_tree(&self.path, &dest).and_then(|_| fs::remove_dir_all(&self.path)))
+            fs::rename(&self.path, &dest)
+                .or_else(|_| copy_tree(&self.path, &dest).and_then(|_| fs::remove_dir_all(&self.path)))
         });
         match moved {
             Ok(()) => log::info!("job {job_id}: kept in {} for a later delivery", dest.display()),
@@ -312,7 +313,8 @@ impl RunDir {
     }
 
     fn needed_for_delivery(&self, name: &str) -> bool {
-        const FILES: [&str; 7] = [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT, RECOVERY_ATTEMPTS];
+        const FILES: [&str; 7] =
+            [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT, RECOVERY_ATTEMPTS];
         let is = |path: PathBuf| path.file_name().is_some_and(|n| n == name);
         FILES.contains(&name)
             || Phase::ALL.into_iter().any(|p| is(self.log(p, LogKind::Output)) || is(self.log(p, LogKind::Serial)))
@@ -380,7 +382,9 @@ mod tests {
         assert_eq!(dir.statuses(), [(Phase::Setup, 0), (Phase::Test, 1)]);
         dir.append_to_log(Phase::Test, "out\n").unwrap();
         assert!(dir.has_log(Phase::Test) && !dir.has_log(Phase::Cleanup));
-        for raw in [dir.serial_raw(Phase::Test), dir.log(Phase::Test, LogKind::Serial), dir.path().join(DEVICE_INFO_FILE)] {
+        for raw in
+            [dir.serial_raw(Phase::Test), dir.log(Phase::Test, LogKind::Serial), dir.path().join(DEVICE_INFO_FILE)]
+        {
             fs::write(raw, "x").unwrap();
         }
         fs::create_dir_all(dir.artifacts()).unwrap();
@@ -389,9 +393,19 @@ mod tests {
 
         dir.keep(&results, "job1");
         let kept = RunDir::of(&results, "job1");
-        let mut names: Vec<_> = fs::read_dir(kept.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        let mut names: Vec<_> =
+            fs::read_dir(kept.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(names, [".delivery-state.json", ".test-serial.masked.log", "test.log", "testflinger-outcome.json", "testflinger.json"]);
+        assert_eq!(
+            names,
+            [
+                ".delivery-state.json",
+                ".test-serial.masked.log",
+                "test.log",
+                "testflinger-outcome.json",
+                "testflinger.json"
+            ]
+        );
         assert!(kept.load_state().cancelled);
         assert_eq!(kept.recovery_attempts(), 0);
         kept.set_recovery_attempts(2).unwrap();

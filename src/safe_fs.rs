@@ -384,13 +384,19 @@ mod tests {
         let group = dir.join("group");
         fs::create_dir(&group).unwrap();
         fs::set_permissions(&group, fs::Permissions::from_mode(0o775)).unwrap();
-        for (parent, fault) in [(&theirs, "owned by uid 65534 (mode 0755)"), (&open, "mode 0777"), (&group, "mode 0775")] {
+        for (parent, fault) in
+            [(&theirs, "owned by uid 65534 (mode 0755)"), (&open, "mode 0777"), (&group, "mode 0775")]
+        {
             for base in [parent.join("run"), parent.join("a/b/run")] {
                 let e = ensure_base_dir(&base, PRIVATE_DIR).expect_err("refused");
                 let e = e.to_string();
                 assert!(e.starts_with(&format!("refusing {}: {fault}", parent.display())), "{e}");
                 assert!(e.ends_with(&format!("it leads to {}", base.display())), "{e}");
-                assert!(!parent.join("run").exists() && !parent.join("a").exists(), "nothing made under {}", parent.display());
+                assert!(
+                    !parent.join("run").exists() && !parent.join("a").exists(),
+                    "nothing made under {}",
+                    parent.display()
+                );
             }
         }
         // The same, reached through a link of ours: judged where it leads.
@@ -408,7 +414,13 @@ mod tests {
         fs::create_dir(&base).unwrap();
         chown(&base, OTHER);
         let e = ensure_base_dir(&base, PRIVATE_DIR).unwrap_err().to_string();
-        assert_eq!(e, format!("refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0)", base.display()));
+        assert_eq!(
+            e,
+            format!(
+                "refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0)",
+                base.display()
+            )
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -427,7 +439,10 @@ mod tests {
             create_truncate(&log, PRIVATE_FILE).map(drop).unwrap_err(),
             read_own(&log).map(drop).unwrap_err(),
         ] {
-            assert_eq!(e.to_string(), format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", log.display()));
+            assert_eq!(
+                e.to_string(),
+                format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", log.display())
+            );
         }
         assert_eq!(fs::read_to_string(&log).unwrap(), "theirs\n");
         chown(&log, 0);

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::mask::Masker;
-use crate::output::LiveStream;
 use crate::outbound::JobSecrets;
+use crate::output::LiveStream;
 use crate::phase::{LogKind, Phase};
 use crate::rundir::RunDir;
 use crate::safe_fs;
@@ -116,7 +116,11 @@ impl SerialTail {
         }
         if self.raw.is_none() {
             // O_NONBLOCK: a FIFO there must not hold the agent.
-            let raw = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(&self.raw_path) {
+            let raw = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&self.raw_path)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(e),
@@ -130,7 +134,10 @@ impl SerialTail {
             // SAFETY: geteuid(2) cannot fail and has no side effects.
             let me = unsafe { libc::geteuid() };
             if std::os::unix::fs::MetadataExt::uid(&meta) != me {
-                return Err(io::Error::other(format!("owned by uid {}, not by this agent's user (uid {me}); not sent", std::os::unix::fs::MetadataExt::uid(&meta))));
+                return Err(io::Error::other(format!(
+                    "owned by uid {}, not by this agent's user (uid {me}); not sent",
+                    std::os::unix::fs::MetadataExt::uid(&meta)
+                )));
             }
             self.out = Some(safe_fs::open_append(&self.masked_path, safe_fs::PRIVATE_FILE)?);
             self.raw = Some(raw);

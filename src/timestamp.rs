@@ -22,7 +22,8 @@ pub(crate) fn parse_iso8601(s: &str) -> Option<SystemTime> {
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if s.get(4..5)? != "-" || !matches!(s.get(10..11)?, "T" | " ") || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+    if s.get(4..5)? != "-" || !matches!(s.get(10..11)?, "T" | " ") || !(1..=12).contains(&mo) || !(1..=31).contains(&d)
+    {
         return None;
     }
     let rest = s.get(19..)?;

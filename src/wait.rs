@@ -94,7 +94,8 @@ pub(crate) fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: 
             until = until.min(crate::deadline::after(now, Duration::from_millis(100)));
         }
         // Rounded up: a timeout truncated to 0 ms would spin until the deadline.
-        let timeout = i32::try_from(until.saturating_duration_since(now).as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
+        let timeout =
+            i32::try_from(until.saturating_duration_since(now).as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
         // SAFETY: `fds` is a valid array of pollfd for the call's duration.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n <= 0 {

@@ -64,7 +64,12 @@ impl<W: Write> PaxWriter<W> {
     pub(super) fn append(&mut self, m: &Member, data: &mut dyn Read) -> io::Result<()> {
         let (records, fields) = extended_records(m);
         if !records.is_empty() {
-            let pax = header(&Fields { name: b"././@PaxHeader", kind: EXTENDED, size: records.len() as u64, ..Fields::default() });
+            let pax = header(&Fields {
+                name: b"././@PaxHeader",
+                kind: EXTENDED,
+                size: records.len() as u64,
+                ..Fields::default()
+            });
             self.write(&pax)?;
             self.write(&records)?;
             self.pad()?;

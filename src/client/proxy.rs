@@ -23,7 +23,9 @@ impl Proxy {
         let value = value.trim();
         let rest = match value.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) => return Err(format!("proxy {value:?}: only http:// proxies are supported, not {scheme}://")),
+            Some((scheme, _)) => {
+                return Err(format!("proxy {value:?}: only http:// proxies are supported, not {scheme}://"));
+            }
             None => value,
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -66,7 +68,9 @@ impl Proxies {
 
     pub(super) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Proxies {
         let var = |name: &str| {
-            [name.to_string(), name.to_ascii_uppercase()].into_iter().find_map(|k| get(&k).filter(|v| !v.trim().is_empty()))
+            [name.to_string(), name.to_ascii_uppercase()]
+                .into_iter()
+                .find_map(|k| get(&k).filter(|v| !v.trim().is_empty()))
         };
         let all = var("all_proxy");
         Proxies {
@@ -206,7 +210,14 @@ mod tests {
     #[test]
     fn no_proxy_matches_hosts_domains_networks_and_ports() {
         let p = env(&[("http_proxy", "p:1"), ("no_proxy", "localhost, .lab.example,10.0.0.0/8,tf.example:8000,[::1]")]);
-        for direct in ["http://localhost/", "http://a.lab.example/", "http://lab.example/", "http://10.1.2.3/", "http://tf.example:8000/", "http://[::1]:5/"] {
+        for direct in [
+            "http://localhost/",
+            "http://a.lab.example/",
+            "http://lab.example/",
+            "http://10.1.2.3/",
+            "http://tf.example:8000/",
+            "http://[::1]:5/",
+        ] {
             assert_eq!(proxy_for(&p, direct), None, "{direct}");
         }
         for proxied in ["http://xlab.example/", "http://11.0.0.1/", "http://tf.example:8001/", "http://example/"] {

@@ -212,7 +212,9 @@ mod tests {
     fn fragments(bytes: &[u8], max_body: u64) -> (Vec<Vec<u8>>, String) {
         let (f, path) = file_with(bytes);
         let (mut pos, mut bodies, mut data) = (0u64, Vec::new(), String::new());
-        while let Some(p) = plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body, &mut || {}).unwrap() {
+        while let Some(p) =
+            plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body, &mut || {}).unwrap()
+        {
             let mut body = Vec::new();
             write(&f, &p, &mut body).unwrap();
             assert_eq!(body.len() as u64, p.len, "announced length is exact");

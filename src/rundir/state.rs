@@ -102,7 +102,12 @@ mod tests {
     fn round_trips_and_ignores_what_it_does_not_know() {
         let state = DeliveryState {
             fragments: Fragments { output: 7, serial: 2 },
-            pending: vec![PendingStream { kind: LogKind::Serial, phase: Phase::Test, sent: 10, inflight_end: Some(20) }],
+            pending: vec![PendingStream {
+                kind: LogKind::Serial,
+                phase: Phase::Test,
+                sent: 10,
+                inflight_end: Some(20),
+            }],
             events: Some(Json::object().with("events", Json::Array(vec![]))),
             cancelled: true,
         };
@@ -112,6 +117,9 @@ mod tests {
         let odd = Json::parse(r#"{"output_next":-4,"pending":[{"kind":"stderr","phase":"test","sent":1},{"kind":"output","phase":"test","sent":3}]}"#).unwrap();
         let back = DeliveryState::from_json(&odd);
         assert_eq!(back.fragments, Fragments::default());
-        assert_eq!(back.pending, [PendingStream { kind: LogKind::Output, phase: Phase::Test, sent: 3, inflight_end: None }]);
+        assert_eq!(
+            back.pending,
+            [PendingStream { kind: LogKind::Output, phase: Phase::Test, sent: 3, inflight_end: None }]
+        );
     }
 }

@@ -25,7 +25,8 @@ pub fn become_subreaper() -> std::io::Result<()> {
 /// `pre_exec` of `run` still covers Linux ≥ 5.11 and nothing else).
 pub fn cloexec_inherited_fds() {
     let Ok(dir) = fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    let fds: Vec<i32> =
+        dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
     for fd in fds {
         // SAFETY: fcntl on a descriptor number; EBADF (the directory's own,
         // closed by now) is harmless.
@@ -120,4 +121,3 @@ fn descendants(root: i32) -> Vec<i32> {
     found.remove(0);
     found
 }
-
