@@ -34,8 +34,10 @@ fn main() {
     // A new commit or checkout changes HEAD or the ref it points to.
     let in_git = Path::new(".git").exists();
     if in_git {
-        for p in [git(&["rev-parse", "--git-path", "HEAD"]), git(&["rev-parse", "--symbolic-full-name", "HEAD"])
-            .and_then(|r| git(&["rev-parse", "--git-path", &r]))]
+        for p in [
+            git(&["rev-parse", "--git-path", "HEAD"]),
+            git(&["rev-parse", "--symbolic-full-name", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])),
+        ]
         .into_iter()
         .flatten()
         {

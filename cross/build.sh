@@ -13,7 +13,8 @@
 # linker, zig's own musl CRT and libc (-C link-self-contained=no). The Rust
 # standard library is rustup's where rustup has it for the target (stable
 # toolchain), else built from source: `cargo +nightly zigbuild
-# -Zbuild-std=std,panic_abort` (armv7, armv6 and riscv64 here).
+# -Zbuild-std=std,panic_abort` (always for armv7, armv6 and riscv64:
+# BUILD_STD_TARGETS in cross/targets.sh; TF_NIGHTLY names a dated nightly).
 #
 # Every binary carries its dependency list (cargo auditable: a .dep-v0
 # section, zlib-compressed JSON) for `cargo audit bin`, and is reproducible:
@@ -102,8 +103,8 @@ have_std() {   # rustup (stable) has the standard library for $1
 cargo_zig() {
   local t=$1
   local -a tc=() zflags=()
-  if [ "$build_std" = 1 ] || ! have_std "$t"; then
-    tc=(+nightly); zflags=(-Zbuild-std=std,panic_abort)
+  if [ "$build_std" = 1 ] || [[ " ${BUILD_STD_TARGETS[*]} " == *" $t "* ]] || ! have_std "$t"; then
+    tc=("+$NIGHTLY"); zflags=(-Zbuild-std=std,panic_abort)
     how="zig, build-std"
   else
     how="zig, rustup std"

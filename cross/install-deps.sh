@@ -11,12 +11,16 @@
 #   pip     ziglang (zig: C compiler and linker, musl CRT and libc per target)
 #   cargo   cargo-zigbuild, cargo-auditable (--locked; 0.7.3 or later
 #           works under zigbuild)
+#   The versions installed are pinned below (what the README's figures and
+#   the release workflow use); tools already present are left alone.
 #   rustup  rust-src for nightly (build-std), and the rustup musl std for
 #           each target where the mirror has it (x86_64, aarch64 here)
 #   --glibc-static  also Debian's gcc cross compilers and the *-linux-gnu std
 set -euo pipefail
 # shellcheck source=cross/targets.sh
 . "$(dirname "$0")/targets.sh"
+
+ZIG_VERSION=0.17.1 ZIGBUILD_VERSION=0.24.1 AUDITABLE_VERSION=0.7.7
 
 glibc=0
 if [ "${1:-}" = --glibc-static ]; then glibc=1; shift; fi
@@ -65,17 +69,17 @@ fi
 echo "install-deps: $(qemu-aarch64-static --version | head -1)"
 
 if ! command -v python-zig >/dev/null 2>&1 && ! command -v zig >/dev/null 2>&1; then
-  echo "install-deps: pip install ziglang"
-  python3 -m pip install -q ziglang
+  echo "install-deps: pip install ziglang==$ZIG_VERSION"
+  python3 -m pip install -q "ziglang==$ZIG_VERSION"
 fi
 command -v python-zig >/dev/null 2>&1 || command -v zig >/dev/null 2>&1 || python3 -m ziglang version >/dev/null
 if ! command -v cargo-zigbuild >/dev/null 2>&1; then
-  echo "install-deps: cargo install cargo-zigbuild --locked"
-  cargo install -q cargo-zigbuild --locked
+  echo "install-deps: cargo install cargo-zigbuild --locked --version $ZIGBUILD_VERSION"
+  cargo install -q cargo-zigbuild --locked --version "$ZIGBUILD_VERSION"
 fi
 if ! command -v cargo-auditable >/dev/null 2>&1; then
-  echo "install-deps: cargo install cargo-auditable --locked"
-  cargo install -q cargo-auditable --locked
+  echo "install-deps: cargo install cargo-auditable --locked --version $AUDITABLE_VERSION"
+  cargo install -q cargo-auditable --locked --version "$AUDITABLE_VERSION"
 fi
 echo "install-deps: zig $(python3 -m ziglang version 2>/dev/null || zig version), $(cargo-zigbuild --version 2>/dev/null || cargo zigbuild --version)"
 
@@ -87,11 +91,18 @@ for t in "${targets[@]}"; do
     echo "install-deps: no rustup std for $t on this mirror: build.sh builds it from source (nightly build-std)"
     need_src=1
   fi
+  if [[ " ${BUILD_STD_TARGETS[*]} " == *" $t "* ]]; then need_src=1; fi
   if [ "$glibc" = 1 ] && fb=$(fallback_of "$t") && [ -n "$fb" ]; then
     rustup target add "$fb" >/dev/null
   fi
 done
 if [ "$need_src" = 1 ]; then
-  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
-    || { echo "install-deps: rustup component add rust-src --toolchain nightly"; rustup component add rust-src --toolchain nightly; }
+  # component add, not toolchain install: an installed "nightly" is not updated.
+  if rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1; then
+    rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src' \
+      || { echo "install-deps: rustup component add rust-src --toolchain $NIGHTLY"; rustup component add rust-src --toolchain "$NIGHTLY"; }
+  else
+    echo "install-deps: rustup toolchain install $NIGHTLY --component rust-src"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+  fi
 fi

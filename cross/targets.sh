@@ -6,6 +6,14 @@ RELEASE_TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl
                  armv7-unknown-linux-musleabihf arm-unknown-linux-musleabihf
                  riscv64gc-unknown-linux-musl)
 
+# Targets whose standard library build.sh always builds from source (nightly
+# -Zbuild-std), even where rustup has it: the mirror here has none for them,
+# and a CI runner that has one must still build the same bytes.
+BUILD_STD_TARGETS=(armv7-unknown-linux-musleabihf arm-unknown-linux-musleabihf
+                   riscv64gc-unknown-linux-musl)
+# The nightly for build-std: a dated one (CI) makes the build repeatable.
+NIGHTLY=${TF_NIGHTLY:-nightly}
+
 # Size budgets in bytes for a stripped release binary, every target.
 BUDGET_TLS=3000000
 BUDGET_PLAIN=1500000

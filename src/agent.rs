@@ -98,6 +98,15 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Posts the agent's data; one the server took counts for the heartbeat.
+    fn post_data(&mut self, data: &Json) -> Result<(), ClientError> {
+        let posted = self.client.post_agent_data(data);
+        if posted.is_ok() {
+            self.last_post = Instant::now();
+        }
+        posted
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_secs_f64(self.config.polling_interval)
     }
@@ -110,7 +119,8 @@ impl<'a> Agent<'a> {
         // Full jitter: a fleet that lost the server together must not
         // come back together at each doubling.
         let first = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut backoff = Backoff::new(Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_millis(100) }));
+        let mut backoff =
+            Backoff::new(Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_millis(100) }));
         loop {
             if signals::interrupted() {
                 return true;
@@ -145,7 +155,11 @@ impl<'a> Agent<'a> {
                 log::debug!("server still not reachable ({reason}), retrying in {}", human::duration(wait));
             }
             if self.once && started.elapsed().saturating_add(wait) > give_up_after {
-                log::error!("--once: server {} not reachable for {}; giving up", self.client.base_url(), human::duration(started.elapsed()));
+                log::error!(
+                    "--once: server {} not reachable for {}; giving up",
+                    self.client.base_url(),
+                    human::duration(started.elapsed())
+                );
                 return false;
             }
             self.client.before_wait(wait);
@@ -157,8 +171,8 @@ impl<'a> Agent<'a> {
         let c = self.config;
         // No `job_id` here (upstream posts none at start-up): a job left
         // by a killed agent is resumed by `recovery`, which clears it after.
-        let mut data = Json::object()
-            .with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
+        let mut data =
+            Json::object().with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
         // As upstream: location and provision_type always ("" when unset),
         // identifier only when set.
         data.set("location", Json::str(c.location.as_deref().unwrap_or("")));
@@ -176,8 +190,8 @@ impl<'a> Agent<'a> {
             Ok(_) => AgentState::Waiting.set_in(&mut data, ""),
             Err(e) => self.owe_waiting(&e),
         }
-        match self.client.post_agent_data(&data) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&data) {
+            Ok(()) => {}
             Err(e) if e.is_stop() => return,
             Err(e) => log::error!("cannot post agent data: {e}"),
         }
@@ -276,8 +290,8 @@ impl<'a> Agent<'a> {
         }
         if let Some(comment) = self.disk_comment_unposted.take() {
             let data = AgentState::Waiting.post(&comment);
-            match self.client.post_agent_data(&data) {
-                Ok(()) => self.last_post = Instant::now(),
+            match self.post_data(&data) {
+                Ok(()) => {}
                 Err(e) => {
                     log::debug!("cannot post the disk state yet: {e}");
                     self.disk_comment_unposted = Some(comment);
@@ -306,11 +320,8 @@ impl<'a> Agent<'a> {
             self.waiting_unposted = false;
             return;
         }
-        match self.client.post_agent_data(&AgentState::Waiting.post("")) {
-            Ok(()) => {
-                self.waiting_unposted = false;
-                self.last_post = Instant::now();
-            }
+        match self.post_data(&AgentState::Waiting.post("")) {
+            Ok(()) => self.waiting_unposted = false,
             Err(e) => log::warn!("cannot post the waiting state yet: {e}"),
         }
     }
@@ -333,8 +344,8 @@ impl<'a> Agent<'a> {
         let state = if state.as_str().is_empty() { &AgentState::Waiting } else { state };
         log::info!("heartbeat: re-posting state {state}");
         // The comment goes along, or an operator's reason would be wiped.
-        match self.client.post_agent_data(&state.post(comment)) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&state.post(comment)) {
+            Ok(()) => {}
             Err(e) if e.is_stop() => {}
             Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
@@ -349,14 +360,18 @@ impl<'a> Agent<'a> {
             if !restart {
                 return None;
             }
-        } else if delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir) {
+        } else if delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir)
+        {
             self.kept.succeeded();
         } else {
             if signals::interrupted() {
                 return Some(Exit::Stopped);
             }
             let wait = self.kept.failed(Instant::now());
-            log::warn!("earlier outcomes are still undelivered; not taking a job; trying again in {}", human::duration(wait));
+            log::warn!(
+                "earlier outcomes are still undelivered; not taking a job; trying again in {}",
+                human::duration(wait)
+            );
             notify::status("earlier outcomes undelivered; not taking jobs");
             if !restart {
                 return None;
@@ -375,14 +390,12 @@ impl<'a> Agent<'a> {
         };
         let (state, comment) = AgentState::of(agent_data.as_ref().unwrap_or(&Json::Null));
         if let Some(offline) = self.offline_unposted.take() {
-            if let Err(e) = self.client.post_agent_data(&offline) {
+            if let Err(e) = self.post_data(&offline) {
                 if !e.is_stop() {
                     log::warn!("cannot post the offline state yet: {e}");
                 }
                 self.offline_unposted = Some(offline);
-                return None;
             }
-            self.last_post = Instant::now();
             return None;
         }
         if self.waiting_unposted {
@@ -453,7 +466,8 @@ impl<'a> Agent<'a> {
         if summary.recovery_failed {
             self.recovery_failed = true;
             // Upstream's words exactly: operators search for them.
-            let comment = format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
+            let comment =
+                format!("Set to offline by agent. Recovery failed during job '{}' execution.", summary.job_id);
             AgentState::Offline.set_in(&mut after, &comment);
         } else {
             match self.client.held_state() {
@@ -466,8 +480,8 @@ impl<'a> Agent<'a> {
                 Err(e) => self.owe_waiting(&e),
             }
         }
-        match self.client.post_agent_data(&after) {
-            Ok(()) => self.last_post = Instant::now(),
+        match self.post_data(&after) {
+            Ok(()) => {}
             // The offline state must not be lost, or jobs would keep coming
             // to a device that cannot be recovered.
             Err(e) if summary.recovery_failed => {
@@ -512,9 +526,7 @@ fn kept_schedule(polling_interval: f64) -> Schedule {
 /// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
 /// is a day old, or, when it gives none we can read, our last post is.
 fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
-    let server_age = updated_at
-        .and_then(crate::timestamp::parse_iso8601)
-        .and_then(|t| now.duration_since(t).ok());
+    let server_age = updated_at.and_then(crate::timestamp::parse_iso8601).and_then(|t| now.duration_since(t).ok());
     match server_age {
         Some(age) => age >= every,
         None => since_last_post >= every,
@@ -531,17 +543,24 @@ mod tests {
         let s = kept_schedule(10.0);
         let waits: Vec<Duration> = (0..1000).map(|_| s.wait(3)).collect();
         assert!(waits.iter().all(|w| *w >= Duration::from_secs(1) && *w <= Duration::from_secs(40)));
-        assert!(waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35)));
+        assert!(
+            waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35))
+        );
         let beats: Vec<Duration> = (0..1000).map(|_| jitter::early(HEARTBEAT)).collect();
         assert!(beats.iter().all(|b| *b >= HEARTBEAT.mul_f64(0.8) && *b <= HEARTBEAT));
-        assert!(beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95)));
+        assert!(
+            beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95))
+        );
     }
 
     #[test]
     fn heartbeat_once_a_day() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
         let hour = Duration::from_secs(3600);
-        assert!(!heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT), "server heard from us 2 h ago");
+        assert!(
+            !heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT),
+            "server heard from us 2 h ago"
+        );
         assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now, HEARTBEAT), "26 h ago");
         assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now, HEARTBEAT), "space separator, no zone");
         assert!(!heartbeat_due(None, hour, now, HEARTBEAT));

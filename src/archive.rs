@@ -37,7 +37,7 @@ const SAMPLE: usize = 32 * 1024;
 const INCOMPRESSIBLE_ENTROPY: f64 = 7.9;
 
 #[derive(Debug)]
-pub struct ArchiveError {
+pub(crate) struct ArchiveError {
     pub path: PathBuf,
     pub reason: io::Error,
 }
@@ -51,7 +51,7 @@ impl std::fmt::Display for ArchiveError {
 impl std::error::Error for ArchiveError {}
 
 /// True when `dir` exists and holds at least one entry.
-pub fn has_content(dir: &Path) -> bool {
+pub(crate) fn has_content(dir: &Path) -> bool {
     fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false)
 }
 
@@ -64,7 +64,7 @@ pub fn has_content(dir: &Path) -> bool {
 /// writing `dest` (disk full) fails the whole archive. With `mask`
 /// (`mask_artifacts: true`), text files are packed with the job's secrets
 /// masked. `dest` is created new, never through a link.
-pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Result<u64, ArchiveError> {
+pub(crate) fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Result<u64, ArchiveError> {
     let werr = |e: io::Error| ArchiveError { path: dest.to_path_buf(), reason: e };
     let started = Instant::now();
     // A leftover of an earlier attempt; remove_file never follows a link.
@@ -106,7 +106,7 @@ pub fn pack_artifacts(src: &Path, dest: &Path, mask: Option<&JobSecrets>) -> Res
 /// switches between two compressors, resetting the one switched to. The
 /// result is one ordinary gzip member any gunzip reads. Memory: two
 /// compressors (about 300 KiB each in miniz_oxide) and two buffers.
-pub struct AdaptiveGz<W: Write> {
+pub(crate) struct AdaptiveGz<W: Write> {
     out: W,
     /// Level [`TEXT_LEVEL`] and level 0 (stored blocks).
     deflate: Compress,
@@ -121,7 +121,7 @@ pub struct AdaptiveGz<W: Write> {
 }
 
 impl<W: Write> AdaptiveGz<W> {
-    pub fn new(mut out: W) -> io::Result<AdaptiveGz<W>> {
+    pub(crate) fn new(mut out: W) -> io::Result<AdaptiveGz<W>> {
         // Magic, deflate, no flags, no mtime, no extra flags, OS = Unix.
         out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])?;
         Ok(AdaptiveGz {
@@ -147,7 +147,11 @@ impl<W: Write> AdaptiveGz<W> {
             if let Some(was) = self.current {
                 self.run(was, None, FlushCompress::Sync)?;
             }
-            if store { self.store.reset() } else { self.deflate.reset() }
+            if store {
+                self.store.reset()
+            } else {
+                self.deflate.reset()
+            }
             self.current = Some(store);
         }
         let block = std::mem::take(&mut self.block);
@@ -190,7 +194,7 @@ impl<W: Write> AdaptiveGz<W> {
     }
 
     /// Ends the stream (last block, CRC, length) and returns the writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.flush_block()?;
         let last = self.current.unwrap_or(false);
         if self.current.is_none() {
@@ -230,10 +234,14 @@ fn looks_incompressible(sample: &[u8]) -> bool {
         counts[b as usize] += 1;
     }
     let n = sample.len() as f64;
-    let entropy: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = f64::from(c) / n;
-        -p * p.log2()
-    }).sum();
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
     entropy > INCOMPRESSIBLE_ENTROPY
 }
 
@@ -251,7 +259,14 @@ impl Packing {
     /// A member for `meta` as Python's `tarfile` (upstream's packer) makes
     /// it: the permission bits (`0o755`, not `0o40755`), the owner's user
     /// and group names, the time to the nanosecond.
-    fn member<'a>(&'a mut self, name: &'a [u8], kind: u8, meta: &Metadata, size: u64, link: &'a [u8]) -> pax::Member<'a> {
+    fn member<'a>(
+        &'a mut self,
+        name: &'a [u8],
+        kind: u8,
+        meta: &Metadata,
+        size: u64,
+        link: &'a [u8],
+    ) -> pax::Member<'a> {
         let (uid, gid) = (meta.uid(), meta.gid());
         if !self.users.iter().any(|(id, _)| *id == uid) {
             self.users.push((uid, user_name(uid)));
@@ -376,7 +391,10 @@ fn add_dir<W: Write>(
     // link, as tarfile stores it, never followed into what it points at.
     if meta.file_type().is_symlink() {
         let target = fs::read_link(dir).map(|t| masked_name(t.as_os_str(), mask)).unwrap_or_default();
-        tar.append(&packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()), &mut io::empty())?;
+        tar.append(
+            &packing.member(name.as_os_str().as_bytes(), pax::SYMLINK, &meta, 0, target.as_bytes()),
+            &mut io::empty(),
+        )?;
         packing.files += 1;
         return Ok(());
     }

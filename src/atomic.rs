@@ -10,14 +10,14 @@ use crate::safe_fs;
 /// reader (node_exporter's textfile collector, which reads only `*.prom`;
 /// the agent after a crash) never sees a half-written file.
 /// The file is private (0600); see [`write_atomic_mode`].
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     write_atomic_mode(path, data, safe_fs::PRIVATE_FILE)
 }
 
 /// [`write_atomic`] with the file's mode. The temporary is created new and
 /// never through a link; the rename replaces a link at `path`, never
 /// writes through it.
-pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     // A leftover of an earlier agent with the same pid (or a planted link).

@@ -30,9 +30,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::client::ClientError;
-use crate::server::Server;
 use crate::phase::Phase;
 use crate::rundir::RunDir;
+use crate::server::Server;
 
 /// Long names, long link names and pax records above this are refused.
 const RECORD_MAX: u64 = 64 * 1024;
@@ -119,7 +119,8 @@ pub fn unpack(archive: &Path, dest: &Path, limits: Limits) -> Result<Unpacked, U
     // Raw entries: long names and pax records come to us with their size,
     // instead of being read whole into memory by the tar crate.
     let entries = ar.entries().map_err(corrupt)?.raw(true);
-    let mut u = Unpacker { dest, limits, seen: 0, done: Unpacked::default(), long_name: None, long_link: None, pax: None };
+    let mut u =
+        Unpacker { dest, limits, seen: 0, done: Unpacked::default(), long_name: None, long_link: None, pax: None };
     for entry in entries {
         let entry = entry.map_err(corrupt)?;
         u.entry(entry)?;
@@ -170,7 +171,8 @@ impl Unpacker<'_> {
         }
         let (pax_path, pax_link) = self.pax.take().unwrap_or((None, None));
         let name_bytes = self.long_name.take().or(pax_path).unwrap_or_else(|| entry.header().path_bytes().into_owned());
-        let link_bytes = self.long_link.take().or(pax_link).or_else(|| entry.header().link_name_bytes().map(|l| l.into_owned()));
+        let link_bytes =
+            self.long_link.take().or(pax_link).or_else(|| entry.header().link_name_bytes().map(|l| l.into_owned()));
         let name = String::from_utf8_lossy(trim_nul(&name_bytes)).into_owned();
         let refuse = |why: &str| UnpackError::Refused { member: name.clone(), why: why.to_string() };
 
@@ -200,7 +202,8 @@ impl Unpacker<'_> {
                 let path = self.make_parents(&rel, &name)?;
                 self.clear(&path, &name)?;
                 // New, not through a link, in the directory checked (safe_fs).
-                let mut out = crate::safe_fs::create_new(&path, (mode & 0o755) | 0o600).map_err(|e| self.write_err(&path, e))?;
+                let mut out =
+                    crate::safe_fs::create_new(&path, (mode & 0o755) | 0o600).map_err(|e| self.write_err(&path, e))?;
                 let copied = copy(&mut entry, &mut out).map_err(|e| match e {
                     CopyError::Read(e) => UnpackError::Corrupt { reason: format!("{name:?}: {e}") },
                     CopyError::Write(e) => self.write_err(&path, e),
@@ -224,8 +227,11 @@ impl Unpacker<'_> {
             }
             tar::EntryType::Link => {
                 let target = link_bytes.ok_or_else(|| refuse("a hard link without a target"))?;
-                let target_rel = member_path(trim_nul(&target)).map_err(|why| refuse(&format!("hard link target: {why}")))?;
-                let source = self.make_parents_checked(&target_rel).ok_or_else(|| refuse("hard link target is not inside the attachments"))?;
+                let target_rel =
+                    member_path(trim_nul(&target)).map_err(|why| refuse(&format!("hard link target: {why}")))?;
+                let source = self
+                    .make_parents_checked(&target_rel)
+                    .ok_or_else(|| refuse("hard link target is not inside the attachments"))?;
                 match fs::symlink_metadata(&source) {
                     Ok(m) if m.is_file() => {}
                     _ => return Err(refuse("hard link target is not a file unpacked before it")),
@@ -335,7 +341,10 @@ fn parse_pax(record: &[u8], name: &str) -> Result<PaxPaths, UnpackError> {
             b"path" => path = Some(ext.value_bytes().to_vec()),
             b"linkpath" => link = Some(ext.value_bytes().to_vec()),
             b"size" | b"GNU.sparse.size" | b"GNU.sparse.map" | b"GNU.sparse.major" => {
-                return Err(UnpackError::Refused { member: name.to_string(), why: "pax sizes and sparse maps are not accepted".into() });
+                return Err(UnpackError::Refused {
+                    member: name.to_string(),
+                    why: "pax sizes and sparse maps are not accepted".into(),
+                });
             }
             _ => {}
         }

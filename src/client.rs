@@ -30,10 +30,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::json::Json;
-use crate::retry::{Backoff, Outage, Retry, OUTAGE_HOLD};
+use crate::retry::{Backoff, OUTAGE_HOLD, Outage, Retry};
 use crate::states::{AgentState, JobState};
 
-pub use error::{unreachable_kind, unreachable_text, Answer, ClientError};
+pub use error::{Answer, ClientError, unreachable_kind, unreachable_text};
 use error::{is_retryable, net_reason};
 pub use transport::{BodyWriter, Idle};
 use transport::{Failure, Keep, Net, Payload, Reply};
@@ -123,7 +123,15 @@ impl Client {
     }
 
     /// One JSON (or empty) exchange, no retries.
-    fn send_once(&self, method: &str, url: &str, body: Option<&[u8]>, cap: usize, auth: bool, timeout: Duration) -> Result<Answer, ClientError> {
+    fn send_once(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&[u8]>,
+        cap: usize,
+        auth: bool,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
         let payload = match body {
             Some(bytes) => Payload::Bytes { content_type: "application/json", bytes },
             None => Payload::None,
@@ -145,7 +153,8 @@ impl Client {
         mut idle: Option<&mut Idle>,
         auth: bool,
     ) -> Result<Reply, ClientError> {
-        let origin = Url::parse(url).map_err(|e| ClientError::Connection { url: url.to_string(), reason: e.to_string() })?;
+        let origin =
+            Url::parse(url).map_err(|e| ClientError::Connection { url: url.to_string(), reason: e.to_string() })?;
         let headers = self.headers(auth);
         let mut target = origin.clone();
         let mut method = method;
@@ -165,7 +174,10 @@ impl Client {
             };
             let reply = transport::exchange(&self.net, request).map_err(|f| match f {
                 Failure::Net(e) => ClientError::Connection { url: target.to_string(), reason: net_reason(&e, timeout) },
-                Failure::TooLarge(limit) => ClientError::TooLarge { url: target.to_string(), limit: usize::try_from(limit).unwrap_or(usize::MAX) },
+                Failure::TooLarge(limit) => ClientError::TooLarge {
+                    url: target.to_string(),
+                    limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                },
                 Failure::Local(path, e) => ClientError::Local { path, reason: net_reason(&e, timeout) },
                 Failure::Stopped { request_sent } => ClientError::Stopped { url: target.to_string(), request_sent },
             })?;
@@ -175,7 +187,9 @@ impl Client {
                 _ => return Ok(reply),
             };
             let refuse = |why: String| {
-                log::error!("{method} {target}: HTTP {status} redirect refused: {why}; the token, cookie and body were not sent there");
+                log::error!(
+                    "{method} {target}: HTTP {status} redirect refused: {why}; the token, cookie and body were not sent there"
+                );
                 Err(ClientError::Status { url: target.to_string(), status, body: format!("redirect refused: {why}") })
             };
             let next = match target.join(location) {
@@ -183,8 +197,13 @@ impl Client {
                 Err(e) => return refuse(e.to_string()),
             };
             if !origin.same_origin(&next) {
-                let why = if origin.https && !next.https { "a downgrade from https to http" } else { "on another origin" };
-                return refuse(format!("{next} is {why} (the server is {}://{})", origin.scheme(), origin.host_header()));
+                let why =
+                    if origin.https && !next.https { "a downgrade from https to http" } else { "on another origin" };
+                return refuse(format!(
+                    "{next} is {why} (the server is {}://{})",
+                    origin.scheme(),
+                    origin.host_header()
+                ));
             }
             if hop == MAX_REDIRECTS {
                 return refuse(format!("more than {MAX_REDIRECTS} redirects"));
@@ -205,7 +224,14 @@ impl Client {
     }
 
     /// One call with auth, the 401 refresh-and-replay, and retries.
-    fn call(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize, retry: Retry) -> Result<Answer, ClientError> {
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Json>,
+        cap: usize,
+        retry: Retry,
+    ) -> Result<Answer, ClientError> {
         let url = self.url(path);
         let body_text = body.map(|b| b.to_string_compact());
         let body = body_text.as_deref().map(str::as_bytes);
@@ -265,7 +291,11 @@ impl Client {
                     continue;
                 }
                 Ok(a) if is_retryable(a.status) && attempt < retry.attempts => {
-                    log::warn!("{method} {url}: HTTP {} (attempt {attempt}), retrying in {}", a.status, crate::human::duration(backoff));
+                    log::warn!(
+                        "{method} {url}: HTTP {} (attempt {attempt}), retrying in {}",
+                        a.status,
+                        crate::human::duration(backoff)
+                    );
                 }
                 Err(e @ ClientError::Connection { .. }) if attempt < retry.attempts => {
                     log::warn!("{method} {e} (attempt {attempt}), retrying in {}", crate::human::duration(backoff));
@@ -290,13 +320,22 @@ impl Client {
                 crate::retry::OUTAGE_AFTER.as_secs(),
                 hold.as_secs_f64()
             ),
-            Some((hold, false)) => log::debug!("server {} still failing: requests held back for {:.1} s", self.base, hold.as_secs_f64()),
+            Some((hold, false)) => {
+                log::debug!("server {} still failing: requests held back for {:.1} s", self.base, hold.as_secs_f64())
+            }
             None => {}
         }
     }
 
     /// A call whose only success is a 2xx; anything else becomes an error.
-    fn call_ok(&mut self, method: &str, path: &str, body: Option<&Json>, cap: usize, retry: Retry) -> Result<Answer, ClientError> {
+    fn call_ok(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Json>,
+        cap: usize,
+        retry: Retry,
+    ) -> Result<Answer, ClientError> {
         self.call(method, path, body, cap, retry)?.ok(&self.url(path))
     }
 
@@ -309,7 +348,10 @@ impl Client {
     pub fn reachability(&self) -> Result<(), String> {
         match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout) {
             // Only a proxy asks for its own credentials: the server was not reached.
-            Ok(a) if a.status == 407 => Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy".into()),
+            Ok(a) if a.status == 407 => {
+                Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy"
+                    .into())
+            }
             Ok(a) if a.status < 500 => Ok(()),
             Ok(a) => Err(format!("HTTP {}", a.status)),
             Err(ClientError::Connection { reason, .. }) => Err(reason),
@@ -388,10 +430,20 @@ impl Client {
     pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<JobState> {
         let url = self.url(&format!("/v1/result/{job_id}"));
         let answer = self.with_retries("GET", &url, retry, &mut |c| {
-            let reply = c.exchange("GET", &url, Payload::None, Keep::Memory(JOB_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
+            let reply = c.exchange(
+                "GET",
+                &url,
+                Payload::None,
+                Keep::Memory(JOB_ANSWER),
+                retry.timeout,
+                idle.as_deref_mut(),
+                true,
+            )?;
             Ok(Answer { status: reply.status, body: reply.body })
         });
-        let result = answer.and_then(|a| a.ok(&url)).and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
+        let result = answer
+            .and_then(|a| a.ok(&url))
+            .and_then(|a| if a.body.is_empty() { Ok(None) } else { a.json(&url).map(Some) });
         match result {
             Ok(Some(r)) => r.get("job_state").and_then(Json::as_str).map(JobState::parse),
             Ok(None) => None,
@@ -448,7 +500,8 @@ impl Client {
         let url = self.url(path);
         let a = self.with_retries("POST", &url, retry, &mut |c| {
             let payload = Payload::Stream { content_type, len, write: &mut *body };
-            let reply = c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
+            let reply =
+                c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
             Ok(Answer { status: reply.status, body: Vec::new() })
         })?;
         if (200..300).contains(&a.status) {
@@ -457,18 +510,26 @@ impl Client {
             Err(ClientError::Status { url, status: a.status, body: String::new() })
         }
     }
-
 }
 
 /// Job ids name directories on disk: allow only what a UUID needs.
 pub fn is_safe_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') && id != "." && id != ".."
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id != "."
+        && id != ".."
 }
 
 fn url_encode(s: &str) -> String {
-    let mut out = String::new();
+    percent_encode(s, |b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
+/// `s` with every byte `keep` refuses written as `%XX`.
+fn percent_encode(s: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+        if keep(b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

@@ -241,8 +241,7 @@ impl Config {
         })?;
         // Parsed a second time as a plain mapping to find the string keys;
         // it parsed above, so this only fails on something very odd.
-        let raw: serde_yaml_ng::Mapping =
-            serde_yaml_ng::from_str(text).map_err(|e| err(None, None, e.to_string()))?;
+        let raw: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(text).map_err(|e| err(None, None, e.to_string()))?;
         config.string_env = phase_env(&raw);
 
         let required = [("agent_id", &config.agent_id), ("server_address", &config.server_address)];
@@ -427,7 +426,9 @@ fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
 /// serde names Rust types (`expected f64`, `integer \`-1\`, expected u64`):
 /// said as what to write in the file instead.
 fn plain_types(reason: &str) -> String {
-    let reason = reason.replace("invalid type: sequence,", "invalid type: a list,").replace("invalid type: map,", "invalid type: a mapping,");
+    let reason = reason
+        .replace("invalid type: sequence,", "invalid type: a list,")
+        .replace("invalid type: map,", "invalid type: a mapping,");
     let Some(at) = reason.rfind("expected ") else { return reason };
     let (head, ty) = reason.split_at(at + "expected ".len());
     let plain = match ty {

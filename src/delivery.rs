@@ -8,14 +8,19 @@ use std::path::Path;
 use crate::client::ClientError;
 use crate::json::Json;
 use crate::output::LiveStream;
-use crate::server::Server;
 use crate::rundir::{self, DeliveryState, PendingStream, RunDir};
+use crate::server::Server;
 use crate::states::JobState;
 
 /// Sends the output the server missed, oldest first, each log from where
 /// it stopped, numbering fragments on from the state's counters; stops at
 /// the first failure. Progress is saved in the run dir after each log.
-pub fn send_pending(server: &mut dyn Server, rundir: &RunDir, job_id: &str, state: &mut DeliveryState) -> Result<(), ClientError> {
+pub(crate) fn send_pending(
+    server: &mut dyn Server,
+    rundir: &RunDir,
+    job_id: &str,
+    state: &mut DeliveryState,
+) -> Result<(), ClientError> {
     while let Some(mut p) = state.pending.first().cloned() {
         let counter = state.fragments.next(p.kind);
         let result = send_rest(&mut p, server, rundir, job_id, counter);
@@ -39,7 +44,13 @@ pub fn send_pending(server: &mut dyn Server, rundir: &RunDir, job_id: &str, stat
 /// Sends the rest of this log (from `sent`) as fragments numbered from
 /// `counter`; `sent` and `inflight_end` record how far it got. A serial
 /// log is sent from its masked copy, never from the connector's file.
-fn send_rest(p: &mut PendingStream, server: &mut dyn Server, rundir: &RunDir, job_id: &str, counter: &mut u64) -> Result<(), ClientError> {
+fn send_rest(
+    p: &mut PendingStream,
+    server: &mut dyn Server,
+    rundir: &RunDir,
+    job_id: &str,
+    counter: &mut u64,
+) -> Result<(), ClientError> {
     let path = rundir.log(p.phase, p.kind);
     let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let mut stream = LiveStream::new(job_id, p.kind, p.phase, &path, p.sent);
@@ -53,7 +64,7 @@ fn send_rest(p: &mut PendingStream, server: &mut dyn Server, rundir: &RunDir, jo
 /// Sends what the server still lacks of the job in `rundir`, in order:
 /// missed output, artifacts, then the outcome. Each step that succeeds is
 /// recorded, so a retry resumes rather than repeats.
-pub fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
+pub(crate) fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result<(), ClientError> {
     let outcome = rundir.outcome().unwrap_or_else(|| Json::object().with("status", Json::object()));
     deliver_with(server, rundir, job_id, rundir.load_state(), outcome)
 }
@@ -61,7 +72,13 @@ pub fn deliver(server: &mut dyn Server, rundir: &RunDir, job_id: &str) -> Result
 /// `deliver`, with the delivery state and the outcome given rather than read
 /// from the run dir: on a full disk the files may be stale or missing, and
 /// what the agent holds in memory is the truth.
-pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut state: DeliveryState, mut outcome: Json) -> Result<(), ClientError> {
+pub(crate) fn deliver_with(
+    server: &mut dyn Server,
+    rundir: &RunDir,
+    job_id: &str,
+    mut state: DeliveryState,
+    mut outcome: Json,
+) -> Result<(), ClientError> {
     send_pending(server, rundir, job_id, &mut state)?;
 
     if let Some(events) = &state.events {
@@ -85,7 +102,9 @@ pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut 
             // outcome, exit codes and output must not wait on it forever.
             Err(e) if e.is_refusal() => {
                 let size = std::fs::metadata(&archive).map(|m| m.len() >> 20).unwrap_or(0);
-                log::error!("job {job_id}: the server refuses the artifacts ({size} MiB), dropped; the outcome goes without them: {e}");
+                log::error!(
+                    "job {job_id}: the server refuses the artifacts ({size} MiB), dropped; the outcome goes without them: {e}"
+                );
             }
             Err(e) => return Err(e),
         }
@@ -104,7 +123,7 @@ pub fn deliver_with(server: &mut dyn Server, rundir: &RunDir, job_id: &str, mut 
 /// true when none is left. A job the server refuses for good (a 4xx other
 /// than 401/408/429: the job is gone, the body is refused) is set aside rather
 /// than blocking every later job.
-pub fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
+pub(crate) fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
     let mut kept = rundir::job_dirs(results_basedir);
     kept.extend(rundir::run_dirs(execution_basedir));
     for (job_id, dir) in kept {
@@ -113,15 +132,15 @@ pub fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_b
                 log::info!("job {job_id}: kept outcome delivered");
                 dir.remove();
             }
-            Err(e) if e.is_refusal() => {
-                match dir.set_aside(results_basedir, &job_id) {
-                    Ok(aside) => log::error!("job {job_id}: the server refuses its outcome ({e}); set aside in {}", aside.display()),
-                    Err(me) => {
-                        log::error!("job {job_id}: the server refuses its outcome ({e}) and it cannot be set aside: {me}");
-                        return false;
-                    }
+            Err(e) if e.is_refusal() => match dir.set_aside(results_basedir, &job_id) {
+                Ok(aside) => {
+                    log::error!("job {job_id}: the server refuses its outcome ({e}); set aside in {}", aside.display())
                 }
-            }
+                Err(me) => {
+                    log::error!("job {job_id}: the server refuses its outcome ({e}) and it cannot be set aside: {me}");
+                    return false;
+                }
+            },
             Err(e) if e.is_stop() => return false,
             Err(e) => {
                 log::warn!("job {job_id}: kept outcome still not delivered: {e}");
@@ -169,7 +188,10 @@ mod tests {
         let mut fake = Fake::new().refusing(|c| matches!(c, Call::Events(..) | Call::Artifact(_)));
         deliver(&mut fake, &dir, "j1").expect("delivered");
         assert_eq!(fake.calls.len(), 3, "events, artifact, outcome: {:?}", fake.calls);
-        assert_eq!(outcome_posted(&fake, "j1").as_deref(), Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"complete"}"#));
+        assert_eq!(
+            outcome_posted(&fake, "j1").as_deref(),
+            Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"complete"}"#)
+        );
         // Not tried again by a later delivery.
         let mut again = Fake::new();
         deliver(&mut again, &dir, "j1").expect("delivered");
@@ -187,7 +209,10 @@ mod tests {
         assert!(deliver_kept(&mut fake, &results, &run), "none left");
         assert!(results.join(".undeliverable").join("ja").is_dir());
         assert!(!results.join("jb").exists());
-        assert_eq!(outcome_posted(&fake, "ja").as_deref(), Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"cancelled"}"#));
+        assert_eq!(
+            outcome_posted(&fake, "ja").as_deref(),
+            Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"cancelled"}"#)
+        );
         assert!(outcome_posted(&fake, "jb").is_some());
         let _ = std::fs::remove_dir_all(&base);
     }

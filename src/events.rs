@@ -15,49 +15,49 @@ use crate::atomic::write_atomic;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::Event;
+use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
-/// After a failed post, events wait this long (doubling per failure, up to
-/// [`MAX_HOLD`]) before the next try: each post carries the whole list, so
-/// the ones in between lose nothing, and a job (skipped phases emit events
-/// too) is not held by a server that refuses them.
-const FIRST_HOLD: Duration = Duration::from_secs(1);
-const MAX_HOLD: Duration = Duration::from_secs(60);
+/// After a failed post, events wait (a second doubling to a minute) before the
+/// next try: each post carries the whole list, so the ones in between lose
+/// nothing, and a job is not held by a server that refuses them. A random
+/// part of the hold: jobs whose posts failed together post again apart.
+const HOLD: Schedule =
+    Schedule::new(Duration::from_secs(1), Duration::from_secs(60), Jitter::Full { floor: Duration::from_millis(500) });
 
 /// The job's events, posted whole each time when the job has a webhook.
-pub struct Events {
+pub(crate) struct Events {
     list: Vec<Json>,
     header: Option<Json>,
     /// The last post failed: the whole list is owed to the server.
     unsent: bool,
     /// Where the list is kept as it grows.
     file: Option<PathBuf>,
-    /// After a failed post: no new try before then, and the current hold.
-    hold_until: Option<Instant>,
-    hold: Duration,
+    /// After a failed post: no new try before the hold is over.
+    hold: Backoff,
 }
 
 impl Events {
     /// Events are posted only when the job has a `webhook`.
-    pub fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
+    pub(crate) fn new(webhook: Option<&str>, job_queue: &str, agent_id: &str) -> Events {
         let header = webhook.map(|w| {
             Json::object()
                 .with("agent_id", Json::str(agent_id))
                 .with("job_queue", Json::str(job_queue))
                 .with("job_status_webhook", Json::str(w))
         });
-        Events { list: Vec::new(), header, unsent: false, file: None, hold_until: None, hold: Duration::ZERO }
+        Events { list: Vec::new(), header, unsent: false, file: None, hold: Backoff::new(HOLD) }
     }
 
     /// Keeps the list in `file` (in the run dir) from now on.
-    pub fn keep_in(&mut self, file: PathBuf) {
+    pub(crate) fn keep_in(&mut self, file: PathBuf) {
         self.file = Some(file);
     }
 
     /// Takes back the list an earlier run of the agent kept in `file`,
     /// and keeps it there from now on.
-    pub fn restore(&mut self, file: PathBuf) {
+    pub(crate) fn restore(&mut self, file: PathBuf) {
         self.keep_in(file);
         let Some(file) = &self.file else { return };
         let Ok(text) = crate::safe_fs::read_own(file) else { return };
@@ -69,7 +69,7 @@ impl Events {
 
     /// `detail` went through the job's secrets: it reaches the agent's
     /// log, `.events.json`, the server and the webhook.
-    pub fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
+    pub(crate) fn emit(&mut self, server: &mut dyn Server, job_id: &str, event: Event, detail: &Masked) {
         let name = event.to_string();
         let detail = detail.as_str();
         if detail.is_empty() {
@@ -89,7 +89,7 @@ impl Events {
                 log::debug!("cannot keep the events in {}: {e}", file.display());
             }
         }
-        if self.hold_until.is_some_and(|t| Instant::now() < t) {
+        if !self.hold.ready(Instant::now()) {
             log::debug!("event {name} held back; the whole list goes with the next post");
             self.unsent = true;
             return;
@@ -98,34 +98,31 @@ impl Events {
         // While holding back after a failure one attempt is enough: the
         // hold is the retry schedule.
         let retry = server.retry();
-        let retry = if self.hold_until.is_some() { crate::retry::Retry::once(retry.timeout) } else { retry };
+        let retry = if self.hold.next().is_some() { Retry::once(retry.timeout) } else { retry };
         match server.post_events(job_id, &body, retry) {
             Ok(()) => {
                 self.unsent = false;
-                self.hold_until = None;
-                self.hold = Duration::ZERO;
+                self.hold.succeeded();
             }
             Err(e) => {
-                self.hold = (self.hold * 2).clamp(FIRST_HOLD, MAX_HOLD);
-                // A random part of the hold: jobs whose posts failed
-                // together (an outage) post again apart.
-                let wait = crate::jitter::full(self.hold, FIRST_HOLD / 2);
+                let wait = self.hold.failed(Instant::now());
                 if !e.is_stop() {
-                    log::warn!("event {name} not posted, holding events back for {}: {e}", crate::human::duration(wait));
+                    log::warn!(
+                        "event {name} not posted, holding events back for {}: {e}",
+                        crate::human::duration(wait)
+                    );
                 }
-                self.hold_until = Some(crate::deadline::from_now(wait));
                 self.unsent = true;
             }
         }
     }
 
     /// The whole events body, when the server has not had all of it yet.
-    pub fn owed(&self) -> Option<Json> {
+    pub(crate) fn owed(&self) -> Option<Json> {
         let header = self.header.as_ref().filter(|_| self.unsent)?;
         Some(header.clone().with("events", Json::Array(self.list.clone())))
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -156,7 +153,10 @@ mod tests {
         let Some(Call::Events(job, body)) = fake.calls.last() else { panic!("{:?}", fake.calls) };
         assert_eq!(job, "j");
         assert_eq!(body.get("job_status_webhook").and_then(Json::as_str), Some("http://hook"));
-        assert_eq!((body.get("agent_id").and_then(Json::as_str), body.get("job_queue").and_then(Json::as_str)), (Some("a"), Some("q")));
+        assert_eq!(
+            (body.get("agent_id").and_then(Json::as_str), body.get("job_queue").and_then(Json::as_str)),
+            (Some("a"), Some("q"))
+        );
         assert_eq!(fake.last_events(), ["job_start", "setup_start"]);
         assert!(events.owed().is_none(), "the server has them all");
     }
@@ -170,8 +170,23 @@ mod tests {
         events.emit(&mut down, "j", Event::JobEnd, &none());
         assert_eq!(down.calls.len(), 1, "{:?}", down.calls);
         let owed = events.owed().expect("owed after a failure");
-        let names: Vec<&str> = owed.get("events").and_then(Json::as_array).unwrap_or(&[]).iter().filter_map(|e| e.get("event_name")?.as_str()).collect();
+        let names: Vec<&str> = owed
+            .get("events")
+            .and_then(Json::as_array)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|e| e.get("event_name")?.as_str())
+            .collect();
         assert_eq!(names, ["job_start", "job_end"]);
+    }
+
+    #[test]
+    fn the_hold_doubles_from_a_second_to_a_minute_and_is_a_random_part_of_it() {
+        let nominal: Vec<u64> = (1..=8).map(|n| HOLD.nominal(n).as_secs()).collect();
+        assert_eq!(nominal, [1, 2, 4, 8, 16, 32, 60, 60]);
+        let waits: Vec<Duration> = (0..200).map(|_| HOLD.wait(7)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(60)), "{waits:?}");
+        assert!(waits.iter().any(|w| *w < Duration::from_secs(30)), "not spread: {waits:?}");
     }
 
     #[test]

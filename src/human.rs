@@ -14,7 +14,11 @@ pub fn duration(d: Duration) -> String {
     }
     if ms < 9950 {
         let tenths = (ms + 50) / 100;
-        return if tenths % 10 == 0 { format!("{} s", tenths / 10) } else { format!("{}.{} s", tenths / 10, tenths % 10) };
+        return if tenths % 10 == 0 {
+            format!("{} s", tenths / 10)
+        } else {
+            format!("{}.{} s", tenths / 10, tenths % 10)
+        };
     }
     let s = (ms + 500) / 1000;
     if s < 120 {

@@ -17,7 +17,7 @@ fn seed() -> u64 {
 
 /// A number in [0, 1): xorshift64*, one shared state (the agent has one
 /// thread; the atomic only keeps this sound if that changes).
-pub fn unit() -> f64 {
+pub(crate) fn unit() -> f64 {
     let mut x = STATE.load(Ordering::Relaxed);
     if x == 0 {
         x = seed();
@@ -31,27 +31,27 @@ pub fn unit() -> f64 {
 
 /// `d` ± 20 %: for waits that should stay close to what was configured
 /// (the polling interval, heartbeats, short retries).
-pub fn spread(d: Duration) -> Duration {
+pub(crate) fn spread(d: Duration) -> Duration {
     d.mul_f64(0.8 + 0.4 * unit())
 }
 
 /// "Full jitter" for a backoff: anywhere between `floor` and `d`. After an
 /// outage the agents' retries are spread over the whole backoff instead of
 /// arriving together at each doubling.
-pub fn full(d: Duration, floor: Duration) -> Duration {
+pub(crate) fn full(d: Duration, floor: Duration) -> Duration {
     floor.max(d.mul_f64(unit()))
 }
 
 /// A random part of `d`, never zero: the first wait of a periodic request
 /// (a phase's cancel checks), so that agents that start it in the same
 /// second (after an outage, say) are out of step from the first one on.
-pub fn within(d: Duration) -> Duration {
+pub(crate) fn within(d: Duration) -> Duration {
     d.mul_f64(1.0 - unit())
 }
 
 /// `d` shortened by up to 20 %: for deadlines that must not be passed
 /// (a heartbeat owed within a day).
-pub fn early(d: Duration) -> Duration {
+pub(crate) fn early(d: Duration) -> Duration {
     d.mul_f64(0.8 + 0.2 * unit())
 }
 

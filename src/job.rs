@@ -17,7 +17,7 @@ use crate::events::Events;
 use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::outbound::{JobSecrets, LogMasking};
-use crate::phase::{EndReason, Event, Phase, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN};
+use crate::phase::{EndReason, Event, INTERRUPTED_BY_AGENT_LOSS, NOT_RUN, Phase};
 use crate::rundir::{self, DeliveryState, RunDir};
 use crate::runner::Stop;
 use crate::server::Server;
@@ -40,6 +40,13 @@ const ATTACHMENTS_FAILED: i32 = NOT_RUN;
 /// allocation hold) lasts: reservations last days, and the server forgets
 /// agents it has not heard from; twice a day keeps "at least daily".
 const PHASE_HEARTBEAT: Duration = Duration::from_secs(12 * 3600);
+
+/// When the agent's state is next re-posted while a phase or an allocation
+/// hold lasts, from `now`: shortened by a random part, so that a fleet's
+/// jobs started together do not post together.
+fn next_heartbeat(now: Instant) -> Instant {
+    crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT))
+}
 /// One cancel check may wait this long (how often: `cancel_check_interval`).
 const CANCEL_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cleanup after the agent was told to stop must not hold the stop forever.
@@ -440,7 +447,10 @@ impl<'a> JobRunner<'a> {
             }
             Err(e) => {
                 if e.is_stop() {
-                    log::info!("job {}: stopping; the outcome is kept and delivered at the next start", self.plan.job_id);
+                    log::info!(
+                        "job {}: stopping; the outcome is kept and delivered at the next start",
+                        self.plan.job_id
+                    );
                 } else {
                     log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
                 }

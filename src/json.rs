@@ -50,10 +50,8 @@ impl Json {
     }
 
     pub fn parse_bytes(bytes: &[u8]) -> Result<Json, ParseError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| ParseError {
-            offset: e.valid_up_to(),
-            reason: "not UTF-8",
-        })?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|e| ParseError { offset: e.valid_up_to(), reason: "not UTF-8" })?;
         Json::parse(text)
     }
 
@@ -445,7 +443,9 @@ mod tests {
 
     #[test]
     fn truthiness_matches_python() {
-        for (t, empty) in [("{}", true), ("[]", true), ("\"\"", true), ("null", true), ("{\"a\":1}", false), ("0", true)] {
+        for (t, empty) in
+            [("{}", true), ("[]", true), ("\"\"", true), ("null", true), ("{\"a\":1}", false), ("0", true)]
+        {
             assert_eq!(Json::parse(t).unwrap().is_empty_like(), empty, "{t}");
         }
     }

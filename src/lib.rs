@@ -6,6 +6,13 @@
 //! the crate's own. Calls go config → agent → job → runner; the runner hands
 //! output back up to the job's watcher, which sends it through the client
 //! while the phase runs (see docs/architecture.md).
+// `pub` only where `main`, the fuzz targets or the tests reach it; narrowing
+// casts are checked or allowed with the bound that makes them safe (lengths
+// and sizes from the network and the job flow through them).
+#![warn(unreachable_pub, clippy::cast_possible_truncation)]
+// Test code casts values it made itself; the lint holds for the code shipped
+// (clippy --all-targets checks the library built without tests too).
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 // Used by `main`.
 pub mod agent;

@@ -24,8 +24,14 @@ pub struct Lock {
 #[derive(Debug)]
 pub enum LockError {
     /// Another live process holds the lock; its pid when it could be found.
-    Busy { dir: PathBuf, pid: Option<u32> },
-    Io { path: PathBuf, reason: String },
+    Busy {
+        dir: PathBuf,
+        pid: Option<u32>,
+    },
+    Io {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl fmt::Display for LockError {

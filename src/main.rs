@@ -1,11 +1,15 @@
 //! testflinger-agent: arguments, logging, one-line errors, exit codes.
 
+#![warn(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{agent, budget, client, job, lockfile, notify, logging, metrics, retry, runner, safe_fs, signals};
+use testflinger_agent::{
+    agent, budget, client, job, lockfile, logging, metrics, notify, retry, runner, safe_fs, signals,
+};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -131,7 +135,9 @@ fn main() -> ExitCode {
     // Seen under qemu-user 7.2 (EINVAL): without it, a daemon a phase starts
     // with setsid escapes the kill at the phase's end. Worth one line.
     if let Err(e) = runner::become_subreaper() {
-        log::warn!("cannot become a child subreaper ({e}): processes a phase detaches with setsid may outlive the phase");
+        log::warn!(
+            "cannot become a child subreaper ({e}): processes a phase detaches with setsid may outlive the phase"
+        );
     }
     if let (Some(path), Some(_)) = (&args.token_file, &args.job) {
         if let Some(w) = safe_fs::exposed_secret_warning(path) {
@@ -148,21 +154,31 @@ fn main() -> ExitCode {
                 metrics = match metrics.serve(address) {
                     Ok(m) => m,
                     Err(e) => {
-                        eprintln!("testflinger-agent: cannot serve metrics on {address}: {}", testflinger_agent::human::without_os_error(&e.to_string()));
+                        eprintln!(
+                            "testflinger-agent: cannot serve metrics on {address}: {}",
+                            testflinger_agent::human::without_os_error(&e.to_string())
+                        );
                         return ExitCode::FAILURE;
                     }
                 };
             }
-            let metrics = metrics.with_vitals(config.execution_basedir.clone()).with_textfile(config.metrics_textfile.clone());
+            let metrics =
+                metrics.with_vitals(config.execution_basedir.clone()).with_textfile(config.metrics_textfile.clone());
             // Like upstream, upstream's default token file when none is given.
             let (token_file, origin) = match &args.token_file {
                 Some(path) => (path.clone(), "--token-file"),
                 None => (PathBuf::from(DEFAULT_TOKEN_FILE), "the default"),
             };
             let retry = retry::Retry::patient(std::time::Duration::from_secs(config.server_timeout));
-            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone())).with_retry(retry);
+            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()))
+                .with_retry(retry);
             client.set_ca_file(config.server_ca_file.clone());
-            log::info!("testflinger-agent {} for {} polling {}", env!("CARGO_PKG_VERSION"), config.agent_id, client.base_url());
+            log::info!(
+                "testflinger-agent {} for {} polling {}",
+                env!("CARGO_PKG_VERSION"),
+                config.agent_id,
+                client.base_url()
+            );
             client.log_token_file(origin, args.token_file.is_some());
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
                 log::warn!("{w}");
@@ -217,7 +233,8 @@ fn summary_lines(summary: &job::Summary, plan: &job::plan::JobPlan) -> Vec<Strin
         .iter()
         .map(|planned| {
             let phase = planned.phase;
-            let codes: Vec<String> = summary.statuses.iter().filter(|(p, _)| *p == phase).map(|(_, c)| c.to_string()).collect();
+            let codes: Vec<String> =
+                summary.statuses.iter().filter(|(p, _)| *p == phase).map(|(_, c)| c.to_string()).collect();
             let what = match &planned.skip {
                 _ if !codes.is_empty() => codes.join(", "),
                 Some(why) => format!("skipped: {why}"),
@@ -233,11 +250,14 @@ fn read_job_file(path: &Path) -> Result<Json, String> {
     let mut job = match Json::parse(&text) {
         Ok(j) => j,
         Err(json_err) => {
-            let yaml: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(&text).map_err(|e| {
-                    // Said as the one the file looks like it was meant to be.
-                    if text.trim_start().starts_with(['{', '[']) { format!("not valid JSON: {json_err}") } else { format!("not valid YAML: {e}") }
-                })?;
+            let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+                // Said as the one the file looks like it was meant to be.
+                if text.trim_start().starts_with(['{', '[']) {
+                    format!("not valid JSON: {json_err}")
+                } else {
+                    format!("not valid YAML: {e}")
+                }
+            })?;
             config::yaml_to_json(&yaml)
         }
     };

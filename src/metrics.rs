@@ -157,7 +157,12 @@ impl Metrics {
             let mut cumulative = 0;
             for (b, n) in BUCKETS.iter().zip(h.buckets) {
                 cumulative += n;
-                let _ = writeln!(s, "phase_duration_seconds_bucket{{{labels},le=\"{}\"}} {}", float(*b), float(cumulative as f64));
+                let _ = writeln!(
+                    s,
+                    "phase_duration_seconds_bucket{{{labels},le=\"{}\"}} {}",
+                    float(*b),
+                    float(cumulative as f64)
+                );
             }
             let _ = writeln!(s, "phase_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", float(h.count as f64));
             let _ = writeln!(s, "phase_duration_seconds_count{{{labels}}} {}", float(h.count as f64));
@@ -168,11 +173,31 @@ impl Metrics {
         if let Some(dir) = &self.vitals_dir {
             use crate::vitals;
             let gauges = [
-                ("testflinger_agent_disk_free_bytes", "Bytes free under execution_basedir", vitals::disk_free(vitals::existing_ancestor(dir)).map(|b| b as f64)),
-                ("testflinger_agent_memory_available_bytes", "MemAvailable of the host", vitals::mem_available().map(|b| b as f64)),
-                ("testflinger_agent_cpu_temperature_celsius", "CPU temperature (thermal zone)", vitals::cpu_temperature()),
-                ("testflinger_agent_throttled_flags", "Raspberry Pi firmware throttling flags (get_throttled)", vitals::throttled().map(|b| b as f64)),
-                ("testflinger_agent_resident_memory_bytes", "Resident memory of the agent", vitals::own_rss().map(|b| b as f64)),
+                (
+                    "testflinger_agent_disk_free_bytes",
+                    "Bytes free under execution_basedir",
+                    vitals::disk_free(vitals::existing_ancestor(dir)).map(|b| b as f64),
+                ),
+                (
+                    "testflinger_agent_memory_available_bytes",
+                    "MemAvailable of the host",
+                    vitals::mem_available().map(|b| b as f64),
+                ),
+                (
+                    "testflinger_agent_cpu_temperature_celsius",
+                    "CPU temperature (thermal zone)",
+                    vitals::cpu_temperature(),
+                ),
+                (
+                    "testflinger_agent_throttled_flags",
+                    "Raspberry Pi firmware throttling flags (get_throttled)",
+                    vitals::throttled().map(|b| b as f64),
+                ),
+                (
+                    "testflinger_agent_resident_memory_bytes",
+                    "Resident memory of the agent",
+                    vitals::own_rss().map(|b| b as f64),
+                ),
             ];
             for (name, help, value) in gauges {
                 if let Some(v) = value {
@@ -256,8 +281,8 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::time::Duration;
     use std::net::TcpStream;
+    use std::time::Duration;
 
     #[test]
     fn exposition_has_upstream_names_labels_and_buckets() {
@@ -273,12 +298,24 @@ mod tests {
             format!("failures_total{{{agent},test_phase=\"provision\"}} 1.0"),
             format!("failures_total{{{agent},test_phase=\"test\"}} 1.0"),
             format!("recovery_failures_total{{{agent}}} 1.0"),
-            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"setup\",identifier=\"lab-7\",release=\"\",le=\"60.0\"}} 1.0"),
-            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"120.0\"}} 0.0"),
-            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"300.0\"}} 1.0"),
-            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"14400.0\"}} 0.0"),
-            format!("phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"+Inf\"}} 1.0"),
-            format!("phase_duration_seconds_sum{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\"}} 90000.0"),
+            format!(
+                "phase_duration_seconds_bucket{{{agent},test_phase=\"setup\",identifier=\"lab-7\",release=\"\",le=\"60.0\"}} 1.0"
+            ),
+            format!(
+                "phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"120.0\"}} 0.0"
+            ),
+            format!(
+                "phase_duration_seconds_bucket{{{agent},test_phase=\"provision\",identifier=\"lab-7\",release=\"\",le=\"300.0\"}} 1.0"
+            ),
+            format!(
+                "phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"14400.0\"}} 0.0"
+            ),
+            format!(
+                "phase_duration_seconds_bucket{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\",le=\"+Inf\"}} 1.0"
+            ),
+            format!(
+                "phase_duration_seconds_sum{{{agent},test_phase=\"test\",identifier=\"lab-7\",release=\"24.04\"}} 90000.0"
+            ),
             "# TYPE phase_duration_seconds histogram".to_string(),
             "# TYPE jobs_total counter".to_string(),
         ] {
@@ -335,7 +372,8 @@ mod tests {
         let t0 = Instant::now();
         // As many slow clients as there are places: half silent, half
         // trickling a request head.
-        let mut slow: Vec<TcpStream> = (0..endpoint::MAX_CONNS).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+        let mut slow: Vec<TcpStream> =
+            (0..endpoint::MAX_CONNS).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
         for c in slow.iter_mut().skip(1).step_by(2) {
             c.write_all(b"GE").expect("send");
         }
@@ -394,7 +432,12 @@ mod tests {
             answer
         });
         let t = Instant::now();
-        let woke = crate::wait::until(t + Duration::from_secs(20), Some(&mut m), Some(done.as_raw_fd()), crate::wait::Ends::Stop);
+        let woke = crate::wait::until(
+            t + Duration::from_secs(20),
+            Some(&mut m),
+            Some(done.as_raw_fd()),
+            crate::wait::Ends::Stop,
+        );
         let answer = scraper.join().expect("scraper");
         assert_eq!(woke, crate::wait::Woke::Ready);
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");

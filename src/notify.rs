@@ -57,7 +57,14 @@ pub fn init() {
         }
     };
     if let Ok(mut s) = STATE.lock() {
-        *s = Some(State { socket, target, watchdog_every, last_watchdog: None, last_status: String::new(), stopping_sent: false });
+        *s = Some(State {
+            socket,
+            target,
+            watchdog_every,
+            last_watchdog: None,
+            last_status: String::new(),
+            stopping_sent: false,
+        });
     }
 }
 
@@ -67,7 +74,8 @@ fn send(state: &State, msg: &str) {
         #[cfg(target_os = "linux")]
         Target::Abstract(name) => {
             use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| state.socket.send_to_addr(msg.as_bytes(), &a))
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| state.socket.send_to_addr(msg.as_bytes(), &a))
         }
     };
     if let Err(e) = sent {

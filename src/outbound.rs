@@ -24,30 +24,30 @@ use crate::mask::Masker;
 /// after a crash has none (its `testflinger.json` never held them), so what
 /// it sends must come from files masked while it first ran.
 #[derive(Clone, Debug, Default)]
-pub struct JobSecrets {
+pub(crate) struct JobSecrets {
     values: Vec<String>,
 }
 
 /// Text that went through a job's secrets (or is the agent's own).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Masked(String);
+pub(crate) struct Masked(String);
 
 impl Masked {
     /// Text the agent wrote itself from values no job controls.
-    pub fn agent(text: impl Into<String>) -> Masked {
+    pub(crate) fn agent(text: impl Into<String>) -> Masked {
         Masked(text.into())
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
     /// Appends more masked text.
-    pub fn push(&mut self, more: &Masked) {
+    pub(crate) fn push(&mut self, more: &Masked) {
         self.0.push_str(&more.0);
     }
 }
@@ -59,21 +59,21 @@ impl std::fmt::Display for Masked {
 }
 
 impl JobSecrets {
-    pub fn new(values: impl IntoIterator<Item = String>) -> JobSecrets {
+    pub(crate) fn new(values: impl IntoIterator<Item = String>) -> JobSecrets {
         JobSecrets { values: values.into_iter().filter(|v| !v.is_empty()).collect() }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
 
     /// A masker for one stream (a phase's output, a serial log, a file).
-    pub fn stream(&self) -> Masker {
+    pub(crate) fn stream(&self) -> Masker {
         Masker::new(self.values.iter().map(String::as_str))
     }
 
     /// Masks a whole piece of text.
-    pub fn text(&self, text: &str) -> Masked {
+    pub(crate) fn text(&self, text: &str) -> Masked {
         if self.values.is_empty() {
             return Masked(text.to_string());
         }
@@ -81,7 +81,7 @@ impl JobSecrets {
     }
 
     /// Masks a whole buffer.
-    pub fn bytes(&self, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn bytes(&self, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(data.len());
         let mut m = self.stream();
         m.feed(data, &mut out);
@@ -90,25 +90,27 @@ impl JobSecrets {
     }
 
     /// `inner`, read through a masker of its own.
-    pub fn reader<R: Read>(&self, inner: R) -> MaskedRead<R> {
+    pub(crate) fn reader<R: Read>(&self, inner: R) -> MaskedRead<R> {
         MaskedRead { inner, masker: self.stream(), out: Vec::new(), pos: 0, done: false, buf: vec![0; 64 * 1024] }
     }
 
     /// How many bytes `inner` gives once masked (read to its end).
-    pub fn masked_len(&self, inner: impl Read) -> io::Result<u64> {
+    pub(crate) fn masked_len(&self, inner: impl Read) -> io::Result<u64> {
         io::copy(&mut self.reader(inner), &mut io::sink())
     }
 
     /// Masks every string and key in `value`. Numbers and literals are left
     /// alone: masking one would change its type for the reader.
-    pub fn json(&self, value: &Json) -> Json {
+    pub(crate) fn json(&self, value: &Json) -> Json {
         if self.values.is_empty() {
             return value.clone();
         }
         match value {
             Json::Str(s) => Json::Str(self.text(s).0),
             Json::Array(items) => Json::Array(items.iter().map(|v| self.json(v)).collect()),
-            Json::Object(members) => Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect()),
+            Json::Object(members) => {
+                Json::Object(members.iter().map(|(k, v)| (self.text(k).0, self.json(v))).collect())
+            }
             other => other.clone(),
         }
     }
@@ -125,7 +127,7 @@ fn log_secrets() -> std::sync::MutexGuard<'static, Option<JobSecrets>> {
 
 /// While this lives, the agent's log lines are masked with one job's
 /// secrets (see [`JobSecrets::mask_log_lines`]).
-pub struct LogMasking(());
+pub(crate) struct LogMasking(());
 
 impl Drop for LogMasking {
     fn drop(&mut self) {
@@ -135,7 +137,7 @@ impl Drop for LogMasking {
 
 impl JobSecrets {
     /// Masks the agent's log lines with these secrets until the guard drops.
-    pub fn mask_log_lines(&self) -> LogMasking {
+    pub(crate) fn mask_log_lines(&self) -> LogMasking {
         *log_secrets() = (!self.is_empty()).then(|| self.clone());
         LogMasking(())
     }
@@ -145,7 +147,7 @@ impl JobSecrets {
 /// (the logger formats a whole line before writing it, so a secret is
 /// never split between writes). A secret that itself holds a line break is
 /// still caught: the whole record is masked at once.
-pub fn mask_log_line(line: String) -> Vec<u8> {
+pub(crate) fn mask_log_line(line: String) -> Vec<u8> {
     match log_secrets().as_ref() {
         Some(secrets) => secrets.bytes(line.as_bytes()),
         None => line.into_bytes(),
@@ -153,7 +155,7 @@ pub fn mask_log_line(line: String) -> Vec<u8> {
 }
 
 /// A reader that masks what it reads (see [`JobSecrets::reader`]).
-pub struct MaskedRead<R> {
+pub(crate) struct MaskedRead<R> {
     inner: R,
     masker: Masker,
     out: Vec<u8>,

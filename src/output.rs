@@ -16,8 +16,8 @@ use crate::client::{ClientError, Idle};
 use crate::json::Json;
 use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
-use crate::rundir::PendingStream;
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
+use crate::rundir::PendingStream;
 use crate::safe_fs;
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
@@ -56,7 +56,7 @@ const LIVE_BACKOFF: Schedule =
     Schedule::new(Duration::from_secs(1), Duration::from_secs(32), Jitter::Full { floor: Duration::from_millis(500) });
 
 /// The phase's log file, written through the secret masker.
-pub struct PhaseLog {
+pub(crate) struct PhaseLog {
     file: File,
     pub path: PathBuf,
     masker: Masker,
@@ -72,21 +72,13 @@ impl PhaseLog {
     /// (the local `--job` mode).
     /// `masker` is the job's (`JobSecrets::stream`): nothing reaches the
     /// file, the terminal or the server without going through it.
-    pub fn open(path: &Path, masker: Masker, echo: bool) -> io::Result<PhaseLog> {
+    pub(crate) fn open(path: &Path, masker: Masker, echo: bool) -> io::Result<PhaseLog> {
         let mut file = safe_fs::open_append(path, safe_fs::PRIVATE_FILE)?;
         let written = file.seek(SeekFrom::End(0))?;
-        Ok(PhaseLog {
-            file,
-            path: path.to_path_buf(),
-            masker,
-            echo,
-            scratch: Vec::new(),
-            written,
-            failed: false,
-        })
+        Ok(PhaseLog { file, path: path.to_path_buf(), masker, echo, scratch: Vec::new(), written, failed: false })
     }
 
-    pub fn write(&mut self, data: &[u8]) {
+    pub(crate) fn write(&mut self, data: &[u8]) {
         if self.masker.is_empty() {
             // Nothing to mask: no copy on the way to the file.
             self.emit(data);
@@ -100,7 +92,7 @@ impl PhaseLog {
     }
 
     /// Flushes what the masker held back; call when the phase has ended.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let mut rest = std::mem::take(&mut self.scratch);
         rest.clear();
         self.masker.finish(&mut rest);
@@ -137,7 +129,7 @@ impl PhaseLog {
 /// call, draining the child's pipe while it waits, and backs off on its own
 /// after a failure: the runner's one thread has the phase to look after. The
 /// final [`LiveStream::flush`] uses the client's full retry policy.
-pub struct LiveStream {
+pub(crate) struct LiveStream {
     job_id: String,
     kind: LogKind,
     phase: Phase,
@@ -159,7 +151,7 @@ pub struct LiveStream {
 }
 
 impl LiveStream {
-    pub fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
+    pub(crate) fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
         let interval = crate::budget::get().output_interval;
         LiveStream {
             job_id: job_id.to_string(),
@@ -178,7 +170,7 @@ impl LiveStream {
     }
 
     /// When the next send is due, given `written` bytes in the file.
-    pub fn due(&self, written: u64) -> Option<Instant> {
+    pub(crate) fn due(&self, written: u64) -> Option<Instant> {
         if written <= self.sent {
             return None;
         }
@@ -197,19 +189,31 @@ impl LiveStream {
     /// Sends one fragment if one is due: a single attempt (timeout
     /// [`LIVE_TIMEOUT`]), doing `idle` (the runner draining the child's pipe) while
     /// it waits. Failures are logged and retried later with backoff.
-    pub fn pump(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64, now: Instant, idle: &mut Idle) {
+    pub(crate) fn pump(
+        &mut self,
+        client: &mut dyn Server,
+        counter: &mut u64,
+        written: u64,
+        now: Instant,
+        idle: &mut Idle,
+    ) {
         if self.due(written).is_some_and(|t| now >= t) && self.bucket.take(now) {
             let _ = self.send_one(client, counter, written, false, Some(idle), Retry::once(LIVE_TIMEOUT));
         }
     }
 
     /// Where this stream stands, to be sent on later from there.
-    pub fn unsent(&self) -> PendingStream {
+    pub(crate) fn unsent(&self) -> PendingStream {
         PendingStream { kind: self.kind, phase: self.phase, sent: self.sent, inflight_end: self.inflight_end }
     }
 
     /// Sends everything up to `written`. Returns the error that stopped it.
-    pub fn flush(&mut self, client: &mut dyn Server, counter: &mut u64, written: u64) -> Result<(), ClientError> {
+    pub(crate) fn flush(
+        &mut self,
+        client: &mut dyn Server,
+        counter: &mut u64,
+        written: u64,
+    ) -> Result<(), ClientError> {
         let retry = client.retry();
         // A `server_timeout` shorter than a slow server's answer would send
         // the same fragment again, and the server would show it twice.
@@ -289,7 +293,11 @@ impl LiveStream {
                     return Err(e);
                 }
                 let backoff = self.backoff.failed(Instant::now());
-                log::warn!("{} log fragment not sent, will retry in {}: {e}", self.kind, crate::human::duration(backoff));
+                log::warn!(
+                    "{} log fragment not sent, will retry in {}: {e}",
+                    self.kind,
+                    crate::human::duration(backoff)
+                );
                 Err(e)
             }
         }
@@ -304,7 +312,9 @@ mod tests {
     fn live_retries_are_spread_over_the_whole_wait() {
         let waits: Vec<Duration> = (0..1000).map(|_| LIVE_BACKOFF.wait(6)).collect();
         assert!(waits.iter().all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(32)));
-        assert!(waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28)));
+        assert!(
+            waits.iter().any(|w| *w < Duration::from_secs(4)) && waits.iter().any(|w| *w > Duration::from_secs(28))
+        );
     }
 
     #[test]

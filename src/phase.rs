@@ -6,14 +6,14 @@
 use std::fmt;
 
 /// The exit code device connectors use for "the device could not be recovered".
-pub const RECOVERY_FAILED: i32 = 46;
+pub(crate) const RECOVERY_FAILED: i32 = 46;
 /// The status recorded for a phase that was running when the agent was
 /// killed or lost power: its real exit status is unknown. Chosen outside
 /// the codes connectors use (0-2, 46) and [`NOT_RUN`].
-pub const INTERRUPTED_BY_AGENT_LOSS: i32 = 99;
+pub(crate) const INTERRUPTED_BY_AGENT_LOSS: i32 = 99;
 /// The status of a phase whose command could not start (or whose setup,
 /// the attachments, failed before any command ran).
-pub const NOT_RUN: i32 = 100;
+pub(crate) const NOT_RUN: i32 = 100;
 
 /// A phase of a job, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -29,8 +29,15 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 7] =
-        [Phase::Setup, Phase::Provision, Phase::FirmwareUpdate, Phase::Test, Phase::Allocate, Phase::Reserve, Phase::Cleanup];
+    pub const ALL: [Phase; 7] = [
+        Phase::Setup,
+        Phase::Provision,
+        Phase::FirmwareUpdate,
+        Phase::Test,
+        Phase::Allocate,
+        Phase::Reserve,
+        Phase::Cleanup,
+    ];
     /// The phases before cleanup, in order (cleanup runs whatever happened).
     pub const BEFORE_CLEANUP: [Phase; 6] =
         [Phase::Setup, Phase::Provision, Phase::FirmwareUpdate, Phase::Test, Phase::Allocate, Phase::Reserve];
@@ -113,7 +120,7 @@ impl fmt::Display for EndReason {
 
 /// An event of the job, as posted for its webhook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     JobStart,
     JobEnd,
     Start(Phase),
@@ -138,21 +145,21 @@ impl fmt::Display for Event {
 /// The two logs a phase streams: its command's output, and the
 /// connector's serial log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogKind {
+pub(crate) enum LogKind {
     Output,
     Serial,
 }
 
 impl LogKind {
     /// The name in `log/<kind>` and in the saved delivery state.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LogKind::Output => "output",
             LogKind::Serial => "serial",
         }
     }
 
-    pub fn parse(name: &str) -> Option<LogKind> {
+    pub(crate) fn parse(name: &str) -> Option<LogKind> {
         [LogKind::Output, LogKind::Serial].into_iter().find(|k| k.as_str() == name)
     }
 }

@@ -30,14 +30,14 @@ use crate::server::Server;
 /// failed without running anything of it; should even that stop the
 /// agent, the next start sets the run dir aside: no job can keep a device
 /// in a crash loop, whatever stops the agent.
-pub const MAX_RECOVERY_ATTEMPTS: u32 = 2;
+pub(crate) const MAX_RECOVERY_ATTEMPTS: u32 = 2;
 
 /// How long leftover processes get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// What a left-behind run dir needs.
 #[derive(Debug, PartialEq)]
-pub struct Leftover {
+pub(crate) struct Leftover {
     pub job_id: String,
     pub dir: RunDir,
     /// The phase that was running when the agent died, if any.
@@ -47,9 +47,10 @@ pub struct Leftover {
 }
 
 /// Reads `dir` (a run dir) to decide what is left to do.
-pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
+pub(crate) fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
     let outcome = dir.outcome();
-    let has_code = |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
+    let has_code =
+        |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
     let interrupted = Phase::ALL.into_iter().rev().find(|p| dir.has_log(*p) && !has_code(*p));
     let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code(Phase::Cleanup);
     Leftover { job_id: job_id.to_string(), dir: dir.clone(), interrupted, needs_cleanup }
@@ -57,7 +58,7 @@ pub fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
 
 /// Finishes every job an earlier agent left unfinished. Jobs that only
 /// await delivery stay in `results_basedir` for the polling loop.
-pub fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
+pub(crate) fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
     let mut todo = Vec::new();
     for (job_id, dir) in rundir::run_dirs(&config.execution_basedir) {
         todo.push(inspect(config, &job_id, &dir));
@@ -86,7 +87,11 @@ fn resume(config: &Config, server: &mut dyn Server, metrics: &mut Metrics, mut l
         Some(p) => format!("interrupted during {p}"),
         None => "interrupted between phases".to_string(),
     };
-    log::warn!("job {}: found in {} ({what}); finishing it before taking new jobs", left.job_id, left.dir.path().display());
+    log::warn!(
+        "job {}: found in {} ({what}); finishing it before taking new jobs",
+        left.job_id,
+        left.dir.path().display()
+    );
     let attempts = left.dir.recovery_attempts();
     if attempts > MAX_RECOVERY_ATTEMPTS {
         match left.dir.set_aside(&config.results_basedir, &left.job_id) {
@@ -111,7 +116,12 @@ fn resume(config: &Config, server: &mut dyn Server, metrics: &mut Metrics, mut l
     // JobRunner works in execution_basedir; bring the job back there.
     let from = left.dir.path().to_path_buf();
     if let Err(e) = left.dir.move_to(&config.execution_basedir, &left.job_id) {
-        log::error!("job {}: cannot move {} back to {}: {e}", left.job_id, from.display(), config.execution_basedir.join(&left.job_id).display());
+        log::error!(
+            "job {}: cannot move {} back to {}: {e}",
+            left.job_id,
+            from.display(),
+            config.execution_basedir.join(&left.job_id).display()
+        );
         return;
     }
     let Some(job) = left.dir.job() else {
@@ -142,7 +152,11 @@ fn stop_leftover_processes(dir: &Path) {
     if pids.is_empty() {
         return;
     }
-    log::warn!("stopping {} leftover process(es) of the interrupted job: pids {}", pids.len(), crate::human::list(&pids));
+    log::warn!(
+        "stopping {} leftover process(es) of the interrupted job: pids {}",
+        pids.len(),
+        crate::human::list(&pids)
+    );
     for pid in &pids {
         // SAFETY: kill(2) with a pid read from /proc; at worst ESRCH.
         unsafe { libc::kill(*pid, libc::SIGTERM) };
@@ -237,7 +251,9 @@ mod tests {
 
     fn outcomes(fake: &Fake) -> Vec<String> {
         let results = fake.calls.iter().filter_map(|c| match c {
-            Call::Result(_, b) if b.get("job_state").is_some_and(|s| s.as_str() != Some("test")) => Some(b.to_string_compact()),
+            Call::Result(_, b) if b.get("job_state").is_some_and(|s| s.as_str() != Some("test")) => {
+                Some(b.to_string_compact())
+            }
             _ => None,
         });
         results.collect()

@@ -18,7 +18,9 @@ pub enum Jitter {
     /// ± 20 % (`jitter::spread`): waits that should stay close to nominal.
     Spread,
     /// Anywhere between the floor and the nominal wait (`jitter::full`).
-    Full { floor: Duration },
+    Full {
+        floor: Duration,
+    },
 }
 
 /// A wait of `first` after the first failure, doubling with each further

@@ -20,7 +20,7 @@ use crate::phase::{LogKind, Phase};
 use crate::safe_fs;
 
 mod state;
-pub use state::{DeliveryState, PendingStream};
+pub(crate) use state::{DeliveryState, PendingStream};
 
 const JOB_FILE: &str = "testflinger.json";
 const OUTCOME_FILE: &str = "testflinger-outcome.json";
@@ -49,7 +49,7 @@ const SET_ASIDE: &str = ".undeliverable";
 
 /// The outcome file's content for these statuses: `{}` until a phase has
 /// one, as upstream starts the file.
-pub fn outcome_of(statuses: &[(Phase, i32)]) -> Json {
+pub(crate) fn outcome_of(statuses: &[(Phase, i32)]) -> Json {
     if statuses.is_empty() {
         return Json::object();
     }
@@ -59,27 +59,27 @@ pub fn outcome_of(statuses: &[(Phase, i32)]) -> Json {
 
 /// One job's run dir.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RunDir {
+pub(crate) struct RunDir {
     path: PathBuf,
 }
 
 impl RunDir {
-    pub fn new(path: PathBuf) -> RunDir {
+    pub(crate) fn new(path: PathBuf) -> RunDir {
         RunDir { path }
     }
 
     /// The run dir of `job_id` in `base` (`execution_basedir`).
-    pub fn of(base: &Path, job_id: &str) -> RunDir {
+    pub(crate) fn of(base: &Path, job_id: &str) -> RunDir {
         RunDir::new(base.join(job_id))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// A phase's log as the server gets it: the phase output, or the
     /// masked copy of the connector's serial log.
-    pub fn log(&self, phase: Phase, kind: LogKind) -> PathBuf {
+    pub(crate) fn log(&self, phase: Phase, kind: LogKind) -> PathBuf {
         match kind {
             LogKind::Output => self.path.join(format!("{phase}.log")),
             LogKind::Serial => self.path.join(format!(".{phase}-serial.masked.log")),
@@ -87,27 +87,27 @@ impl RunDir {
     }
 
     /// The connector's own serial log (unmasked; never sent as it is).
-    pub fn serial_raw(&self, phase: Phase) -> PathBuf {
+    pub(crate) fn serial_raw(&self, phase: Phase) -> PathBuf {
         self.path.join(format!("{phase}-serial.log"))
     }
 
-    pub fn artifacts(&self) -> PathBuf {
+    pub(crate) fn artifacts(&self) -> PathBuf {
         self.path.join(ARTIFACTS_DIR)
     }
 
-    pub fn archive(&self) -> PathBuf {
+    pub(crate) fn archive(&self) -> PathBuf {
         self.path.join(ARCHIVE)
     }
 
-    pub fn attachments(&self) -> PathBuf {
+    pub(crate) fn attachments(&self) -> PathBuf {
         self.path.join(ATTACHMENTS_DIR)
     }
 
-    pub fn attachments_download(&self) -> PathBuf {
+    pub(crate) fn attachments_download(&self) -> PathBuf {
         self.path.join(ATTACHMENTS_DOWNLOAD)
     }
 
-    pub fn events_file(&self) -> PathBuf {
+    pub(crate) fn events_file(&self) -> PathBuf {
         self.path.join(EVENTS_FILE)
     }
 
@@ -116,7 +116,7 @@ impl RunDir {
     /// they read it, an empty outcome and error file. `local` marks a
     /// `--job` run (before the job file, so that no moment exists when
     /// server mode would take this run dir for one of its own).
-    pub fn create(&self, base: &Path, local: bool, job: &Json) -> io::Result<()> {
+    pub(crate) fn create(&self, base: &Path, local: bool, job: &Json) -> io::Result<()> {
         safe_fs::ensure_base_dir(base, safe_fs::PRIVATE_DIR)?;
         match fs::symlink_metadata(&self.path) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -135,7 +135,7 @@ impl RunDir {
     }
 
     /// The job as the run dir holds it, when it is a readable object.
-    pub fn job(&self) -> Option<Json> {
+    pub(crate) fn job(&self) -> Option<Json> {
         let text = safe_fs::read_own(&self.path.join(JOB_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
@@ -144,37 +144,37 @@ impl RunDir {
         self.path.join(JOB_FILE).is_file()
     }
 
-    pub fn write_outcome(&self, outcome: &Json) -> io::Result<()> {
+    pub(crate) fn write_outcome(&self, outcome: &Json) -> io::Result<()> {
         safe_fs::rewrite(&self.path.join(OUTCOME_FILE), outcome.to_string_compact().as_bytes(), safe_fs::PRIVATE_FILE)
     }
 
     /// The outcome file, when it is a readable object.
-    pub fn outcome(&self) -> Option<Json> {
+    pub(crate) fn outcome(&self) -> Option<Json> {
         let text = safe_fs::read_own(&self.path.join(OUTCOME_FILE)).ok()?;
         Json::parse(&text).ok().filter(|j| matches!(j, Json::Object(_)))
     }
 
     /// The statuses the outcome file records (those that make sense).
-    pub fn statuses(&self) -> Vec<(Phase, i32)> {
+    pub(crate) fn statuses(&self) -> Vec<(Phase, i32)> {
         let Some(outcome) = self.outcome() else { return Vec::new() };
         let status = outcome.get("status").and_then(Json::as_object).unwrap_or(&[]);
         status.iter().filter_map(|(p, c)| Some((Phase::parse(p)?, i32::try_from(c.as_i64()?).ok()?))).collect()
     }
 
     /// The phase's log was opened (it is, just before its command starts).
-    pub fn has_log(&self, phase: Phase) -> bool {
+    pub(crate) fn has_log(&self, phase: Phase) -> bool {
         self.log(phase, LogKind::Output).exists()
     }
 
     /// Adds `text` to the phase's log (a note of the agent's own).
-    pub fn append_to_log(&self, phase: Phase, text: &str) -> io::Result<()> {
+    pub(crate) fn append_to_log(&self, phase: Phase, text: &str) -> io::Result<()> {
         let mut f = safe_fs::open_append(&self.log(phase, LogKind::Output), safe_fs::PRIVATE_FILE)?;
         io::Write::write_all(&mut f, text.as_bytes())
     }
 
     /// The connector's failure detail for `phase` (unmasked), empty when
     /// it left none.
-    pub fn connector_error(&self, phase: Phase) -> String {
+    pub(crate) fn connector_error(&self, phase: Phase) -> String {
         let Ok(text) = safe_fs::read_own(&self.path.join(CONNECTOR_ERROR_FILE)) else { return String::new() };
         let Ok(json) = Json::parse(&text) else { return String::new() };
         let Some(info) = json.get(&format!("{phase}_exception_info")) else { return String::new() };
@@ -191,7 +191,7 @@ impl RunDir {
     /// What the connector left in `device-info.json` (its `device_info`
     /// member, or the whole object), unmasked; `None` when there is none
     /// or it is not JSON.
-    pub fn device_info(&self) -> Option<Json> {
+    pub(crate) fn device_info(&self) -> Option<Json> {
         let text = safe_fs::read_own(&self.path.join(DEVICE_INFO_FILE)).ok()?;
         let Ok(info) = Json::parse(&text) else {
             log::warn!("{DEVICE_INFO_FILE} is not valid JSON; ignored");
@@ -200,20 +200,20 @@ impl RunDir {
         Some(info.get("device_info").cloned().unwrap_or(info))
     }
 
-    pub fn archive_sent(&self) -> bool {
+    pub(crate) fn archive_sent(&self) -> bool {
         self.path.join(ARCHIVE_SENT).exists()
     }
 
-    pub fn mark_archive_sent(&self) {
+    pub(crate) fn mark_archive_sent(&self) {
         let _ = safe_fs::rewrite(&self.path.join(ARCHIVE_SENT), b"", safe_fs::PRIVATE_FILE);
     }
 
-    pub fn save_state(&self, state: &DeliveryState) -> io::Result<()> {
+    pub(crate) fn save_state(&self, state: &DeliveryState) -> io::Result<()> {
         write_atomic(&self.path.join(STATE_FILE), state.to_json().to_string_compact().as_bytes())
     }
 
     /// The delivery state saved last; the default when there is none.
-    pub fn load_state(&self) -> DeliveryState {
+    pub(crate) fn load_state(&self) -> DeliveryState {
         let Ok(text) = safe_fs::read_own(&self.path.join(STATE_FILE)) else { return DeliveryState::default() };
         let Ok(json) = Json::parse(&text) else { return DeliveryState::default() };
         DeliveryState::from_json(&json)
@@ -221,18 +221,18 @@ impl RunDir {
 
     /// How many times recovery of this job began (0 when never, or when
     /// the count is unreadable).
-    pub fn recovery_attempts(&self) -> u32 {
+    pub(crate) fn recovery_attempts(&self) -> u32 {
         fs::read_to_string(self.path.join(RECOVERY_ATTEMPTS)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Records that recovery attempt `n` begins: written whole before the
     /// attempt does anything, so an agent that dies during it still counts it.
-    pub fn set_recovery_attempts(&self, n: u32) -> io::Result<()> {
+    pub(crate) fn set_recovery_attempts(&self, n: u32) -> io::Result<()> {
         write_atomic(&self.path.join(RECOVERY_ATTEMPTS), n.to_string().as_bytes())
     }
 
     /// The job is delivered: the run dir goes.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         // Not another user's put in its place: theirs is left alone.
         if let Err(e) = safe_fs::check_own(&self.path).and_then(|_| fs::remove_dir_all(&self.path)) {
             log::warn!("cannot remove {}: {e}", self.path.display());
@@ -243,7 +243,7 @@ impl RunDir {
     /// later, with only what that delivery needs. When the move fails
     /// (results_basedir full or not writable) the run dir stays where it
     /// is, and the polling loop delivers it from there.
-    pub fn keep(&self, results_basedir: &Path, job_id: &str) {
+    pub(crate) fn keep(&self, results_basedir: &Path, job_id: &str) {
         if let Err(e) = safe_fs::check_own(&self.path) {
             log::error!("job {job_id}: not keeping {}: {e}", self.path.display());
             return;
@@ -260,7 +260,8 @@ impl RunDir {
                 Ok(_) => fs::remove_dir_all(&dest)?,
                 Err(_) => {}
             }
-            fs::rename(&self.path, &dest).or_else(|_| copy_tree(&self.path, &dest).and_then(|_| fs::remove_dir_all(&self.path)))
+            fs::rename(&self.path, &dest)
+                .or_else(|_| copy_tree(&self.path, &dest).and_then(|_| fs::remove_dir_all(&self.path)))
         });
         match moved {
             Ok(()) => log::info!("job {job_id}: kept in {} for a later delivery", dest.display()),
@@ -270,7 +271,7 @@ impl RunDir {
 
     /// Moves the run dir where jobs the server refuses go, for an
     /// operator; returns where.
-    pub fn set_aside(&self, results_basedir: &Path, job_id: &str) -> io::Result<PathBuf> {
+    pub(crate) fn set_aside(&self, results_basedir: &Path, job_id: &str) -> io::Result<PathBuf> {
         let aside = results_basedir.join(SET_ASIDE);
         let dest = aside.join(job_id);
         safe_fs::ensure_base_dir(&aside, safe_fs::PRIVATE_DIR).and_then(|_| fs::rename(&self.path, &dest))?;
@@ -279,7 +280,7 @@ impl RunDir {
 
     /// Brings a run dir found in `results_basedir` back to `base`
     /// (`execution_basedir`), where jobs run.
-    pub fn move_to(&mut self, base: &Path, job_id: &str) -> io::Result<()> {
+    pub(crate) fn move_to(&mut self, base: &Path, job_id: &str) -> io::Result<()> {
         let dest = base.join(job_id);
         if dest != self.path {
             safe_fs::ensure_base_dir(base, safe_fs::PRIVATE_DIR)?;
@@ -312,7 +313,8 @@ impl RunDir {
     }
 
     fn needed_for_delivery(&self, name: &str) -> bool {
-        const FILES: [&str; 7] = [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT, RECOVERY_ATTEMPTS];
+        const FILES: [&str; 7] =
+            [JOB_FILE, OUTCOME_FILE, STATE_FILE, EVENTS_FILE, ARCHIVE, ARCHIVE_SENT, RECOVERY_ATTEMPTS];
         let is = |path: PathBuf| path.file_name().is_some_and(|n| n == name);
         FILES.contains(&name)
             || Phase::ALL.into_iter().any(|p| is(self.log(p, LogKind::Output)) || is(self.log(p, LogKind::Serial)))
@@ -340,7 +342,7 @@ fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
 
 /// Job dirs in `base` (directories named like a job id; so not
 /// `.undeliverable`; and not those of local `--job` runs), oldest first.
-pub fn job_dirs(base: &Path) -> Vec<(String, RunDir)> {
+pub(crate) fn job_dirs(base: &Path) -> Vec<(String, RunDir)> {
     let Ok(dir) = fs::read_dir(base) else { return Vec::new() };
     let mut jobs: Vec<_> = dir
         .flatten()
@@ -360,7 +362,7 @@ pub fn job_dirs(base: &Path) -> Vec<(String, RunDir)> {
 }
 
 /// Run dirs in `base` (job dirs holding a job), oldest first.
-pub fn run_dirs(base: &Path) -> Vec<(String, RunDir)> {
+pub(crate) fn run_dirs(base: &Path) -> Vec<(String, RunDir)> {
     job_dirs(base).into_iter().filter(|(_, dir)| dir.holds_job()).collect()
 }
 
@@ -380,7 +382,9 @@ mod tests {
         assert_eq!(dir.statuses(), [(Phase::Setup, 0), (Phase::Test, 1)]);
         dir.append_to_log(Phase::Test, "out\n").unwrap();
         assert!(dir.has_log(Phase::Test) && !dir.has_log(Phase::Cleanup));
-        for raw in [dir.serial_raw(Phase::Test), dir.log(Phase::Test, LogKind::Serial), dir.path().join(DEVICE_INFO_FILE)] {
+        for raw in
+            [dir.serial_raw(Phase::Test), dir.log(Phase::Test, LogKind::Serial), dir.path().join(DEVICE_INFO_FILE)]
+        {
             fs::write(raw, "x").unwrap();
         }
         fs::create_dir_all(dir.artifacts()).unwrap();
@@ -389,9 +393,19 @@ mod tests {
 
         dir.keep(&results, "job1");
         let kept = RunDir::of(&results, "job1");
-        let mut names: Vec<_> = fs::read_dir(kept.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        let mut names: Vec<_> =
+            fs::read_dir(kept.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(names, [".delivery-state.json", ".test-serial.masked.log", "test.log", "testflinger-outcome.json", "testflinger.json"]);
+        assert_eq!(
+            names,
+            [
+                ".delivery-state.json",
+                ".test-serial.masked.log",
+                "test.log",
+                "testflinger-outcome.json",
+                "testflinger.json"
+            ]
+        );
         assert!(kept.load_state().cancelled);
         assert_eq!(kept.recovery_attempts(), 0);
         kept.set_recovery_attempts(2).unwrap();

@@ -16,8 +16,8 @@ use crate::phase::{EndReason, NOT_RUN};
 use crate::wait::{self, Ends, Woke};
 
 mod procs;
-use procs::{cloexec_above_stderr, kill_descendants, signal_group};
 pub use procs::{become_subreaper, cloexec_inherited_fds};
+use procs::{cloexec_above_stderr, kill_descendants, signal_group};
 
 /// Why a phase was stopped before it ended by itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,7 +88,9 @@ impl Limits {
         if let Some(g) = self.global.filter(|g| now.saturating_duration_since(start) >= *g) {
             Some(Stop::GlobalTimeout(g.as_secs()))
         } else {
-            self.output.filter(|o| now.saturating_duration_since(last_output) >= *o).map(|o| Stop::OutputTimeout(o.as_secs()))
+            self.output
+                .filter(|o| now.saturating_duration_since(last_output) >= *o)
+                .map(|o| Stop::OutputTimeout(o.as_secs()))
         }
     }
 
@@ -216,7 +218,10 @@ impl Stopping {
                 self.stop(now, reason, out);
             }
         } else if self.term_sent.is_some_and(|t| now.duration_since(t) >= self.grace()) {
-            log::info!("the phase did not end within {} of SIGTERM; sending SIGKILL", crate::human::duration(self.grace()));
+            log::info!(
+                "the phase did not end within {} of SIGTERM; sending SIGKILL",
+                crate::human::duration(self.grace())
+            );
             signal_group(self.pgid, libc::SIGKILL);
             kill_descendants();
             self.term_sent = None;
@@ -290,13 +295,7 @@ pub fn run(cmd: &str, cwd: &Path, env: &[(String, String)], limits: Limits, watc
 
 fn supervise(read: OwnedFd, mut child: Child, limits: Limits, watcher: &mut dyn Watcher) -> Outcome {
     let start = Instant::now();
-    let mut stopping = Stopping {
-        pgid: child.id() as i32,
-        start,
-        limits,
-        stopped: None,
-        term_sent: None,
-    };
+    let mut stopping = Stopping { pgid: child.id() as i32, start, limits, stopped: None, term_sent: None };
     let mut pipe = Pipe { fd: read, buf: vec![0u8; READ_BUF], open: true, last_output: start };
     let mut status = None;
     let mut exited_at: Option<Instant> = None;

@@ -161,7 +161,17 @@ fn check_owner(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
 /// here even if the path is swapped meanwhile. Refused when another user
 /// could alter it (see `alterable_by_others`).
 pub fn open_dir(path: &Path) -> io::Result<File> {
-    let dir = OpenOptions::new()
+    let dir = open_dir_nofollow(path)?;
+    let meta = dir.metadata()?;
+    if let Some(why) = alterable_by_others(&meta) {
+        return Err(refused(path, &why));
+    }
+    Ok(dir)
+}
+
+/// Opens the directory `path` itself, never what a link there points to.
+fn open_dir_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(path)
@@ -169,12 +179,7 @@ pub fn open_dir(path: &Path) -> io::Result<File> {
             Some(libc::ELOOP) => refused(path, "it is a symbolic link"),
             Some(libc::ENOTDIR) => refused(path, "not a directory"),
             _ => e,
-        })?;
-    let meta = dir.metadata()?;
-    if let Some(why) = alterable_by_others(&meta) {
-        return Err(refused(path, &why));
-    }
-    Ok(dir)
+        })
 }
 
 /// Makes the directory `path`, which must not exist, with `mode`, and checks
@@ -194,15 +199,7 @@ pub fn check_own(path: &Path) -> io::Result<()> {
 /// user's, and (when `mode` is given) sets exactly that mode: `mkdir`
 /// applies the umask, which may narrow the logs dir's group access.
 fn check_own_dir(path: &Path, mode: Option<u32>) -> io::Result<()> {
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => refused(path, "it is a symbolic link"),
-            Some(libc::ENOTDIR) => refused(path, "not a directory"),
-            _ => e,
-        })?;
+    let dir = open_dir_nofollow(path)?;
     let meta = dir.metadata()?;
     if meta.uid() != euid() {
         return Err(refused(path, &format!("owned by uid {}, not by this agent's user", meta.uid())));
@@ -387,13 +384,19 @@ mod tests {
         let group = dir.join("group");
         fs::create_dir(&group).unwrap();
         fs::set_permissions(&group, fs::Permissions::from_mode(0o775)).unwrap();
-        for (parent, fault) in [(&theirs, "owned by uid 65534 (mode 0755)"), (&open, "mode 0777"), (&group, "mode 0775")] {
+        for (parent, fault) in
+            [(&theirs, "owned by uid 65534 (mode 0755)"), (&open, "mode 0777"), (&group, "mode 0775")]
+        {
             for base in [parent.join("run"), parent.join("a/b/run")] {
                 let e = ensure_base_dir(&base, PRIVATE_DIR).expect_err("refused");
                 let e = e.to_string();
                 assert!(e.starts_with(&format!("refusing {}: {fault}", parent.display())), "{e}");
                 assert!(e.ends_with(&format!("it leads to {}", base.display())), "{e}");
-                assert!(!parent.join("run").exists() && !parent.join("a").exists(), "nothing made under {}", parent.display());
+                assert!(
+                    !parent.join("run").exists() && !parent.join("a").exists(),
+                    "nothing made under {}",
+                    parent.display()
+                );
             }
         }
         // The same, reached through a link of ours: judged where it leads.
@@ -411,7 +414,13 @@ mod tests {
         fs::create_dir(&base).unwrap();
         chown(&base, OTHER);
         let e = ensure_base_dir(&base, PRIVATE_DIR).unwrap_err().to_string();
-        assert_eq!(e, format!("refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0)", base.display()));
+        assert_eq!(
+            e,
+            format!(
+                "refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0)",
+                base.display()
+            )
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -430,7 +439,10 @@ mod tests {
             create_truncate(&log, PRIVATE_FILE).map(drop).unwrap_err(),
             read_own(&log).map(drop).unwrap_err(),
         ] {
-            assert_eq!(e.to_string(), format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", log.display()));
+            assert_eq!(
+                e.to_string(),
+                format!("refusing {}: owned by uid 65534, not by this agent's user (uid 0)", log.display())
+            );
         }
         assert_eq!(fs::read_to_string(&log).unwrap(), "theirs\n");
         chown(&log, 0);

@@ -16,19 +16,19 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::mask::Masker;
-use crate::output::LiveStream;
 use crate::outbound::JobSecrets;
+use crate::output::LiveStream;
 use crate::phase::{LogKind, Phase};
 use crate::rundir::RunDir;
 use crate::safe_fs;
 
 /// How often the connector's file is looked at while the phase runs.
-pub const POLL: Duration = Duration::from_millis(250);
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 /// Bytes read from it per look: the agent's one thread must get back to the
 /// phase's pipe; serial lines come slowly anyway.
 const STEP: usize = 256 * 1024;
 
-pub struct SerialTail {
+pub(crate) struct SerialTail {
     raw_path: PathBuf,
     raw: Option<File>,
     /// Bytes of the raw file consumed.
@@ -46,7 +46,7 @@ pub struct SerialTail {
 }
 
 impl SerialTail {
-    pub fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
+    pub(crate) fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
         let masked_path = rundir.log(phase, LogKind::Serial);
         // A cleanup run again after a crash appends to its earlier copy.
         let written = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
@@ -67,18 +67,18 @@ impl SerialTail {
     }
 
     /// True once the connector's file existed (there is a copy to send).
-    pub fn started(&self) -> bool {
+    pub(crate) fn started(&self) -> bool {
         self.out.is_some()
     }
 
     /// When the file should next be looked at.
-    pub fn next_look(&self) -> Instant {
+    pub(crate) fn next_look(&self) -> Instant {
         self.next_look
     }
 
     /// Masks what the connector added since the last look, at most one step
     /// of it, when a look is due.
-    pub fn look(&mut self, now: Instant) {
+    pub(crate) fn look(&mut self, now: Instant) {
         if now < self.next_look {
             return;
         }
@@ -90,7 +90,7 @@ impl SerialTail {
 
     /// The phase has ended: masks the rest of the file, and what the masker
     /// held back.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Err(e) = self.catch_up(None) {
             self.fail(&e);
         }
@@ -116,7 +116,11 @@ impl SerialTail {
         }
         if self.raw.is_none() {
             // O_NONBLOCK: a FIFO there must not hold the agent.
-            let raw = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(&self.raw_path) {
+            let raw = match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&self.raw_path)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(e),
@@ -130,7 +134,10 @@ impl SerialTail {
             // SAFETY: geteuid(2) cannot fail and has no side effects.
             let me = unsafe { libc::geteuid() };
             if std::os::unix::fs::MetadataExt::uid(&meta) != me {
-                return Err(io::Error::other(format!("owned by uid {}, not by this agent's user (uid {me}); not sent", std::os::unix::fs::MetadataExt::uid(&meta))));
+                return Err(io::Error::other(format!(
+                    "owned by uid {}, not by this agent's user (uid {me}); not sent",
+                    std::os::unix::fs::MetadataExt::uid(&meta)
+                )));
             }
             self.out = Some(safe_fs::open_append(&self.masked_path, safe_fs::PRIVATE_FILE)?);
             self.raw = Some(raw);

@@ -16,7 +16,6 @@ use crate::states::{AgentState, JobState};
 #[cfg(test)]
 pub(crate) mod fake;
 
-
 pub trait Server {
     /// No server at all (`--job`): a phase's output goes to the terminal
     /// instead of a live stream, nothing can cancel the job or release an

@@ -157,10 +157,15 @@ mod tests {
 
     #[test]
     fn only_finished_jobs_release_and_only_operator_states_hold() {
-        let over: Vec<&str> =
-            ["waiting", "test", "allocated", "complete", "completed", "cancelled", "x"].into_iter().filter(|s| JobState::parse(s).is_over()).collect();
+        let over: Vec<&str> = ["waiting", "test", "allocated", "complete", "completed", "cancelled", "x"]
+            .into_iter()
+            .filter(|s| JobState::parse(s).is_over())
+            .collect();
         assert_eq!(over, ["complete", "completed", "cancelled"]);
-        let held: Vec<&str> = ["waiting", "test", "offline", "maintenance", "restart", ""].into_iter().filter(|s| AgentState::parse(s).is_hold()).collect();
+        let held: Vec<&str> = ["waiting", "test", "offline", "maintenance", "restart", ""]
+            .into_iter()
+            .filter(|s| AgentState::parse(s).is_hold())
+            .collect();
         assert_eq!(held, ["offline", "maintenance"]);
     }
 

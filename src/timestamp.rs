@@ -3,12 +3,12 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Now, as `2026-11-25T12:53:15.123456+00:00` (Python's `isoformat()` shape).
-pub fn now_iso8601() -> String {
+pub(crate) fn now_iso8601() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     format_unix(d.as_secs(), d.subsec_micros())
 }
 
-pub fn format_unix(secs: u64, micros: u32) -> String {
+pub(crate) fn format_unix(secs: u64, micros: u32) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -17,12 +17,13 @@ pub fn format_unix(secs: u64, micros: u32) -> String {
 
 /// Reads `YYYY-MM-DD[T ]HH:MM:SS[.frac][Z|+00:00]` as UTC (offsets other
 /// than zero are not expected from the server and are refused).
-pub fn parse_iso8601(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_iso8601(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if s.get(4..5)? != "-" || !matches!(s.get(10..11)?, "T" | " ") || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+    if s.get(4..5)? != "-" || !matches!(s.get(10..11)?, "T" | " ") || !(1..=12).contains(&mo) || !(1..=31).contains(&d)
+    {
         return None;
     }
     let rest = s.get(19..)?;

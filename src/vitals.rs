@@ -8,7 +8,7 @@ use std::path::Path;
 /// Bytes available to unprivileged users on the filesystem of `path`.
 // The stat types are u32 on some 32-bit targets.
 #[allow(clippy::useless_conversion)]
-pub fn disk_free(path: &Path) -> Option<u64> {
+pub(crate) fn disk_free(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -23,12 +23,12 @@ pub fn disk_free(path: &Path) -> Option<u64> {
 
 /// The first existing directory at or above `path`: the run dir may not
 /// exist yet, its filesystem does.
-pub fn existing_ancestor(path: &Path) -> &Path {
+pub(crate) fn existing_ancestor(path: &Path) -> &Path {
     path.ancestors().find(|p| p.is_dir()).unwrap_or(Path::new("/"))
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
-pub fn mem_available() -> Option<u64> {
+pub(crate) fn mem_available() -> Option<u64> {
     meminfo_kb(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemAvailable:").map(|kb| kb * 1024)
 }
 
@@ -37,13 +37,13 @@ fn meminfo_kb(text: &str, key: &str) -> Option<u64> {
 }
 
 /// The agent's resident set size, in bytes.
-pub fn own_rss() -> Option<u64> {
+pub(crate) fn own_rss() -> Option<u64> {
     meminfo_kb(&std::fs::read_to_string("/proc/self/status").ok()?, "VmRSS:").map(|kb| kb * 1024)
 }
 
 /// CPU temperature in °C: the thermal zone whose type names the CPU (a
 /// Raspberry Pi's `cpu-thermal`), else the first zone.
-pub fn cpu_temperature() -> Option<f64> {
+pub(crate) fn cpu_temperature() -> Option<f64> {
     let zones = Path::new("/sys/class/thermal");
     let mut first = None;
     for i in 0..16 {
@@ -62,7 +62,7 @@ pub fn cpu_temperature() -> Option<f64> {
 /// The Raspberry Pi firmware's throttling flags (`vcgencmd get_throttled`
 /// as a number: bit 0 under-voltage, 1 frequency capped, 2 throttled,
 /// 3 soft temperature limit; bits 16-19 the same "has occurred").
-pub fn throttled() -> Option<u64> {
+pub(crate) fn throttled() -> Option<u64> {
     let text = std::fs::read_to_string("/sys/devices/platform/soc/soc:firmware/get_throttled").ok()?;
     let t = text.trim();
     let t = t.strip_prefix("0x").unwrap_or(t);

@@ -28,7 +28,7 @@ pub trait Source {
 
 /// Which signals end a wait.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Ends {
+pub(crate) enum Ends {
     /// Any signal's arrival: the caller re-checks its own conditions (the
     /// runner decides what a stop means for the running phase).
     AnySignal,
@@ -50,7 +50,7 @@ impl Ends {
 
 /// Why a wait ended.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Woke {
+pub(crate) enum Woke {
     Deadline,
     Signal,
     /// The caller's descriptor is readable (or closed).
@@ -59,7 +59,7 @@ pub enum Woke {
 
 /// Waits until `deadline`, serving `source` meanwhile; returns early when
 /// `fd` is readable or a signal of `ends` arrives.
-pub fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<RawFd>, ends: Ends) -> Woke {
+pub(crate) fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<RawFd>, ends: Ends) -> Woke {
     let mut fds = Vec::new();
     loop {
         let now = Instant::now();
@@ -94,7 +94,8 @@ pub fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<
             until = until.min(crate::deadline::after(now, Duration::from_millis(100)));
         }
         // Rounded up: a timeout truncated to 0 ms would spin until the deadline.
-        let timeout = i32::try_from(until.saturating_duration_since(now).as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
+        let timeout =
+            i32::try_from(until.saturating_duration_since(now).as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
         // SAFETY: `fds` is a valid array of pollfd for the call's duration.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n <= 0 {
@@ -121,7 +122,7 @@ pub fn until(deadline: Instant, mut source: Option<&mut dyn Source>, fd: Option<
 }
 
 /// Waits `d`, serving `source`, ending early on a stop request.
-pub fn sleep(d: Duration, source: Option<&mut dyn Source>) {
+pub(crate) fn sleep(d: Duration, source: Option<&mut dyn Source>) {
     until(crate::deadline::from_now(d), source, None, Ends::Stop);
 }
 

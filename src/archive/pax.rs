@@ -44,7 +44,7 @@ pub(super) struct PaxWriter<W: Write> {
 }
 
 impl<W: Write> PaxWriter<W> {
-    pub fn new(out: W) -> PaxWriter<W> {
+    pub(super) fn new(out: W) -> PaxWriter<W> {
         PaxWriter { out, offset: 0, buf: vec![0; 64 * 1024] }
     }
 
@@ -61,10 +61,15 @@ impl<W: Write> PaxWriter<W> {
 
     /// Writes `m`'s headers, then exactly `m.size` bytes read from `data`
     /// (a short read is an error: the caller pads what may shrink).
-    pub fn append(&mut self, m: &Member, data: &mut dyn Read) -> io::Result<()> {
+    pub(super) fn append(&mut self, m: &Member, data: &mut dyn Read) -> io::Result<()> {
         let (records, fields) = extended_records(m);
         if !records.is_empty() {
-            let pax = header(&Fields { name: b"././@PaxHeader", kind: EXTENDED, size: records.len() as u64, ..Fields::default() });
+            let pax = header(&Fields {
+                name: b"././@PaxHeader",
+                kind: EXTENDED,
+                size: records.len() as u64,
+                ..Fields::default()
+            });
             self.write(&pax)?;
             self.write(&records)?;
             self.pad()?;
@@ -85,7 +90,7 @@ impl<W: Write> PaxWriter<W> {
     }
 
     /// The end-of-archive blocks, padded to a whole record; the writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(super) fn finish(mut self) -> io::Result<W> {
         self.write(&[0; 2 * BLOCK])?;
         let rest = (RECORD - self.offset % RECORD) % RECORD;
         let zeros = [0u8; BLOCK];

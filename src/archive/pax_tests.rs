@@ -1,7 +1,19 @@
 use super::*;
 
 fn member<'a>(name: &'a [u8], kind: u8, mode: u32, link: &'a [u8]) -> Member<'a> {
-    Member { name, kind, mode, uid: 1000, gid: 1000, size: 0, mtime: 1_700_000_000, mtime_nsec: 0, link, uname: "user", gname: "grp" }
+    Member {
+        name,
+        kind,
+        mode,
+        uid: 1000,
+        gid: 1000,
+        size: 0,
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        link,
+        uname: "user",
+        gname: "grp",
+    }
 }
 
 /// The members `tests/fixtures/pax-members.py` gives Python's tarfile come
@@ -57,7 +69,8 @@ fn short_data_is_an_error_not_a_corrupt_archive() {
 
 #[test]
 fn floats_print_as_python_prints_them() {
-    for (f, s) in [(1_700_000_000.0, "1700000000.0"), (1_700_000_000.5, "1700000000.5"), (-0.75, "-0.75"), (0.0, "0.0")] {
+    for (f, s) in [(1_700_000_000.0, "1700000000.0"), (1_700_000_000.5, "1700000000.5"), (-0.75, "-0.75"), (0.0, "0.0")]
+    {
         assert_eq!(python_float(f), s);
     }
 }

@@ -22,7 +22,8 @@ fn packs_under_artifacts_keeps_links_and_modes() {
         e.read_to_end(&mut body).unwrap();
         seen.push((p, e.header().entry_type(), e.header().mode().unwrap() & 0o777, body));
     }
-    let find = |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
+    let find =
+        |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
     assert_eq!(find("artifacts/sub/a.txt").3, b"hello");
     assert_eq!(find("artifacts/run.sh").2, 0o755);
     let leak = find("artifacts/leak");
@@ -149,7 +150,8 @@ fn hard_links_and_fifos_are_kept_as_tarfile_keeps_them_and_sockets_skipped() {
     let base = std::env::temp_dir().join(format!("tf-arch-special-{}", std::process::id()));
     let dest = special_tree(&base);
     let seen = members(&dest);
-    let find = |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
+    let find =
+        |n: &str| seen.iter().find(|s| s.0.trim_end_matches('/') == n).unwrap_or_else(|| panic!("{n} in {seen:?}"));
     assert_eq!(find("artifacts/a.txt").3, b"hello");
     // The second name is a link to the first, the content stored once.
     let again = find("artifacts/sub/again.txt");

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Client, SMALL_ANSWER};
+use super::{Client, SMALL_ANSWER, percent_encode};
 use crate::json::Json;
 use crate::retry::{Jitter, Schedule};
 
@@ -12,7 +12,8 @@ use crate::retry::{Jitter, Schedule};
 /// long, doubled for each further refusal in a row up to the cap: a token
 /// endpoint that fails for a moment is retried within seconds, one that
 /// keeps refusing is asked every few minutes.
-pub(super) const REFRESH_HOLD_OFF: Schedule = Schedule::new(Duration::from_secs(1), Duration::from_secs(300), Jitter::None);
+pub(super) const REFRESH_HOLD_OFF: Schedule =
+    Schedule::new(Duration::from_secs(1), Duration::from_secs(300), Jitter::None);
 
 impl Client {
     /// The refresh token, or why there is none (`Err(None)`: no token file).
@@ -58,9 +59,14 @@ impl Client {
         let status = state.as_ref().err().cloned().flatten();
         if status != self.token_status {
             match &status {
-                Some(problem) if !self.token_file_named && self.token_file.as_ref().is_some_and(|p| !p.exists()) => log::info!("{problem}"),
+                Some(problem) if !self.token_file_named && self.token_file.as_ref().is_some_and(|p| !p.exists()) => {
+                    log::info!("{problem}")
+                }
                 Some(problem) => log::warn!("{problem}"),
-                None => log::info!("token file {} read", self.token_file.as_ref().map_or(String::new(), |p| p.display().to_string())),
+                None => log::info!(
+                    "token file {} read",
+                    self.token_file.as_ref().map_or(String::new(), |p| p.display().to_string())
+                ),
             }
             self.token_status = status;
         }
@@ -79,18 +85,23 @@ impl Client {
         let url = self.url("/v1/oauth2/refresh");
         let body = Json::object().with("refresh_token", Json::str(refresh_token.as_str())).to_string_compact();
         match self.send_once("POST", &url, Some(body.as_bytes()), SMALL_ANSWER, false, self.retry.timeout) {
-            Ok(a) if a.status == 200 => match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
-                Some(token) if is_token(&token) => {
-                    log::debug!("got a new access token from {url}");
-                    self.access_token = Some(token);
-                    self.refresh_hold.succeeded();
-                    true
+            Ok(a) if a.status == 200 => {
+                match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
+                    Some(token) if is_token(&token) => {
+                        log::debug!("got a new access token from {url}");
+                        self.access_token = Some(token);
+                        self.refresh_hold.succeeded();
+                        true
+                    }
+                    // Kept, such a token would fail every request before it
+                    // leaves (header check) and never be refreshed: a refusal.
+                    Some(_) => self.refresh_failed(
+                        &url,
+                        "the answer's access_token is empty or holds bytes that are not visible ASCII",
+                    ),
+                    None => self.refresh_failed(&url, "the answer (HTTP 200) has no access_token string"),
                 }
-                // Kept, such a token would fail every request before it
-                // leaves (header check) and never be refreshed: a refusal.
-                Some(_) => self.refresh_failed(&url, "the answer's access_token is empty or holds bytes that are not visible ASCII"),
-                None => self.refresh_failed(&url, "the answer (HTTP 200) has no access_token string"),
-            },
+            }
             Ok(a) => self.refresh_failed(&url, &format!("token refresh refused with HTTP {}", a.status)),
             Err(e) => {
                 log::error!("token refresh failed: {e}");
@@ -127,15 +138,7 @@ fn is_token(token: &str) -> bool {
 /// percent-encoded, so an `agent_id` holding `;` or a space cannot add a
 /// cookie or break the header. Ordinary names go as they are.
 fn cookie_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(value, |b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'%'))
 }
 
 #[cfg(test)]
@@ -167,6 +170,9 @@ mod tests {
         assert_eq!(cookie_value("50%\"q\",\\"), "50%25%22q%22%2C%5C");
         let mut client = Client::new("http://h", "x;y", None);
         client.access_token = Some("t".into());
-        assert_eq!(client.headers(true), vec![("Cookie".into(), "agent_name=x%3By".into()), ("Authorization".into(), "Bearer t".into())]);
+        assert_eq!(
+            client.headers(true),
+            vec![("Cookie".into(), "agent_name=x%3By".into()), ("Authorization".into(), "Bearer t".into())]
+        );
     }
 }

@@ -14,8 +14,8 @@
 //! is later, so that a healthy server still gets the outcome; once one call
 //! has been abandoned for the stop, no further call is made.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{notify, signals};
@@ -103,7 +103,6 @@ impl Budget {
         self.start.elapsed()
     }
 }
-
 
 /// The error a call ends with when the agent's stop cut it (see [`is_stop`]).
 #[derive(Debug)]

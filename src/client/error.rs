@@ -62,7 +62,8 @@ pub struct Answer {
 
 impl Answer {
     pub(super) fn json(&self, url: &str) -> Result<Json, ClientError> {
-        Json::parse_bytes(&self.body).map_err(|e| ClientError::BadAnswer { url: url.to_string(), reason: e.to_string() })
+        Json::parse_bytes(&self.body)
+            .map_err(|e| ClientError::BadAnswer { url: url.to_string(), reason: e.to_string() })
     }
 
     /// Only a 2xx is a success; anything else is an error quoting the start
@@ -80,7 +81,8 @@ impl Answer {
 /// space and control characters become one space), at most 200 characters.
 fn body_snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
-    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
     words.join(" ").chars().take(200).collect()
 }
 
@@ -130,7 +132,15 @@ pub fn unreachable_kind(reason: &str) -> &'static str {
         "TLS certificate not accepted"
     } else if has(&["tls", "handshake", "rustls", "corrupt message", "invalidcontenttype", "invalidmessage"]) {
         "TLS failure"
-    } else if has(&["lookup", "looking up", "resolve", "name or service", "nodename nor servname", "name resolution", "no address"]) {
+    } else if has(&[
+        "lookup",
+        "looking up",
+        "resolve",
+        "name or service",
+        "nodename nor servname",
+        "name resolution",
+        "no address",
+    ]) {
         "host name not resolved"
     } else if has(&["refused"]) {
         "connection refused"
@@ -170,7 +180,10 @@ mod tests {
             ("no answer: Resource temporarily unavailable: timed out", "no answer in time"),
             ("HTTP 503", "server error"),
             ("no answer: Connection reset by peer (os error 104)", "connection dropped"),
-            ("proxy 127.0.0.1:3128 refused CONNECT to tf:443: HTTP 407 Proxy Authentication Required", "the proxy did not pass the request on"),
+            (
+                "proxy 127.0.0.1:3128 refused CONNECT to tf:443: HTTP 407 Proxy Authentication Required",
+                "the proxy did not pass the request on",
+            ),
         ];
         for (reason, kind) in cases {
             assert_eq!(unreachable_kind(reason), kind, "{reason}");

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::transport::{Keep, Payload};
-use super::{Answer, Client, ClientError, ATTACHMENTS_MAX, SMALL_ANSWER};
+use super::{ATTACHMENTS_MAX, Answer, Client, ClientError, SMALL_ANSWER};
 
 impl Client {
     /// Uploads the artifact tarball at `archive` as `multipart/form-data`

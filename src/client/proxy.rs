@@ -9,7 +9,7 @@ use super::wire::Url;
 
 /// An HTTP proxy: where to connect and what to say to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Proxy {
+pub(super) struct Proxy {
     pub host: String,
     pub port: u16,
     /// `Proxy-Authorization` value, when the proxy URL has a user.
@@ -19,11 +19,13 @@ pub struct Proxy {
 impl Proxy {
     /// `[http://][user[:password]@]host[:port]`; the port defaults to 80
     /// (as requests does for an http proxy URL without one).
-    pub fn parse(value: &str) -> Result<Proxy, String> {
+    pub(super) fn parse(value: &str) -> Result<Proxy, String> {
         let value = value.trim();
         let rest = match value.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) => return Err(format!("proxy {value:?}: only http:// proxies are supported, not {scheme}://")),
+            Some((scheme, _)) => {
+                return Err(format!("proxy {value:?}: only http:// proxies are supported, not {scheme}://"));
+            }
             None => value,
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -41,7 +43,7 @@ impl Proxy {
 }
 
 /// A proxy URL for a log line, without its password.
-pub fn redact(value: &str) -> String {
+pub(super) fn redact(value: &str) -> String {
     match value.rsplit_once('@') {
         Some((before, after)) => {
             let scheme = before.split_once("://").map(|(s, _)| format!("{s}://")).unwrap_or_default();
@@ -53,20 +55,22 @@ pub fn redact(value: &str) -> String {
 
 /// What the environment says, read once at start.
 #[derive(Clone, Debug, Default)]
-pub struct Proxies {
+pub(super) struct Proxies {
     http: Option<String>,
     https: Option<String>,
     no_proxy: Vec<String>,
 }
 
 impl Proxies {
-    pub fn from_env() -> Proxies {
+    pub(super) fn from_env() -> Proxies {
         Proxies::from_lookup(|k| std::env::var(k).ok())
     }
 
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Proxies {
+    pub(super) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Proxies {
         let var = |name: &str| {
-            [name.to_string(), name.to_ascii_uppercase()].into_iter().find_map(|k| get(&k).filter(|v| !v.trim().is_empty()))
+            [name.to_string(), name.to_ascii_uppercase()]
+                .into_iter()
+                .find_map(|k| get(&k).filter(|v| !v.trim().is_empty()))
         };
         let all = var("all_proxy");
         Proxies {
@@ -83,7 +87,7 @@ impl Proxies {
 
     /// The proxy for `url`, if any; an error for a proxy setting that
     /// cannot be used (better than silently going direct).
-    pub fn for_url(&self, url: &Url) -> Result<Option<Proxy>, String> {
+    pub(super) fn for_url(&self, url: &Url) -> Result<Option<Proxy>, String> {
         let setting = if url.https { &self.https } else { &self.http };
         match setting {
             Some(value) if !self.bypass(url) => Proxy::parse(value).map(Some),
@@ -206,7 +210,14 @@ mod tests {
     #[test]
     fn no_proxy_matches_hosts_domains_networks_and_ports() {
         let p = env(&[("http_proxy", "p:1"), ("no_proxy", "localhost, .lab.example,10.0.0.0/8,tf.example:8000,[::1]")]);
-        for direct in ["http://localhost/", "http://a.lab.example/", "http://lab.example/", "http://10.1.2.3/", "http://tf.example:8000/", "http://[::1]:5/"] {
+        for direct in [
+            "http://localhost/",
+            "http://a.lab.example/",
+            "http://lab.example/",
+            "http://10.1.2.3/",
+            "http://tf.example:8000/",
+            "http://[::1]:5/",
+        ] {
             assert_eq!(proxy_for(&p, direct), None, "{direct}");
         }
         for proxied in ["http://xlab.example/", "http://11.0.0.1/", "http://tf.example:8001/", "http://example/"] {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::budget::{stop_error, Budget, Cut};
+use super::budget::{Budget, Cut, stop_error};
 
 /// Lookups still running on their threads, given up on or not.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
@@ -26,18 +26,28 @@ pub(crate) fn literal(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Some(vec![SocketAddr::new(ip, port)]);
     }
-    host.eq_ignore_ascii_case("localhost")
-        .then(|| vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)])
+    host.eq_ignore_ascii_case("localhost").then(|| {
+        vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)]
+    })
 }
 
 /// The addresses of `host`, looked up within the call's budget; `idle`
 /// runs every `tick` meanwhile.
-pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, idle: &mut dyn FnMut()) -> io::Result<Vec<SocketAddr>> {
+pub(crate) fn resolve(
+    host: &str,
+    port: u16,
+    budget: &Budget,
+    tick: Duration,
+    idle: &mut dyn FnMut(),
+) -> io::Result<Vec<SocketAddr>> {
     if let Some(addrs) = literal(host, port) {
         return Ok(addrs);
     }
     if RUNNING.load(Ordering::SeqCst) >= MAX_HANGING {
-        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("looking up {host}: {MAX_HANGING} earlier lookups still hang")));
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("looking up {host}: {MAX_HANGING} earlier lookups still hang"),
+        ));
     }
     let (tx, rx) = mpsc::channel();
     let name = host.to_string();
@@ -61,8 +71,11 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
             Some(Cut::Deadline) => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("looking up {host}: timed out after {} (the call's deadline)", crate::human::duration(budget.elapsed())),
-                ))
+                    format!(
+                        "looking up {host}: timed out after {} (the call's deadline)",
+                        crate::human::duration(budget.elapsed())
+                    ),
+                ));
             }
             None => {}
         }
@@ -70,7 +83,7 @@ pub(crate) fn resolve(host: &str, port: u16, budget: &Budget, tick: Duration, id
             Ok(r) => return r.map_err(|e| io::Error::new(e.kind(), format!("looking up {host}: {e}"))),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(io::Error::other(format!("looking up {host}: the lookup thread ended without an answer")))
+                return Err(io::Error::other(format!("looking up {host}: the lookup thread ended without an answer")));
             }
         }
     }

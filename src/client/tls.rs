@@ -19,8 +19,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -38,7 +38,7 @@ const SYSTEM_BUNDLES: &[&str] = &[
 const SYSTEM_DIR: &str = "/etc/ssl/certs";
 
 /// The client's TLS settings, built once, and a line saying what it trusts.
-pub struct Tls {
+pub(super) struct Tls {
     pub config: Arc<ClientConfig>,
     pub trusts: String,
 }
@@ -46,14 +46,15 @@ pub struct Tls {
 /// Builds the trust store and the TLS config. An error when a CA file that
 /// was asked for (environment or config) cannot be read or holds no
 /// certificate: an operator who names a CA must not get another one.
-pub fn build(ca_file: Option<&Path>) -> Result<Tls, String> {
+pub(super) fn build(ca_file: Option<&Path>) -> Result<Tls, String> {
     build_with(ca_file, |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 
 fn build_with(ca_file: Option<&Path>, env: impl Fn(&str) -> Option<PathBuf>) -> Result<Tls, String> {
     let mut roots = RootCertStore::empty();
     let mut sources = Vec::new();
-    let env_file = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"].into_iter().find_map(|k| env(k).map(|p| (k, p)));
+    let env_file =
+        ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"].into_iter().find_map(|k| env(k).map(|p| (k, p)));
     let env_dir = env("SSL_CERT_DIR");
     if env_file.is_some() || env_dir.is_some() {
         if let Some((var, path)) = env_file {
@@ -119,7 +120,8 @@ fn add_dir(roots: &mut RootCertStore, dir: &Path) -> usize {
         let path = entry.path();
         if path.is_file() {
             if let Ok(bytes) = std::fs::read(&path) {
-                let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
+                let certs: Vec<CertificateDer> =
+                    CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
                 n += roots.add_parsable_certificates(certs).0;
             }
         }
@@ -155,7 +157,7 @@ fn slot(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> 
 /// `a_refused_certificate_is_logged_once_and_the_server_gets_the_alert`).
 /// The error says why in words, and is logged at ERROR once per change of
 /// reason (the caller logs its failures at a quieter level).
-pub fn handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S, authority: &str) -> io::Result<()> {
+pub(super) fn handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S, authority: &str) -> io::Result<()> {
     slot(&VERDICT).take();
     while conn.is_handshaking() {
         if let Err(e) = conn.complete_io(sock) {
@@ -220,7 +222,9 @@ impl fmt::Display for Refused {
 fn why(e: &CertificateError) -> String {
     match e {
         CertificateError::UnknownIssuer => "issued by a CA this agent does not trust".into(),
-        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "not valid for that name".into(),
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            "not valid for that name".into()
+        }
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired".into(),
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not valid yet".into(),
         CertificateError::Revoked => "revoked".into(),
@@ -269,11 +273,21 @@ impl ServerCertVerifier for Naming {
         })
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 
@@ -379,7 +393,9 @@ mod tests {
 
     #[test]
     fn der_walker_survives_garbage() {
-        for bad in [&[][..], &[0x30], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x30, 0x82, 0xff, 0xff, 0], &[0x30, 0x03, 0x30, 0x01]] {
+        for bad in
+            [&[][..], &[0x30], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x30, 0x82, 0xff, 0xff, 0], &[0x30, 0x03, 0x30, 0x01]]
+        {
             assert!(names(bad).is_none());
         }
         let root = webpki_roots::TLS_SERVER_ROOTS.first().unwrap();

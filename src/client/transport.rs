@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::budget::{is_stop, stop_error, Budget, Cut, TICK};
+use super::budget::{Budget, Cut, TICK, is_stop, stop_error};
 use super::proxy::{Proxies, Proxy};
 use super::resolve;
 use super::wire::{self, BodyReader, Framing, Url};
@@ -38,7 +38,10 @@ pub type Idle<'a> = dyn FnMut() + 'a;
 const IDLE_TICK: Duration = Duration::from_millis(5);
 
 fn timed_out(budget: &Budget, what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, format!("{what}: timed out after {} (the call's deadline)", crate::human::duration(budget.elapsed())))
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what}: timed out after {} (the call's deadline)", crate::human::duration(budget.elapsed())),
+    )
 }
 
 /// Ends the wait when the call must end (stop or deadline).
@@ -111,7 +114,13 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
                 let mut err_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
                 // SAFETY: SO_ERROR into an int of the stated size.
                 let r = unsafe {
-                    libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut err_len)
+                    libc::getsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        (&mut err as *mut libc::c_int).cast(),
+                        &mut err_len,
+                    )
                 };
                 if r != 0 {
                     return Err(io::Error::last_os_error());
@@ -128,7 +137,10 @@ fn connect_addr(addr: &SocketAddr, budget: &Budget, tick: Duration, idle: &mut d
                 }
             }
             if started.elapsed() >= budget.timeout {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}: no answer within {}", crate::human::duration(budget.timeout))));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {addr}: no answer within {}", crate::human::duration(budget.timeout)),
+                ));
             }
         }
     }
@@ -175,7 +187,10 @@ impl Socket<'_, '_> {
             match op(&mut self.tcp) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     if self.budget.stalled() {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: no answer within {}", crate::human::duration(self.budget.timeout))));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{what}: no answer within {}", crate::human::duration(self.budget.timeout)),
+                        ));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -208,7 +223,10 @@ impl Read for Socket<'_, '_> {
 impl Write for Socket<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.watch_early && !self.sent && self.readable() {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the server answered or closed before the request was sent"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the server answered or closed before the request was sent",
+            ));
         }
         let n = self.io("sending the request", |t| t.write(buf))?;
         self.written += n as u64;
@@ -238,26 +256,35 @@ impl Conn for rustls::Stream<'_, rustls::ClientConnection, Socket<'_, '_>> {
 }
 
 /// What goes after the request head.
-pub enum Payload<'a, 'b> {
+pub(crate) enum Payload<'a, 'b> {
     None,
-    Bytes { content_type: &'a str, bytes: &'a [u8] },
+    Bytes {
+        content_type: &'a str,
+        bytes: &'a [u8],
+    },
     /// Written by `write` straight into the socket: exactly `len` bytes.
-    Stream { content_type: &'a str, len: u64, write: &'a mut BodyWriter<'b> },
+    Stream {
+        content_type: &'a str,
+        len: u64,
+        write: &'a mut BodyWriter<'b>,
+    },
 }
 
 impl Payload<'_, '_> {
-    pub fn reborrow(&mut self) -> Payload<'_, '_> {
+    pub(crate) fn reborrow(&mut self) -> Payload<'_, '_> {
         match self {
             Payload::None => Payload::None,
             Payload::Bytes { content_type, bytes } => Payload::Bytes { content_type, bytes },
-            Payload::Stream { content_type, len, write } => Payload::Stream { content_type, len: *len, write: &mut **write },
+            Payload::Stream { content_type, len, write } => {
+                Payload::Stream { content_type, len: *len, write: &mut **write }
+            }
         }
     }
 }
 
 /// What becomes of the answer's body.
 #[derive(Clone, Copy)]
-pub enum Keep<'a> {
+pub(crate) enum Keep<'a> {
     /// Read to its end and dropped (uploads, whose answers say nothing
     /// more), at most this many bytes: a body that breaks its framing
     /// means the answer may not be the server's, so it fails the call.
@@ -271,7 +298,7 @@ pub enum Keep<'a> {
 
 /// The answer: status, redirect target, and the body when kept in memory.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub location: Option<String>,
     pub body: Vec<u8>,
@@ -279,7 +306,7 @@ pub struct Reply {
 
 /// Why an exchange failed.
 #[derive(Debug)]
-pub enum Failure {
+pub(super) enum Failure {
     /// The network or the server: no usable answer.
     Net(io::Error),
     /// The body was over the cap.
@@ -298,7 +325,7 @@ impl From<io::Error> for Failure {
 }
 
 /// The parts of the client's setup every connection needs.
-pub struct Net {
+pub(super) struct Net {
     proxies: Proxies,
     ca_file: Option<PathBuf>,
     #[cfg(feature = "tls")]
@@ -307,7 +334,7 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new() -> Net {
+    pub(super) fn new() -> Net {
         Net {
             proxies: Proxies::from_env(),
             ca_file: None,
@@ -319,12 +346,12 @@ impl Net {
 
     /// The agent is about to make no call for `wait`: a kept connection
     /// that would idle past its limit meanwhile is closed now.
-    pub fn before_wait(&self, wait: Duration) {
+    pub(super) fn before_wait(&self, wait: Duration) {
         self.kept.close_if_idle_within(wait);
     }
 
     /// A CA file trusted on top of the store (config `server_ca_file`).
-    pub fn set_ca_file(&mut self, path: Option<PathBuf>) {
+    pub(super) fn set_ca_file(&mut self, path: Option<PathBuf>) {
         self.ca_file = path;
         #[cfg(feature = "tls")]
         {
@@ -357,7 +384,7 @@ impl Default for Net {
 }
 
 /// One request: what [`exchange`] sends and how it treats the answer.
-pub struct Request<'a> {
+pub(super) struct Request<'a> {
     pub method: &'a str,
     pub url: &'a Url,
     pub headers: &'a [(String, String)],
@@ -385,7 +412,7 @@ fn connect(host: &str, port: u16, budget: &Budget, tick: Duration, idle: &mut dy
 /// One request, on the kept connection when there is a usable one (see
 /// `keep`), else on a new one; within the call's deadline and abandoned
 /// when the agent stops (see `budget`).
-pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
+pub(super) fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
     let Request { method, url, headers, mut payload, keep, timeout, idle } = req;
     let mut budget = Budget::new(timeout);
     let proxy = net.proxies.for_url(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -428,8 +455,13 @@ pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
                         None => &mut no_idle,
                     };
                     match &proxy {
-                        Some(p) => connect(&p.host, p.port, &budget, tick, work)
-                            .map_err(|e| if is_stop(&e) { e } else { io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port)) }),
+                        Some(p) => connect(&p.host, p.port, &budget, tick, work).map_err(|e| {
+                            if is_stop(&e) {
+                                e
+                            } else {
+                                io::Error::new(e.kind(), format!("proxy {}:{}: {e}", p.host, p.port))
+                            }
+                        }),
                         None => connect(&url.host, url.port, &budget, tick, work),
                     }
                 };
@@ -438,7 +470,17 @@ pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
                 (tcp, None)
             }
         };
-        let mut socket = Socket { tcp, written: 0, received: 0, idle, budget, tick, wait: None, watch_early: !url.https, sent: false };
+        let mut socket = Socket {
+            tcp,
+            written: 0,
+            received: 0,
+            idle,
+            budget,
+            tick,
+            wait: None,
+            watch_early: !url.https,
+            sent: false,
+        };
         let result = attempt(net, &mut socket, link, url, proxy.as_ref(), &head, payload.reborrow(), keep);
         let Socket { tcp, written, received, idle: idle_back, budget: budget_back, .. } = socket;
         idle = idle_back;
@@ -450,7 +492,10 @@ pub fn exchange(net: &Net, req: Request) -> Result<Reply, Failure> {
             }
             Ok((reply, None)) => return Ok(reply),
             Err(f) if reused && keep::may_resend(&f, method, written, received) => {
-                log::debug!("{method} {url}: the kept connection failed before the server could have the request ({}); sending it on a new one", describe(&f));
+                log::debug!(
+                    "{method} {url}: the kept connection failed before the server could have the request ({}); sending it on a new one",
+                    describe(&f)
+                );
             }
             Err(f) => return Err(f),
         }
@@ -519,8 +564,9 @@ fn new_link(net: &Net, socket: &mut Socket, url: &Url) -> Result<keep::Link, Fai
     #[cfg(feature = "tls")]
     {
         let config = net.tls()?;
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a TLS server name: {e}", url.host)))?;
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a TLS server name: {e}", url.host))
+        })?;
         let mut conn = rustls::ClientConnection::new(config, name).map_err(|e| io::Error::other(e.to_string()))?;
         // The handshake first, so that a certificate problem reads as one and
         // not as a failed write of the request.
@@ -558,7 +604,13 @@ fn tunnel(socket: &mut Socket, proxy: &Proxy, url: &Url) -> io::Result<()> {
     if !(200..300).contains(&answer.status) {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
-            format!("proxy {}:{} refused CONNECT to {}: HTTP {}", proxy.host, proxy.port, url.authority(), answer.status),
+            format!(
+                "proxy {}:{} refused CONNECT to {}: HTTP {}",
+                proxy.host,
+                proxy.port,
+                url.authority(),
+                answer.status
+            ),
         ));
     }
     Ok(())
@@ -566,7 +618,12 @@ fn tunnel(socket: &mut Socket, proxy: &Proxy, url: &Url) -> io::Result<()> {
 
 /// The request and its answer; the answer's head comes back when the
 /// connection may carry another request.
-fn exchange_on<S: Conn>(conn: &mut S, head: &[u8], payload: Payload, keep: Keep) -> Result<(Reply, Option<wire::Head>), Failure> {
+fn exchange_on<S: Conn>(
+    conn: &mut S,
+    head: &[u8],
+    payload: Payload,
+    keep: Keep,
+) -> Result<(Reply, Option<wire::Head>), Failure> {
     let written = (|| {
         // 64 KiB chunks keep syscalls few and memory flat.
         let mut w = io::BufWriter::with_capacity(64 * 1024, &mut *conn);

@@ -109,7 +109,10 @@ impl Url {
             return Url::parse(&format!("{}://{rest}", self.scheme()));
         }
         if location.contains("://") {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("redirect to a non-HTTP URL {location:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("redirect to a non-HTTP URL {location:?}"),
+            ));
         }
         let path = if location.starts_with('/') {
             location.to_string()
@@ -141,11 +144,17 @@ pub fn request_head(method: &str, target: &str, host: &str, headers: &[(String, 
     );
     for (k, v) in headers {
         if k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("header name {:?} is not visible ASCII", cut(k))));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("header name {:?} is not visible ASCII", cut(k)),
+            ));
         }
         if !is_header_value(v) {
             // The value is not quoted: it may be a token.
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("the {k} header holds a byte that is not visible ASCII")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the {k} header holds a byte that is not visible ASCII"),
+            ));
         }
         head.push_str(k);
         head.push_str(": ");
@@ -375,7 +384,10 @@ impl<R: BufRead> BodyReader<R> {
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("answer cut off with {left} bytes of the body missing")));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("answer cut off with {left} bytes of the body missing"),
+            ));
         }
         Ok(n)
     }
@@ -410,7 +422,8 @@ impl<R: BufRead> Read for BodyReader<R> {
                         // Trailers, up to the empty line.
                         let mut budget = MAX_HEAD;
                         loop {
-                            let line = read_line(&mut self.inner, budget, "trailers").map_err(|e| over_cap(e, "trailers"))?;
+                            let line =
+                                read_line(&mut self.inner, budget, "trailers").map_err(|e| over_cap(e, "trailers"))?;
                             budget = budget.saturating_sub(line.len() as u64);
                             if line.trim_end_matches(['\r', '\n']).is_empty() {
                                 break;

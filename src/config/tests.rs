@@ -21,7 +21,10 @@ fn defaults_match_upstream() {
 
 #[test]
 fn phase_env_is_what_upstream_exports() {
-    let mut c = parse(&format!("{MINIMAL}location: lab 2\ntest_command: run\nlogging_level: DEBUG\nlogging_quiet: true\nglobal_timeout: 60\n")).unwrap();
+    let mut c = parse(&format!(
+        "{MINIMAL}location: lab 2\ntest_command: run\nlogging_level: DEBUG\nlogging_quiet: true\nglobal_timeout: 60\n"
+    ))
+    .unwrap();
     c.export_token_file(Path::new("/t/token"));
     let get = |k: &str| c.string_env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     // Written strings as written, over the defaults.
@@ -39,7 +42,16 @@ fn phase_env_is_what_upstream_exports() {
     }
     assert_eq!(get("token_file"), Some("/t/token"));
     // Not strings in upstream's config: not exported.
-    for key in ["job_queues", "polling_interval", "logging_quiet", "global_timeout", "output_bytes", "identifier", "provision_type", "server_timeout"] {
+    for key in [
+        "job_queues",
+        "polling_interval",
+        "logging_quiet",
+        "global_timeout",
+        "output_bytes",
+        "identifier",
+        "provision_type",
+        "server_timeout",
+    ] {
         assert_eq!(get(key), None, "{key}");
     }
     // Each key once, the token file too when set again.
@@ -90,13 +102,26 @@ fn server_timeout_is_seconds_and_at_least_one() {
 
 #[test]
 fn server_address_is_checked() {
-    for good in ["10.0.0.5:8000", "http://tf", "https://tf.example.com/", "HTTP://h:1", "http://[::1]:5000", "tf_x.lab:65535"] {
+    for good in
+        ["10.0.0.5:8000", "http://tf", "https://tf.example.com/", "HTTP://h:1", "http://[::1]:5000", "tf_x.lab:65535"]
+    {
         if good.starts_with("https") && !cfg!(feature = "tls") {
             continue;
         }
         assert!(parse(&MINIMAL.replace("10.0.0.5:8000", good)).is_ok(), "{good}");
     }
-    for bad in ["htp://x", "ftp://x", "http://", "http://:80", "x:0", "x:99999", "x:port", "http://a b", "http://h?q=1", "http://h:"] {
+    for bad in [
+        "htp://x",
+        "ftp://x",
+        "http://",
+        "http://:80",
+        "x:0",
+        "x:99999",
+        "x:port",
+        "http://a b",
+        "http://h?q=1",
+        "http://h:",
+    ] {
         let e = parse(&MINIMAL.replace("10.0.0.5:8000", &format!("{bad:?}"))).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("server_address"), "{bad}: {e}");
     }
@@ -166,7 +191,12 @@ fn type_errors_say_what_to_write_not_rust_types() {
 fn every_duration_key_has_a_range() {
     // (key, lowest and highest accepted, refused values)
     let table: [(&str, &str, &str, &[&str]); 7] = [
-        ("global_timeout", "1", "31536000", &["0", "31536001", "18446744073709551615", "18446744073709551616", "1e300", "-1"]),
+        (
+            "global_timeout",
+            "1",
+            "31536000",
+            &["0", "31536001", "18446744073709551615", "18446744073709551616", "1e300", "-1"],
+        ),
         ("output_timeout", "1", "31536000", &["0", "31536001", "9223372036854775807", ".inf", "1.5"]),
         ("server_timeout", "1", "86400", &["0", "86401", "18446744073709551615"]),
         ("polling_interval", "0", "86400", &["86400.5", "1e300", ".inf", ".nan", "-0.1"]),

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
 use super::watcher::{PhaseWatcher, Progress};
-use super::{JobRunner, CLEANUP_WHEN_INTERRUPTED, PHASE_HEARTBEAT};
+use super::{CLEANUP_WHEN_INTERRUPTED, JobRunner, next_heartbeat};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
-use crate::phase::{EndReason, Event, LogKind, Phase, NOT_RUN};
+use crate::phase::{EndReason, Event, LogKind, NOT_RUN, Phase};
 use crate::rundir::PendingStream;
 use crate::runner::{self, Limits, Stop};
 use crate::serial::SerialTail;
@@ -40,7 +40,8 @@ impl JobRunner<'_> {
         });
         let has_live = live.is_some();
         // The connector's serial log, masked and sent as it is written.
-        let serial = has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut fragments.serial));
+        let serial =
+            has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut fragments.serial));
         let mut progress = Progress::new(&self.rundir, phase, base);
         if let Some((_, _, counter)) = &live {
             progress.save(**counter, start_offset, None);
@@ -50,10 +51,11 @@ impl JobRunner<'_> {
             live,
             serial,
             job_id: &job_id,
-            next_cancel_check: (phase.can_cancel() && has_live).then(|| super::watcher::first_cancel_check(Instant::now())),
+            next_cancel_check: (phase.can_cancel() && has_live)
+                .then(|| super::watcher::first_cancel_check(Instant::now())),
             metrics: self.metrics.as_deref_mut(),
             progress,
-            next_heartbeat: crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT)),
+            next_heartbeat: next_heartbeat(Instant::now()),
         };
         crate::notify::status(&format!("job {job_id}: {phase}"));
         let outcome = runner::run(&cmd, self.rundir.path(), &env, limits, &mut watcher);
@@ -119,7 +121,10 @@ impl JobRunner<'_> {
         // (upstream's cumulative post): dashboards see cleanup's status
         // before the outcome, and even when the outcome is kept for later.
         self.post_result(self.outcome());
-        self.emit(if code == 0 { Event::Success(Phase::Cleanup) } else { Event::Ended(EndReason::Fail(Phase::Cleanup)) }, "");
+        self.emit(
+            if code == 0 { Event::Success(Phase::Cleanup) } else { Event::Ended(EndReason::Fail(Phase::Cleanup)) },
+            "",
+        );
     }
 
     /// After the allocate command: publish the device, then hold it until
@@ -141,13 +146,15 @@ impl JobRunner<'_> {
         let server = &mut *self.server;
         let retry = server.retry();
         let over = |s: Option<JobState>| s.is_some_and(|s| s.is_over());
-        let mut next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
+        let mut heartbeat_at = next_heartbeat(Instant::now());
         loop {
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat = crate::deadline::from_now(crate::jitter::early(PHASE_HEARTBEAT));
+            if Instant::now() >= heartbeat_at {
+                heartbeat_at = next_heartbeat(Instant::now());
                 post_state_unless_held(server, Phase::Allocate, retry);
             }
-            if over(server.job_state(&self.plan.job_id, None, retry)) || parent.as_deref().is_some_and(|p| over(server.job_state(p, None, retry))) {
+            if over(server.job_state(&self.plan.job_id, None, retry))
+                || parent.as_deref().is_some_and(|p| over(server.job_state(p, None, retry)))
+            {
                 return;
             }
             if signals::interrupted() {

@@ -140,7 +140,10 @@ fn skip_reason(config: &Config, job: &Json, phase: Phase) -> Option<String> {
 /// [`MAX_JOB_TIMEOUT`]; anything else is ignored (with a warning, see
 /// `field_warnings`) and the config's value or the default is used.
 fn timeout_from_job(job: &Json, key: &str) -> Option<u64> {
-    job.get(key).and_then(Json::as_i64).and_then(|t| u64::try_from(t).ok()).filter(|t| (1..=MAX_JOB_TIMEOUT).contains(t))
+    job.get(key)
+        .and_then(Json::as_i64)
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| (1..=MAX_JOB_TIMEOUT).contains(t))
 }
 
 /// The job's timeout capped by the config's, as upstream caps it: an absent
@@ -165,7 +168,12 @@ fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
     let global = pick(timeout_from_job(job, "global_timeout"), config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
     let output = (phase == Phase::Test)
         .then(|| pick(timeout_from_job(job, "output_timeout"), config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
-    Limits { global: Some(Duration::from_secs(global)), output: output.map(Duration::from_secs), kill_grace, on_agent_stop }
+    Limits {
+        global: Some(Duration::from_secs(global)),
+        output: output.map(Duration::from_secs),
+        kill_grace,
+        on_agent_stop,
+    }
 }
 
 /// Typed job fields holding the wrong type, each with what is used

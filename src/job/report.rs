@@ -4,11 +4,11 @@
 //! go nowhere and events only reach the log.
 
 use super::JobRunner;
-use crate::retry::Retry;
-use crate::server::Server;
 use crate::json::Json;
 use crate::outbound::Masked;
 use crate::phase::{EndReason, Event, Phase, RECOVERY_FAILED};
+use crate::retry::Retry;
+use crate::server::Server;
 use crate::states::{AgentState, JobState};
 
 impl JobRunner<'_> {
@@ -40,7 +40,8 @@ impl JobRunner<'_> {
     /// resumes).
     pub(super) fn post_job_id(&mut self) {
         let retry = self.server.retry();
-        let _ = self.server.post_agent_data(&Json::object().with("job_id", Json::str(self.plan.job_id.as_str())), retry);
+        let _ =
+            self.server.post_agent_data(&Json::object().with("job_id", Json::str(self.plan.job_id.as_str())), retry);
     }
 
     pub(super) fn is_cancelled(&mut self) -> bool {

@@ -8,8 +8,8 @@ use std::rc::Rc;
 use super::*;
 use crate::budget::Budget;
 use crate::phase::RECOVERY_FAILED;
-use crate::server::fake::{Call, Fake};
 use crate::server::Local;
+use crate::server::fake::{Call, Fake};
 use crate::states::AgentState;
 
 /// Every phase's command prints its name.
@@ -75,7 +75,11 @@ fn last_position(fake: &Fake, what: impl Fn(&Call) -> bool) -> usize {
 }
 
 fn has_event(body: &Json, name: &str) -> bool {
-    body.get("events").and_then(Json::as_array).unwrap_or(&[]).iter().any(|e| e.get("event_name").and_then(Json::as_str) == Some(name))
+    body.get("events")
+        .and_then(Json::as_array)
+        .unwrap_or(&[])
+        .iter()
+        .any(|e| e.get("event_name").and_then(Json::as_str) == Some(name))
 }
 
 /// A job-state script: the job is cancelled once `path` exists.
@@ -100,15 +104,32 @@ fn phases_run_in_order_and_skipped_ones_are_announced() {
     assert_eq!(
         fake.last_events(),
         [
-            "job_start", "setup_start", "setup_success", "provision_start", "provision_success", "firmware_update_start",
-            "firmware_update_success", "test_start", "test_success", "allocate_start", "allocate_success", "reserve_start",
-            "reserve_success", "cleanup_start", "cleanup_success", "job_end",
+            "job_start",
+            "setup_start",
+            "setup_success",
+            "provision_start",
+            "provision_success",
+            "firmware_update_start",
+            "firmware_update_success",
+            "test_start",
+            "test_success",
+            "allocate_start",
+            "allocate_success",
+            "reserve_start",
+            "reserve_success",
+            "cleanup_start",
+            "cleanup_success",
+            "job_end",
         ]
     );
     // The outputs of the phases that ran, in order, and no other.
     let output = fake.log("output");
     let at = |s: &str| output.find(s).unwrap_or_else(|| panic!("{s} not streamed: {output}"));
-    assert!(at("setup-out") < at("provision-out") && at("provision-out") < at("test-out") && at("test-out") < at("cleanup-out"));
+    assert!(
+        at("setup-out") < at("provision-out")
+            && at("provision-out") < at("test-out")
+            && at("test-out") < at("cleanup-out")
+    );
     assert!(!output.contains("firmware-out") && !output.contains("reserve-out"), "{output}");
     let provision_log = fake.calls.iter().find_map(|c| match c {
         Call::ProvisionLog(b) => Some(b.to_string_compact()),
@@ -117,7 +138,10 @@ fn phases_run_in_order_and_skipped_ones_are_announced() {
     assert_eq!(provision_log.as_deref(), Some(r#"{"job_id":"j1","exit_code":0,"detail":"provision_success"}"#));
     // Delivered: the outcome is last and the run dir is gone.
     let Some(Call::Result(_, outcome)) = fake.calls.last() else { panic!("no outcome last: {:?}", fake.calls.last()) };
-    assert_eq!(outcome.to_string_compact(), r#"{"status":{"setup":0,"provision":0,"test":0,"cleanup":0},"job_state":"complete"}"#);
+    assert_eq!(
+        outcome.to_string_compact(),
+        r#"{"status":{"setup":0,"provision":0,"test":0,"cleanup":0},"job_state":"complete"}"#
+    );
     assert!(!bench.run_dir("j1").exists());
 }
 
@@ -130,7 +154,10 @@ fn a_failed_setup_ends_the_job_and_cleanup_still_runs() {
     assert_eq!(phases(&summary), [("setup", 3), ("cleanup", 0)]);
     assert_eq!(summary.end_reason, EndReason::Fail(Phase::Setup));
     assert_eq!(fake.job_states_posted(), ["setup", "complete"]);
-    assert_eq!(fake.last_events(), ["job_start", "setup_start", "setup_fail", "cleanup_start", "cleanup_success", "job_end"]);
+    assert_eq!(
+        fake.last_events(),
+        ["job_start", "setup_start", "setup_fail", "cleanup_start", "cleanup_success", "job_end"]
+    );
 }
 
 #[test]
@@ -144,12 +171,15 @@ fn a_failed_test_does_not_end_the_job_but_recovery_failure_does() {
 
     let bench = Bench::new("recovery-fail", &format!("provision_command: exit {RECOVERY_FAILED}\n"));
     let mut fake = Fake::new();
-    let summary = bench.run(&mut fake, &format!(r#"{{"job_id":"j4",{HOOK},"provision_data":{{"u":1}},"test_data":{{"t":1}}}}"#));
+    let summary =
+        bench.run(&mut fake, &format!(r#"{{"job_id":"j4",{HOOK},"provision_data":{{"u":1}},"test_data":{{"t":1}}}}"#));
     assert_eq!(phases(&summary), [("setup", 0), ("provision", RECOVERY_FAILED), ("cleanup", 0)]);
     assert!(summary.recovery_failed);
     assert_eq!(summary.end_reason, EndReason::RecoveryFail);
     assert!(fake.last_events().contains(&"recovery_fail".to_string()), "{:?}", fake.last_events());
-    assert!(fake.calls.iter().any(|c| matches!(c, Call::ProvisionLog(b) if b.get("detail").and_then(Json::as_str) == Some("recovery_fail"))));
+    assert!(fake.calls.iter().any(
+        |c| matches!(c, Call::ProvisionLog(b) if b.get("detail").and_then(Json::as_str) == Some("recovery_fail"))
+    ));
 }
 
 #[test]
@@ -191,7 +221,8 @@ fn a_cancel_during_a_phase_stops_its_command() {
         std::fs::read_to_string(&log).unwrap_or_default().contains("begun").then_some(JobState::Cancelled)
     };
     let mut fake = Fake::new().with_states(begun);
-    let summary = bench.run(&mut fake, &format!(r#"{{"job_id":"j7",{HOOK},"test_data":{{"t":1}},"reserve_data":{{"r":1}}}}"#));
+    let summary =
+        bench.run(&mut fake, &format!(r#"{{"job_id":"j7",{HOOK},"test_data":{{"t":1}},"reserve_data":{{"r":1}}}}"#));
     assert_eq!(summary.end_reason, EndReason::Cancelled);
     let codes = phases(&summary);
     assert!(matches!(codes[..], [("setup", 0), ("test", c), ("cleanup", 0)] if c != 0), "{codes:?}");
@@ -219,9 +250,15 @@ fn an_allocation_is_held_whatever_allocate_exits_with_until_the_parent_ends() {
     assert_eq!(phases(&summary), [("setup", 0), ("allocate", 3), ("cleanup", 0)]);
     assert_eq!(summary.end_reason, EndReason::Fail(Phase::Allocate));
     assert_eq!(parent_reads.get(), 3, "the hold reads the parent until it is over, and no longer");
-    assert_eq!(fake.job_states_posted(), ["setup", "provision", "firmware_update", "test", "allocate", "allocated", "complete"]);
+    assert_eq!(
+        fake.job_states_posted(),
+        ["setup", "provision", "firmware_update", "test", "allocate", "allocated", "complete"]
+    );
     // The phase's events follow the release.
-    let allocated = position(&fake, |c| matches!(c, Call::Result(_, b) if b.get("job_state").and_then(Json::as_str) == Some("allocated")));
+    let allocated = position(
+        &fake,
+        |c| matches!(c, Call::Result(_, b) if b.get("job_state").and_then(Json::as_str) == Some("allocated")),
+    );
     let last_parent_read = last_position(&fake, |c| matches!(c, Call::JobState(id) if id == "parent"));
     let fail_event = position(&fake, |c| matches!(c, Call::Events(_, b) if has_event(b, "allocate_fail")));
     assert!(allocated < last_parent_read && last_parent_read < fail_event, "{:?}", fake.calls);
@@ -241,7 +278,10 @@ fn an_allocation_is_released_by_a_cancel_and_not_held_after_one() {
     let summary = bench.run(&mut fake, r#"{"job_id":"j9","allocate_data":{"allocate":true},"reserve_data":{"r":1}}"#);
     assert_eq!(phases(&summary), [("setup", 0), ("allocate", 0), ("cleanup", 0)]);
     assert_eq!(summary.end_reason, EndReason::Cancelled);
-    assert_eq!(fake.job_states_posted(), ["setup", "provision", "firmware_update", "test", "allocate", "allocated", "cancelled"]);
+    assert_eq!(
+        fake.job_states_posted(),
+        ["setup", "provision", "firmware_update", "test", "allocate", "allocated", "cancelled"]
+    );
 
     // Cancelled while allocate runs: `allocated` would revive the job.
     let bench = Bench::new("hold-none", "allocate_command: sleep 30\n");
@@ -263,10 +303,16 @@ fn a_job_resumed_after_a_crash_sends_the_missed_output_and_marks_the_phase() {
     rundir.write_outcome(&rundir::outcome_of(&[(Phase::Setup, 0)])).expect("outcome");
     std::fs::write(rundir.log(Phase::Setup, crate::phase::LogKind::Output), "sent|missed\n").expect("setup log");
     std::fs::write(rundir.log(Phase::Test, crate::phase::LogKind::Output), "half").expect("test log");
-    std::fs::write(rundir.events_file(), r#"[{"event_name":"job_start","timestamp":"t","detail":""}]"#).expect("events");
+    std::fs::write(rundir.events_file(), r#"[{"event_name":"job_start","timestamp":"t","detail":""}]"#)
+        .expect("events");
     let mut state = DeliveryState::default();
     state.fragments.output = 5;
-    state.pending.push(crate::rundir::PendingStream { kind: crate::phase::LogKind::Output, phase: Phase::Setup, sent: 5, inflight_end: None });
+    state.pending.push(crate::rundir::PendingStream {
+        kind: crate::phase::LogKind::Output,
+        phase: Phase::Setup,
+        sent: 5,
+        inflight_end: None,
+    });
     rundir.save_state(&state).expect("state");
 
     let mut fake = Fake::new();
@@ -275,9 +321,14 @@ fn a_job_resumed_after_a_crash_sends_the_missed_output_and_marks_the_phase() {
     assert_eq!(summary.end_reason, EndReason::Fail(Phase::Test));
     assert!(summary.delivered);
     // The missed output goes first, numbered on, before cleanup's.
-    let Some(Call::Fragment(_, first)) = fake.calls.iter().find(|c| matches!(c, Call::Fragment(..))) else { panic!("no fragment") };
+    let Some(Call::Fragment(_, first)) = fake.calls.iter().find(|c| matches!(c, Call::Fragment(..))) else {
+        panic!("no fragment")
+    };
     assert_eq!(first.get("fragment_number").and_then(Json::as_i64), Some(5));
-    assert_eq!((first.get("phase").and_then(Json::as_str), first.get("log_data").and_then(Json::as_str)), (Some("setup"), Some("missed\n")));
+    assert_eq!(
+        (first.get("phase").and_then(Json::as_str), first.get("log_data").and_then(Json::as_str)),
+        (Some("setup"), Some("missed\n"))
+    );
     assert!(fake.log("output").contains("cleanup-out"));
     assert_eq!(fake.last_events(), ["job_start", "test_fail", "cleanup_start", "cleanup_success", "job_end"]);
     let Some(Call::Result(_, outcome)) = fake.calls.last() else { panic!("no outcome last") };
@@ -288,11 +339,15 @@ fn a_job_resumed_after_a_crash_sends_the_missed_output_and_marks_the_phase() {
 fn an_outcome_the_server_refuses_is_kept_and_delivered_later() {
     let _serial = serial();
     let bench = Bench::new("kept", "test_command: mkdir -p artifacts && echo hi > artifacts/a.txt\n");
-    let complete = |c: &Call| matches!(c, Call::Result(_, b) if b.get("job_state").and_then(Json::as_str) == Some("complete"));
+    let complete =
+        |c: &Call| matches!(c, Call::Result(_, b) if b.get("job_state").and_then(Json::as_str) == Some("complete"));
     let mut down = Fake::new().failing(complete);
     let summary = bench.run(&mut down, r#"{"job_id":"j12","test_data":{"t":1}}"#);
     assert!(!summary.delivered);
-    assert!(down.calls.iter().any(|c| matches!(c, Call::Artifact(id) if id == "j12")), "the artifacts went before the outcome");
+    assert!(
+        down.calls.iter().any(|c| matches!(c, Call::Artifact(id) if id == "j12")),
+        "the artifacts went before the outcome"
+    );
     let kept = bench.config.results_basedir.join("j12");
     assert!(kept.is_dir() && !bench.run_dir("j12").exists());
 
@@ -354,4 +409,12 @@ fn a_connectors_serial_log_is_streamed_masked_beside_the_output() {
     let serial = fake.log("serial");
     assert!(serial.starts_with("console ") && !serial.contains("s3cret"), "{serial}");
     assert!(fake.log("output").contains("out") && !fake.log("output").contains("console"));
+}
+
+#[test]
+fn the_phase_heartbeat_is_due_within_twelve_hours_shortened_by_a_random_part() {
+    let now = Instant::now();
+    let due: Vec<Duration> = (0..500).map(|_| next_heartbeat(now) - now).collect();
+    assert!(due.iter().all(|d| *d >= PHASE_HEARTBEAT.mul_f64(0.8) && *d <= PHASE_HEARTBEAT), "{due:?}");
+    assert!(due.iter().any(|d| *d < PHASE_HEARTBEAT.mul_f64(0.9)), "not spread");
 }

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::report::post_state_unless_held;
-use super::{CANCEL_CHECK_TIMEOUT, PHASE_HEARTBEAT};
+use super::{CANCEL_CHECK_TIMEOUT, next_heartbeat};
 use crate::metrics::Metrics;
 use crate::output::{LiveStream, PhaseLog};
 use crate::phase::{LogKind, Phase};
@@ -60,7 +60,12 @@ impl<'a> Progress<'a> {
         state.pending.push(PendingStream { kind: LogKind::Output, phase: self.phase, sent, inflight_end: None });
         if let Some((next, serial_sent)) = serial {
             state.fragments.serial = next;
-            state.pending.push(PendingStream { kind: LogKind::Serial, phase: self.phase, sent: serial_sent, inflight_end: None });
+            state.pending.push(PendingStream {
+                kind: LogKind::Serial,
+                phase: self.phase,
+                sent: serial_sent,
+                inflight_end: None,
+            });
         } else {
             state.fragments.serial = self.saved_serial_next;
         }
@@ -113,7 +118,7 @@ impl Watcher for PhaseWatcher<'_> {
                 self.progress.save(**counter, stream.sent, serial_progress);
             }
             if now >= self.next_heartbeat {
-                self.next_heartbeat = crate::deadline::after(now, crate::jitter::early(PHASE_HEARTBEAT));
+                self.next_heartbeat = next_heartbeat(now);
                 // Cleanup has no agent state of its own (upstream posts none).
                 if self.progress.phase != Phase::Cleanup {
                     post_state_unless_held(*client, self.progress.phase, Retry::once(CANCEL_CHECK_TIMEOUT));
@@ -122,7 +127,9 @@ impl Watcher for PhaseWatcher<'_> {
             if self.next_cancel_check.is_some_and(|t| now >= t) {
                 self.next_cancel_check = Some(next_cancel_check(now));
                 // One short attempt: a slow server must not hold the phase's output.
-                if client.job_state(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT)) == Some(JobState::Cancelled) {
+                if client.job_state(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT))
+                    == Some(JobState::Cancelled)
+                {
                     return Some(Stop::Cancelled);
                 }
             }

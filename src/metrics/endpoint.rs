@@ -151,4 +151,3 @@ fn response(status: &str, body: &[u8], with_body: bool) -> Vec<u8> {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
-

@@ -37,7 +37,8 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.counted);
         // A whole number of intervals, capped: the count never overflows,
         // however long the quiet spell (the interval is at least 1 ns here).
-        let refills = (elapsed.as_nanos() / self.interval.as_nanos()).min(u128::from(CAPACITY)) as u32;
+        let refills =
+            u32::try_from(elapsed.as_nanos() / self.interval.as_nanos()).map_or(CAPACITY, |n| n.min(CAPACITY));
         let tokens = (self.tokens + refills).min(CAPACITY);
         if tokens >= CAPACITY {
             return (CAPACITY, now);

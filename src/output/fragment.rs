@@ -40,7 +40,7 @@ static ESCAPED_LEN: [u8; 256] = escape_table();
 
 /// What [`plan`] decided: the log range `[start, end)` and its body length.
 #[derive(Debug)]
-pub struct Plan {
+pub(super) struct Plan {
     pub start: u64,
     pub end: u64,
     /// Boundaries of the chunks between `start` and `end`, so that [`write`]
@@ -55,7 +55,7 @@ pub struct Plan {
 /// as fits in `max_body` bytes of JSON. Unless `last`, a trailing partial
 /// UTF-8 character is left for the next fragment. `None` when there is
 /// nothing to send yet. `idle` runs between chunks (see `client::Idle`).
-pub fn plan(
+pub(super) fn plan(
     file: &File,
     start: u64,
     avail: u64,
@@ -71,7 +71,7 @@ pub fn plan(
     let mut cuts = Vec::new();
     while pos < avail {
         idle();
-        let n = (avail - pos).min(CHUNK as u64) as usize;
+        let n = usize::try_from(avail - pos).map_or(CHUNK, |left| left.min(CHUNK));
         file.read_exact_at(&mut buf[..n], pos)?;
         let at_end = pos + n as u64 == avail;
         let cut = if at_end && last { n } else { utf8_boundary(&buf[..n]) };
@@ -94,13 +94,13 @@ pub fn plan(
 }
 
 /// Writes the body `plan` sized: the prefix, the escaped log text, `"}`.
-pub fn write(file: &File, plan: &Plan, w: &mut dyn Write) -> io::Result<()> {
+pub(super) fn write(file: &File, plan: &Plan, w: &mut dyn Write) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut escaped = Vec::with_capacity(CHUNK * 2);
     w.write_all(plan.prefix.as_bytes())?;
     let mut pos = plan.start;
     for &cut in &plan.cuts {
-        let n = (cut - pos) as usize;
+        let n = usize::try_from(cut - pos).map_err(io::Error::other)?;
         file.read_exact_at(&mut buf[..n], pos)?;
         escape_into(&buf[..n], &mut escaped);
         w.write_all(&escaped)?;
@@ -176,7 +176,7 @@ fn escape_into(data: &[u8], out: &mut Vec<u8>) {
 
 /// Length of the longest prefix of `buf` that does not end inside a
 /// multi-byte UTF-8 character.
-pub fn utf8_boundary(buf: &[u8]) -> usize {
+pub(super) fn utf8_boundary(buf: &[u8]) -> usize {
     let n = buf.len();
     for back in 1..=3.min(n) {
         let b = buf[n - back];
@@ -212,7 +212,9 @@ mod tests {
     fn fragments(bytes: &[u8], max_body: u64) -> (Vec<Vec<u8>>, String) {
         let (f, path) = file_with(bytes);
         let (mut pos, mut bodies, mut data) = (0u64, Vec::new(), String::new());
-        while let Some(p) = plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body, &mut || {}).unwrap() {
+        while let Some(p) =
+            plan(&f, pos, bytes.len() as u64, true, "{\"log_data\":\"".into(), max_body, &mut || {}).unwrap()
+        {
             let mut body = Vec::new();
             write(&f, &p, &mut body).unwrap();
             assert_eq!(body.len() as u64, p.len, "announced length is exact");

@@ -9,7 +9,7 @@ use crate::phase::{LogKind, Phase};
 
 /// A phase log (or serial log) the server has only part of.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PendingStream {
+pub(crate) struct PendingStream {
     pub kind: LogKind,
     pub phase: Phase,
     pub sent: u64,
@@ -19,13 +19,13 @@ pub struct PendingStream {
 
 /// The next fragment number of each log kind (each numbers its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Fragments {
+pub(crate) struct Fragments {
     pub output: u64,
     pub serial: u64,
 }
 
 impl Fragments {
-    pub fn next(&mut self, kind: LogKind) -> &mut u64 {
+    pub(crate) fn next(&mut self, kind: LogKind) -> &mut u64 {
         match kind {
             LogKind::Output => &mut self.output,
             LogKind::Serial => &mut self.serial,
@@ -36,7 +36,7 @@ impl Fragments {
 /// A job's delivery progress (not its `job_state` on the server, see
 /// `states`).
 #[derive(Clone, Debug, Default)]
-pub struct DeliveryState {
+pub(crate) struct DeliveryState {
     pub fragments: Fragments,
     pub pending: Vec<PendingStream>,
     /// The job's events body whose last post failed: the webhook must still
@@ -102,7 +102,12 @@ mod tests {
     fn round_trips_and_ignores_what_it_does_not_know() {
         let state = DeliveryState {
             fragments: Fragments { output: 7, serial: 2 },
-            pending: vec![PendingStream { kind: LogKind::Serial, phase: Phase::Test, sent: 10, inflight_end: Some(20) }],
+            pending: vec![PendingStream {
+                kind: LogKind::Serial,
+                phase: Phase::Test,
+                sent: 10,
+                inflight_end: Some(20),
+            }],
             events: Some(Json::object().with("events", Json::Array(vec![]))),
             cancelled: true,
         };
@@ -112,6 +117,9 @@ mod tests {
         let odd = Json::parse(r#"{"output_next":-4,"pending":[{"kind":"stderr","phase":"test","sent":1},{"kind":"output","phase":"test","sent":3}]}"#).unwrap();
         let back = DeliveryState::from_json(&odd);
         assert_eq!(back.fragments, Fragments::default());
-        assert_eq!(back.pending, [PendingStream { kind: LogKind::Output, phase: Phase::Test, sent: 3, inflight_end: None }]);
+        assert_eq!(
+            back.pending,
+            [PendingStream { kind: LogKind::Output, phase: Phase::Test, sent: 3, inflight_end: None }]
+        );
     }
 }

@@ -25,7 +25,8 @@ pub fn become_subreaper() -> std::io::Result<()> {
 /// `pre_exec` of `run` still covers Linux ≥ 5.11 and nothing else).
 pub fn cloexec_inherited_fds() {
     let Ok(dir) = fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    let fds: Vec<i32> =
+        dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
     for fd in fds {
         // SAFETY: fcntl on a descriptor number; EBADF (the directory's own,
         // closed by now) is harmless.
@@ -64,7 +65,7 @@ pub(super) fn signal_group(pgid: i32, sig: i32) {
 /// left (or 2 s pass). Descendants that escaped the process group were
 /// re-parented to us, the subreaper, so walking /proc from our pid finds
 /// them all.
-pub fn kill_descendants() {
+pub(super) fn kill_descendants() {
     let deadline = crate::deadline::from_now(Duration::from_secs(2));
     loop {
         let pids = descendants(std::process::id() as i32);
@@ -83,7 +84,7 @@ pub fn kill_descendants() {
 }
 
 /// Reaps every exited child without blocking.
-pub fn reap() {
+pub(super) fn reap() {
     loop {
         let mut st = 0;
         // SAFETY: waitpid with WNOHANG and a valid status pointer.
@@ -120,4 +121,3 @@ fn descendants(root: i32) -> Vec<i32> {
     found.remove(0);
     found
 }
-

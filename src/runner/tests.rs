@@ -126,13 +126,22 @@ fn a_timeout_is_acted_on_while_the_watcher_waits_on_a_slow_server() {
 #[test]
 fn limits_of_any_length_never_overflow() {
     let now = Instant::now();
-    let huge = Limits { global: Some(Duration::MAX), output: Some(Duration::from_secs(u64::MAX)), kill_grace: Some(Duration::MAX), on_agent_stop: true };
+    let huge = Limits {
+        global: Some(Duration::MAX),
+        output: Some(Duration::from_secs(u64::MAX)),
+        kill_grace: Some(Duration::MAX),
+        on_agent_stop: true,
+    };
     assert!(huge.next_due(now, now).is_some_and(|t| t > now));
     assert_eq!(huge.expired(now, now, now), None);
-    let short = Limits { global: Some(Duration::from_secs(5)), output: Some(Duration::from_secs(2)), ..Limits::default() };
+    let short =
+        Limits { global: Some(Duration::from_secs(5)), output: Some(Duration::from_secs(2)), ..Limits::default() };
     assert_eq!(short.next_due(now, now), Some(now + Duration::from_secs(2)));
     assert_eq!(short.expired(now, now, now + Duration::from_secs(2)), Some(Stop::OutputTimeout(2)));
-    assert_eq!(short.expired(now, now + Duration::from_secs(4), now + Duration::from_secs(5)), Some(Stop::GlobalTimeout(5)));
+    assert_eq!(
+        short.expired(now, now + Duration::from_secs(4), now + Duration::from_secs(5)),
+        Some(Stop::GlobalTimeout(5))
+    );
     // A clock read before the phase began (as `drain` may pass) is no panic.
     assert_eq!(short.expired(now + Duration::from_secs(9), now + Duration::from_secs(9), now), None);
     assert_eq!(Limits::default().next_due(now, now), None);

@@ -99,7 +99,10 @@ impl Fake {
             Call::Events(_, body) => body.get("events").and_then(Json::as_array),
             _ => None,
         });
-        last.unwrap_or(&[]).iter().filter_map(|e| e.get("event_name").and_then(Json::as_str).map(String::from)).collect()
+        last.unwrap_or(&[])
+            .iter()
+            .filter_map(|e| e.get("event_name").and_then(Json::as_str).map(String::from))
+            .collect()
     }
 
     /// The concatenated `log_data` of the `kind` fragments.
@@ -116,7 +119,11 @@ impl Fake {
 
 impl Server for Fake {
     fn retry(&self) -> Retry {
-        Retry { attempts: 1, timeout: Duration::from_secs(1), between: Schedule::new(Duration::ZERO, Duration::ZERO, Jitter::None) }
+        Retry {
+            attempts: 1,
+            timeout: Duration::from_secs(1),
+            between: Schedule::new(Duration::ZERO, Duration::ZERO, Jitter::None),
+        }
     }
 
     fn job_url(&self, job_id: &str) -> String {

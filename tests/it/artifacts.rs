@@ -111,7 +111,11 @@ fn attachments_job(server: &FakeServer, job: &str, archive: Vec<u8>, extra: &str
 fn event_detail(server: &FakeServer, job: &str, name: &str) -> Option<String> {
     let posts = server.event_posts(job);
     let last = posts.last()?;
-    last["events"].as_array()?.iter().find(|e| e["event_name"].as_str() == Some(name)).and_then(|e| e["detail"].as_str().map(str::to_string))
+    last["events"]
+        .as_array()?
+        .iter()
+        .find(|e| e["event_name"].as_str() == Some(name))
+        .and_then(|e| e["detail"].as_str().map(str::to_string))
 }
 
 fn status_of(server: &FakeServer, job: &str, phase: &str) -> Option<i64> {
@@ -161,7 +165,8 @@ fn assert_refused_within(members: &[Member], end: bool, why: &str, deadline: Dur
     assert!(setup.is_some_and(|c| c != 0), "setup status {setup:?}");
     assert_eq!(status_of(&server, &job, "cleanup"), Some(0));
     assert_eq!(status_of(&server, &job, "test"), None);
-    let detail = event_detail(&server, &job, "setup_fail").unwrap_or_else(|| panic!("no setup_fail event: {:?}", server.events(&job)));
+    let detail = event_detail(&server, &job, "setup_fail")
+        .unwrap_or_else(|| panic!("no setup_fail event: {:?}", server.events(&job)));
     assert!(detail.contains(why), "setup_fail detail {detail:?} should say {why:?}");
     let output = server.log_text(&job, "output");
     assert!(!output.contains("SETUP_RAN") && !output.contains("TEST_RAN"), "{output}");
@@ -231,7 +236,11 @@ fn attachments_outside_the_phase_folders_are_refused() {
 
 #[test]
 fn attachments_with_a_symlink_leaving_the_folder_are_refused() {
-    assert_refused(&[link(SYM, "test/PWNED-link", "../../../../etc"), file("test/PWNED-link/PWNED", b"x")], true, "leaves");
+    assert_refused(
+        &[link(SYM, "test/PWNED-link", "../../../../etc"), file("test/PWNED-link/PWNED", b"x")],
+        true,
+        "leaves",
+    );
 }
 
 #[test]
@@ -242,7 +251,11 @@ fn attachments_with_an_absolute_symlink_are_refused() {
 #[test]
 fn attachments_with_a_symlink_chain_are_refused() {
     // Each link alone stays inside; through `d`, `e` would climb out.
-    assert_refused(&[link(SYM, "test/sub/d", "../../provision"), link(SYM, "test/sub/PWNED", "d/../../..")], true, "after a name");
+    assert_refused(
+        &[link(SYM, "test/sub/d", "../../provision"), link(SYM, "test/sub/PWNED", "d/../../..")],
+        true,
+        "after a name",
+    );
 }
 
 #[test]
@@ -258,8 +271,16 @@ fn attachments_with_a_hard_link_to_outside_are_refused() {
 
 #[test]
 fn attachments_with_device_files_or_fifos_are_refused() {
-    assert_refused(&[Member { name: "test/PWNED-null", kind: CHR, mode: 0o666, link: "", data: b"", size: None }], true, "device");
-    assert_refused(&[Member { name: "test/PWNED-fifo", kind: FIFO, mode: 0o666, link: "", data: b"", size: None }], true, "fifo");
+    assert_refused(
+        &[Member { name: "test/PWNED-null", kind: CHR, mode: 0o666, link: "", data: b"", size: None }],
+        true,
+        "device",
+    );
+    assert_refused(
+        &[Member { name: "test/PWNED-fifo", kind: FIFO, mode: 0o666, link: "", data: b"", size: None }],
+        true,
+        "fifo",
+    );
 }
 
 #[test]
@@ -310,7 +331,12 @@ fn artifact_symlink_to_a_file_outside_uploads_the_link_not_the_content() {
     assert!(agent.run_once(T).status.success());
     let bytes = server.artifact(&job).expect("artifact uploaded");
     let members = server.artifact_members(&job);
-    let find = |n: &str| members.iter().find(|m| m.0 == n).unwrap_or_else(|| panic!("{n} in {:?}", members.iter().map(|m| &m.0).collect::<Vec<_>>()));
+    let find = |n: &str| {
+        members
+            .iter()
+            .find(|m| m.0 == n)
+            .unwrap_or_else(|| panic!("{n} in {:?}", members.iter().map(|m| &m.0).collect::<Vec<_>>()))
+    };
     assert_eq!(find("artifacts/sub/log.txt").1, b"kept\n");
     assert_eq!(find("artifacts/leak").2, SYM);
     assert!(find("artifacts/leak").1.is_empty());
@@ -371,7 +397,8 @@ fn cutting_proxy(upstream: String, cuts: usize, after: usize) -> (String, Arc<At
                     // agent waits for an answer before the next one).
                     if cutting != Some(true) {
                         let head = String::from_utf8_lossy(&buf[..n.min(200)]).into_owned();
-                        let is_upload = head.starts_with("POST ") && head.lines().next().is_some_and(|l| l.contains("/artifact"));
+                        let is_upload =
+                            head.starts_with("POST ") && head.lines().next().is_some_and(|l| l.contains("/artifact"));
                         cutting = Some(is_upload && cut_count.fetch_add(1, Ordering::SeqCst) < cuts);
                         if cutting == Some(true) {
                             sent = 0;
@@ -404,7 +431,10 @@ fn artifact_upload_cut_half_way_is_retried_and_arrives_whole() {
     let agent = Agent::new(&server)
         .set("server_address", &yaml_str(&proxy))
         // 2 MiB that deflate cannot shrink: the body is well past the cut.
-        .command("test", "mkdir artifacts && head -c 2097152 /dev/urandom > artifacts/blob.bin && seq 1 50000 > artifacts/log.txt");
+        .command(
+            "test",
+            "mkdir artifacts && head -c 2097152 /dev/urandom > artifacts/blob.bin && seq 1 50000 > artifacts/log.txt",
+        );
     let out = agent.run_once(T);
     assert!(out.status.success());
     assert!(uploads.load(Ordering::SeqCst) >= 2, "the upload was cut once, then sent again");

@@ -30,10 +30,10 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
 #[test]
 fn live_output_first_at_once_then_at_most_the_burst_within_the_interval() {
     let server = FakeServer::start();
-    let agent = Agent::new(&server)
-        .set("output_interval", "3600")
-        .set("cancel_check_interval", "3600")
-        .command("test", "echo first; touch started; i=0; while [ ! -f go ]; do i=$((i+1)); echo line $i; sleep 0.01; done; echo last");
+    let agent = Agent::new(&server).set("output_interval", "3600").set("cancel_check_interval", "3600").command(
+        "test",
+        "echo first; touch started; i=0; while [ ! -f go ]; do i=$((i+1)); echo line $i; sleep 0.01; done; echo last",
+    );
     let mut p = agent.spawn();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
@@ -319,7 +319,11 @@ fn disk_guard_takes_no_job_says_why_once_and_metrics_show_host_vitals() {
     let value = |name: &str| -> Option<f64> {
         body.lines().find_map(|l| l.strip_prefix(name)?.split_once("} ")?.1.trim().parse().ok())
     };
-    for name in ["testflinger_agent_disk_free_bytes", "testflinger_agent_memory_available_bytes", "testflinger_agent_resident_memory_bytes"] {
+    for name in [
+        "testflinger_agent_disk_free_bytes",
+        "testflinger_agent_memory_available_bytes",
+        "testflinger_agent_resident_memory_bytes",
+    ] {
         assert!(value(name).is_some_and(|v| v > 0.0), "{name} in\n{body}");
     }
     if std::path::Path::new("/sys/class/thermal/thermal_zone0/temp").exists() {

@@ -4,12 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::fake_server::{Fault, FaultAction, FakeServer};
+use crate::fake_server::{FakeServer, Fault, FaultAction};
 use crate::harness::{AGENT_ID, Agent, QUEUE, agent_command, job_json, unique_id};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
-
 
 fn test_job(server: &FakeServer) -> String {
     let job = unique_id();
@@ -75,7 +74,12 @@ fn server_errors_are_retried_and_nothing_is_lost() {
     let job = test_job(&server);
     server.add_fault(Fault::status("GET", "/v1/job", 2, 503));
     server.add_fault(Fault::status("POST", &format!("/v1/result/{job}"), 2, 502));
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::CloseWithoutAnswer));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{job}/log/output"),
+        1,
+        FaultAction::CloseWithoutAnswer,
+    ));
     let agent = Agent::new(&server).command("test", "for i in 1 2 3 4 5; do echo line$i; done");
     // With 503 on GET /v1/job a single --once cycle may see no job; loop.
     let mut p = agent.spawn();
@@ -113,7 +117,10 @@ fn an_outcome_the_server_refused_is_delivered_after_a_restart() {
     assert!(!kept.exists());
     // The kept job went out before the next one was even asked for.
     let reqs = server.requests();
-    let delivered_at = reqs.iter().position(|r| r.path == format!("/v1/result/{job}") && r.method == "POST" && r.status == 200).unwrap();
+    let delivered_at = reqs
+        .iter()
+        .position(|r| r.path == format!("/v1/result/{job}") && r.method == "POST" && r.status == 200)
+        .unwrap();
     let next_taken = reqs.iter().rposition(|r| r.path == "/v1/job" && r.status == 200).unwrap();
     assert!(delivered_at < next_taken);
     assert!(server.result(&next).is_some());
@@ -251,7 +258,11 @@ fn local_job_runs_without_a_server_and_reports_failure() {
     )
     .unwrap();
     let job = dir.path().join("job.yaml");
-    std::fs::write(&job, "job_id: bench-1\njob_queue: q\ntest_data:\n  test_cmds: run it\n  secrets:\n    TOKEN: hunter2\n").unwrap();
+    std::fs::write(
+        &job,
+        "job_id: bench-1\njob_queue: q\ntest_data:\n  test_cmds: run it\n  secrets:\n    TOKEN: hunter2\n",
+    )
+    .unwrap();
     let out = agent_command().arg("-c").arg(&conf).arg("--job").arg(&job).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "a failed phase fails the command: {stdout}");

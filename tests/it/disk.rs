@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::fake_server::{Fault, FakeServer};
+use crate::fake_server::{FakeServer, Fault};
 use crate::harness::{Agent, QUEUE, job_json, unique_id};
 use crate::json::Json;
 

@@ -17,7 +17,9 @@ fn root() -> PathBuf {
 pub fn all_docs_text(root: &Path) -> String {
     let mut text = fs::read_to_string(root.join("README.md")).unwrap_or_default();
     let mut docs: Vec<PathBuf> = fs::read_dir(root.join("docs"))
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect()
+        })
         .unwrap_or_default();
     docs.sort();
     for p in docs {
@@ -116,9 +118,7 @@ fn code_map_names_every_source_file_and_nothing_else() {
 fn docs_name_only_source_files_that_exist() {
     let files = rs_files(&root(), &["target", ".git", "fuzz/target"]);
     assert!(files.iter().any(|f| f == "src/main.rs"), "walked {} files", files.len());
-    let exists = |name: &str| {
-        files.iter().any(|f| f == name || f.ends_with(&format!("/{name}")))
-    };
+    let exists = |name: &str| files.iter().any(|f| f == name || f.ends_with(&format!("/{name}")));
     let mut docs = vec![root().join("README.md")];
     if let Ok(d) = fs::read_dir(root().join("docs")) {
         docs.extend(d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "md")));
@@ -130,7 +130,8 @@ fn docs_name_only_source_files_that_exist() {
         let text = fs::read_to_string(doc).unwrap();
         for name in rs_names(&text) {
             if !exists(&name) {
-                problems.push(format!("{}: `{name}` does not exist", doc.strip_prefix(root()).unwrap_or(doc).display()));
+                problems
+                    .push(format!("{}: `{name}` does not exist", doc.strip_prefix(root()).unwrap_or(doc).display()));
             }
         }
     }
@@ -152,16 +153,12 @@ fn types_and_functions_the_architecture_cites_exist() {
     }
     let declared = |ty: &str| {
         ["struct", "enum", "trait", "type", "mod"].iter().any(|kw| {
-            src.match_indices(&format!("{kw} {ty}")).any(|(i, m)| {
-                !src[i + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-            })
+            src.match_indices(&format!("{kw} {ty}"))
+                .any(|(i, m)| !src[i + m.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'))
         })
     };
-    let has_fn = |name: &str| {
-        src.match_indices(&format!("fn {name}")).any(|(i, m)| {
-            src[i + m.len()..].starts_with(['(', '<'])
-        })
-    };
+    let has_fn =
+        |name: &str| src.match_indices(&format!("fn {name}")).any(|(i, m)| src[i + m.len()..].starts_with(['(', '<']));
     let mut cited = 0;
     let mut problems = Vec::new();
     for token in arch.split('`').skip(1).step_by(2) {
@@ -172,7 +169,9 @@ fn types_and_functions_the_architecture_cites_exist() {
         let type_like = ty.starts_with(|c: char| c.is_ascii_uppercase())
             && ty.chars().all(|c| c.is_ascii_alphanumeric())
             && ty.chars().any(|c| c.is_ascii_lowercase());
-        let fn_like = func.is_none_or(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        let fn_like = func.is_none_or(|f| {
+            !f.is_empty() && f.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
         if !type_like || !fn_like || FOREIGN.contains(&ty) {
             continue;
         }

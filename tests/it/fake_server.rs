@@ -444,10 +444,7 @@ impl FakeServer {
 
     /// The `job_state` values the agent posted, in order.
     pub fn job_states_posted(&self, job_id: &str) -> Vec<String> {
-        self.results_posted(job_id)
-            .iter()
-            .filter_map(|r| r["job_state"].as_str().map(str::to_string))
-            .collect()
+        self.results_posted(job_id).iter().filter_map(|r| r["job_state"].as_str().map(str::to_string)).collect()
     }
 
     // ---- logs --------------------------------------------------------------
@@ -683,7 +680,12 @@ fn wait_for_request(reader: &mut BufReader<TcpStream>, shared: &Shared, generati
     let ready = loop {
         match reader.fill_buf() {
             Ok(b) => break !b.is_empty(),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) =>
+            {
                 if !shared.alive(generation) || started.elapsed() >= idle_timeout {
                     break false;
                 }
@@ -735,7 +737,10 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
         let keep_alive = req.keep_alive && !shared.lock().no_keep_alive;
         match handle(&shared, req) {
             Reply::Full(resp) => {
-                if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive || fault == ConnectionFault::AfterAnswer {
+                if write_response(&mut writer, &resp, keep_alive).is_err()
+                    || !keep_alive
+                    || fault == ConnectionFault::AfterAnswer
+                {
                     break;
                 }
             }
@@ -752,7 +757,8 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
                             break;
                         }
                         Ok(_) => {}
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        }
                         Err(_) => {
                             shared.lock().closed_by_client += 1;
                             break;
@@ -772,7 +778,8 @@ fn serve_connection(stream: TcpStream, shared: Arc<Shared>, generation: u64) {
             }
             Reply::Drip(every) => {
                 shared.lock().dripping += 1;
-                let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"a\":\"";
+                let answer =
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"a\":\"";
                 for b in answer.iter().chain(std::iter::repeat(&b'x')) {
                     if !shared.alive(generation) || writer.write_all(&[*b]).and_then(|()| writer.flush()).is_err() {
                         break;
@@ -810,7 +817,12 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> Result<Option<String>, ReadEr
 
 /// Reads one request; `Ok(None)` on a clean end of stream between requests.
 /// `cut`: stop after the head, record the request with status 0, close.
-fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, shared: &Shared, cut: bool) -> Result<Option<Request>, ReadError> {
+fn read_request(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    shared: &Shared,
+    cut: bool,
+) -> Result<Option<Request>, ReadError> {
     // Tolerate empty lines between requests.
     let line = loop {
         match read_line(reader) {
@@ -876,7 +888,15 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, share
                 }
                 None => 500,
             };
-            let req = Request { method: method.clone(), path: path.clone(), query: query.clone(), headers: headers.clone(), body: Vec::new(), keep_alive: false, at: Instant::now() };
+            let req = Request {
+                method: method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                headers: headers.clone(),
+                body: Vec::new(),
+                keep_alive: false,
+                at: Instant::now(),
+            };
             st.requests.push(req.record(status));
             status
         };
@@ -909,7 +929,9 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, share
 fn early_answer(shared: &Shared, method: &str, path: &str) -> bool {
     let st = shared.lock();
     let found = st.faults.iter().find(|f| {
-        f.times > 0 && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(method)) && path.starts_with(&f.path_prefix)
+        f.times > 0
+            && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && path.starts_with(&f.path_prefix)
     });
     found.is_some_and(|f| matches!(f.action, FaultAction::EarlyAnswer(_)))
 }
@@ -1365,9 +1387,9 @@ fn post_result(st: &mut State, req: &Request, id: &str) -> Response {
         return r;
     }
     if !st.lenient {
-        let bad_status = body.get("status").is_some_and(|s| {
-            s.as_object().is_none_or(|m| m.iter().any(|(_, v)| !matches!(v, Json::Int(_))))
-        });
+        let bad_status = body
+            .get("status")
+            .is_some_and(|s| s.as_object().is_none_or(|m| m.iter().any(|(_, v)| !matches!(v, Json::Int(_)))));
         let bad_info = body.get("device_info").is_some_and(|d| d.as_object().is_none());
         let bad_state = body.get("job_state").is_some_and(|s| s.as_str().is_none());
         if bad_status || bad_info || bad_state {
@@ -1410,12 +1432,8 @@ fn post_log(st: &mut State, req: &Request, id: &str, kind: &str) -> Response {
     if !st.lenient && !PHASES.contains(&phase) {
         return Response::error(422, &format!("invalid phase: {phase}"));
     }
-    let fragment = Fragment {
-        number,
-        phase: phase.to_string(),
-        data: data.to_string(),
-        timestamp: timestamp.to_string(),
-    };
+    let fragment =
+        Fragment { number, phase: phase.to_string(), data: data.to_string(), timestamp: timestamp.to_string() };
     st.fragments.entry((id.to_string(), kind.to_string())).or_default().push(fragment);
     Response::ok()
 }

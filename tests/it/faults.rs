@@ -119,7 +119,8 @@ impl Tally {
 pub fn tally(server: &FakeServer, jobs: &[String], expected: impl Fn(&str) -> Vec<(&'static str, String)>) -> Tally {
     let mut t = Tally { jobs: jobs.len(), ..Tally::default() };
     let mut uploads_by_path: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for r in server.requests().iter().filter(|r| r.method == "POST" && r.status == 200 && r.path.ends_with("/artifact")) {
+    for r in server.requests().iter().filter(|r| r.method == "POST" && r.status == 200 && r.path.ends_with("/artifact"))
+    {
         *uploads_by_path.entry(r.path.clone()).or_default() += 1;
     }
     for job in jobs {
@@ -172,7 +173,8 @@ pub fn tally(server: &FakeServer, jobs: &[String], expected: impl Fn(&str) -> Ve
             }
         }
         let n = by_number.len() as i64;
-        let gaps = (0..n).filter(|i| !by_number.contains_key(i)).count() + by_number.keys().filter(|k| **k >= n).count();
+        let gaps =
+            (0..n).filter(|i| !by_number.contains_key(i)).count() + by_number.keys().filter(|k| **k >= n).count();
         if gaps > 0 {
             t.fragments_lost += gaps;
             t.problem(format!("{job}: fragment numbers {:?} have gaps", by_number.keys().collect::<Vec<_>>()));
@@ -243,11 +245,20 @@ enum Once {
 /// Waits until every job's outcome arrived, then checks everything and
 /// prints the table row. `log_must_show` is a piece of the agent's log
 /// that proves it noticed the fault.
-fn finish(name: &str, server: &FakeServer, p: &mut AgentProc, setup: &AgentSetup, jobs: &[String], once: Once, log_must_show: &[&str]) {
+fn finish(
+    name: &str,
+    server: &FakeServer,
+    p: &mut AgentProc,
+    setup: &AgentSetup,
+    jobs: &[String],
+    once: Once,
+    log_must_show: &[&str],
+) {
     let started = Instant::now();
     let deadline = started + DEADLINE;
     let done = |s: &FakeServer| {
-        jobs.iter().all(|j| s.results_posted(j).iter().any(|r| r.get("job_state").and_then(Json::as_str) == Some("complete")))
+        jobs.iter()
+            .all(|j| s.results_posted(j).iter().any(|r| r.get("job_state").and_then(Json::as_str) == Some("complete")))
     };
     while !done(server) {
         if let Some(status) = p.try_wait() {
@@ -276,7 +287,8 @@ fn finish(name: &str, server: &FakeServer, p: &mut AgentProc, setup: &AgentSetup
     let mut per_endpoint: BTreeMap<String, usize> = BTreeMap::new();
     for r in reqs.iter().filter(|r| r.status == 0 || r.status >= 400) {
         let e = endpoint(r);
-        let n = max_in_window(&reqs, Duration::from_secs(1), |x| (x.status == 0 || x.status >= 400) && endpoint(x) == e);
+        let n =
+            max_in_window(&reqs, Duration::from_secs(1), |x| (x.status == 0 || x.status >= 400) && endpoint(x) == e);
         per_endpoint.insert(e, n);
     }
     println!(
@@ -307,8 +319,13 @@ fn finish(name: &str, server: &FakeServer, p: &mut AgentProc, setup: &AgentSetup
     for (e, n) in &per_endpoint {
         if *n > MAX_FAILED_PER_SECOND {
             let t0 = reqs[0].at;
-            let lines: Vec<String> = reqs.iter().map(|r| format!("{:8.3} {}", r.at.duration_since(t0).as_secs_f64(), r.line())).collect();
-            panic!("{name}: {n} failed requests to {e} in one second: no backoff?\n{}\n{}", lines.join("\n"), p.diagnostics());
+            let lines: Vec<String> =
+                reqs.iter().map(|r| format!("{:8.3} {}", r.at.duration_since(t0).as_secs_f64(), r.line())).collect();
+            panic!(
+                "{name}: {n} failed requests to {e} in one second: no backoff?\n{}\n{}",
+                lines.join("\n"),
+                p.diagnostics()
+            );
         }
     }
     for piece in log_must_show {
@@ -359,7 +376,15 @@ fn faults_bursts_of_5xx_on_every_endpoint() {
     }
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("5xx bursts (500/502/503/504 x2 on each endpoint)", &server, &mut p, &setup, &jobs, Once::Exactly, &["HTTP 503", "retrying"]);
+    finish(
+        "5xx bursts (500/502/503/504 x2 on each endpoint)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["HTTP 503", "retrying"],
+    );
 }
 
 #[test]
@@ -368,7 +393,9 @@ fn faults_server_down_mid_job() {
     let jobs = push_jobs(&server, 3);
     let setup = agent(&server);
     let mut p = setup.spawn();
-    server.wait_until(DEADLINE, "the first job's test phase", |s| s.job_states_posted(&jobs[0]).iter().any(|x| x == "test"));
+    server.wait_until(DEADLINE, "the first job's test phase", |s| {
+        s.job_states_posted(&jobs[0]).iter().any(|x| x == "test")
+    });
     server.stop_listening();
     // Down until the agent has finished the job without the server and
     // found the server unreachable.
@@ -378,7 +405,15 @@ fn faults_server_down_mid_job() {
         std::thread::sleep(Duration::from_millis(20));
     }
     server.resume_listening();
-    finish("connection refused (server down mid-job)", &server, &mut p, &setup, &jobs, Once::Exactly, &["Connection refused", "kept in"]);
+    finish(
+        "connection refused (server down mid-job)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["Connection refused", "kept in"],
+    );
 }
 
 #[test]
@@ -453,7 +488,15 @@ fn faults_truncated_or_invalid_json() {
     }
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("truncated or invalid JSON (agent data, job, result)", &server, &mut p, &setup, &jobs, Once::Exactly, &["bad answer"]);
+    finish(
+        "truncated or invalid JSON (agent data, job, result)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["bad answer"],
+    );
     // The broken job answers were refused, not run.
     assert!(!setup.execution_dir().join("abc").exists());
 }
@@ -488,13 +531,22 @@ fn faults_wrong_content_types() {
     }
     // A job served as text/plain is still a job: the agent goes by the body.
     let plain = unique_id();
-    let text = job_json(&plain, QUEUE, r#"{"job_status_webhook":"http://hooks.invalid/tf","test_data":{"test_cmds":"x"}}"#);
+    let text =
+        job_json(&plain, QUEUE, r#"{"job_status_webhook":"http://hooks.invalid/tf","test_data":{"test_cmds":"x"}}"#);
     server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, body(200, "text/plain", text.as_bytes())));
     let setup = agent(&server);
     let mut p = setup.spawn();
     let mut all = vec![plain];
     all.extend(jobs);
-    finish("wrong content types (HTML for JSON, job as text/plain)", &server, &mut p, &setup, &all, Once::Exactly, &["bad answer"]);
+    finish(
+        "wrong content types (HTML for JSON, job as text/plain)",
+        &server,
+        &mut p,
+        &setup,
+        &all,
+        Once::Exactly,
+        &["bad answer"],
+    );
 }
 
 #[test]
@@ -504,7 +556,9 @@ fn faults_a_401_storm_with_the_refresh_failing_too() {
     let jobs = push_jobs(&server, 3);
     let setup = agent(&server).token("the-refresh-token");
     let mut p = setup.spawn();
-    server.wait_until(DEADLINE, "the first job's test phase", |s| s.job_states_posted(&jobs[0]).iter().any(|x| x == "test"));
+    server.wait_until(DEADLINE, "the first job's test phase", |s| {
+        s.job_states_posted(&jobs[0]).iter().any(|x| x == "test")
+    });
     // The access token expires and the token endpoint fails: refused,
     // then down, then refused again, before it works.
     let refresh = "/v1/oauth2/refresh";
@@ -548,7 +602,15 @@ fn faults_hostile_chunk_sizes_and_lengths_on_every_endpoint() {
     }
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("hostile chunk sizes and lengths on every endpoint", &server, &mut p, &setup, &jobs, Once::Exactly, &["bad chunk size", "bad Content-Length", "retrying"]);
+    finish(
+        "hostile chunk sizes and lengths on every endpoint",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["bad chunk size", "bad Content-Length", "retrying"],
+    );
 }
 
 /// Job durations out of every range (members of a job's JSON object).
@@ -571,14 +633,24 @@ fn faults_huge_job_durations() {
         .iter()
         .map(|durations| {
             let id = unique_id();
-            let extra = format!(r#"{{{durations},"job_status_webhook":"http://hooks.invalid/tf","test_data":{{"test_cmds":"x"}}}}"#);
+            let extra = format!(
+                r#"{{{durations},"job_status_webhook":"http://hooks.invalid/tf","test_data":{{"test_cmds":"x"}}}}"#
+            );
             server.push_job(&job_json(&id, QUEUE, &extra));
             id
         })
         .collect();
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("huge job durations (i64::MAX, 1e300, u64::MAX + 1, negative)", &server, &mut p, &setup, &jobs, Once::Exactly, &["is more than the longest allowed", "is not a positive number of seconds"]);
+    finish(
+        "huge job durations (i64::MAX, 1e300, u64::MAX + 1, negative)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["is more than the longest allowed", "is not a positive number of seconds"],
+    );
 }
 
 /// Issue 21: a server that drips its answers one byte a second holds no
@@ -603,7 +675,15 @@ fn faults_answers_dripped_one_byte_a_second() {
     }
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("answers dripped 1 byte/s (whole-call deadline 2 s)", &server, &mut p, &setup, &jobs, Once::Exactly, &["(the call's deadline)"]);
+    finish(
+        "answers dripped 1 byte/s (whole-call deadline 2 s)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["(the call's deadline)"],
+    );
 }
 
 /// Issue 21: an early 413 on an artifact upload (the server answers at the
@@ -614,10 +694,23 @@ fn faults_an_early_413_on_an_artifact_upload() {
     let server = FakeServer::start();
     let refused = push_jobs(&server, 1).remove(0);
     let jobs = push_jobs(&server, 2);
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{refused}/artifact"), 1, FaultAction::EarlyAnswer(413)));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{refused}/artifact"),
+        1,
+        FaultAction::EarlyAnswer(413),
+    ));
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("early 413 on an artifact upload (then two jobs)", &server, &mut p, &setup, &jobs, Once::Exactly, &["refuses the artifacts"]);
+    finish(
+        "early 413 on an artifact upload (then two jobs)",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["refuses the artifacts"],
+    );
     assert!(server.job_states_posted(&refused).iter().any(|s| s == "complete"), "the refused job's outcome");
     assert!(server.artifact(&refused).is_none());
 }
@@ -659,7 +752,15 @@ fn faults_a_keep_alive_timeout_shorter_than_the_polls() {
     let jobs = push_jobs(&server, 2);
     let setup = agent(&server);
     let mut p = setup.spawn();
-    finish("keep-alive timeout 0.1 s, polls every 0.2 s", &server, &mut p, &setup, &jobs, Once::Exactly, &["the server closed the kept connection"]);
+    finish(
+        "keep-alive timeout 0.1 s, polls every 0.2 s",
+        &server,
+        &mut p,
+        &setup,
+        &jobs,
+        Once::Exactly,
+        &["the server closed the kept connection"],
+    );
     let failed: Vec<String> = server.requests().iter().filter(|r| r.status == 0).map(|r| r.line()).collect();
     assert!(failed.is_empty(), "{failed:?}");
 }

@@ -27,7 +27,11 @@ fn agent_posts(s: &FakeServer) -> Vec<Json> {
 fn reserve_has_no_agent_timeout_and_ends_early_only_on_cancel() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{"reserve_data":{{"ssh_keys":["lp:x"],"timeout":1}},{HOOK}}}"#)));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        &format!(r#"{{"reserve_data":{{"ssh_keys":["lp:x"],"timeout":1}},{HOOK}}}"#),
+    ));
     let agent = Agent::new(&server).set("global_timeout", "1").command("reserve", "sleep 2.5; echo reservation over");
     let out = agent.run_once(T);
     assert!(out.status.success());
@@ -64,7 +68,9 @@ fn secrets_reach_only_their_own_phase() {
     let agent = Agent::new(&server);
     let out = agent.dir().join("env");
     fs::create_dir_all(&out).expect("mkdir");
-    let dump = |phase: &str| format!("echo \"${{SHARED:-unset}},${{PROV_ONLY:-unset}}\" > '{}/{phase}'; echo \"$SHARED\"", out.display());
+    let dump = |phase: &str| {
+        format!("echo \"${{SHARED:-unset}},${{PROV_ONLY:-unset}}\" > '{}/{phase}'; echo \"$SHARED\"", out.display())
+    };
     let config_env = format!(
         "echo \"${{logging_level-unset}},${{agent_id-unset}},${{token_file-unset}},[${{firmware_update_command-unset}}],${{provision_type-unset}},${{polling_interval-unset}}\" > '{}/config'",
         out.display()
@@ -78,7 +84,10 @@ fn secrets_reach_only_their_own_phase() {
     let seen = |phase: &str| fs::read_to_string(out.join(phase)).unwrap_or_else(|e| panic!("{phase}: {e}"));
     assert_eq!(
         seen("config"),
-        format!("INFO,{},/var/lib/testflinger-agent/refresh_token,[],unset,unset\n", agent.get("agent_id").unwrap_or_default())
+        format!(
+            "INFO,{},/var/lib/testflinger-agent/refresh_token,[],unset,unset\n",
+            agent.get("agent_id").unwrap_or_default()
+        )
     );
     assert_eq!(seen("setup"), "unset,unset\n");
     assert_eq!(seen("provision"), "prov-value,p-only\n");
@@ -238,7 +247,9 @@ fn artifact_headers_carry_permission_bits_and_owner_names() {
         .command("test", "mkdir -p artifacts/sub && chmod 755 artifacts/sub && echo r > artifacts/sub/r.txt && chmod 640 artifacts/sub/r.txt");
     assert!(agent.run_once(T).status.success());
     let headers = tar_gz_headers(&server.artifact(&job).expect("artifact")).expect("tar.gz");
-    let find = |p: &str| headers.iter().find(|h| h.path.trim_end_matches('/') == p).unwrap_or_else(|| panic!("{p} in {headers:?}"));
+    let find = |p: &str| {
+        headers.iter().find(|h| h.path.trim_end_matches('/') == p).unwrap_or_else(|| panic!("{p} in {headers:?}"))
+    };
     assert_eq!(find("artifacts/sub").mode, 0o755);
     assert_eq!(find("artifacts/sub/r.txt").mode, 0o640);
     let (user, group) = (id_name("-un"), id_name("-gn"));
@@ -275,11 +286,15 @@ fn artifacts_log_line_counts_the_files() {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
-    let agent = Agent::new(&server).command("test", "mkdir -p artifacts/d && echo a > artifacts/a && echo b > artifacts/d/b && ln -s a artifacts/l");
+    let agent = Agent::new(&server).command(
+        "test",
+        "mkdir -p artifacts/d && echo a > artifacts/a && echo b > artifacts/d/b && ln -s a artifacts/l",
+    );
     let mut p = agent.spawn_with(&["--once"]);
     assert!(p.wait_exit(T).success());
     let log = p.log_text();
-    let line = log.lines().find(|l| l.contains("artifacts packed:")).unwrap_or_else(|| panic!("no packing line in\n{log}"));
+    let line =
+        log.lines().find(|l| l.contains("artifacts packed:")).unwrap_or_else(|| panic!("no packing line in\n{log}"));
     assert!(line.contains("artifacts packed: 3 files, "), "{line}");
     assert!(!line.contains(" from 0 in "), "{line}");
 }
@@ -325,7 +340,11 @@ fn a_cancelled_job_stays_cancelled_after_its_outcome() {
 fn a_cancel_during_cleanup_ends_the_events_with_cancelled() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"},"job_status_webhook":"http://hook.example/x"}"#));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        r#"{"test_data":{"test_cmds":"x"},"job_status_webhook":"http://hook.example/x"}"#,
+    ));
     let agent = Agent::new(&server)
         .command("test", "true")
         .command("cleanup", "touch started; while [ ! -f go ]; do sleep 0.02; done");

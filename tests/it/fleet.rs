@@ -93,8 +93,12 @@ fn offline_and_maintenance_stop_intake_within_one_cycle_until_cleared() {
         // in flight when the state changed may be recorded after `at` with
         // the old state in its answer.)
         let after: Vec<_> = server.requests().into_iter().skip(at).collect();
-        let reads: Vec<usize> =
-            after.iter().enumerate().filter(|(_, r)| r.method == "GET" && r.path.starts_with("/v1/agents/data/")).map(|(i, _)| i).collect();
+        let reads: Vec<usize> = after
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.method == "GET" && r.path.starts_with("/v1/agents/data/"))
+            .map(|(i, _)| i)
+            .collect();
         let first_read = *reads.get(1).expect("two agent data reads after the change");
         assert!(
             !after[first_read..].iter().any(|r| r.method == "GET" && r.path == "/v1/job"),
@@ -132,7 +136,9 @@ fn restart_state_exits_75_when_idle() {
     let mut p = agent.spawn();
     server.wait_until(T, "job taken after the restart", |s| completed(s, &job));
     // Posted after the outcome (the skipped phases posted theirs before).
-    server.wait_until(T, "waiting after the job", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
+    server.wait_until(T, "waiting after the job", |s| {
+        s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting")
+    });
     assert!(p.try_wait().is_none(), "{}", p.diagnostics());
 }
 
@@ -171,7 +177,8 @@ fn status_of_all(s: &FakeServer, job: &str) -> Vec<(&'static str, i64)> {
 fn exit_46_marks_offline_emits_recovery_fail_and_stops_intake() {
     let server = FakeServer::start();
     let (first, second) = (unique_id(), unique_id());
-    let hook = r#"{"provision_data":{"url":"x"},"test_data":{"test_cmds":"x"},"job_status_webhook":"http://hook.example/x"}"#;
+    let hook =
+        r#"{"provision_data":{"url":"x"},"test_data":{"test_cmds":"x"},"job_status_webhook":"http://hook.example/x"}"#;
     server.push_job(&job_json(&first, QUEUE, hook));
     server.push_job(&job_json(&second, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     let agent = Agent::new(&server)
@@ -229,7 +236,9 @@ fn allocate_holds_the_device_until_the_parent_job_is_over() {
     assert_eq!(ip.as_deref(), Some("10.9.8.7"), "device info posted before allocated");
     // It keeps checking the parent, and holds.
     let checks = server.requests_to("GET", &format!("/v1/result/{parent}")).len();
-    server.wait_until(T, "parent checked again", |s| s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3);
+    server.wait_until(T, "parent checked again", |s| {
+        s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3
+    });
     assert!(!completed(&server, &child));
     assert!(p.try_wait().is_none());
     server.set_job_state(&parent, "completed");
@@ -262,10 +271,16 @@ fn a_failing_allocate_still_holds_and_reports_after_the_release() {
     assert_eq!(ip.as_deref(), Some("10.9.8.7"), "device info posted before allocated");
     assert_eq!(status(&server, &child, "allocate"), Some(1), "the status is posted before the hold");
     let checks = server.requests_to("GET", &format!("/v1/result/{parent}")).len();
-    server.wait_until(T, "parent checked again", |s| s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3);
+    server.wait_until(T, "parent checked again", |s| {
+        s.requests_to("GET", &format!("/v1/result/{parent}")).len() >= checks + 3
+    });
     assert!(p.try_wait().is_none(), "held: {}", p.diagnostics());
     let events = server.events(&child);
-    assert_eq!(events.last().map(String::as_str), Some("allocate_start"), "no allocate event during the hold: {events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("allocate_start"),
+        "no allocate event during the hold: {events:?}"
+    );
     server.set_job_state(&parent, "cancelled");
     assert!(p.wait_exit(T).success(), "{}", p.diagnostics());
     let events = server.events(&child);
@@ -367,7 +382,11 @@ fn waiting_whose_post_failed_after_a_job_is_posted_later() {
     let reads = |s: &FakeServer| s.requests_to("GET", &path).len();
     let after_job = reads(&server);
     server.wait_until(T, "two cycles after the job", |s| reads(s) >= after_job + 2);
-    assert_ne!(server.agent_states(AGENT_ID).last().map(String::as_str), Some("waiting"), "refused posts are not stored");
+    assert_ne!(
+        server.agent_states(AGENT_ID).last().map(String::as_str),
+        Some("waiting"),
+        "refused posts are not stored"
+    );
     server.clear_faults();
 
     server.wait_until(T, "waiting posted", |s| s.agent_states(AGENT_ID).last().map(String::as_str) == Some("waiting"));
@@ -448,9 +467,9 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     let rundir = agent.run_dir(&job);
     wait_for_file(&rundir.join("test.pid"));
     let streamed = |s: &FakeServer| {
-        s.requests()
-            .iter()
-            .position(|r| r.method == "POST" && r.path.ends_with("/log/output") && r.body_text().contains("before the crash"))
+        s.requests().iter().position(|r| {
+            r.method == "POST" && r.path.ends_with("/log/output") && r.body_text().contains("before the crash")
+        })
     };
     server.wait_until(T, "test output streamed", |s| streamed(s).is_some());
     // The agent records a fragment as sent right after the post, before its
@@ -505,7 +524,6 @@ fn kill_9_mid_phase_then_restart_delivers_the_outcome_with_cleanup() {
     assert!(p.try_wait().is_none());
 }
 
-
 /// A job whose cleanup kills the agent (a connector that SIGKILLs its
 /// parent, `$PPID` of the phase's shell) on every run: the first run and
 /// two recoveries end that way; the start after gives the job up as
@@ -515,7 +533,11 @@ fn a_job_that_keeps_killing_the_agent_is_given_up_after_two_recoveries() {
     use std::os::unix::process::ExitStatusExt;
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"KILLER"},"job_status_webhook":"http://hook.example/x"}"#));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        r#"{"test_data":{"test_cmds":"KILLER"},"job_status_webhook":"http://hook.example/x"}"#,
+    ));
     let agent = Agent::new(&server)
         .command("test", "echo test ran")
         .command("cleanup", "grep -q KILLER testflinger.json && { echo ran >> ../../killer-cleanups; kill -KILL $PPID; }; echo cleanup done");
@@ -553,7 +575,8 @@ fn a_job_whose_give_up_also_stopped_the_agent_is_set_aside() {
     let agent = Agent::new(&server).command("cleanup", "echo cleanup ran >> ../../cleanups");
     let dir = agent.run_dir(&job);
     std::fs::create_dir_all(&dir).expect("run dir");
-    std::fs::write(dir.join("testflinger.json"), format!(r#"{{"job_id":"{job}","test_data":{{"test_cmds":"x"}}}}"#)).expect("job file");
+    std::fs::write(dir.join("testflinger.json"), format!(r#"{{"job_id":"{job}","test_data":{{"test_cmds":"x"}}}}"#))
+        .expect("job file");
     std::fs::write(dir.join("testflinger-outcome.json"), "{}").expect("outcome file");
     std::fs::write(dir.join(".recovery-attempts"), "3").expect("count");
     let other = unique_id();

@@ -11,15 +11,15 @@
 #![allow(dead_code)]
 
 use crate::fake_server::FakeServer;
-use crate::json::{quote, Json};
+use crate::json::{Json, quote};
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File};
 use std::hash::{BuildHasher, Hasher};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,14 +62,7 @@ pub fn unique_id() -> String {
     h.write_u64(a);
     let b = h.finish();
     let hex = format!("{a:016x}{b:016x}");
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
+    format!("{}-{}-4{}-8{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
 }
 
 /// A job as JSON text: `job_id`, `job_queue`, then the members of
@@ -162,7 +155,15 @@ impl AgentSetup {
             ("logging_level".to_string(), "DEBUG".to_string()),
             ("job_queues".to_string(), format!("[{QUEUE}]")),
         ];
-        AgentSetup { dir, config, args: Vec::new(), env: Vec::new(), spawns: AtomicU64::new(0), leak_fds: false, prefix: Vec::new() }
+        AgentSetup {
+            dir,
+            config,
+            args: Vec::new(),
+            env: Vec::new(),
+            spawns: AtomicU64::new(0),
+            leak_fds: false,
+            prefix: Vec::new(),
+        }
     }
 
     /// Sets or replaces `key` with raw YAML text (`"0.5"`, `"[a, b]"`,
@@ -242,7 +243,12 @@ impl AgentSetup {
     /// A config path key's value as a path (quotes stripped).
     fn path_key(&self, key: &str, default_sub: &str) -> PathBuf {
         match self.get(key) {
-            Some(v) => PathBuf::from(Json::parse(v).ok().and_then(|j| j.as_str().map(str::to_string)).unwrap_or_else(|| v.trim().to_string())),
+            Some(v) => PathBuf::from(
+                Json::parse(v)
+                    .ok()
+                    .and_then(|j| j.as_str().map(str::to_string))
+                    .unwrap_or_else(|| v.trim().to_string()),
+            ),
             None => self.dir.path().join(default_sub),
         }
     }
@@ -314,7 +320,16 @@ impl AgentSetup {
         // The loopback server must not be reached through a proxy or judged
         // by a CA file from the machine's environment; tests that want one
         // set it with `.env()`.
-        for k in ["http_proxy", "https_proxy", "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+        for k in [
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "no_proxy",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+        ] {
             cmd.env_remove(k).env_remove(k.to_ascii_uppercase());
         }
         for (k, v) in &self.env {
@@ -331,7 +346,11 @@ impl AgentSetup {
             unsafe {
                 cmd.pre_exec(|| {
                     let mut p = [0; 2];
-                    if libc::pipe(p.as_mut_ptr()) != 0 || libc::dup2(0, 10) < 0 || libc::dup2(p[0], 11) < 0 || libc::dup2(p[1], 12) < 0 {
+                    if libc::pipe(p.as_mut_ptr()) != 0
+                        || libc::dup2(0, 10) < 0
+                        || libc::dup2(p[0], 11) < 0
+                        || libc::dup2(p[1], 12) < 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

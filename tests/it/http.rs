@@ -35,7 +35,9 @@ fn wait_log(p: &mut AgentProc, what: &str) -> String {
 }
 
 fn redirect(location: &str) -> FaultAction {
-    FaultAction::RawThenClose(format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n").into_bytes())
+    FaultAction::RawThenClose(
+        format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+    )
 }
 
 #[test]
@@ -48,7 +50,12 @@ fn http_redirects_to_another_host_or_port_get_no_token_and_no_job() {
     let other_port = format!("http://127.0.0.1:{}", elsewhere.port());
     let other_host = format!("http://localhost:{}", elsewhere.port());
     // The token refresh (a POST with the refresh token), then job polls.
-    server.add_fault(Fault::new(Some("POST"), "/v1/oauth2/refresh", 1, redirect(&format!("{other_port}/v1/oauth2/refresh"))));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        "/v1/oauth2/refresh",
+        1,
+        redirect(&format!("{other_port}/v1/oauth2/refresh")),
+    ));
     server.add_fault(Fault::new(Some("GET"), "/v1/job", 2, redirect(&format!("{other_host}/v1/job?queue={QUEUE}"))));
     server.add_fault(Fault::new(Some("GET"), "/v1/job", 2, redirect(&format!("{other_port}/v1/job?queue={QUEUE}"))));
     let mine = unique_id();
@@ -78,7 +85,11 @@ fn http_one_kept_connection_carries_a_whole_job() {
     assert!(completed(&server, &job));
     let (connections, requests) = (server.connections(), server.requests().len());
     println!("{connections} connections for {requests} requests");
-    assert!(requests >= 10 && connections <= 2, "{connections} connections for {requests} requests: {:?}", server.request_lines());
+    assert!(
+        requests >= 10 && connections <= 2,
+        "{connections} connections for {requests} requests: {:?}",
+        server.request_lines()
+    );
 }
 
 #[test]
@@ -113,20 +124,45 @@ mod tls {
         pub fn new() -> Pki {
             let dir = TempDir::new("tf-pki");
             let run = |args: &[&str]| {
-                let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl CLI (apt-get install openssl)");
+                let out = Command::new("openssl")
+                    .args(args)
+                    .current_dir(dir.path())
+                    .output()
+                    .expect("openssl CLI (apt-get install openssl)");
                 assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
             };
             let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-            run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Test Lab CA/O=TF Test"],
-                &["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]]
+            run(&[
+                &["req", "-x509"][..],
+                &ec,
+                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Test Lab CA/O=TF Test"],
+                &["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ]
+            .concat());
+            run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]]
                 .concat());
-            run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat());
             std::fs::write(
                 dir.path().join("ext.cnf"),
                 "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
             )
             .unwrap();
-            run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ]);
             Pki { dir }
         }
 
@@ -204,7 +240,8 @@ mod tls {
         let mut tls = rustls::StreamOwned::new(conn, client);
         let mut buf = [0u8; 16384];
         let deadline = Instant::now() + Duration::from_secs(60);
-        let idle = |e: &std::io::Error| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+        let idle =
+            |e: &std::io::Error| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
         let mut counted = false;
         while Instant::now() < deadline {
             if !counted && !tls.conn.is_handshaking() {
@@ -243,7 +280,9 @@ mod tls {
     }
 
     fn https_setup(server: &FakeServer, front: &TlsFront, host: &str) -> crate::harness::AgentSetup {
-        Agent::new(server).set("server_address", &format!("\"https://{host}:{}\"", front.port)).command("test", "echo over tls")
+        Agent::new(server)
+            .set("server_address", &format!("\"https://{host}:{}\"", front.port))
+            .command("test", "echo over tls")
     }
 
     #[test]
@@ -303,7 +342,8 @@ mod tls {
         let job = unique_id();
         server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
         // By IP address: the certificate names 127.0.0.1 too.
-        let setup = https_setup(&server, &front, "127.0.0.1").set("server_ca_file", &format!("{:?}", pki.ca().to_string_lossy()));
+        let setup = https_setup(&server, &front, "127.0.0.1")
+            .set("server_ca_file", &format!("{:?}", pki.ca().to_string_lossy()));
         let out = setup.run_once(T);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(completed(&server, &job));
@@ -321,7 +361,11 @@ mod tls {
         let log = wait_log(&mut p, "certificate for localhost refused");
         assert!(log.contains("issued by a CA this agent does not trust"), "{log}");
         assert!(log.contains("issuer CN=Test Lab CA, O=TF Test"), "{log}");
-        assert!(server.requests().is_empty(), "nothing may pass an unverified connection: {:?}", server.request_lines());
+        assert!(
+            server.requests().is_empty(),
+            "nothing may pass an unverified connection: {:?}",
+            server.request_lines()
+        );
         assert_eq!(server.queued_jobs(), 1);
         // The agent keeps trying (the operator may fix the store), it does
         // not fall back to anything unverified.
@@ -329,7 +373,9 @@ mod tls {
         p.kill();
         // A CA file without a certificate is refused at start, naming the key.
         let empty: &Path = Path::new("/dev/null");
-        let out = https_setup(&server, &front, "localhost").set("server_ca_file", &format!("{:?}", empty.display().to_string())).run_once(T);
+        let out = https_setup(&server, &front, "localhost")
+            .set("server_ca_file", &format!("{:?}", empty.display().to_string()))
+            .run_once(T);
         assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stderr).contains("server_ca_file"));
     }
@@ -369,7 +415,9 @@ mod tls {
         let plain_port = format!("http://localhost:{}/v1/job?queue={QUEUE}", plain.port());
         server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, redirect(&same_port)));
         server.add_fault(Fault::new(Some("GET"), "/v1/job", 1, redirect(&plain_port)));
-        let setup = https_setup(&server, &front, "localhost").env("SSL_CERT_FILE", &pki.ca().to_string_lossy()).token("refresh-secret");
+        let setup = https_setup(&server, &front, "localhost")
+            .env("SSL_CERT_FILE", &pki.ca().to_string_lossy())
+            .token("refresh-secret");
         server.require_auth("refresh-secret");
         let mut p = setup.spawn();
         wait_log(&mut p, &format!("{plain_port} is a downgrade from https to http"));
@@ -470,7 +518,10 @@ fn proxy_one(client: TcpStream, log: Seen) {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         // One request per connection: the server's answer then says
         // `Connection: close`, and the agent does not keep it.
-        (authority.to_string(), Some(format!("{method} {path} HTTP/1.1\r\n{}Connection: close\r\n\r\n", headers.concat())))
+        (
+            authority.to_string(),
+            Some(format!("{method} {path} HTTP/1.1\r\n{}Connection: close\r\n\r\n", headers.concat())),
+        )
     };
     let Ok(mut upstream) = TcpStream::connect(authority.as_str()) else {
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
@@ -519,7 +570,8 @@ fn http_job_through_a_proxy() {
     let job2 = unique_id();
     server.push_job(&job_json(&job2, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     let before = proxy.seen().len();
-    let direct = Agent::new(&server).env("http_proxy", &format!("127.0.0.1:{}", proxy.port)).env("NO_PROXY", "127.0.0.0/8");
+    let direct =
+        Agent::new(&server).env("http_proxy", &format!("127.0.0.1:{}", proxy.port)).env("NO_PROXY", "127.0.0.0/8");
     assert!(direct.run_once(T).status.success());
     assert!(completed(&server, &job2));
     assert_eq!(proxy.seen().len(), before, "no_proxy bypasses the proxy");

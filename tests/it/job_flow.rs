@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::fake_server::{Fault, FakeServer};
+use crate::fake_server::{FakeServer, Fault};
 use crate::harness::{AGENT_ID, Agent, AgentSetup, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -22,7 +22,11 @@ pub const ALL_DATA: &str = r#"{"provision_data":{"url":"x"},"firmware_update_dat
 
 /// The phases announced (skipped ones too, as upstream announces them).
 fn phases_run(server: &FakeServer, job: &str) -> Vec<String> {
-    server.job_states_posted(job).into_iter().filter(|s| !["complete", "allocated", "cancelled"].contains(&s.as_str())).collect()
+    server
+        .job_states_posted(job)
+        .into_iter()
+        .filter(|s| !["complete", "allocated", "cancelled"].contains(&s.as_str()))
+        .collect()
 }
 
 /// The phases that ran: those with a status, in order.
@@ -45,8 +49,12 @@ fn full_job_posts_phases_results_fragments_and_final_state() {
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, ALL_DATA));
     server.set_job_state(&job, "waiting");
-    let agent = all_phases(&server).command("test", "echo test ran; mkdir -p artifacts/sub; echo result > artifacts/sub/r.txt")
-        .command("allocate", "echo allocate ran; echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json");
+    let agent = all_phases(&server)
+        .command("test", "echo test ran; mkdir -p artifacts/sub; echo result > artifacts/sub/r.txt")
+        .command(
+            "allocate",
+            "echo allocate ran; echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json",
+        );
     // Allocate waits until the job is complete or cancelled on the server.
     let mut p = agent.spawn_with(&["--once"]);
     server.wait_until(T, "allocated", |s| s.job_states_posted(&job).iter().any(|x| x == "allocated"));
@@ -97,7 +105,11 @@ fn output_log_matches_fragments_and_run_dir_contract() {
     assert!(text.contains(&format!("agent={AGENT_ID}")), "config strings are in the environment: {text}");
     assert!(text.contains("\n2000\n"));
     let members = server.artifact_members(&job);
-    assert!(members.iter().any(|(p, c, _)| p == "artifacts/a.txt" && c == b"art\n"), "{:?}", members.iter().map(|m| &m.0).collect::<Vec<_>>());
+    assert!(
+        members.iter().any(|(p, c, _)| p == "artifacts/a.txt" && c == b"art\n"),
+        "{:?}",
+        members.iter().map(|m| &m.0).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -157,7 +169,11 @@ fn failed_test_still_runs_allocate_and_reserve() {
 fn events_are_posted_whole_when_the_job_has_a_webhook() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#,
+    ));
     let agent = Agent::new(&server).command("test", "exit 2").command("cleanup", "true");
     assert!(agent.run_once(T).status.success());
     let events = server.events(&job);
@@ -199,7 +215,11 @@ fn cancelled_job_stops_before_next_phase_and_runs_cleanup() {
 fn events_the_server_missed_at_the_end_are_delivered_with_the_outcome() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#,
+    ));
     // Every events post of the job's run fails, and so does the outcome:
     // the job is kept, and delivered with its events after a restart.
     server.add_fault(Fault::status("POST", &format!("/v1/job/{job}/events"), 1000, 503));

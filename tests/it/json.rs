@@ -2,6 +2,13 @@
 //!
 //! Objects keep their key order (a `Vec` of pairs); integers that fit in an
 //! `i64` stay exact, everything else numeric is an `f64`.
+//!
+//! Deliberately not the agent's `src/json.rs`: the tests read what the agent
+//! put on the wire, and a parser shared with the agent would agree with the
+//! agent's own mistakes (an escape or a number its writer and reader both
+//! get wrong would pass). Its API also suits assertions (`j["a"]["b"]` is
+//! `Null` when missing, typed numbers), which the orphan rule would not let
+//! the tests add to the crate's type.
 #![allow(dead_code)]
 
 use std::fmt;
@@ -406,9 +413,7 @@ impl Parser<'_> {
                         b't' => '\t',
                         b'u' => {
                             let hi = self.hex4()?;
-                            let code = if (0xD800..0xDC00).contains(&hi)
-                                && self.s[self.i..].starts_with(b"\\u")
-                            {
+                            let code = if (0xD800..0xDC00).contains(&hi) && self.s[self.i..].starts_with(b"\\u") {
                                 self.i += 2;
                                 let lo = self.hex4()?;
                                 0x10000 + ((hi - 0xD800) << 10) + (lo.wrapping_sub(0xDC00) & 0x3FF)

@@ -1,36 +1,36 @@
 //! Integration tests: the real agent binary against a fake Testflinger server.
 
 mod artifacts;
-mod fake_server;
-mod harness;
-mod small_disk;
-mod http;
-mod json;
+mod budget;
 mod core;
 mod disk;
-mod job_flow;
+mod docs;
+mod fake_server;
+mod faults;
 mod fidelity;
+mod fleet;
+mod harness;
+mod http;
+mod job_flow;
+mod json;
+mod metrics_endpoint;
+mod minimal_image;
+mod operator;
 mod regressions;
 mod secrets;
-mod fleet;
-mod streaming;
-mod faults;
+mod small_disk;
 mod soak;
-mod startup;
-mod strict_dirs;
-mod metrics_endpoint;
-mod upstream_parity;
-mod budget;
-mod minimal_image;
-mod upstream_checklist;
-mod docs;
-mod operator;
 mod stalls;
+mod startup;
+mod streaming;
+mod strict_dirs;
+mod upstream_checklist;
+mod upstream_parity;
 mod version;
 
 /// The fake server itself, spoken to over raw TCP.
 mod fake_server_selftest {
-    use crate::fake_server::{Fault, FaultAction, FakeServer};
+    use crate::fake_server::{FakeServer, Fault, FaultAction};
     use crate::harness::{job_json, unique_id};
     use crate::json::Json;
     use std::io::{BufRead, BufReader, Read, Write};
@@ -166,7 +166,10 @@ mod fake_server_selftest {
         assert_eq!(c.get(&format!("/v1/result/{id}"), "").json()["job_state"].as_str(), Some("waiting"));
         assert_eq!(c.post(&format!("/v1/result/{id}"), "", br#"{"job_state":"test"}"#).status, 200);
         s.cancel_job(&id);
-        assert_eq!(c.post(&format!("/v1/result/{id}"), "", br#"{"job_state":"complete","status":{"test":0}}"#).status, 200);
+        assert_eq!(
+            c.post(&format!("/v1/result/{id}"), "", br#"{"job_state":"complete","status":{"test":0}}"#).status,
+            200
+        );
         let res = s.result(&id).unwrap();
         assert_eq!(res["job_state"].as_str(), Some("cancelled"));
         assert_eq!(res.at("status.test").and_then(Json::as_i64), Some(0));
@@ -211,16 +214,19 @@ mod fake_server_selftest {
     fn chunked_bodies_and_log_fragments() {
         let s = FakeServer::start();
         let mut c = Conn::open(&s);
-        let body = br#"{"fragment_number": 1, "timestamp": "2024-01-01T00:00:00Z", "phase": "test", "log_data": "world\n"}"#;
+        let body =
+            br#"{"fragment_number": 1, "timestamp": "2024-01-01T00:00:00Z", "phase": "test", "log_data": "world\n"}"#;
         let (a, b) = body.split_at(30);
-        let mut req = b"POST /v1/result/j1/log/output HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut req =
+            b"POST /v1/result/j1/log/output HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         req.extend_from_slice(format!("{:x};ext=1\r\n", a.len()).as_bytes());
         req.extend_from_slice(a);
         req.extend_from_slice(format!("\r\n{:X}\r\n", b.len()).as_bytes());
         req.extend_from_slice(b);
         req.extend_from_slice(b"\r\n0\r\nX-Trailer: t\r\n\r\n");
         assert_eq!(c.raw(&req).unwrap().status, 200);
-        let first = br#"{"fragment_number": 0, "timestamp": "2024-01-01T00:00:00Z", "phase": "setup", "log_data": "hello "}"#;
+        let first =
+            br#"{"fragment_number": 0, "timestamp": "2024-01-01T00:00:00Z", "phase": "setup", "log_data": "hello "}"#;
         assert_eq!(c.post("/v1/result/j1/log/output", "", first).status, 200);
         assert_eq!(s.fragments("j1", "output").iter().map(|f| f.number).collect::<Vec<_>>(), vec![1, 0]);
         assert_eq!(s.log_text("j1", "output"), "hello world\n");
@@ -294,14 +300,20 @@ mod fake_server_selftest {
         assert_eq!(c.get("/v1/job/j4/attachments", "").status, 204);
         s.set_attachments("j4", vec![0x1f, 0x8b, 1, 2]);
         let r = c.get("/v1/job/j4/attachments", "");
-        assert_eq!((r.status, r.header("content-type"), r.body.as_slice()), (200, Some("application/gzip"), &[0x1f, 0x8b, 1, 2][..]));
+        assert_eq!(
+            (r.status, r.header("content-type"), r.body.as_slice()),
+            (200, Some("application/gzip"), &[0x1f, 0x8b, 1, 2][..])
+        );
 
         let ev = |names: &[&str]| {
             let list: Vec<String> = names
                 .iter()
                 .map(|n| format!(r#"{{"event_name":"{n}","timestamp":"2024-01-01T00:00:00Z","detail":""}}"#))
                 .collect();
-            format!(r#"{{"agent_id":"a1","job_queue":"q","job_status_webhook":"http://h","events":[{}]}}"#, list.join(","))
+            format!(
+                r#"{{"agent_id":"a1","job_queue":"q","job_status_webhook":"http://h","events":[{}]}}"#,
+                list.join(",")
+            )
         };
         assert_eq!(c.post("/v1/job/j4/events", "", ev(&["job_start"]).as_bytes()).status, 200);
         assert_eq!(c.post("/v1/job/j4/events", "", ev(&["job_start", "setup_start"]).as_bytes()).status, 200);
@@ -315,7 +327,11 @@ mod fake_server_selftest {
     #[test]
     fn garbage_input_does_not_kill_the_server() {
         let s = FakeServer::start();
-        for junk in [&b"\x00\xff\xfe garbage\r\n\r\n"[..], b"GET\r\n\r\n", b"POST /v1/result/x HTTP/1.1\r\nContent-Length: zz\r\n\r\n"] {
+        for junk in [
+            &b"\x00\xff\xfe garbage\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"POST /v1/result/x HTTP/1.1\r\nContent-Length: zz\r\n\r\n",
+        ] {
             let mut c = Conn::open(&s);
             if let Some(r) = c.raw(junk) {
                 assert_eq!(r.status, 400);

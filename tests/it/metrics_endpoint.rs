@@ -3,8 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::fake_server::FakeServer;
@@ -20,7 +20,8 @@ fn free_port() -> u16 {
 /// One scrape with a scraper's timeout (Prometheus' default is 10 s); the
 /// answer, or why there was none.
 fn scrape(addr: (&str, u16), timeout: Duration) -> Result<String, String> {
-    let mut c = TcpStream::connect_timeout(&format!("{}:{}", addr.0, addr.1).parse().expect("addr"), timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut c = TcpStream::connect_timeout(&format!("{}:{}", addr.0, addr.1).parse().expect("addr"), timeout)
+        .map_err(|e| format!("connect: {e}"))?;
     c.set_read_timeout(Some(timeout)).expect("timeout");
     c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| format!("send: {e}"))?;
     let mut answer = String::new();
@@ -92,7 +93,9 @@ fn scrapes_under_slowloris(n: usize, tick_ms: u64, may_fail: usize) {
     for i in 0..10 {
         let t = Instant::now();
         match scrape(("127.0.0.1", port), Duration::from_secs(10)) {
-            Ok(a) if a.starts_with("HTTP/1.1 200 OK\r\n") && a.contains("jobs_total{") => worst = worst.max(t.elapsed()),
+            Ok(a) if a.starts_with("HTTP/1.1 200 OK\r\n") && a.contains("jobs_total{") => {
+                worst = worst.max(t.elapsed())
+            }
             Ok(a) => failures.push(format!("scrape {i}: {a:?}")),
             Err(e) => failures.push(format!("scrape {i}: {e}")),
         }
@@ -100,7 +103,10 @@ fn scrapes_under_slowloris(n: usize, tick_ms: u64, may_fail: usize) {
     }
     stop.store(true, Ordering::SeqCst);
     let opened = attacker.join().expect("attacker");
-    eprintln!("metrics under {n} slow clients: 10 scrapes, {} failed, worst answer {worst:?}; the slow clients opened {opened} connections", failures.len());
+    eprintln!(
+        "metrics under {n} slow clients: 10 scrapes, {} failed, worst answer {worst:?}; the slow clients opened {opened} connections",
+        failures.len()
+    );
     assert!(failures.len() <= may_fail, "{failures:#?}");
     assert!(opened > n, "the slow clients were never dropped: the deadline was not exercised");
     assert!(p.try_wait().is_none(), "{}", p.diagnostics());
@@ -140,7 +146,11 @@ fn metrics_address_chooses_where_the_endpoint_listens() {
         let serving = if on_1 { "127.0.0.1" } else { "127.0.0.2" };
         let deadline = Instant::now() + T;
         while scrape((serving, port), t).is_err() {
-            assert!(Instant::now() < deadline && p.try_wait().is_none(), "not serving on {serving}\n{}", p.diagnostics());
+            assert!(
+                Instant::now() < deadline && p.try_wait().is_none(),
+                "not serving on {serving}\n{}",
+                p.diagnostics()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(scrape(("127.0.0.1", port), t).is_ok(), on_1, "{address:?} on 127.0.0.1");

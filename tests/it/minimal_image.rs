@@ -14,7 +14,8 @@ const T: Duration = Duration::from_secs(120);
 #[test]
 #[ignore = "needs the root file system of cross/minimal-image.sh"]
 fn minimal_image_job() {
-    let arch = std::env::var("TF_IMAGE_ARCH").expect("TF_IMAGE_ARCH: the machine `uname -m` must print inside the image");
+    let arch =
+        std::env::var("TF_IMAGE_ARCH").expect("TF_IMAGE_ARCH: the machine `uname -m` must print inside the image");
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"provision_data":{"url":"x"},"test_data":{"test_cmds":"x"}}"#));
@@ -46,8 +47,14 @@ fn minimal_image_job() {
     assert!(log("test").contains(&format!("test ran on {arch}")), "{}", log("test"));
     assert!(log("test").contains("no-libc-no-usr"), "{}", log("test"));
     let members = server.artifact_members(&job);
-    println!("--- artifacts: {:?}", members.iter().map(|(p, c, _)| (p.clone(), String::from_utf8_lossy(c).into_owned())).collect::<Vec<_>>());
-    assert!(members.iter().any(|(p, c, _)| p == "artifacts/arch.txt" && *c == format!("{arch}\n").into_bytes()), "artifact");
+    println!(
+        "--- artifacts: {:?}",
+        members.iter().map(|(p, c, _)| (p.clone(), String::from_utf8_lossy(c).into_owned())).collect::<Vec<_>>()
+    );
+    assert!(
+        members.iter().any(|(p, c, _)| p == "artifacts/arch.txt" && *c == format!("{arch}\n").into_bytes()),
+        "artifact"
+    );
     let last = server.results_posted(&job).last().cloned().expect("a final result");
     assert_eq!(last.get("job_state").and_then(Json::as_str), Some("complete"));
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::fake_server::{Fault, FaultAction, FakeServer};
+use crate::fake_server::{FakeServer, Fault, FaultAction};
 use crate::harness::{Agent, AgentProc, yaml_str};
 
 const T: Duration = Duration::from_secs(30);
@@ -15,7 +15,8 @@ fn count(text: &str, needle: &str) -> usize {
 }
 
 fn refresh_answer(json: &str, times: usize) -> Fault {
-    let body = FaultAction::Body { status: 200, content_type: "application/json".into(), body: json.as_bytes().to_vec() };
+    let body =
+        FaultAction::Body { status: 200, content_type: "application/json".into(), body: json.as_bytes().to_vec() };
     Fault::new(Some("POST"), "/v1/oauth2/refresh", times, body)
 }
 
@@ -46,7 +47,11 @@ fn an_access_token_with_a_line_break_is_a_failed_refresh_and_the_next_one_works(
     });
     p.kill();
     let log = p.log_text();
-    assert_eq!(count(&log, "access_token is empty or holds bytes that are not visible ASCII; next attempt in"), 2, "{log}");
+    assert_eq!(
+        count(&log, "access_token is empty or holds bytes that are not visible ASCII; next attempt in"),
+        2,
+        "{log}"
+    );
     assert!(!log.contains("X-Evil"), "the token is not quoted in the log:\n{log}");
     let refreshes = server.requests_to("POST", "/v1/oauth2/refresh");
     assert_eq!(refreshes.len(), 3, "{:?}", server.request_lines());
@@ -69,7 +74,12 @@ fn a_refresh_answer_without_a_token_gets_the_hold_off() {
     assert_eq!(count(&log, "has no access_token string; next attempt in 1 s at the earliest"), 1, "{log}");
     let refreshes = server.requests_to("POST", "/v1/oauth2/refresh");
     let refused = server.requests().iter().filter(|r| r.status == 401).count();
-    assert!(refused > refreshes.len(), "{} refreshes, {refused} refused calls: {:?}", refreshes.len(), server.request_lines());
+    assert!(
+        refused > refreshes.len(),
+        "{} refreshes, {refused} refused calls: {:?}",
+        refreshes.len(),
+        server.request_lines()
+    );
     // One ERROR line per refresh (was four per cycle), and the refreshes
     // held off: 1 s, then 2 s... (a slow machine may fit in a second one).
     assert_eq!(count(&log, "has no access_token string; next attempt in"), refreshes.len(), "{log}");
@@ -139,7 +149,10 @@ fn log_lines_read_like_prose() {
         let nanos = line.split(' ').any(|w| {
             let w = w.trim_end_matches([',', ';', ')']);
             w.strip_suffix('s').and_then(|n| n.split_once('.')).is_some_and(|(a, b)| {
-                !a.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.len() >= 4 && b.bytes().all(|c| c.is_ascii_digit())
+                !a.is_empty()
+                    && a.bytes().all(|c| c.is_ascii_digit())
+                    && b.len() >= 4
+                    && b.bytes().all(|c| c.is_ascii_digit())
             })
         });
         assert!(!nanos, "unrounded duration: {line}");
@@ -173,7 +186,11 @@ fn answering_proxy(status: &'static str) -> u16 {
 fn what_the_proxy_answered_and_a_silent_server_are_said_as_such() {
     let server = FakeServer::start();
     let cases = [
-        ("http", "407 Proxy Authentication Required", "the proxy did not pass the request on (the proxy answered HTTP 407"),
+        (
+            "http",
+            "407 Proxy Authentication Required",
+            "the proxy did not pass the request on (the proxy answered HTTP 407",
+        ),
         ("https", "407 Proxy Authentication Required", "the proxy did not pass the request on (proxy 127.0.0.1:"),
         ("https", "500 Internal Server Error", "the proxy did not pass the request on (proxy 127.0.0.1:"),
     ];

@@ -71,7 +71,9 @@ fn answer_regressions_are_errors_or_capped_answers() {
 fn limits_regressions_stay_within_the_caps() {
     let cases = inputs("limits");
     assert!(!cases.is_empty(), "fuzz/regressions/limits holds the job of issue 21");
-    let config = Config::parse("agent_id: a\nserver_address: x\njob_queues: [q]\ntest_command: t\n", Path::new("fuzz.conf")).expect("config");
+    let config =
+        Config::parse("agent_id: a\nserver_address: x\njob_queues: [q]\ntest_command: t\n", Path::new("fuzz.conf"))
+            .expect("config");
     for (path, bytes) in cases {
         let Some((_, rest)) = bytes.split_first() else { continue };
         let Ok(job) = Json::parse(&String::from_utf8_lossy(rest)) else { continue };

@@ -5,12 +5,12 @@
 //! writes are refused; what the agent creates has private modes.
 
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fake_server::{FakeServer, Fault};
-use crate::harness::{job_json, unique_id, yaml_str, Agent, QUEUE};
+use crate::harness::{Agent, QUEUE, job_json, unique_id, yaml_str};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(60);
@@ -76,7 +76,9 @@ fn leaky_agent(server: &FakeServer) -> crate::harness::AgentSetup {
 fn a_secret_the_connector_echoes_everywhere_never_leaves_the_agent_unmasked() {
     let server = FakeServer::start();
     let job = unique_id();
-    let data = format!(r#"{{{WEBHOOK},"provision_data":{{"url":"x","secrets":{{"TOKEN":"{SECRET}"}}}},"test_data":{{"test_cmds":"x","secrets":{{"TOKEN":"{SECRET}"}}}}}}"#);
+    let data = format!(
+        r#"{{{WEBHOOK},"provision_data":{{"url":"x","secrets":{{"TOKEN":"{SECRET}"}}}},"test_data":{{"test_cmds":"x","secrets":{{"TOKEN":"{SECRET}"}}}}}}"#
+    );
     server.push_job(&job_json(&job, QUEUE, &data));
     let agent = leaky_agent(&server);
     // The artifact cannot be delivered: the job is kept in results_basedir.
@@ -131,16 +133,23 @@ fn a_secret_the_connector_echoes_everywhere_never_leaves_the_agent_unmasked() {
     let events = server.event_posts(&job);
     let last = events.last().expect("events posted").to_string();
     assert!(last.contains(&format!("TestError: failed with {m} caused by cause {m}")), "{last}");
-    let provision_logs: Vec<String> = server.requests_to("POST", "/v1/agents/provision_logs").iter().map(|r| r.body_text()).collect();
+    let provision_logs: Vec<String> =
+        server.requests_to("POST", "/v1/agents/provision_logs").iter().map(|r| r.body_text()).collect();
     // The provision log's detail is the exit event's name, as upstream's
     // (issue 11, item 6): the connector's text does not go there.
     assert!(!provision_logs.is_empty(), "no provision log posted");
     assert!(provision_logs.iter().all(|b| b.contains(r#""detail":"provision_success""#)), "{provision_logs:?}");
-    let device_info = server.results_posted(&job).into_iter().find_map(|r| r.get("device_info").cloned()).expect("device info posted");
+    let device_info = server
+        .results_posted(&job)
+        .into_iter()
+        .find_map(|r| r.get("device_info").cloned())
+        .expect("device info posted");
     assert_eq!(device_info.get("ip").and_then(Json::as_str), Some(m.as_str()));
 
     let members = server.artifact_members(&job);
-    let member = |n: &str| members.iter().find(|(p, _, _)| p == n).map(|(_, d, _)| d.clone()).unwrap_or_else(|| panic!("{n} in artifact"));
+    let member = |n: &str| {
+        members.iter().find(|(p, _, _)| p == n).map(|(_, d, _)| d.clone()).unwrap_or_else(|| panic!("{n} in artifact"))
+    };
     assert_eq!(String::from_utf8_lossy(&member("artifacts/out.txt")), format!("artifact {m}\n"));
     assert_eq!(member(&format!("artifacts/name-{m}")), b"named\n");
     // Binary files are left alone: masking is for text.
@@ -203,7 +212,10 @@ fn a_link_the_connector_plants_at_the_outcome_file_is_refused_and_its_target_unt
     let agent = Agent::new(&server);
     let victim = agent.dir().join("victim.json");
     fs::write(&victim, "untouched").unwrap();
-    let agent = agent.command("setup", &format!("rm testflinger-outcome.json && ln -s '{}' testflinger-outcome.json", victim.display()));
+    let agent = agent.command(
+        "setup",
+        &format!("rm testflinger-outcome.json && ln -s '{}' testflinger-outcome.json", victim.display()),
+    );
     assert!(agent.run_once(T).status.success());
     assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
     let log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap();
@@ -223,7 +235,10 @@ fn what_the_agent_creates_is_private_and_an_exposed_token_file_is_named() {
     fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     // The test phase records the modes while the run dir exists.
     let modes = agent.dir().join("modes.txt");
-    let agent = agent.command("test", &format!("stat -c '%n %a' . testflinger.json testflinger-outcome.json test.log > '{}'", modes.display()));
+    let agent = agent.command(
+        "test",
+        &format!("stat -c '%n %a' . testflinger.json testflinger-outcome.json test.log > '{}'", modes.display()),
+    );
     // Kept, so results_basedir and the kept files exist to look at.
     server.add_fault(Fault::status("POST", &format!("/v1/result/{job}"), 1000, 503));
     let out = agent.run_once(T);
@@ -257,7 +272,9 @@ fn after_a_crash_the_serial_log_is_sent_only_from_its_masked_copy() {
         .command("cleanup", "echo cleanup ran");
     let mut p = agent.spawn();
     let m = mask(SECRET);
-    server.wait_until(T, "serial streamed while the phase runs", |s| s.log_text_phase(&job, "serial", "test").contains(&m));
+    server.wait_until(T, "serial streamed while the phase runs", |s| {
+        s.log_text_phase(&job, "serial", "test").contains(&m)
+    });
     p.kill();
     // The connector goes on writing while no agent watches; a resumed job
     // has no secrets to mask this with, so it must not be sent.

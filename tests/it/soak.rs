@@ -72,7 +72,13 @@ fn fd_targets(pid: u32) -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| format!("{} -> {}", e.file_name().to_string_lossy(), std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default()))
+        .map(|e| {
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default()
+            )
+        })
         .collect()
 }
 
@@ -128,8 +134,13 @@ fn random_fault(rng: &mut Rng, server: &FakeServer, next_job: Option<&str>) -> O
         (2, _) => {
             // Once: a second match could be a log fragment, whose answer
             // is waited for 60 s per attempt.
-            let kinds: [(&str, &str); 5] =
-                [("GET", "/v1/agents/data/"), ("POST", "/v1/agents/data/"), ("GET", "/v1/job"), ("GET", "/v1/result/"), ("POST", "/v1/job/")];
+            let kinds: [(&str, &str); 5] = [
+                ("GET", "/v1/agents/data/"),
+                ("POST", "/v1/agents/data/"),
+                ("GET", "/v1/job"),
+                ("GET", "/v1/result/"),
+                ("POST", "/v1/job/"),
+            ];
             let (method, path) = kinds[rng.below(kinds.len() as u64) as usize];
             server.add_fault(Fault::new(Some(method), path, 1, FaultAction::Drip(Duration::from_secs(1))));
             return Some((format!("Drip x1 on {method} {path}"), Extra::None));
@@ -234,7 +245,9 @@ fn soak_many_short_jobs_with_random_faults() {
             println!("soak: fds at start: {:?}", fd_targets(pid));
         }
         for _ in before..done {
-            let Some((what, extra)) = random_fault(&mut rng, &server, jobs.get(done).map(String::as_str)) else { continue };
+            let Some((what, extra)) = random_fault(&mut rng, &server, jobs.get(done).map(String::as_str)) else {
+                continue;
+            };
             faults += 1;
             kinds.insert(what.split(' ').next().unwrap_or("").to_string());
             match extra {
@@ -268,7 +281,8 @@ fn soak_many_short_jobs_with_random_faults() {
     // The last job's processes are reaped by the time its outcome is posted,
     // but give the agent's loop a moment to be back to polling.
     let polls = server.requests_to("GET", "/v1/job").len();
-    server.wait_until(Duration::from_secs(10), "back to polling", |s| s.requests_to("GET", "/v1/job").len() > polls + 3);
+    server
+        .wait_until(Duration::from_secs(10), "back to polling", |s| s.requests_to("GET", "/v1/job").len() > polls + 3);
     let elapsed = started.elapsed();
     let (rss0, fd0) = start_figures.unwrap_or((0, 0));
     let rss1 = proc_status_kb(pid, "VmRSS").unwrap_or(0);
@@ -285,22 +299,42 @@ fn soak_many_short_jobs_with_random_faults() {
     t.artifacts_lost -= refused.len().min(t.artifacts_lost);
     let agent_id = AGENT_ID;
     println!("soak: {n} jobs, seed {seed:#x}, {faults} faults injected ({kinds:?}), agent {agent_id}");
-    println!("  duration:                      {:.1} s ({:.0} ms a job)", elapsed.as_secs_f64(), elapsed.as_secs_f64() * 1000.0 / n as f64);
+    println!(
+        "  duration:                      {:.1} s ({:.0} ms a job)",
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1000.0 / n as f64
+    );
     println!("  jobs completed:                {done} ({huge_jobs} with huge durations)");
     println!("  outcomes lost:                 {}", t.outcomes_lost);
-    println!("  fragments lost or duplicated:  {} ({} lost, {} duplicated; {} identical re-sends)", t.fragments_lost + t.fragments_duplicated, t.fragments_lost, t.fragments_duplicated, t.fragments_resent);
+    println!(
+        "  fragments lost or duplicated:  {} ({} lost, {} duplicated; {} identical re-sends)",
+        t.fragments_lost + t.fragments_duplicated,
+        t.fragments_lost,
+        t.fragments_duplicated,
+        t.fragments_resent
+    );
     println!("  artifacts lost:                {}", t.artifacts_lost);
     println!("  outcomes re-sent (identical):  {}", t.outcomes_resent);
-    println!("  agent RSS start/end:           {rss0} kB / {rss1} kB (growth {} kB), peak {hwm} kB", rss1 as i64 - rss0 as i64);
+    println!(
+        "  agent RSS start/end:           {rss0} kB / {rss1} kB (growth {} kB), peak {hwm} kB",
+        rss1 as i64 - rss0 as i64
+    );
     println!("  open fds start/end:            {fd0} / {fd1} (not counting the one socket of a request in flight)");
     println!("  fds at end: {:?}", fd_targets(pid));
     println!("  leftover processes:            {}", leftovers.len());
     println!("  artifacts refused (413):       {} (dropped by design, outcomes delivered)", refused.len());
     let slowest = stops.iter().max().copied().unwrap_or_default();
-    println!("  stops while drip-fed:          {} (slowest SIGTERM to exit {:.2} s)", stops.len(), slowest.as_secs_f64());
+    println!(
+        "  stops while drip-fed:          {} (slowest SIGTERM to exit {:.2} s)",
+        stops.len(),
+        slowest.as_secs_f64()
+    );
     assert!(t.problems.is_empty(), "{:#?}", t.problems);
     assert_eq!(done, n);
-    assert_eq!((t.outcomes_lost, t.fragments_lost, t.fragments_duplicated, t.artifacts_lost, t.outcomes_differing), (0, 0, 0, 0, 0));
+    assert_eq!(
+        (t.outcomes_lost, t.fragments_lost, t.fragments_duplicated, t.artifacts_lost, t.outcomes_differing),
+        (0, 0, 0, 0, 0)
+    );
     assert!(rss1 < rss0 + 1024, "RSS grew from {rss0} kB to {rss1} kB");
     assert_eq!(fd1, fd0, "open fds changed: {:#?}", fd_targets(pid));
     assert!(socket_count(pid) <= 1, "sockets left open: {:#?}", fd_targets(pid));

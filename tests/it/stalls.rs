@@ -9,8 +9,8 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::fake_server::{FakeServer, Fault, FaultAction};
@@ -25,7 +25,10 @@ fn agent(server: &FakeServer) -> AgentSetup {
     Agent::new(server)
         .set("polling_interval", "0.2")
         .command("setup", "echo setup")
-        .command("test", "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.2; done; mkdir -p artifacts; echo a > artifacts/a.txt")
+        .command(
+            "test",
+            "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.2; done; mkdir -p artifacts; echo a > artifacts/a.txt",
+        )
         .command("cleanup", "echo cleanup")
 }
 
@@ -52,7 +55,9 @@ fn stop(p: &mut AgentProc, what: &str) -> Duration {
     let after = log.get(before..).unwrap_or("");
     let loud: Vec<&str> = after
         .lines()
-        .filter(|l| (l.contains("] WARNING: (") || l.contains("]   ERROR: (")) && !l.contains("may be missing on the server"))
+        .filter(|l| {
+            (l.contains("] WARNING: (") || l.contains("]   ERROR: (")) && !l.contains("may be missing on the server")
+        })
         .collect();
     assert!(loud.is_empty(), "{what}: the stop logged {loud:#?}");
     took
@@ -213,7 +218,12 @@ fn an_early_413_on_the_artifact_drops_it_and_the_agent_takes_the_next_job() {
     let server = FakeServer::start();
     let first = push_job(&server);
     let second = push_job(&server);
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{first}/artifact"), 1, FaultAction::EarlyAnswer(413)));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{first}/artifact"),
+        1,
+        FaultAction::EarlyAnswer(413),
+    ));
     let mut p = agent(&server).set("server_timeout", "5").spawn();
     server.wait_until(T, "both outcomes delivered", |s| {
         [&first, &second].iter().all(|j| s.job_states_posted(j).iter().any(|st| st == "complete"))
@@ -270,11 +280,25 @@ fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsi
     let setup = match state {
         "polling" | "phase" => base,
         "held fragment" => {
-            slow_job(&server, &|job| Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(Duration::from_secs(15))));
+            slow_job(&server, &|job| {
+                Fault::new(
+                    Some("POST"),
+                    &format!("/v1/result/{job}/log/output"),
+                    1,
+                    FaultAction::Stall(Duration::from_secs(15)),
+                )
+            });
             base
         }
         "delivering" => {
-            slow_job(&server, &|job| Fault::new(Some("POST"), &format!("/v1/result/{job}/artifact"), 1, FaultAction::Stall(Duration::from_secs(15))));
+            slow_job(&server, &|job| {
+                Fault::new(
+                    Some("POST"),
+                    &format!("/v1/result/{job}/artifact"),
+                    1,
+                    FaultAction::Stall(Duration::from_secs(15)),
+                )
+            });
             agent(&server).set("server_timeout", "30")
         }
         "drip-feeding server" => {
@@ -284,7 +308,8 @@ fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsi
         "stalled proxy" => {
             let (port, seen) = stalled_proxy();
             proxy = Some((port, seen));
-            base.set("server_address", &format!("\"https://127.0.0.1:{}\"", server.port())).env("HTTPS_PROXY", &format!("http://127.0.0.1:{port}"))
+            base.set("server_address", &format!("\"https://127.0.0.1:{}\"", server.port()))
+                .env("HTTPS_PROXY", &format!("http://127.0.0.1:{port}"))
         }
         "hanging name lookup" => base
             .set("server_address", &format!("\"http://tf-hang.example:{}\"", server.port()))
@@ -297,7 +322,11 @@ fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsi
     let p = setup.spawn();
     let reached: Box<dyn Fn(&FakeServer) -> bool> = match state {
         "polling" => Box::new(|s: &FakeServer| s.requests_to("GET", "/v1/job").len() >= 2),
-        "phase" => Box::new(|s: &FakeServer| s.requests().iter().any(|r| r.path.ends_with("/log/output") && String::from_utf8_lossy(&r.body).contains("started"))),
+        "phase" => Box::new(|s: &FakeServer| {
+            s.requests()
+                .iter()
+                .any(|r| r.path.ends_with("/log/output") && String::from_utf8_lossy(&r.body).contains("started"))
+        }),
         "held fragment" | "delivering" => Box::new(|s: &FakeServer| s.stalling() > 0),
         "drip-feeding server" => Box::new(|s: &FakeServer| s.dripping() > 0),
         "stalled proxy" => {
@@ -306,7 +335,9 @@ fn into_state(state: &str) -> (FakeServer, AgentProc, Option<(u16, Arc<AtomicUsi
         }
         _ => {
             let log = p.log_path().to_path_buf();
-            Box::new(move |_: &FakeServer| std::fs::read_to_string(&log).unwrap_or_default().contains("polling http://tf-hang.example"))
+            Box::new(move |_: &FakeServer| {
+                std::fs::read_to_string(&log).unwrap_or_default().contains("polling http://tf-hang.example")
+            })
         }
     };
     server.wait_until(T, state, |s| reached(s));
@@ -321,7 +352,15 @@ fn stop_times_in_each_state() {
     let reps: usize = std::env::var("STOP_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     println!("| state | median | max | runs |");
     println!("|---|---|---|---|");
-    for state in ["polling", "phase", "held fragment", "delivering", "drip-feeding server", "stalled proxy", "hanging name lookup"] {
+    for state in [
+        "polling",
+        "phase",
+        "held fragment",
+        "delivering",
+        "drip-feeding server",
+        "stalled proxy",
+        "hanging name lookup",
+    ] {
         let mut times: Vec<f64> = Vec::new();
         for _ in 0..reps {
             let (_server, mut p, _proxy) = into_state(state);

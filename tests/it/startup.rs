@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::fake_server::{Fault, FaultAction, FakeServer};
+use crate::fake_server::{FakeServer, Fault, FaultAction};
 use crate::harness::{Agent, QUEUE, job_json, unique_id, yaml_str};
 use crate::json::Json;
 
@@ -44,11 +44,16 @@ fn phase_commands_get_only_stdin_stdout_stderr() {
     let probe = r#"echo "stdin is $(readlink /proc/$$/fd/0)"; for n in $(seq 3 64) 255; do [ -e /proc/$$/fd/$n ] && echo "leaked fd $n: $(readlink /proc/$$/fd/$n)"; done; echo probed"#;
     let mut p = Agent::new(&server).leak_fds().command("test", probe).spawn();
     server.wait_until(T, "the job's outcome", |s| {
-        s.result(&job).and_then(|r| r.get("job_state").and_then(Json::as_str).map(String::from)).as_deref() == Some("complete")
+        s.result(&job).and_then(|r| r.get("job_state").and_then(Json::as_str).map(String::from)).as_deref()
+            == Some("complete")
     });
     // The agent itself did inherit them: the probe would have seen them.
     for fd in [10, 11, 12] {
-        assert!(Path::new(&format!("/proc/{}/fd/{fd}", p.pid())).exists(), "fd {fd} not inherited\n{}", p.diagnostics());
+        assert!(
+            Path::new(&format!("/proc/{}/fd/{fd}", p.pid())).exists(),
+            "fd {fd} not inherited\n{}",
+            p.diagnostics()
+        );
     }
     let out = server.log_text(&job, "output");
     assert!(out.contains("stdin is /dev/null"), "{out}");
@@ -96,7 +101,9 @@ fn missing_basedirs_are_created_at_start() {
 #[test]
 fn bad_server_address_exits_2() {
     let server = FakeServer::start();
-    for address in ["htp://x", "ftp://host:21", "http://", "http://:8000", "http://host:99999", "host:port", "http://a b"] {
+    for address in
+        ["htp://x", "ftp://host:21", "http://", "http://:8000", "http://host:99999", "host:port", "http://a b"]
+    {
         let out = Agent::new(&server).set("server_address", &yaml_str(address)).run_once(T);
         assert_config_error(&out, "server_address");
     }
@@ -227,7 +234,10 @@ fn once_gives_up_on_an_unreachable_server() {
 #[test]
 fn a_tls_failure_is_named_as_such() {
     let server = FakeServer::start();
-    let out = Agent::new(&server).set("server_address", &yaml_str(&format!("https://{}", server.addr()))).set("server_timeout", "1").run_once(T);
+    let out = Agent::new(&server)
+        .set("server_address", &yaml_str(&format!("https://{}", server.addr())))
+        .set("server_timeout", "1")
+        .run_once(T);
     let log = stderr(&out);
     assert_eq!(out.status.code(), Some(69), "{log}");
     assert_eq!(count(&log, "not reachable: TLS failure"), 1, "{log}");
@@ -317,7 +327,10 @@ fn log_file_rotates_daily_keeping_six() {
 fn systemd_unit_stops_on_config_errors_and_docs_list_every_exit_status() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let unit = fs::read_to_string(root.join("deploy/testflinger-agent@.service")).unwrap();
-    let prevent = unit.lines().find_map(|l| l.strip_prefix("RestartPreventExitStatus=")).expect("RestartPreventExitStatus= in the unit");
+    let prevent = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .expect("RestartPreventExitStatus= in the unit");
     assert!(prevent.split_whitespace().any(|s| s == "2"), "{prevent}");
     assert!(unit.lines().any(|l| l == "Restart=always"), "restarts on anything else (75, crashes)");
 
@@ -353,7 +366,12 @@ fn server_text_with_line_breaks_cannot_forge_log_lines() {
     let journal = agent.dir().join("stderr-0.txt");
     fs::write(&journal, "").unwrap();
     let meta = fs::metadata(&journal).unwrap();
-    let mut p = agent.env("JOURNAL_STREAM", &format!("{}:{}", std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))).spawn();
+    let mut p = agent
+        .env(
+            "JOURNAL_STREAM",
+            &format!("{}:{}", std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta)),
+        )
+        .spawn();
     let deadline = std::time::Instant::now() + T;
     let log = loop {
         let log = p.log_text();
@@ -364,9 +382,15 @@ fn server_text_with_line_breaks_cannot_forge_log_lines() {
         std::thread::sleep(Duration::from_millis(20));
     };
     p.kill();
-    assert!(log.contains(r"(cabling\n<3>[26-01-01 00:00:00]   ERROR: (agent.rs:1)| FORGED\r\n\u{1b}[2Jagain)"), "{log}");
+    assert!(
+        log.contains(r"(cabling\n<3>[26-01-01 00:00:00]   ERROR: (agent.rs:1)| FORGED\r\n\u{1b}[2Jagain)"),
+        "{log}"
+    );
     for line in log.lines() {
-        assert!(line.starts_with('[') && line.get(19..).is_some_and(|r| r.contains(".rs:")), "a line of no record: {line:?}\n{log}");
+        assert!(
+            line.starts_with('[') && line.get(19..).is_some_and(|r| r.contains(".rs:")),
+            "a line of no record: {line:?}\n{log}"
+        );
         assert!(!line.contains(['\r', '\u{1b}']), "{line:?}");
     }
     let entries = p.stderr_text();

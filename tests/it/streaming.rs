@@ -99,7 +99,8 @@ fn fragments_equal_the_log_byte_for_byte_even_after_503s() {
     assert!(text.ends_with("end\n"));
     assert_eq!(text.len(), log.len(), "fragments and log differ in length");
     assert!(text.as_bytes() == log.as_slice(), "fragments differ from test.log");
-    let refused = server.requests_to("POST", &format!("/v1/result/{job}/log/output")).iter().filter(|r| r.status == 503).count();
+    let refused =
+        server.requests_to("POST", &format!("/v1/result/{job}/log/output")).iter().filter(|r| r.status == 503).count();
     assert_eq!(refused, 3, "the 503s were met");
     // Several fragments, numbered from 0 without gaps.
     let mut numbers: Vec<i64> = server.fragments(&job, "output").iter().map(|f| f.number).collect();
@@ -113,7 +114,8 @@ fn fragments_equal_the_log_byte_for_byte_even_after_503s() {
 fn secrets_are_masked_across_reads_overlapping_and_literally_and_never_leave_the_agent() {
     let server = FakeServer::start();
     let job = unique_id();
-    let secrets = r#"{"DOT_STAR":"s3cr.t*","LONG":"overlapping-key","SHORT":"overlap","EMPTY":"","BRACKETS":"[a-z]+(x)|$"}"#;
+    let secrets =
+        r#"{"DOT_STAR":"s3cr.t*","LONG":"overlapping-key","SHORT":"overlap","EMPTY":"","BRACKETS":"[a-z]+(x)|$"}"#;
     server.push_job(&job_json(&job, QUEUE, &format!(r#"{{"test_data":{{"test_cmds":"x","secrets":{secrets}}}}}"#)));
     let agent = keep_test_log(Agent::new(&server)).command(
         "test",
@@ -143,7 +145,11 @@ fn secrets_are_masked_across_reads_overlapping_and_literally_and_never_leave_the
     for entry in walk(agent.dir()) {
         let bytes = fs::read(&entry).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains("s3cr.t*") && !text.contains("overlapping-key"), "secret on disk in {}", entry.display());
+        assert!(
+            !text.contains("s3cr.t*") && !text.contains("overlapping-key"),
+            "secret on disk in {}",
+            entry.display()
+        );
     }
 }
 
@@ -171,7 +177,11 @@ const WEBHOOK: &str = r#""job_status_webhook":"http://hook.example/x""#;
 fn global_timeout_writes_its_line_emits_its_event_and_leaves_no_process() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"global_timeout":2,"test_data":{{"test_cmds":"x"}}}}"#)));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        &format!(r#"{{{WEBHOOK},"global_timeout":2,"test_data":{{"test_cmds":"x"}}}}"#),
+    ));
     let agent = Agent::new(&server);
     let pids_file = agent.dir().join("pids");
     let agent = agent.command("test", &tree_command(&pids_file)).command("cleanup", "echo cleaned");
@@ -192,7 +202,11 @@ fn global_timeout_writes_its_line_emits_its_event_and_leaves_no_process() {
 fn output_timeout_writes_its_line_and_emits_its_event() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{WEBHOOK},"output_timeout":1,"test_data":{{"test_cmds":"x"}}}}"#)));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        &format!(r#"{{{WEBHOOK},"output_timeout":1,"test_data":{{"test_cmds":"x"}}}}"#),
+    ));
     // Waited for rather than stopped, the phase would print its last line
     // (or outlast run_once's deadline).
     let agent = Agent::new(&server).command("test", "echo quiet now; sleep 30; echo still running");
@@ -255,9 +269,12 @@ fn killed_by_signal_is_reported_distinctly() {
     assert!(phase_text(&server, &job, "test").contains("killed by signal 9"));
     let posts = server.event_posts(&job);
     let last = posts.last().expect("events posted");
-    let fail = last.get("events").and_then(Json::as_array).into_iter().flatten().find(|e| {
-        e.get("event_name").and_then(Json::as_str) == Some("test_fail")
-    });
+    let fail = last
+        .get("events")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("event_name").and_then(Json::as_str) == Some("test_fail"));
     let detail = fail.and_then(|e| e.get("detail")).and_then(Json::as_str).unwrap_or("");
     assert!(detail.contains("killed by signal 9"), "{last}");
 }
@@ -278,8 +295,12 @@ fn write_while_held(first: &str, method: &str, path: impl Fn(&str) -> String) {
     let dir = agent.dir();
     let (armed, holding, released) = (dir.join("armed"), dir.join("holding"), dir.join("released"));
     let path = path(&job);
-    let hold =
-        FaultAction::StallUntil { armed: armed.clone(), holding: holding.clone(), release: released.clone(), max: Duration::from_secs(20) };
+    let hold = FaultAction::StallUntil {
+        armed: armed.clone(),
+        holding: holding.clone(),
+        release: released.clone(),
+        max: Duration::from_secs(20),
+    };
     server.add_fault(Fault::new(Some(method), &path, 1000, hold));
     let agent = agent.command(
         "test",
@@ -295,7 +316,8 @@ fn write_while_held(first: &str, method: &str, path: impl Fn(&str) -> String) {
     let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
     assert_eq!(log.iter().filter(|&&b| b == b'x').count(), 3 << 20, "every byte in test.log");
     assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
-    let answers: Vec<u16> = server.requests_to(method, &path).iter().filter(|r| r.path == path).map(|r| r.status).collect();
+    let answers: Vec<u16> =
+        server.requests_to(method, &path).iter().filter(|r| r.path == path).map(|r| r.status).collect();
     assert!(!answers.contains(&503), "{method} {path} answered {answers:?}: the writer blocked while one was held");
     assert!(server.released_holds() >= 1, "no {method} {path} came while the phase ran: {answers:?}");
 }
@@ -321,7 +343,12 @@ fn a_stalled_server_does_not_stall_the_phase() {
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     // Two live fragments are answered 4 s late, while the child writes more
     // than the pipe holds: the agent keeps draining it while it waits.
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 2, FaultAction::Stall(Duration::from_secs(4))));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{job}/log/output"),
+        2,
+        FaultAction::Stall(Duration::from_secs(4)),
+    ));
     let agent = keep_test_log(Agent::new(&server));
     let elapsed = agent.dir().join("elapsed");
     let agent = agent.command(
@@ -335,7 +362,10 @@ fn a_stalled_server_does_not_stall_the_phase() {
     let secs: u64 = fs::read_to_string(&elapsed).ok().and_then(|s| s.trim().parse().ok()).expect("elapsed");
     assert!(secs < 15, "the phase took {secs} s while the server stalled");
     let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
-    assert!(server.log_text_phase(&job, "output", "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+    assert!(
+        server.log_text_phase(&job, "output", "test").as_bytes() == log.as_slice(),
+        "fragments differ from test.log"
+    );
 }
 
 /// No output fragment number was stored twice (a retry of a fragment the
@@ -356,8 +386,14 @@ fn a_slow_server_gets_each_fragment_once() {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 2, FaultAction::Stall(Duration::from_secs(4))));
-    let agent = keep_test_log(Agent::new(&server)).command("test", "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done");
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{job}/log/output"),
+        2,
+        FaultAction::Stall(Duration::from_secs(4)),
+    ));
+    let agent =
+        keep_test_log(Agent::new(&server)).command("test", "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.5; done");
     assert!(agent.run_once(T).status.success());
     assert_no_fragment_stored_twice(&server, &job);
     let log = fs::read_to_string(agent.dir().join("test.log.copy")).expect("test.log copy");
@@ -391,11 +427,19 @@ fn output_sent_after_the_phase_waits_for_a_slow_answer_too() {
 /// A phase whose first output fragment the server holds for 15 s: the
 /// phase writes `late` 6 s in, which it must not live to do once `stop`
 /// (run when the fragment is held) or its 2 s timeout has ended it.
-fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut crate::harness::AgentProc)) -> (FakeServer, String, AgentSetup) {
+fn stopped_while_a_fragment_is_held(
+    job_fields: &str,
+    stop: impl FnOnce(&mut crate::harness::AgentProc),
+) -> (FakeServer, String, AgentSetup) {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, &format!(r#"{{{job_fields}"test_data":{{"test_cmds":"x"}}}}"#)));
-    server.add_fault(Fault::new(Some("POST"), &format!("/v1/result/{job}/log/output"), 1, FaultAction::Stall(Duration::from_secs(15))));
+    server.add_fault(Fault::new(
+        Some("POST"),
+        &format!("/v1/result/{job}/log/output"),
+        1,
+        FaultAction::Stall(Duration::from_secs(15)),
+    ));
     let agent = Agent::new(&server);
     let late = agent.dir().join("late");
     let agent = agent.command("test", &format!("echo started; sleep 6; touch '{}'; sleep 30", late.display()));
@@ -404,7 +448,9 @@ fn stopped_while_a_fragment_is_held(job_fields: &str, stop: impl FnOnce(&mut cra
     // The held fragment may be the banner alone: under load the shell may
     // not have written its line yet, and a stop then would leave none.
     let log = agent.run_dir(&job).join("test.log");
-    server.wait_until(T, "the phase's line in its log", |_| fs::read_to_string(&log).unwrap_or_default().contains("started\n"));
+    server.wait_until(T, "the phase's line in its log", |_| {
+        fs::read_to_string(&log).unwrap_or_default().contains("started\n")
+    });
     stop(&mut p);
     p.wait_exit(T);
     assert!(!late.exists(), "the phase lived on until the held answer came");

@@ -4,12 +4,12 @@
 //! test's own directories with chown.
 
 use std::fs;
-use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
 use std::path::Path;
 use std::time::Duration;
 
 use crate::fake_server::FakeServer;
-use crate::harness::{job_json, unique_id, yaml_str, Agent, QUEUE};
+use crate::harness::{Agent, QUEUE, job_json, unique_id, yaml_str};
 use crate::json::Json;
 
 const T: Duration = Duration::from_secs(30);
@@ -77,7 +77,11 @@ fn a_metrics_textfile_in_another_users_directory_exits_2() {
     let out = setup.set("metrics_textfile", &yaml_str(&theirs.join("tf.prom").to_string_lossy())).run_once(T);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("`metrics_textfile`") && err.contains(&format!("refusing {}: owned by uid 65534", theirs.display())), "{err}");
+    assert!(
+        err.contains("`metrics_textfile`")
+            && err.contains(&format!("refusing {}: owned by uid 65534", theirs.display())),
+        "{err}"
+    );
     assert!(server.requests().is_empty());
 }
 
@@ -103,7 +107,8 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(fs::read_to_string(theirs.with_extension("owner")).unwrap().trim(), "65534", "no swap");
     // Their dir is left as they made it: not written to, not removed.
-    let mut names: Vec<String> = fs::read_dir(&theirs).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        fs::read_dir(&theirs).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["test-serial.log", "test.log", "testflinger.json"]);
     assert_eq!(fs::read_to_string(theirs.join("test.log")).unwrap(), "theirs\n");
@@ -112,7 +117,10 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let serial = server.log_text(&job, "serial");
     assert!(!serial.contains("THEIR-SERIAL"), "their serial log was sent: {serial}");
     let log = fs::read_to_string(agent.logging_dir().join("testflinger-agent.log")).unwrap();
-    let their_dir = format!("refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0); it holds", theirs.display());
+    let their_dir = format!(
+        "refusing {}: owned by uid 65534 (mode 0755), neither root nor this agent's user (uid 0); it holds",
+        theirs.display()
+    );
     for file in ["test.log", "testflinger-outcome.json"] {
         let refusal = format!("{their_dir} {}", theirs.join(file).display());
         assert!(log.contains(&refusal), "{refusal}\n{log}");

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::fake_server::{Fault, FakeServer};
+use crate::fake_server::{FakeServer, Fault};
 use crate::harness::{AGENT_ID, Agent, AgentProc, AgentSetup, QUEUE, job_json, unique_id};
 use crate::json::Json;
 
@@ -161,7 +161,11 @@ fn a_kept_run_dir_without_its_job_file_does_not_stop_intake() {
 fn events_the_server_refuses_do_not_stop_the_job() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        r#"{"job_status_webhook":"http://hook.example/x","test_data":{"test_cmds":"x"}}"#,
+    ));
     server.add_fault(Fault::status("POST", &format!("/v1/job/{job}/events"), 1000, 404));
     let agent = Agent::new(&server).command("test", "true").command("cleanup", "true");
     assert!(agent.run_once(T).status.success());
@@ -250,14 +254,19 @@ fn skipped_phases_are_counted_in_phase_durations() {
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     let setup = Agent::new(&server);
     let textfile = setup.dir().join("metrics.prom");
-    let agent = setup.set("metrics_textfile", &crate::harness::yaml_str(&textfile.to_string_lossy())).command("test", "true");
+    let agent =
+        setup.set("metrics_textfile", &crate::harness::yaml_str(&textfile.to_string_lossy())).command("test", "true");
     assert!(agent.run_once(T).status.success());
     let text = fs::read_to_string(&textfile).expect("metrics textfile");
     for phase in ["setup", "provision", "firmware_update", "test", "allocate", "reserve"] {
-        let key = format!("phase_duration_seconds_count{{agent_id=\"{AGENT_ID}\",test_phase=\"{phase}\",identifier=\"test-identifier\",release=\"\"}} 1.0");
+        let key = format!(
+            "phase_duration_seconds_count{{agent_id=\"{AGENT_ID}\",test_phase=\"{phase}\",identifier=\"test-identifier\",release=\"\"}} 1.0"
+        );
         assert!(text.lines().any(|l| l == key), "{phase}: {text}");
     }
-    let skipped = format!("phase_duration_seconds_sum{{agent_id=\"{AGENT_ID}\",test_phase=\"setup\",identifier=\"test-identifier\",release=\"\"}} 0.0");
+    let skipped = format!(
+        "phase_duration_seconds_sum{{agent_id=\"{AGENT_ID}\",test_phase=\"setup\",identifier=\"test-identifier\",release=\"\"}} 0.0"
+    );
     assert!(text.lines().any(|l| l == skipped), "{text}");
     assert!(!text.contains("test_phase=\"cleanup\""), "{text}");
 }
@@ -277,7 +286,8 @@ fn provision_fail_detail_is_the_connectors_exception() {
         let error = format!(
             r#"{{"provision_exception_info":{{"exception_name":"MyName","exception_message":"MyMessage","exception_cause":{cause}}}}}"#
         );
-        let agent = Agent::new(&server).command("provision", &format!("echo '{error}' > device-connector-error.json; exit 99"));
+        let agent =
+            Agent::new(&server).command("provision", &format!("echo '{error}' > device-connector-error.json; exit 99"));
         assert!(agent.run_once(T).status.success());
         let last = server.event_posts(&job).last().cloned().expect("events posted");
         let fails: Vec<String> = last
@@ -388,7 +398,8 @@ fn hold_with_a_restart_pending(server: &FakeServer, agent: &AgentSetup) -> Agent
     let p = agent.spawn();
     server.wait_until(T, "the hold seen", |_| p.log_text().contains("agent is maintenance on the server (rewiring)"));
     p.signal(libc::SIGUSR1);
-    server.wait_until(T, "the restart put off", |_| p.log_text().contains("restart requested (SIGUSR1); waiting until"));
+    server
+        .wait_until(T, "the restart put off", |_| p.log_text().contains("restart requested (SIGUSR1); waiting until"));
     p
 }
 
@@ -405,7 +416,9 @@ fn upstream_test_names(tests_dir: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = fs::read_dir(tests_dir)
         .unwrap_or_else(|e| panic!("{}: {e}", tests_dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("test_") && n.ends_with(".py")))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("test_") && n.ends_with(".py"))
+        })
         .collect();
     files.sort();
     let mut names = Vec::new();
@@ -553,7 +566,10 @@ fn upstream_tests_table_is_whole_and_cites_what_exists() {
             problems.push(format!("{}: cites no test of ours and no README row", r.upstream));
         }
         if !["same", "ours differs", "not applicable", "being fixed"].iter().any(|s| r.status.starts_with(s)) {
-            problems.push(format!("{}: status {:?} is none of same / ours differs / not applicable / being fixed", r.upstream, r.status));
+            problems.push(format!(
+                "{}: status {:?} is none of same / ours differs / not applicable / being fixed",
+                r.upstream, r.status
+            ));
         }
     }
     assert!(problems.is_empty(), "{}:\n{}", table.display(), problems.join("\n"));

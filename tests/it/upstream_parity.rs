@@ -80,7 +80,11 @@ fn job_id_is_posted_for_a_job_only() {
 fn a_phase_the_agent_stops_has_its_stop_message_only() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{"global_timeout":1,"test_data":{{"test_cmds":"x"}},{HOOK}}}"#)));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        &format!(r#"{{"global_timeout":1,"test_data":{{"test_cmds":"x"}},{HOOK}}}"#),
+    ));
     let agent = Agent::new(&server).command("test", "echo started; sleep 60");
     assert!(agent.run_once(T).status.success());
     let text = server.log_text_phase(&job, "output", "test");
@@ -129,17 +133,28 @@ fn a_cancel_mid_phase_has_upstreams_events() {
 fn exit_46_has_upstreams_events() {
     let server = FakeServer::start();
     let job = unique_id();
-    server.push_job(&job_json(&job, QUEUE, &format!(r#"{{"provision_data":{{"url":"x"}},"test_data":{{"test_cmds":"x"}},{HOOK}}}"#)));
+    server.push_job(&job_json(
+        &job,
+        QUEUE,
+        &format!(r#"{{"provision_data":{{"url":"x"}},"test_data":{{"test_cmds":"x"}},{HOOK}}}"#),
+    ));
     let error = r#"{"provision_exception_info":{"exception_name":"RecoveryError","exception_message":"no console","exception_cause":null}}"#;
     let agent = Agent::new(&server)
         .command("provision", &format!("echo '{error}' > device-connector-error.json; exit 46"))
         .command("test", "echo should not run");
     assert!(agent.run_once(T).status.success());
     let ev = events(&server, &job);
-    let from_provision: Vec<&str> = ev.iter().skip_while(|e| !e.starts_with("provision_start")).map(String::as_str).collect();
+    let from_provision: Vec<&str> =
+        ev.iter().skip_while(|e| !e.starts_with("provision_start")).map(String::as_str).collect();
     assert_eq!(
         from_provision,
-        ["provision_start: ", "recovery_fail: RecoveryError: no console", "cleanup_start: ", "cleanup_success: ", "job_end: recovery_fail"],
+        [
+            "provision_start: ",
+            "recovery_fail: RecoveryError: no console",
+            "cleanup_start: ",
+            "cleanup_success: ",
+            "job_end: recovery_fail"
+        ],
         "{ev:?}"
     );
 }

@@ -39,7 +39,8 @@ fn version_names_the_commit_target_features_and_build_date() {
     );
 
     // The binary cargo built with this test: its facts are this checkout's.
-    let own_build = std::env::var_os("TF_AGENT_BIN").is_none() || agent_bin() == env!("CARGO_BIN_EXE_testflinger-agent");
+    let own_build =
+        std::env::var_os("TF_AGENT_BIN").is_none() || agent_bin() == env!("CARGO_BIN_EXE_testflinger-agent");
     if own_build {
         assert_eq!(features, if cfg!(feature = "tls") { "tls" } else { "plain" }, "{text}");
         if std::env::var_os("TF_AGENT_COMMIT").is_none() {

@@ -85,7 +85,10 @@ impl Slot {
             return None;
         }
         if !still_open(&kept.tcp) {
-            log::debug!("the server closed the kept connection to {key} after {} idle; opening a new one", crate::human::duration(idle));
+            log::debug!(
+                "the server closed the kept connection to {key} after {} idle; opening a new one",
+                crate::human::duration(idle)
+            );
             return None;
         }
         Some(kept)

@@ -75,7 +75,10 @@ fn get(port: u16, mut payload: Payload, timeout: Duration) -> Result<Reply, Fail
     let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/job")).unwrap();
     let method = if matches!(payload, Payload::None) { "GET" } else { "POST" };
     let payload = payload.reborrow();
-    exchange(&Net::new(), Request { method, url: &url, headers: &[], payload, keep: Keep::Memory(1 << 20), timeout, idle: None })
+    exchange(
+        &Net::new(),
+        Request { method, url: &url, headers: &[], payload, keep: Keep::Memory(1 << 20), timeout, idle: None },
+    )
 }
 
 #[test]
@@ -113,7 +116,8 @@ fn an_answer_sent_before_the_body_is_read() {
         drop(s);
     });
     let body = vec![b'x'; 32 << 20];
-    let r = get(port, Payload::Bytes { content_type: "application/octet-stream", bytes: &body }, Duration::from_secs(10));
+    let r =
+        get(port, Payload::Bytes { content_type: "application/octet-stream", bytes: &body }, Duration::from_secs(10));
     assert_eq!(r.map(|r| r.status).map_err(|e| format!("{e:?}")), Ok(413));
     let _ = h.join();
 }
@@ -197,7 +201,11 @@ fn scripted(script: Vec<Then>) -> Scripted {
                     let text = String::from_utf8_lossy(&head).into_owned();
                     let len: usize = text
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     if then == Then::CloseMidRequest {
                         let mut half = vec![0u8; len / 2];
@@ -241,8 +249,20 @@ impl Scripted {
 
 fn call(net: &Net, port: u16, method: &str, body: &str) -> Result<u16, String> {
     let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/x")).unwrap();
-    let payload = if body.is_empty() { Payload::None } else { Payload::Bytes { content_type: "application/json", bytes: body.as_bytes() } };
-    let req = Request { method, url: &url, headers: &[], payload, keep: Keep::Memory(1024), timeout: Duration::from_secs(10), idle: None };
+    let payload = if body.is_empty() {
+        Payload::None
+    } else {
+        Payload::Bytes { content_type: "application/json", bytes: body.as_bytes() }
+    };
+    let req = Request {
+        method,
+        url: &url,
+        headers: &[],
+        payload,
+        keep: Keep::Memory(1024),
+        timeout: Duration::from_secs(10),
+        idle: None,
+    };
     exchange(net, req).map(|r| r.status).map_err(|e| format!("{e:?}"))
 }
 
@@ -346,7 +366,15 @@ fn an_early_answer_on_a_kept_connection_is_read_and_the_connection_dropped() {
     assert_eq!(call(&net, port, "GET", ""), Ok(200));
     let url = Url::parse(&format!("http://127.0.0.1:{port}/v1/x")).unwrap();
     let payload = Payload::Bytes { content_type: "application/octet-stream", bytes: &body };
-    let req = Request { method: "POST", url: &url, headers: &[], payload, keep: Keep::Memory(1024), timeout: Duration::from_secs(10), idle: None };
+    let req = Request {
+        method: "POST",
+        url: &url,
+        headers: &[],
+        payload,
+        keep: Keep::Memory(1024),
+        timeout: Duration::from_secs(10),
+        idle: None,
+    };
     assert_eq!(exchange(&net, req).map(|r| r.status).map_err(|e| format!("{e:?}")), Ok(413));
     assert_eq!(call(&net, port, "GET", ""), Ok(200));
     h.join().expect("server");

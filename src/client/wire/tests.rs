@@ -15,13 +15,21 @@ fn a_head_cut_off_is_an_error_not_a_status() {
 #[test]
 fn reads_bodies_by_length_chunks_or_close_within_the_cap() {
     assert_eq!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 10).unwrap(), (200, "hello".into()));
-    let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\nX-T: 1\r\n\r\n";
+    let chunked =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\nX-T: 1\r\n\r\n";
     assert_eq!(read(chunked, 10).unwrap(), (200, "hello".into()));
     assert_eq!(read(b"HTTP/1.0 200 OK\r\n\r\nuntil close", 20).unwrap(), (200, "until close".into()));
     assert_eq!(read(b"HTTP/1.1 204 No Content\r\n\r\n", 10).unwrap(), (204, String::new()));
-    assert_eq!(read(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", 10).unwrap(), (200, "x".into()));
+    assert_eq!(
+        read(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", 10).unwrap(),
+        (200, "x".into())
+    );
     assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello", 10).is_err(), "short body");
-    for big in [&b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"[..], chunked, b"HTTP/1.0 200 OK\r\n\r\nhello world"] {
+    for big in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"[..],
+        chunked,
+        b"HTTP/1.0 200 OK\r\n\r\nhello world",
+    ] {
         assert_eq!(read(big, 4).unwrap_err().kind(), io::ErrorKind::FileTooLarge);
     }
 }
@@ -74,14 +82,18 @@ fn heads_are_capped() {
 
 #[test]
 fn location_is_kept() {
-    let (head, _) = read_answer(&b"HTTP/1.1 307 T\r\nLocation: http://x:1/a\r\nContent-Length: 0\r\n\r\n"[..], 10).unwrap();
+    let (head, _) =
+        read_answer(&b"HTTP/1.1 307 T\r\nLocation: http://x:1/a\r\nContent-Length: 0\r\n\r\n"[..], 10).unwrap();
     assert_eq!(head.location.as_deref(), Some("http://x:1/a"));
 }
 
 #[test]
 fn parses_urls() {
     let t = Url::parse("http://127.0.0.1:8000/v1/result/x/artifact").unwrap();
-    assert_eq!((t.https, t.host.as_str(), t.port, t.path.as_str()), (false, "127.0.0.1", 8000, "/v1/result/x/artifact"));
+    assert_eq!(
+        (t.https, t.host.as_str(), t.port, t.path.as_str()),
+        (false, "127.0.0.1", 8000, "/v1/result/x/artifact")
+    );
     let t = Url::parse("HTTPS://TF.example.com").unwrap();
     assert_eq!((t.https, t.port, t.host.as_str(), t.path.as_str()), (true, 443, "tf.example.com", "/"));
     let t = Url::parse("http://[::1]:9/x?q=1").unwrap();

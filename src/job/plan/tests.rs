@@ -51,7 +51,10 @@ fn skip_rules() {
 fn attachments_stay_in_the_document_for_the_connectors() {
     let p = plan(ALL_COMMANDS, r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
     assert!(p.attachments);
-    assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#);
+    assert_eq!(
+        p.document.to_string_compact(),
+        r#"{"job_id":"j","attachments_status":"complete","test_data":{"attachments":[1]}}"#
+    );
     assert!(!plan(ALL_COMMANDS, r#"{"attachments_status":"waiting"}"#).attachments);
 }
 
@@ -66,14 +69,26 @@ fn timeouts() {
         ("", r#"{"global_timeout":60,"output_timeout":30}"#, Test, s(60), s(30)),
         ("", r#"{"global_timeout":60,"output_timeout":30}"#, Provision, s(60), None),
         ("", r#"{"global_timeout":60}"#, Cleanup, s(60), None),
-        ("global_timeout: 40\noutput_timeout: 20\n", r#"{"global_timeout":60,"output_timeout":10}"#, Test, s(40), s(10)),
+        (
+            "global_timeout: 40\noutput_timeout: 20\n",
+            r#"{"global_timeout":60,"output_timeout":10}"#,
+            Test,
+            s(40),
+            s(10),
+        ),
         ("global_timeout: 40\n", r#"{}"#, Test, s(40), s(900)),
         ("", r#"{"global_timeout":"soon","output_timeout":-3}"#, Test, s(14400), s(900)),
         ("output_timeout: 20\n", r#"{"output_timeout":0}"#, Test, s(14400), s(20)),
         // Capped as upstream caps them: by the config's value, or by the
         // default when the config has none.
         ("", r#"{"global_timeout":86400,"output_timeout":3600}"#, Test, s(14400), s(900)),
-        ("global_timeout: 90000\noutput_timeout: 7200\n", r#"{"global_timeout":86400,"output_timeout":3600}"#, Test, s(86400), s(3600)),
+        (
+            "global_timeout: 90000\noutput_timeout: 7200\n",
+            r#"{"global_timeout":86400,"output_timeout":3600}"#,
+            Test,
+            s(86400),
+            s(3600),
+        ),
         // A config value above the default only lets jobs ask for more.
         ("global_timeout: 90000\n", r#"{}"#, Allocate, s(14400), None),
         ("global_timeout: 90000\n", r#"{"global_timeout":20000}"#, Allocate, s(20000), None),
@@ -116,7 +131,10 @@ fn wrong_typed_fields_are_named_with_what_is_used() {
     assert!(plan("", r#"{"global_timeout":86400}"#).warnings.is_empty());
     let fine = r#"{"job_id":"j","global_timeout":30,"output_timeout":30.0,"test_data":{}}"#;
     assert!(plan("", fine).warnings.is_empty());
-    assert_eq!(plan("", r#"{"allocate_data":7}"#).warnings, ["allocate_data: a number, not a mapping; the allocate phase is skipped"]);
+    assert_eq!(
+        plan("", r#"{"allocate_data":7}"#).warnings,
+        ["allocate_data: a number, not a mapping; the allocate phase is skipped"]
+    );
 }
 
 #[test]
@@ -131,7 +149,10 @@ fn secrets_go_to_their_own_phase_and_leave_the_document() {
     assert_eq!(own(Phase::Test), [pair("PW", "p")]);
     assert!(own(Phase::Setup).is_empty() && own(Phase::Cleanup).is_empty());
     assert_eq!(p.secret_values().collect::<Vec<_>>(), ["t1", "7", "", "p"]);
-    assert_eq!(p.document.to_string_compact(), r#"{"job_id":"j","provision_data":{"url":"u"},"test_data":{"x":1},"cleanup_data":{}}"#);
+    assert_eq!(
+        p.document.to_string_compact(),
+        r#"{"job_id":"j","provision_data":{"url":"u"},"test_data":{"x":1},"cleanup_data":{}}"#
+    );
     assert_eq!(p.job_id, "j");
     assert_eq!(plan("", "{}").job_id, "local-job");
 }
@@ -139,8 +160,14 @@ fn secrets_go_to_their_own_phase_and_leave_the_document() {
 #[test]
 fn unknown_job_keys_are_named_with_the_nearest_known_one() {
     let warned = |job: &str| plan(ALL_COMMANDS, job).warnings;
-    assert_eq!(warned(r#"{"tset_data":{"test_cmds":"x"}}"#), ["unknown job key tset_data (did you mean test_data?): ignored"]);
-    assert_eq!(warned(r#"{"job_queue":"q","global_timout":5}"#), ["unknown job key global_timout (did you mean global_timeout?): ignored"]);
+    assert_eq!(
+        warned(r#"{"tset_data":{"test_cmds":"x"}}"#),
+        ["unknown job key tset_data (did you mean test_data?): ignored"]
+    );
+    assert_eq!(
+        warned(r#"{"job_queue":"q","global_timout":5}"#),
+        ["unknown job key global_timout (did you mean global_timeout?): ignored"]
+    );
     assert_eq!(warned(r#"{"colour":"red"}"#), ["unknown job key colour: ignored"]);
     assert_eq!(warned("{\"a\\nb\":1}"), ["unknown job key a\\nb: ignored"]);
     // Every key upstream's server sends, and every phase's data.
