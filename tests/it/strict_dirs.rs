@@ -95,8 +95,12 @@ fn a_run_dir_swapped_for_another_users_mid_job_is_not_used() {
     let server = FakeServer::start();
     let job = unique_id();
     server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // Their dir is made whole (owned by them) aside, then swapped in with a
+    // rename, as another user would: made in place as root and chowned
+    // after, its files would be ours for an instant, and the serial tail
+    // could rightly read them.
     let swap = format!(
-        r#"d="$PWD"; mv "$d" "$d.ours"; mkdir "$d"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$d/testflinger.json"; printf 'theirs\n' > "$d/test.log"; chmod 666 "$d/test.log"; printf 'THEIR-SERIAL\n' > "$d/test-serial.log"; chown -R {OTHER} "$d"; stat -c %u "$d" > "$d.owner""#
+        r#"d="$PWD"; t="$d.theirs"; mkdir "$t"; printf '{{"job_id":"{job}","test_data":{{"test_cmds":"FORGED"}}}}' > "$t/testflinger.json"; printf 'theirs\n' > "$t/test.log"; chmod 666 "$t/test.log"; printf 'THEIR-SERIAL\n' > "$t/test-serial.log"; chown -R {OTHER} "$t"; mv "$d" "$d.ours"; mv "$t" "$d"; stat -c %u "$d" > "$d.owner""#
     );
     let agent = Agent::new(&server).command("setup", &swap).command("test", "cat testflinger.json; echo phase-ran");
     if !root(agent.dir()) {
