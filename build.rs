@@ -14,19 +14,10 @@ fn git(args: &[&str]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-#[allow(clippy::cast_possible_truncation)] // day 1..=31 and month 1..=12 by construction
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
+// The agent's own date arithmetic (only `format_unix` is used here).
+#[allow(dead_code)]
+#[path = "src/timestamp.rs"]
+mod timestamp;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=TF_AGENT_COMMIT");
@@ -52,13 +43,11 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
         .or_else(|| in_git.then(|| git(&["log", "-1", "--format=%ct"])).flatten().and_then(|s| s.parse().ok()));
     let date = match epoch {
-        Some(secs) => {
-            let (y, m, d) = civil(secs.div_euclid(86_400));
-            format!("{y:04}-{m:02}-{d:02}")
-        }
+        // `YYYY-MM-DD` of the ISO 8601 timestamp.
+        Some(secs) => timestamp::format_unix(secs, 0)[..10].to_string(),
         None => "unknown".into(),
     };
     let features = if std::env::var_os("CARGO_FEATURE_TLS").is_some() { "tls" } else { "plain" };
