@@ -251,6 +251,9 @@ impl<'a> Agent<'a> {
             if let Some(due) = self.kept.next() {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
+            if let Some(held) = self.client.held_for() {
+                wait = wait.max(held);
+            }
             log::debug!("next poll in {}", human::duration(wait));
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
             self.client.before_wait(wait);
@@ -356,6 +359,12 @@ impl<'a> Agent<'a> {
         // Undelivered outcomes hold back jobs, not a restart: they stay on
         // disk for the restarted agent.
         let restart = signals::restart_requested();
+        // Calls held back by an outage would fail at once: no probe, no
+        // error per cycle, and `run` sleeps until the hold is over.
+        if let Some(left) = self.client.held_for().filter(|_| !restart) {
+            log::debug!("requests held back for {} more; not polling", human::duration(left));
+            return None;
+        }
         if !self.kept.ready(Instant::now()) {
             if !restart {
                 return None;

@@ -87,8 +87,15 @@ impl Client {
             token_file_named: false,
             retry: Retry::default(),
             net: Net::new(),
-            outage: Outage::new(OUTAGE_HOLD),
+            outage: Outage::new(outage_hold()),
         }
+    }
+
+    /// How long calls are still held back by an outage (see [`Outage`]):
+    /// a caller with nothing else to do waits that long rather than making
+    /// calls that fail at once.
+    pub fn held_for(&self) -> Option<Duration> {
+        self.outage.held(Instant::now())
     }
 
     /// The retry policy of calls made without one (set once, at start).
@@ -536,6 +543,25 @@ fn percent_encode(s: &str, keep: impl Fn(u8) -> bool) -> String {
         }
     }
     out
+}
+
+/// The outage hold schedule. Tests only (debug builds):
+/// `TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX=SECONDS` caps each hold, so
+/// that a test whose faults make an outage does not wait out minute-long
+/// random holds (they grow with the outage's age).
+fn outage_hold() -> crate::retry::Schedule {
+    let mut hold = OUTAGE_HOLD;
+    if cfg!(debug_assertions) {
+        if let Some(s) =
+            std::env::var("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX").ok().and_then(|s| s.parse::<f64>().ok())
+        {
+            if s.is_finite() && s > 0.0 {
+                hold.max = hold.max.min(Duration::from_secs_f64(s));
+                hold.first = hold.first.min(hold.max);
+            }
+        }
+    }
+    hold
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fake_server::FakeServer;
-use crate::harness::{Agent, QUEUE, job_json, unique_id};
+use crate::fake_server::{FakeServer, Fault};
+use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
 use crate::small_disk::SmallDisk;
 
 const T: Duration = Duration::from_secs(30);
@@ -369,4 +369,45 @@ fn disk_guard_takes_jobs_again_when_space_returns() {
     let low = comments.iter().position(|c| c.contains("below min_free_mb 4")).expect("low-space comment posted");
     assert!(comments[low + 1..].iter().any(|c| c.is_empty()), "{comments:?}");
     p.kill();
+}
+
+/// During an outage's hold an idle agent sends nothing: no reachability
+/// probe and no error line per poll; it sleeps until the hold is over and
+/// then polls again.
+#[test]
+fn an_idle_agent_sends_nothing_while_an_outage_holds_its_calls() {
+    let server = FakeServer::start();
+    let data = format!("/v1/agents/data/{AGENT_ID}");
+    // The start-up read and post fail whole (4 attempts each, about 1.75 s
+    // apiece): 3 s of failures make an outage, and the post begins its hold.
+    server.add_fault(Fault::status("GET", &data, 4, 503));
+    server.add_fault(Fault::status("POST", &data, 4, 503));
+    let agent = Agent::new(&server)
+        .set("polling_interval", "0.2")
+        .set("logging_level", "DEBUG")
+        .env("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX", "3");
+    let mut p = agent.spawn();
+    server.wait_until(T, "a poll for a job after the hold", |s| !s.requests_to("GET", "/v1/job").is_empty());
+    p.kill();
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.contains("requests held back for ")).unwrap_or_else(|| panic!("no hold:\n{log}"));
+    let hold: f64 = line
+        .split("requests held back for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    let reqs = server.requests();
+    let last_failed = reqs.iter().rposition(|r| r.status == 503).expect("the failed requests were recorded");
+    let next = reqs.get(last_failed + 1).unwrap_or_else(|| panic!("nothing after the hold:\n{log}"));
+    let gap = next.at.duration_since(reqs[last_failed].at).as_secs_f64();
+    // The hold is logged to 0.1 s; before it is over nothing may go out.
+    assert!(
+        gap >= hold - 0.1,
+        "{} {} went {gap:.2} s after the hold of {hold} s began:\n  {}",
+        next.method,
+        next.path,
+        server.request_lines().join("\n  ")
+    );
+    assert!(!log.contains("not tried"), "held calls were made and logged as failures:\n{log}");
 }

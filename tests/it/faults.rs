@@ -43,6 +43,9 @@ const TEST_LINES: usize = 6;
 /// and leaves an artifact.
 fn agent(server: &FakeServer) -> AgentSetup {
     Agent::new(server)
+        // These faults make outages: holds (random, growing with the
+        // outage's age up to a minute) would make each run minutes long.
+        .env("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX", "2")
         .set("polling_interval", "0.2")
         .set("server_timeout", "1")
         .command("setup", "echo \"setup of $(basename \"$PWD\")\"")
