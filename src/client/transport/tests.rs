@@ -1,4 +1,7 @@
 use super::*;
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::Instant;
 
 /// A listener that never accepts, its backlog full: further connects
 /// get no answer, like a server whose packets are dropped.
