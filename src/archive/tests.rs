@@ -1,4 +1,9 @@
+use super::gzip::BLOCK;
 use super::*;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::fs::{PermissionsExt, symlink};
 
 #[test]
