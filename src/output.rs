@@ -8,7 +8,7 @@
 //! equals the log file.
 
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,14 @@ use crate::mask::Masker;
 use crate::phase::{LogKind, Phase};
 use crate::retry::{Backoff, Jitter, Retry, Schedule};
 use crate::rundir::PendingStream;
-use crate::safe_fs;
 use crate::server::Server;
 use crate::timestamp::now_iso8601;
 
 mod bucket;
 mod fragment;
+mod masked_file;
+
+pub(crate) use masked_file::MaskedFile;
 
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
@@ -57,13 +59,9 @@ const LIVE_BACKOFF: Schedule =
 
 /// The phase's log file, written through the secret masker.
 pub(crate) struct PhaseLog {
-    file: File,
+    file: MaskedFile,
     pub path: PathBuf,
-    masker: Masker,
     echo: bool,
-    scratch: Vec<u8>,
-    /// Bytes written to the file so far.
-    pub written: u64,
     failed: bool,
 }
 
@@ -73,52 +71,44 @@ impl PhaseLog {
     /// `masker` is the job's (`JobSecrets::stream`): nothing reaches the
     /// file, the terminal or the server without going through it.
     pub(crate) fn open(path: &Path, masker: Masker, echo: bool) -> io::Result<PhaseLog> {
-        let mut file = safe_fs::open_append(path, safe_fs::PRIVATE_FILE)?;
-        let written = file.seek(SeekFrom::End(0))?;
-        Ok(PhaseLog { file, path: path.to_path_buf(), masker, echo, scratch: Vec::new(), written, failed: false })
+        let file = MaskedFile::open(path, masker)?;
+        Ok(PhaseLog { file, path: path.to_path_buf(), echo, failed: false })
+    }
+
+    /// Bytes written to the file so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.file.written()
     }
 
     pub(crate) fn write(&mut self, data: &[u8]) {
-        if self.masker.is_empty() {
-            // Nothing to mask: no copy on the way to the file.
-            self.emit(data);
-            return;
-        }
-        let mut masked = std::mem::take(&mut self.scratch);
-        masked.clear();
-        self.masker.feed(data, &mut masked);
-        self.emit(&masked);
-        self.scratch = masked;
+        let echo = self.echo;
+        let result = self.file.write_then(data, |d| echo_out(echo, d));
+        self.check(result);
     }
 
     /// Flushes what the masker held back; call when the phase has ended.
     pub(crate) fn finish(&mut self) {
-        let mut rest = std::mem::take(&mut self.scratch);
-        rest.clear();
-        self.masker.finish(&mut rest);
-        self.emit(&rest);
-        self.scratch = rest;
+        let echo = self.echo;
+        let result = self.file.finish_then(|d| echo_out(echo, d));
+        self.check(result);
     }
 
-    fn emit(&mut self, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        match self.file.write_all(data) {
-            Ok(()) => self.written += data.len() as u64,
-            Err(e) => {
-                // Disk full: the phase goes on; say so once rather than per write.
-                if !self.failed {
-                    log::error!("cannot write {}: {e}", self.path.display());
-                    self.failed = true;
-                }
+    fn check(&mut self, result: io::Result<()>) {
+        // Disk full: the phase goes on; say so once rather than per write.
+        if let Err(e) = result {
+            if !self.failed {
+                log::error!("cannot write {}: {e}", self.path.display());
+                self.failed = true;
             }
         }
-        if self.echo {
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(data);
-            let _ = out.flush();
-        }
+    }
+}
+
+fn echo_out(echo: bool, data: &[u8]) {
+    if echo {
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(data);
+        let _ = out.flush();
     }
 }
 
@@ -328,7 +318,7 @@ mod tests {
         log.finish();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, format!("token={} done\n", crate::mask::mask_for("s3cret")));
-        assert_eq!(log.written, text.len() as u64);
+        assert_eq!(log.written(), text.len() as u64);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

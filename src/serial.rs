@@ -10,17 +10,16 @@
 //! never sent.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::mask::Masker;
 use crate::outbound::JobSecrets;
-use crate::output::LiveStream;
+use crate::output::{LiveStream, MaskedFile};
 use crate::phase::{LogKind, Phase};
 use crate::rundir::RunDir;
-use crate::safe_fs;
 
 /// How often the connector's file is looked at while the phase runs.
 pub(crate) const POLL: Duration = Duration::from_millis(250);
@@ -33,37 +32,41 @@ pub(crate) struct SerialTail {
     raw: Option<File>,
     /// Bytes of the raw file consumed.
     read: u64,
-    masker: Masker,
+    /// The job's masker, until the copy is opened with it.
+    masker: Option<Masker>,
     masked_path: PathBuf,
-    out: Option<File>,
-    /// Bytes in the masked copy.
-    pub written: u64,
+    out: Option<MaskedFile>,
+    /// Bytes in the masked copy before it is opened (a cleanup run again
+    /// after a crash appends to its earlier copy).
+    earlier: u64,
     pub stream: LiveStream,
     next_look: Instant,
     failed: bool,
     buf: Vec<u8>,
-    scratch: Vec<u8>,
 }
 
 impl SerialTail {
     pub(crate) fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
         let masked_path = rundir.log(phase, LogKind::Serial);
-        // A cleanup run again after a crash appends to its earlier copy.
-        let written = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
+        let earlier = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
         SerialTail {
             raw_path: rundir.serial_raw(phase),
             raw: None,
             read: 0,
-            masker: secrets.stream(),
-            stream: LiveStream::new(job_id, LogKind::Serial, phase, &masked_path, written),
+            masker: Some(secrets.stream()),
+            stream: LiveStream::new(job_id, LogKind::Serial, phase, &masked_path, earlier),
             masked_path,
             out: None,
-            written,
+            earlier,
             next_look: Instant::now(),
             failed: false,
             buf: Vec::new(),
-            scratch: Vec::new(),
         }
+    }
+
+    /// Bytes in the masked copy.
+    pub(crate) fn written(&self) -> u64 {
+        self.out.as_ref().map_or(self.earlier, MaskedFile::written)
     }
 
     /// True once the connector's file existed (there is a copy to send).
@@ -94,10 +97,8 @@ impl SerialTail {
         if let Err(e) = self.catch_up(None) {
             self.fail(&e);
         }
-        if self.out.is_some() {
-            let mut rest = Vec::new();
-            self.masker.finish(&mut rest);
-            if let Err(e) = self.append(&rest) {
+        if let Some(out) = &mut self.out {
+            if let Err(e) = out.finish() {
                 self.fail(&e);
             }
         }
@@ -139,16 +140,15 @@ impl SerialTail {
                     std::os::unix::fs::MetadataExt::uid(&meta)
                 )));
             }
-            self.out = Some(safe_fs::open_append(&self.masked_path, safe_fs::PRIVATE_FILE)?);
+            let Some(masker) = self.masker.take() else { return Ok(()) };
+            self.out = Some(MaskedFile::open(&self.masked_path, masker)?);
             self.raw = Some(raw);
         }
-        let Some(mut raw) = self.raw.take() else { return Ok(()) };
+        let (Some(mut raw), Some(out)) = (self.raw.take(), self.out.as_mut()) else { return Ok(()) };
         if raw.metadata().map(|m| m.len() < self.read).unwrap_or(false) {
             // Truncated and written anew: what was sent stays sent, the new
             // content follows it from its start.
-            let mut held = Vec::new();
-            self.masker.finish(&mut held);
-            let appended = self.append(&held);
+            let appended = out.finish();
             self.read = 0;
             let rewound = std::io::Seek::rewind(&mut raw);
             self.raw = Some(raw);
@@ -172,12 +172,7 @@ impl SerialTail {
             };
             budget -= n;
             self.read += n as u64;
-            let mut masked = std::mem::take(&mut self.scratch);
-            masked.clear();
-            self.masker.feed(&buf[..n], &mut masked);
-            let appended = self.append(&masked);
-            self.scratch = masked;
-            if let Err(e) = appended {
+            if let Err(e) = out.write(&buf[..n]) {
                 break Err(e);
             }
         };
@@ -185,22 +180,13 @@ impl SerialTail {
         self.raw = Some(raw);
         result
     }
-
-    fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let Some(out) = self.out.as_mut() else { return Ok(()) };
-        out.write_all(data)?;
-        self.written += data.len() as u64;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mask::mask_for;
+    use std::io::Write;
 
     #[test]
     fn the_copy_is_masked_across_the_connectors_writes() {
@@ -223,7 +209,7 @@ mod tests {
         tail.finish();
         let copy = std::fs::read_to_string(dir.join(rundir.log(Phase::Test, LogKind::Serial))).unwrap();
         assert_eq!(copy, format!("boot: {} ok\n", mask_for("hunter2-XYZ")));
-        assert_eq!(tail.written, copy.len() as u64);
+        assert_eq!(tail.written(), copy.len() as u64);
 
         // Rewritten from its start: the new content follows.
         let mut tail = SerialTail::new(&rundir, Phase::Cleanup, "job", &secrets);

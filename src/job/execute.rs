@@ -95,7 +95,7 @@ impl JobRunner<'_> {
                 return None;
             }
         };
-        let start_offset = log.written;
+        let start_offset = log.written();
         let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
         let stars = "*".repeat(banner_line.len());
         log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
@@ -169,7 +169,7 @@ impl JobRunner<'_> {
 /// what cannot is returned, to go later.
 fn finish_streams(mut watcher: PhaseWatcher, phase: Phase) -> Vec<PendingStream> {
     watcher.log.finish();
-    let written = watcher.log.written;
+    let written = watcher.log.written();
     let mut unsent = Vec::new();
     let Some((mut stream, client, counter)) = watcher.live.take() else { return unsent };
     if let Err(e) = stream.flush(client, counter, written) {
@@ -182,7 +182,7 @@ fn finish_streams(mut watcher: PhaseWatcher, phase: Phase) -> Vec<PendingStream>
     if let Some((mut tail, serial_counter)) = watcher.serial.take() {
         tail.finish();
         if tail.started() {
-            if let Err(e) = tail.stream.flush(client, serial_counter, tail.written) {
+            if let Err(e) = tail.stream.flush(client, serial_counter, tail.written()) {
                 if !e.is_stop() {
                     log::warn!("{phase} serial log not fully sent, kept for later: {e}");
                 }

@@ -101,7 +101,7 @@ impl Watcher for PhaseWatcher<'_> {
             // going into the log (the fragment in flight is a fixed range
             // of it).
             let log = &mut self.log;
-            let written = log.written;
+            let written = log.written();
             let mut drain = || drain(&mut |data| log.write(data));
             let drain = &mut drain;
             stream.pump(*client, counter, written, now, drain);
@@ -109,7 +109,7 @@ impl Watcher for PhaseWatcher<'_> {
             if let Some((tail, serial_counter)) = &mut self.serial {
                 tail.look(now);
                 if tail.started() {
-                    tail.stream.pump(*client, serial_counter, tail.written, now, drain);
+                    tail.stream.pump(*client, serial_counter, tail.written(), now, drain);
                     serial_progress = Some((**serial_counter, tail.stream.sent));
                 }
             }
@@ -144,7 +144,7 @@ impl Watcher for PhaseWatcher<'_> {
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = crate::deadline::after(now, Duration::from_secs(1));
         if let Some((stream, _, _)) = &self.live {
-            if let Some(t) = stream.due(self.log.written) {
+            if let Some(t) = stream.due(self.log.written()) {
                 wake = wake.min(t);
             }
         }
@@ -153,7 +153,7 @@ impl Watcher for PhaseWatcher<'_> {
         }
         if let Some((tail, _)) = &self.serial {
             wake = wake.min(tail.next_look());
-            if let Some(t) = tail.stream.due(tail.written) {
+            if let Some(t) = tail.stream.due(tail.written()) {
                 wake = wake.min(t);
             }
         }
