@@ -429,50 +429,16 @@ fn usable_dir(dir: &Path, mode: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// `server_address` as upstream takes it: `http://` or `https://`, or a bare
-/// `host[:port]` meaning http; a host, and a port in 1..=65535 if one is given.
+/// `server_address`, read as the client will read it (`client/wire.rs`);
+/// a query or fragment is refused, as request paths are appended to it.
 fn check_server_address(address: &str) -> Result<(), String> {
     let address = address.trim();
-    let rest = match address.split_once("://") {
-        Some((scheme, rest)) => {
-            let scheme = scheme.to_ascii_lowercase();
-            if scheme == "https" && !cfg!(feature = "tls") {
-                return Err(format!("{address:?}: this build has no TLS (built without the `tls` feature)"));
-            }
-            if scheme != "http" && scheme != "https" {
-                return Err(format!("{address:?}: the scheme must be http or https, not {scheme:?}"));
-            }
-            rest
-        }
-        None => address,
-    };
-    if rest.contains(['?', '#']) {
+    if address.contains(['?', '#']) {
         return Err(format!("{address:?}: must not hold a query or fragment"));
     }
-    let authority = rest.split('/').next().unwrap_or("");
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        match v6.split_once(']') {
-            Some((h, tail)) if h.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') => {
-                (h, if tail.is_empty() { None } else { Some(tail.strip_prefix(':').unwrap_or(tail)) })
-            }
-            _ => return Err(format!("{address:?}: bad IPv6 address")),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{address:?}: no host"));
-    }
-    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
-        return Err(format!("{address:?}: {host:?} is not a host name"));
-    }
-    if let Some(port) = port {
-        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
-            return Err(format!("{address:?}: bad port {port:?} (a number from 1 to 65535)"));
-        }
+    let url = crate::client::wire::Url::parse(&crate::client::wire::server_base(address)).map_err(|e| e.to_string())?;
+    if url.https && !cfg!(feature = "tls") {
+        return Err(format!("{address:?}: this build has no TLS (built without the `tls` feature)"));
     }
     Ok(())
 }
