@@ -1,7 +1,7 @@
 //! The polling loop: wait for the server, honour the state operators set
 //! on it, deliver what earlier jobs left behind, take a job, run it.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
@@ -17,6 +17,9 @@ use crate::retry::Backoff;
 use crate::signals;
 use crate::states::AgentState;
 use crate::wait::{self, Ends};
+
+mod disk;
+mod posts;
 
 /// Why the loop ended; `main` maps it to an exit status.
 #[derive(Debug, PartialEq)]
@@ -245,99 +248,6 @@ impl<'a> Agent<'a> {
         }
     }
 
-    /// The disk guard: below `min_free_mb` free under execution_basedir no
-    /// job is taken; the first time, the log and the agent's state comment
-    /// on the server say why, and again once space has returned.
-    fn disk_has_room(&mut self) -> bool {
-        let min = self.config.min_free_mb().saturating_mul(1 << 20);
-        let dir = self.config.execution_basedir();
-        let free = match crate::vitals::disk_free(crate::vitals::existing_ancestor(dir)) {
-            Some(f) if min > 0 => f,
-            // Guard off, or nothing to measure: go on as before.
-            _ => return true,
-        };
-        let low = free < min;
-        if low != self.disk_low {
-            self.disk_low = low;
-            let comment = if low {
-                let c = format!(
-                    "Not taking jobs: {} MiB free under {}, below min_free_mb {}",
-                    free >> 20,
-                    dir.display(),
-                    self.config.min_free_mb()
-                );
-                log::warn!("{c}");
-                notify::status(&c);
-                c
-            } else {
-                log::info!("{} MiB free under {} again; taking jobs", free >> 20, dir.display());
-                String::new()
-            };
-            self.disk_comment_unposted = Some(comment);
-        }
-        if let Some(comment) = self.disk_comment_unposted.take() {
-            let data = AgentState::Waiting.post(&comment);
-            match self.post_data(&data) {
-                Ok(()) => {}
-                Err(e) => {
-                    log::debug!("cannot post the disk state yet: {e}");
-                    self.disk_comment_unposted = Some(comment);
-                }
-            }
-        }
-        !low
-    }
-
-    /// The state could not be read before posting `waiting`: an operator
-    /// may have set one, so nothing is posted until a cycle sees it.
-    fn owe_waiting(&mut self, e: &crate::client::ClientError) {
-        if e.is_stop() {
-            return;
-        }
-        log::warn!("cannot read the agent's state on the server, so waiting is not posted over it yet: {e}");
-        self.waiting_unposted = true;
-    }
-
-    /// Posts the `waiting` owed since a failed read, now that the state
-    /// (`state`, `comment`) was read: not over an operator's hold, nor
-    /// over a restart request.
-    fn post_owed_waiting(&mut self, state: &AgentState, comment: &str) {
-        let held = state.is_hold() && !comment.starts_with(RESTARTING);
-        if held || *state == AgentState::Restart {
-            self.waiting_unposted = false;
-            return;
-        }
-        match self.post_data(&AgentState::Waiting.post("")) {
-            Ok(()) => self.waiting_unposted = false,
-            Err(e) => log::warn!("cannot post the waiting state yet: {e}"),
-        }
-    }
-
-    /// Tells the server why the agent goes away for a moment.
-    fn post_restarting(&mut self, comment: &str) {
-        let comment = format!("{RESTARTING}{comment}");
-        if let Err(e) = self.client.post_agent_data(&AgentState::Offline.post(&comment)).filter_stop() {
-            log::warn!("cannot post the restart: {e}");
-        }
-    }
-
-    /// Re-posts the state when the server has not heard from us for a day,
-    /// so that an agent kept offline for long is not forgotten.
-    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &AgentState, comment: &str) {
-        let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
-        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now(), self.config.schedules().heartbeat) {
-            return;
-        }
-        let state = if state.as_str().is_empty() { &AgentState::Waiting } else { state };
-        log::info!("heartbeat: re-posting state {state}");
-        // The comment goes along, or an operator's reason would be wiped.
-        match self.post_data(&state.post(comment)) {
-            Ok(()) => {}
-            Err(e) if e.is_stop() => {}
-            Err(e) => log::warn!("heartbeat not posted: {e}"),
-        }
-    }
-
     /// One polling cycle; `Some` ends the loop.
     fn cycle(&mut self) -> Option<Exit> {
         // Undelivered outcomes hold back jobs, not a restart: they stay on
@@ -508,36 +418,5 @@ impl FilterStop for Result<(), ClientError> {
             Err(e) if e.is_stop() => Ok(()),
             other => other,
         }
-    }
-}
-
-/// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
-/// is a day old, or, when it gives none we can read, our last post is.
-fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
-    let server_age = updated_at.and_then(crate::timestamp::parse_iso8601).and_then(|t| now.duration_since(t).ok());
-    match server_age {
-        Some(age) => age >= every,
-        None => since_last_post >= every,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::UNIX_EPOCH;
-
-    #[test]
-    fn heartbeat_once_a_day() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
-        let hour = Duration::from_secs(3600);
-        const HEARTBEAT: Duration = Duration::from_secs(24 * 3600);
-        assert!(
-            !heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT),
-            "server heard from us 2 h ago"
-        );
-        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now, HEARTBEAT), "26 h ago");
-        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now, HEARTBEAT), "space separator, no zone");
-        assert!(!heartbeat_due(None, hour, now, HEARTBEAT));
-        assert!(heartbeat_due(Some("garbage"), 25 * hour, now, HEARTBEAT));
     }
 }
