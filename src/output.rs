@@ -158,8 +158,15 @@ pub(crate) struct LiveStream {
 }
 
 impl LiveStream {
-    pub(crate) fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
-        let interval = crate::budget::get().output_interval;
+    /// `interval` is the config's `output_interval`.
+    pub(crate) fn new(
+        job_id: &str,
+        kind: LogKind,
+        phase: Phase,
+        path: &Path,
+        sent: u64,
+        interval: Duration,
+    ) -> LiveStream {
         LiveStream {
             job_id: job_id.to_string(),
             kind,
