@@ -1,7 +1,7 @@
 //! The polling loop: wait for the server, honour the state operators set
 //! on it, deliver what earlier jobs left behind, take a job, run it.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
@@ -13,10 +13,13 @@ use crate::json::Json;
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::recovery;
-use crate::retry::{Backoff, Jitter, Schedule};
+use crate::retry::Backoff;
 use crate::signals;
 use crate::states::AgentState;
 use crate::wait::{self, Ends};
+
+mod disk;
+mod posts;
 
 /// Why the loop ended; `main` maps it to an exit status.
 #[derive(Debug, PartialEq)]
@@ -34,11 +37,6 @@ pub enum Exit {
 /// How the comment of the `offline` state posted before a restart begins;
 /// at the next start, such an `offline` is ours to clear.
 const RESTARTING: &str = "Restarting: ";
-/// Longest wait between two attempts to reach the server.
-const MAX_BACKOFF: Duration = Duration::from_secs(180);
-/// The server forgets agents it has not heard from in 7 days; an idle
-/// agent (offline, say) re-posts its state at least this often.
-const HEARTBEAT: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Agent<'a> {
     config: &'a Config,
@@ -64,9 +62,6 @@ pub struct Agent<'a> {
     /// Why the server was last found unreachable (a short kind), to log
     /// each change of reason once rather than every attempt.
     unreachable: Option<&'static str>,
-    /// This agent's heartbeat period: a day shortened by a random part,
-    /// so that a fleet started together does not heartbeat together.
-    heartbeat_every: Duration,
     /// Free space under execution_basedir was below `min_free_mb` at the
     /// last look: said once (log, state comment) until it returns.
     disk_low: bool,
@@ -89,9 +84,8 @@ impl<'a> Agent<'a> {
             last_post: Instant::now(),
             last_state: AgentState::Other(String::new()),
             restart_waits: false,
-            kept: Backoff::new(kept_schedule(config.polling_interval)),
+            kept: Backoff::new(config.schedules().kept),
             unreachable: None,
-            heartbeat_every: jitter::early(HEARTBEAT),
             disk_low: false,
             disk_comment_unposted: None,
             waiting_unposted: false,
@@ -107,20 +101,13 @@ impl<'a> Agent<'a> {
         posted
     }
 
-    fn interval(&self) -> Duration {
-        Duration::from_secs_f64(self.config.polling_interval)
-    }
-
     /// Waits until the server answers. Returns false when `--once` gives
     /// up: it waits no longer than `server_timeout`.
     fn wait_for_server(&mut self) -> bool {
         let started = Instant::now();
-        let give_up_after = Duration::from_secs(self.config.server_timeout);
-        // Full jitter: a fleet that lost the server together must not
-        // come back together at each doubling.
-        let first = self.interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut backoff =
-            Backoff::new(Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_millis(100) }));
+        let give_up_after = self.config.server_timeout();
+        let schedule = self.config.schedules().server_wait;
+        let mut backoff = Backoff::new(schedule);
         loop {
             if signals::interrupted() {
                 return true;
@@ -147,7 +134,7 @@ impl<'a> Agent<'a> {
                     "server {} not reachable: {}; waits doubling up to {}, retrying in {}",
                     self.client.base_url(),
                     crate::client::unreachable_text(&reason),
-                    human::duration(MAX_BACKOFF),
+                    human::duration(schedule.max),
                     human::duration(wait)
                 );
                 self.unreachable = Some(kind);
@@ -172,13 +159,13 @@ impl<'a> Agent<'a> {
         // No `job_id` here (upstream posts none at start-up): a job left
         // by a killed agent is resumed by `recovery`, which clears it after.
         let mut data =
-            Json::object().with("queues", Json::Array(c.job_queues.iter().map(|q| Json::str(q.as_str())).collect()));
+            Json::object().with("queues", Json::Array(c.job_queues().iter().map(|q| Json::str(q.as_str())).collect()));
         // As upstream: location and provision_type always ("" when unset),
         // identifier only when set.
-        data.set("location", Json::str(c.location.as_deref().unwrap_or("")));
-        data.set("provision_type", Json::str(c.provision_type.as_deref().unwrap_or("")));
-        if let Some(id) = &c.identifier {
-            data.set("identifier", Json::str(id.as_str()));
+        data.set("location", Json::str(c.location().unwrap_or("")));
+        data.set("provision_type", Json::str(c.provision_type().unwrap_or("")));
+        if let Some(id) = c.identifier() {
+            data.set("identifier", Json::str(id));
         }
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
@@ -195,8 +182,8 @@ impl<'a> Agent<'a> {
             Err(e) if e.is_stop() => return,
             Err(e) => log::error!("cannot post agent data: {e}"),
         }
-        if let Some(images) = c.advertised_images_json() {
-            if let Err(e) = self.client.post_images(&images).filter_stop() {
+        if let Some(images) = c.advertised_images() {
+            if let Err(e) = self.client.post_images(images).filter_stop() {
                 log::error!("cannot post advertised images: {e}");
             }
         }
@@ -210,10 +197,10 @@ impl<'a> Agent<'a> {
             .and_then(Json::as_object)
             .unwrap_or(&[])
             .iter()
-            .filter(|(q, owners)| !owners.is_empty_like() && self.config.job_queues.contains(q))
+            .filter(|(q, owners)| !owners.is_empty_like() && self.config.job_queues().contains(q))
             .map(|(q, _)| q.clone())
             .collect();
-        if restricted.is_empty() { self.config.job_queues.clone() } else { restricted }
+        if restricted.is_empty() { self.config.job_queues().to_vec() } else { restricted }
     }
 
     pub fn run(&mut self) -> Exit {
@@ -247,7 +234,7 @@ impl<'a> Agent<'a> {
             // Kept outcomes go when their own (full-jitter) wait is over,
             // not at the next poll: that would bring back in step a fleet
             // whose jobs ended together.
-            let mut wait = jitter::spread(self.interval());
+            let mut wait = jitter::spread(self.config.schedules().poll);
             if let Some(due) = self.kept.next() {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
@@ -258,99 +245,6 @@ impl<'a> Agent<'a> {
             let ends = if restart_seen { Ends::Stop } else { Ends::StopOrRestart };
             self.client.before_wait(wait);
             wait::until(crate::deadline::from_now(wait), Some(&mut self.metrics), None, ends);
-        }
-    }
-
-    /// The disk guard: below `min_free_mb` free under execution_basedir no
-    /// job is taken; the first time, the log and the agent's state comment
-    /// on the server say why, and again once space has returned.
-    fn disk_has_room(&mut self) -> bool {
-        let min = self.config.min_free_mb.saturating_mul(1 << 20);
-        let dir = &self.config.execution_basedir;
-        let free = match crate::vitals::disk_free(crate::vitals::existing_ancestor(dir)) {
-            Some(f) if min > 0 => f,
-            // Guard off, or nothing to measure: go on as before.
-            _ => return true,
-        };
-        let low = free < min;
-        if low != self.disk_low {
-            self.disk_low = low;
-            let comment = if low {
-                let c = format!(
-                    "Not taking jobs: {} MiB free under {}, below min_free_mb {}",
-                    free >> 20,
-                    dir.display(),
-                    self.config.min_free_mb
-                );
-                log::warn!("{c}");
-                notify::status(&c);
-                c
-            } else {
-                log::info!("{} MiB free under {} again; taking jobs", free >> 20, dir.display());
-                String::new()
-            };
-            self.disk_comment_unposted = Some(comment);
-        }
-        if let Some(comment) = self.disk_comment_unposted.take() {
-            let data = AgentState::Waiting.post(&comment);
-            match self.post_data(&data) {
-                Ok(()) => {}
-                Err(e) => {
-                    log::debug!("cannot post the disk state yet: {e}");
-                    self.disk_comment_unposted = Some(comment);
-                }
-            }
-        }
-        !low
-    }
-
-    /// The state could not be read before posting `waiting`: an operator
-    /// may have set one, so nothing is posted until a cycle sees it.
-    fn owe_waiting(&mut self, e: &crate::client::ClientError) {
-        if e.is_stop() {
-            return;
-        }
-        log::warn!("cannot read the agent's state on the server, so waiting is not posted over it yet: {e}");
-        self.waiting_unposted = true;
-    }
-
-    /// Posts the `waiting` owed since a failed read, now that the state
-    /// (`state`, `comment`) was read: not over an operator's hold, nor
-    /// over a restart request.
-    fn post_owed_waiting(&mut self, state: &AgentState, comment: &str) {
-        let held = state.is_hold() && !comment.starts_with(RESTARTING);
-        if held || *state == AgentState::Restart {
-            self.waiting_unposted = false;
-            return;
-        }
-        match self.post_data(&AgentState::Waiting.post("")) {
-            Ok(()) => self.waiting_unposted = false,
-            Err(e) => log::warn!("cannot post the waiting state yet: {e}"),
-        }
-    }
-
-    /// Tells the server why the agent goes away for a moment.
-    fn post_restarting(&mut self, comment: &str) {
-        let comment = format!("{RESTARTING}{comment}");
-        if let Err(e) = self.client.post_agent_data(&AgentState::Offline.post(&comment)).filter_stop() {
-            log::warn!("cannot post the restart: {e}");
-        }
-    }
-
-    /// Re-posts the state when the server has not heard from us for a day,
-    /// so that an agent kept offline for long is not forgotten.
-    fn heartbeat(&mut self, agent_data: Option<&Json>, state: &AgentState, comment: &str) {
-        let updated_at = agent_data.and_then(|d| d.get("updated_at")).and_then(Json::as_str);
-        if !heartbeat_due(updated_at, self.last_post.elapsed(), SystemTime::now(), self.heartbeat_every) {
-            return;
-        }
-        let state = if state.as_str().is_empty() { &AgentState::Waiting } else { state };
-        log::info!("heartbeat: re-posting state {state}");
-        // The comment goes along, or an operator's reason would be wiped.
-        match self.post_data(&state.post(comment)) {
-            Ok(()) => {}
-            Err(e) if e.is_stop() => {}
-            Err(e) => log::warn!("heartbeat not posted: {e}"),
         }
     }
 
@@ -369,8 +263,11 @@ impl<'a> Agent<'a> {
             if !restart {
                 return None;
             }
-        } else if delivery::deliver_kept(&mut self.client, &self.config.results_basedir, &self.config.execution_basedir)
-        {
+        } else if delivery::deliver_kept(
+            &mut self.client,
+            self.config.results_basedir(),
+            self.config.execution_basedir(),
+        ) {
             self.kept.succeeded();
         } else {
             if signals::interrupted() {
@@ -447,8 +344,8 @@ impl<'a> Agent<'a> {
         if !self.disk_has_room() {
             return None;
         }
-        if let Some(queues) = self.config.advertised_queues_json() {
-            if let Err(e) = self.client.post_queues(&queues).filter_stop() {
+        if let Some(queues) = self.config.advertised_queues() {
+            if let Err(e) = self.client.post_queues(queues).filter_stop() {
                 log::warn!("cannot post advertised queues: {e}");
             }
         }
@@ -521,58 +418,5 @@ impl FilterStop for Result<(), ClientError> {
             Err(e) if e.is_stop() => Ok(()),
             other => other,
         }
-    }
-}
-
-/// Kept outcomes are retried after a random part (at least 1 s) of the
-/// polling interval, doubling: a fleet whose deliveries failed together (an
-/// outage) delivers them spread over the last wait when the server returns.
-fn kept_schedule(polling_interval: f64) -> Schedule {
-    let first = Duration::from_secs_f64(polling_interval).max(Duration::from_secs(1));
-    Schedule::new(first, MAX_BACKOFF, Jitter::Full { floor: Duration::from_secs(1) })
-}
-
-/// Whether a heartbeat is owed: the server's `updated_at` (ISO 8601, UTC)
-/// is a day old, or, when it gives none we can read, our last post is.
-fn heartbeat_due(updated_at: Option<&str>, since_last_post: Duration, now: SystemTime, every: Duration) -> bool {
-    let server_age = updated_at.and_then(crate::timestamp::parse_iso8601).and_then(|t| now.duration_since(t).ok());
-    match server_age {
-        Some(age) => age >= every,
-        None => since_last_post >= every,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::UNIX_EPOCH;
-
-    #[test]
-    fn kept_retries_and_heartbeats_are_spread() {
-        let s = kept_schedule(10.0);
-        let waits: Vec<Duration> = (0..1000).map(|_| s.wait(3)).collect();
-        assert!(waits.iter().all(|w| *w >= Duration::from_secs(1) && *w <= Duration::from_secs(40)));
-        assert!(
-            waits.iter().any(|w| *w < Duration::from_secs(5)) && waits.iter().any(|w| *w > Duration::from_secs(35))
-        );
-        let beats: Vec<Duration> = (0..1000).map(|_| jitter::early(HEARTBEAT)).collect();
-        assert!(beats.iter().all(|b| *b >= HEARTBEAT.mul_f64(0.8) && *b <= HEARTBEAT));
-        assert!(
-            beats.iter().any(|b| *b < HEARTBEAT.mul_f64(0.85)) && beats.iter().any(|b| *b > HEARTBEAT.mul_f64(0.95))
-        );
-    }
-
-    #[test]
-    fn heartbeat_once_a_day() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
-        let hour = Duration::from_secs(3600);
-        assert!(
-            !heartbeat_due(Some("2023-11-14T20:00:00Z"), 30 * hour, now, HEARTBEAT),
-            "server heard from us 2 h ago"
-        );
-        assert!(heartbeat_due(Some("2023-11-13T20:00:00.123456+00:00"), hour, now, HEARTBEAT), "26 h ago");
-        assert!(heartbeat_due(Some("2023-11-13 20:00:00"), hour, now, HEARTBEAT), "space separator, no zone");
-        assert!(!heartbeat_due(None, hour, now, HEARTBEAT));
-        assert!(heartbeat_due(Some("garbage"), 25 * hour, now, HEARTBEAT));
     }
 }

@@ -72,12 +72,8 @@ pub struct Client {
 impl Client {
     /// `server_address` may lack a scheme: `host:port` means `http://host:port`.
     pub fn new(server_address: &str, agent_id: &str, token_file: Option<PathBuf>) -> Client {
-        let mut base = server_address.trim().trim_end_matches('/').to_string();
-        if !base.contains("://") {
-            base = format!("http://{base}");
-        }
         Client {
-            base,
+            base: wire::server_base(server_address),
             agent_id: agent_id.to_string(),
             token_file,
             access_token: None,

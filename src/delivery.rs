@@ -53,7 +53,8 @@ fn send_rest(
 ) -> Result<(), ClientError> {
     let path = rundir.log(p.phase, p.kind);
     let written = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let mut stream = LiveStream::new(job_id, p.kind, p.phase, &path, p.sent);
+    // Only flushed, which the live budget does not hold: no interval.
+    let mut stream = LiveStream::new(job_id, p.kind, p.phase, &path, p.sent, std::time::Duration::ZERO);
     stream.inflight_end = p.inflight_end;
     let result = stream.flush(server, counter, written);
     p.sent = stream.sent;

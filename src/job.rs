@@ -99,8 +99,8 @@ impl<'a> JobRunner<'a> {
     /// `job` must have a safe `job_id` (checked by the caller).
     pub fn new(config: &'a Config, server: &'a mut dyn Server, job: Json) -> JobRunner<'a> {
         let plan = JobPlan::new(config, job);
-        let rundir = RunDir::of(&config.execution_basedir, &plan.job_id);
-        let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, &config.agent_id);
+        let rundir = RunDir::of(config.execution_basedir(), &plan.job_id);
+        let events = Events::new(plan.webhook.as_deref(), &plan.job_queue, config.agent_id());
         let masks = JobSecrets::new(plan.secret_values());
         JobRunner {
             config,
@@ -390,7 +390,7 @@ impl<'a> JobRunner<'a> {
 
     /// Creates the run dir and the files device connectors expect.
     fn prepare(&mut self) -> std::io::Result<()> {
-        self.rundir.create(&self.config.execution_basedir, self.server.is_local(), &self.plan.document)
+        self.rundir.create(self.config.execution_basedir(), self.server.is_local(), &self.plan.document)
     }
 
     fn outcome(&self) -> Json {
@@ -419,7 +419,7 @@ impl<'a> JobRunner<'a> {
         let artifacts = self.rundir.artifacts();
         if archive::has_content(&artifacts) {
             let dest = self.rundir.archive();
-            let mask = self.config.mask_artifacts.then_some(&self.masks);
+            let mask = self.config.mask_artifacts().then_some(&self.masks);
             match archive::pack_artifacts(&artifacts, &dest, mask) {
                 // pack_artifacts logs the size and the time it took.
                 Ok(_) => {}
@@ -454,7 +454,7 @@ impl<'a> JobRunner<'a> {
                 } else {
                     log::error!("job {}: outcome not delivered, keeping it for later: {e}", self.plan.job_id);
                 }
-                self.rundir.keep(&self.config.results_basedir, &self.plan.job_id);
+                self.rundir.keep(self.config.results_basedir(), &self.plan.job_id);
                 false
             }
         }

@@ -16,7 +16,6 @@
 
 // Used by `main`.
 pub mod agent;
-pub mod budget;
 pub mod human;
 pub mod job;
 pub mod lockfile;

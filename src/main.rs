@@ -7,9 +7,7 @@ use std::process::ExitCode;
 
 use testflinger_agent::config::{self, Config};
 use testflinger_agent::json::Json;
-use testflinger_agent::{
-    agent, budget, client, job, lockfile, logging, metrics, notify, retry, runner, safe_fs, signals,
-};
+use testflinger_agent::{agent, client, job, lockfile, logging, metrics, notify, retry, runner, safe_fs, signals};
 
 /// Exit status for usage and config errors.
 const EXIT_USAGE: u8 = 2;
@@ -114,14 +112,12 @@ fn main() -> ExitCode {
         }
     };
     config.export_token_file(args.token_file.as_deref().unwrap_or(Path::new(DEFAULT_TOKEN_FILE)));
-    let level = logging::parse_level(&config.logging_level).unwrap_or(logging::LevelFilter::Info);
-    logging::init(level, Some(&config.logging_basedir), config.logging_quiet);
+    logging::init(config.logging_level(), Some(config.logging_basedir()), config.logging_quiet());
     signals::install();
     notify::init();
-    budget::set(config.budget());
     // Held until exit: one agent per run dir. A dir that cannot be made or
     // locked is not fatal here: each job then reports it (status 100).
-    let _lock = match lockfile::acquire(&config.execution_basedir) {
+    let _lock = match lockfile::acquire(config.execution_basedir()) {
         Ok(lock) => Some(lock),
         Err(e @ lockfile::LockError::Busy { .. }) => {
             eprintln!("testflinger-agent: {e}");
@@ -148,7 +144,7 @@ fn main() -> ExitCode {
     match &args.job {
         Some(path) => run_local_job(&config, path),
         None => {
-            let mut metrics = metrics::Metrics::new(&config.agent_id, config.identifier.as_deref().unwrap_or(""));
+            let mut metrics = metrics::Metrics::new(config.agent_id(), config.identifier().unwrap_or(""));
             if let Some(port) = args.metrics_port {
                 let address = std::net::SocketAddr::new(config.metrics_ip(), port);
                 metrics = match metrics.serve(address) {
@@ -162,21 +158,22 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            let metrics =
-                metrics.with_vitals(config.execution_basedir.clone()).with_textfile(config.metrics_textfile.clone());
+            let metrics = metrics
+                .with_vitals(config.execution_basedir().to_path_buf())
+                .with_textfile(config.metrics_textfile().map(Path::to_path_buf));
             // Like upstream, upstream's default token file when none is given.
             let (token_file, origin) = match &args.token_file {
                 Some(path) => (path.clone(), "--token-file"),
                 None => (PathBuf::from(DEFAULT_TOKEN_FILE), "the default"),
             };
-            let retry = retry::Retry::patient(std::time::Duration::from_secs(config.server_timeout));
-            let mut client = client::Client::new(&config.server_address, &config.agent_id, Some(token_file.clone()))
+            let retry = retry::Retry::patient(config.server_timeout());
+            let mut client = client::Client::new(config.server_address(), config.agent_id(), Some(token_file.clone()))
                 .with_retry(retry);
-            client.set_ca_file(config.server_ca_file.clone());
+            client.set_ca_file(config.server_ca_file().map(Path::to_path_buf));
             log::info!(
                 "testflinger-agent {} for {} polling {}",
                 env!("CARGO_PKG_VERSION"),
-                config.agent_id,
+                config.agent_id(),
                 client.base_url()
             );
             client.log_token_file(origin, args.token_file.is_some());
@@ -222,7 +219,7 @@ fn run_local_job(config: &Config, path: &Path) -> ExitCode {
     if summary.statuses.is_empty() {
         println!("(no phase ran: check the *_command keys and the job's *_data)");
     }
-    println!("run dir: {}", config.execution_basedir.join(&summary.job_id).display());
+    println!("run dir: {}", config.execution_basedir().join(&summary.job_id).display());
     if summary.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 

@@ -30,6 +30,11 @@ pub(crate) use masked_file::MaskedFile;
 /// Largest fragment body, JSON escaping included: the server refuses bodies
 /// over 16 MB, and proxies in front of it may be stricter, so stay well below.
 const MAX_BODY: u64 = 12 << 20;
+/// A fragment the server (or a proxy's body limit: nginx's
+/// `client_max_body_size` is 1 MiB unless raised) refuses with 413 is cut
+/// to half and sent again under the same number, down to this size; only a
+/// fragment this small that is still refused is a refusal for good.
+const MIN_BODY: u64 = 16 << 10;
 /// Pending output goes at once while the log's token bucket (bucket.rs,
 /// one token per `output_interval`, a burst of three) has a token: output
 /// whose rate fits the budget reaches the server at once, a chatty phase
@@ -138,11 +143,20 @@ pub(crate) struct LiveStream {
     bucket: bucket::Bucket,
     /// After a failed fragment: when the next attempt is due.
     backoff: Backoff,
+    /// The largest fragment body to send: [`MAX_BODY`], halved at each 413.
+    max_body: u64,
 }
 
 impl LiveStream {
-    pub(crate) fn new(job_id: &str, kind: LogKind, phase: Phase, path: &Path, sent: u64) -> LiveStream {
-        let interval = crate::budget::get().output_interval;
+    /// `interval` is the config's `output_interval`.
+    pub(crate) fn new(
+        job_id: &str,
+        kind: LogKind,
+        phase: Phase,
+        path: &Path,
+        sent: u64,
+        interval: Duration,
+    ) -> LiveStream {
         LiveStream {
             job_id: job_id.to_string(),
             kind,
@@ -156,6 +170,7 @@ impl LiveStream {
             // A start counts as after a quiet spell: the first output goes at once.
             bucket: bucket::Bucket::new(interval, Instant::now()),
             backoff: Backoff::new(LIVE_BACKOFF),
+            max_body: MAX_BODY,
         }
     }
 
@@ -244,7 +259,7 @@ impl LiveStream {
             Some(f) => f,
             None => &mut no_idle,
         };
-        let plan = match fragment::plan(reader, self.sent, avail, last, prefix, MAX_BODY, plan_idle) {
+        let plan = match fragment::plan(reader, self.sent, avail, last, prefix, self.max_body, plan_idle) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()),
             Err(e) => return Err(local(&self.path, e)),
@@ -275,6 +290,20 @@ impl LiveStream {
                 *counter += 1;
                 self.sent = plan.end;
                 self.inflight_end = None;
+                Ok(())
+            }
+            // Too large for the server: it stored nothing, so the same
+            // number goes again at once with half the bytes.
+            Err(ClientError::Status { status: 413, .. }) if self.max_body > MIN_BODY => {
+                self.max_body = (self.max_body / 2).max(MIN_BODY);
+                self.inflight_end = None;
+                log::warn!(
+                    "{} log fragment {} of {} bytes refused as too large (HTTP 413); sending fragments of at most {} bytes",
+                    self.kind,
+                    *counter,
+                    plan.len,
+                    self.max_body
+                );
                 Ok(())
             }
             Err(e) => {

@@ -52,7 +52,7 @@ pub(crate) fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
     let has_code =
         |phase: Phase| outcome.as_ref().and_then(|o| o.get("status")).and_then(|s| s.get(phase.as_str())).is_some();
     let interrupted = Phase::ALL.into_iter().rev().find(|p| dir.has_log(*p) && !has_code(*p));
-    let needs_cleanup = !config.cleanup_command.trim().is_empty() && !has_code(Phase::Cleanup);
+    let needs_cleanup = !config.command(Phase::Cleanup).trim().is_empty() && !has_code(Phase::Cleanup);
     Leftover { job_id: job_id.to_string(), dir: dir.clone(), interrupted, needs_cleanup }
 }
 
@@ -60,10 +60,10 @@ pub(crate) fn inspect(config: &Config, job_id: &str, dir: &RunDir) -> Leftover {
 /// await delivery stay in `results_basedir` for the polling loop.
 pub(crate) fn recover(config: &Config, server: &mut dyn Server, metrics: &mut Metrics) {
     let mut todo = Vec::new();
-    for (job_id, dir) in rundir::run_dirs(&config.execution_basedir) {
+    for (job_id, dir) in rundir::run_dirs(config.execution_basedir()) {
         todo.push(inspect(config, &job_id, &dir));
     }
-    for (job_id, dir) in rundir::run_dirs(&config.results_basedir) {
+    for (job_id, dir) in rundir::run_dirs(config.results_basedir()) {
         let left = inspect(config, &job_id, &dir);
         if left.interrupted.is_some() || left.needs_cleanup {
             todo.push(left);
@@ -94,7 +94,7 @@ fn resume(config: &Config, server: &mut dyn Server, metrics: &mut Metrics, mut l
     );
     let attempts = left.dir.recovery_attempts();
     if attempts > MAX_RECOVERY_ATTEMPTS {
-        match left.dir.set_aside(&config.results_basedir, &left.job_id) {
+        match left.dir.set_aside(config.results_basedir(), &left.job_id) {
             Ok(to) => log::error!(
                 "job {}: the agent stopped during this job {} times, giving it up included; set aside in {} for an operator",
                 left.job_id,
@@ -115,19 +115,19 @@ fn resume(config: &Config, server: &mut dyn Server, metrics: &mut Metrics, mut l
     stop_leftover_processes(left.dir.path());
     // JobRunner works in execution_basedir; bring the job back there.
     let from = left.dir.path().to_path_buf();
-    if let Err(e) = left.dir.move_to(&config.execution_basedir, &left.job_id) {
+    if let Err(e) = left.dir.move_to(config.execution_basedir(), &left.job_id) {
         log::error!(
             "job {}: cannot move {} back to {}: {e}",
             left.job_id,
             from.display(),
-            config.execution_basedir.join(&left.job_id).display()
+            config.execution_basedir().join(&left.job_id).display()
         );
         return;
     }
     let Some(job) = left.dir.job() else {
         // Without the job nothing can run; deliver what the dir holds.
         log::error!("job {}: testflinger.json unreadable; delivering the outcome as it is", left.job_id);
-        left.dir.keep(&config.results_basedir, &left.job_id);
+        left.dir.keep(config.results_basedir(), &left.job_id);
         return;
     };
     let runner = JobRunner::new(config, server, job).with_metrics(metrics);
@@ -188,7 +188,12 @@ mod tests {
     use crate::server::fake::{Call, Fake};
 
     fn config(cleanup: &str) -> Config {
-        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\ncleanup_command: {cleanup:?}\n");
+        config_in(cleanup, "")
+    }
+
+    /// `dirs`: more lines of config (the run and results dirs).
+    fn config_in(cleanup: &str, dirs: &str) -> Config {
+        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\ncleanup_command: {cleanup:?}\n{dirs}");
         Config::parse(&text, Path::new("t.conf")).expect("test config")
     }
 
@@ -229,8 +234,8 @@ mod tests {
     /// `attempts` recoveries of it begun before.
     fn left_behind(config: &Config, job_id: &str, attempts: u32) -> RunDir {
         let job = Json::parse(&format!(r#"{{"job_id":"{job_id}","test_data":{{"t":1}}}}"#)).expect("job");
-        let dir = RunDir::of(&config.execution_basedir, job_id);
-        dir.create(&config.execution_basedir, false, &job).expect("run dir");
+        let dir = RunDir::of(config.execution_basedir(), job_id);
+        dir.create(config.execution_basedir(), false, &job).expect("run dir");
         dir.write_outcome(&rundir::outcome_of(&[(Phase::Setup, 0)])).expect("outcome");
         fs::write(dir.log(Phase::Setup, crate::phase::LogKind::Output), "x").expect("setup log");
         fs::write(dir.log(Phase::Test, crate::phase::LogKind::Output), "x").expect("test log");
@@ -243,9 +248,8 @@ mod tests {
     fn bench(name: &str) -> (Config, std::path::PathBuf) {
         let base = std::env::temp_dir().join(format!("tf-recover-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
-        let mut config = config("echo cleanup-out");
-        config.execution_basedir = base.join("run");
-        config.results_basedir = base.join("results");
+        let dirs = format!("execution_basedir: {:?}\nresults_basedir: {:?}\n", base.join("run"), base.join("results"));
+        let config = config_in("echo cleanup-out", &dirs);
         (config, base)
     }
 
@@ -288,7 +292,7 @@ mod tests {
         let mut fake = Fake::new();
         recover(&config, &mut fake, &mut Metrics::new("a", ""));
         assert!(outcomes(&fake).is_empty(), "{:?}", fake.calls);
-        assert!(config.results_basedir.join(".undeliverable").join("j3").is_dir());
+        assert!(config.results_basedir().join(".undeliverable").join("j3").is_dir());
         let _ = fs::remove_dir_all(&base);
     }
 }

@@ -46,7 +46,14 @@ pub(crate) struct SerialTail {
 }
 
 impl SerialTail {
-    pub(crate) fn new(rundir: &RunDir, phase: Phase, job_id: &str, secrets: &JobSecrets) -> SerialTail {
+    /// `interval` is the live stream's (the config's `output_interval`).
+    pub(crate) fn new(
+        rundir: &RunDir,
+        phase: Phase,
+        job_id: &str,
+        secrets: &JobSecrets,
+        interval: Duration,
+    ) -> SerialTail {
         let masked_path = rundir.log(phase, LogKind::Serial);
         let earlier = std::fs::symlink_metadata(&masked_path).map(|m| m.len()).unwrap_or(0);
         SerialTail {
@@ -54,7 +61,7 @@ impl SerialTail {
             raw: None,
             read: 0,
             masker: Some(secrets.stream()),
-            stream: LiveStream::new(job_id, LogKind::Serial, phase, &masked_path, earlier),
+            stream: LiveStream::new(job_id, LogKind::Serial, phase, &masked_path, earlier, interval),
             masked_path,
             out: None,
             earlier,
@@ -195,7 +202,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let secrets = JobSecrets::new(["hunter2-XYZ".to_string()]);
         let rundir = RunDir::new(dir.clone());
-        let mut tail = SerialTail::new(&rundir, Phase::Test, "job", &secrets);
+        let mut tail = SerialTail::new(&rundir, Phase::Test, "job", &secrets, Duration::from_secs(1));
         let now = Instant::now();
         tail.look(now);
         assert!(!tail.started(), "no file yet, no copy");
@@ -212,7 +219,7 @@ mod tests {
         assert_eq!(tail.written(), copy.len() as u64);
 
         // Rewritten from its start: the new content follows.
-        let mut tail = SerialTail::new(&rundir, Phase::Cleanup, "job", &secrets);
+        let mut tail = SerialTail::new(&rundir, Phase::Cleanup, "job", &secrets, Duration::from_secs(1));
         let raw = dir.join("cleanup-serial.log");
         std::fs::write(&raw, "first run, long line\n").unwrap();
         tail.look(Instant::now());

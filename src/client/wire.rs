@@ -35,7 +35,18 @@ pub struct Url {
     pub path: String,
 }
 
+/// `server_address` as upstream takes it (a URL, or a bare `host[:port]`
+/// meaning http) as the base every request URL is built on: no trailing `/`.
+pub fn server_base(address: &str) -> String {
+    let base = address.trim().trim_end_matches('/');
+    if base.contains("://") { base.to_string() } else { format!("http://{base}") }
+}
+
 impl Url {
+    /// The one URL reader: the server's address (checked at start by the
+    /// config), redirects, proxies. A host is a name (letters, digits,
+    /// `-._`) or an IP address, IPv6 in brackets; a port, when written, is
+    /// 1 to 65535.
     pub fn parse(url: &str) -> io::Result<Url> {
         let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("bad URL {url:?}: {why}"));
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
@@ -59,21 +70,34 @@ impl Url {
         let default_port = if https { 443 } else { 80 };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            if !h.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+                return Err(bad("bad IPv6 address"));
+            }
             let port = match after {
-                "" => default_port,
-                p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(|| bad("bad port"))?,
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| bad("text after the IPv6 address"))?),
             };
             (h, port)
         } else {
             match authority.rsplit_once(':') {
-                Some((h, "")) => (h, default_port),
-                Some((h, p)) => (h, p.parse().map_err(|_| bad("bad port"))?),
-                None => (authority, default_port),
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
             }
         };
         if host.is_empty() {
             return Err(bad("no host"));
         }
+        if !authority.starts_with('[') && !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+            return Err(bad(&format!("{host:?} is not a host name")));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(&format!("bad port {p:?} (a number from 1 to 65535)")))?,
+        };
         Ok(Url { https, host: host.to_ascii_lowercase(), port, path })
     }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::json::Json;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new("t.conf"))
@@ -9,14 +10,19 @@ const MINIMAL: &str = "agent_id: a1\nserver_address: 10.0.0.5:8000\njob_queues: 
 #[test]
 fn defaults_match_upstream() {
     let c = parse(MINIMAL).unwrap();
-    assert_eq!(c.polling_interval, 10.0);
-    assert_eq!(c.execution_basedir, PathBuf::from("/tmp/testflinger/run"));
-    assert_eq!(c.results_basedir, PathBuf::from("/tmp/testflinger/results"));
-    assert_eq!(c.logging_level, "INFO");
-    assert_eq!(c.output_bytes, 10 * 1024 * 1024);
-    assert_eq!(c.server_timeout, 30);
+    assert_eq!(c.schedules().poll, Duration::from_secs(10));
+    assert_eq!(c.execution_basedir(), Path::new("/tmp/testflinger/run"));
+    assert_eq!(c.logging_basedir(), Path::new("/tmp/testflinger/logs"));
+    assert_eq!(c.results_basedir(), Path::new("/tmp/testflinger/results"));
+    assert_eq!(c.logging_level(), LevelFilter::Info);
+    assert!(!c.logging_quiet() && !c.mask_artifacts());
+    assert_eq!(c.server_timeout(), Duration::from_secs(30));
+    assert_eq!((c.global_timeout(), c.output_timeout()), (None, None));
+    assert_eq!(c.min_free_mb(), 1024);
     assert_eq!(c.command(Phase::Test), "");
-    assert!(c.string_env.contains(&("agent_id".into(), "a1".into())));
+    assert!(c.phase_env().contains(&("agent_id".into(), "a1".into())));
+    let raw: raw::RawConfig = serde_yaml_ng::from_str(MINIMAL).unwrap();
+    assert_eq!(raw.output_bytes, 10 * 1024 * 1024);
 }
 
 #[test]
@@ -26,7 +32,7 @@ fn phase_env_is_what_upstream_exports() {
     ))
     .unwrap();
     c.export_token_file(Path::new("/t/token"));
-    let get = |k: &str| c.string_env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let get = |k: &str| c.phase_env().iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     // Written strings as written, over the defaults.
     assert_eq!(get("agent_id"), Some("a1"));
     assert_eq!(get("server_address"), Some("10.0.0.5:8000"));
@@ -56,7 +62,7 @@ fn phase_env_is_what_upstream_exports() {
     }
     // Each key once, the token file too when set again.
     c.export_token_file(Path::new("/u"));
-    let mut keys: Vec<_> = c.string_env.iter().map(|(k, _)| k.as_str()).collect();
+    let mut keys: Vec<_> = c.phase_env().iter().map(|(k, _)| k.as_str()).collect();
     let n = keys.len();
     keys.sort();
     keys.dedup();
@@ -93,7 +99,7 @@ fn metrics_address_is_an_ip_address_all_by_default() {
 
 #[test]
 fn server_timeout_is_seconds_and_at_least_one() {
-    assert_eq!(parse(&format!("{MINIMAL}server_timeout: 2\n")).unwrap().server_timeout, 2);
+    assert_eq!(parse(&format!("{MINIMAL}server_timeout: 2\n")).unwrap().server_timeout(), Duration::from_secs(2));
     for bad in ["0", "-1", "soon", "1.5"] {
         let e = parse(&format!("{MINIMAL}server_timeout: {bad}\n")).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("server_timeout"), "{bad}: {e}");
@@ -129,11 +135,14 @@ fn server_address_is_checked() {
 
 #[test]
 fn budget_keys_are_seconds() {
+    let s = *parse(MINIMAL).unwrap().schedules();
+    assert_eq!((s.output_interval, s.cancel_check), (raw::DEFAULT_OUTPUT_INTERVAL, raw::DEFAULT_CANCEL_INTERVAL));
+    assert_eq!((s.output_interval, s.cancel_check), (Duration::from_secs(1), Duration::from_secs(3)));
+    let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\nkill_grace: 2.5\n")).unwrap();
+    assert_eq!(c.schedules().output_interval, Duration::from_millis(500));
+    assert_eq!(c.schedules().cancel_check, Duration::from_secs(10));
+    assert_eq!(c.kill_grace(), Duration::from_millis(2500));
     let c = parse(MINIMAL).unwrap();
-    assert_eq!(c.budget(), crate::budget::Budget::default());
-    let c = parse(&format!("{MINIMAL}output_interval: 0.5\ncancel_check_interval: 10\n")).unwrap();
-    assert_eq!(c.budget().output_interval, std::time::Duration::from_millis(500));
-    assert_eq!(c.budget().cancel_interval, std::time::Duration::from_secs(10));
     assert_eq!(c.kill_grace(), crate::runner::GRACE);
     for key in ["output_interval", "cancel_check_interval", "kill_grace"] {
         for bad in ["-1", "soon", "1e9"] {
@@ -158,7 +167,7 @@ fn server_ca_file_must_hold_a_certificate() {
     assert_eq!(e.key.as_deref(), Some("server_ca_file"), "{e}");
     let e = parse(&format!("{MINIMAL}server_ca_file: /dev/null\n")).unwrap_err();
     assert!(e.reason.contains("no PEM certificate"), "{e}");
-    assert!(parse(MINIMAL).unwrap().server_ca_file.is_none());
+    assert!(parse(MINIMAL).unwrap().server_ca_file().is_none());
 }
 
 #[test]
@@ -217,4 +226,46 @@ fn every_duration_key_has_a_range() {
     assert_eq!(e.reason, "must be a whole number of seconds from 1 to 31536000");
     let e = parse(&format!("{MINIMAL}polling_interval: 1e300\n")).unwrap_err();
     assert_eq!(e.reason, "must be a number of seconds from 0 to 86400");
+}
+
+#[test]
+fn settings_are_typed_once() {
+    let c = parse(&format!(
+        "{MINIMAL}polling_interval: 0.25\nidentifier: rig-7\nlocation: lab\nprovision_type: noprovision\n\
+         setup_command: s\ncleanup_command: c\nadvertised_queues: {{q: a queue}}\nadvertised_images: {{q: {{img: url}}}}\n\
+         logging_level: debug\nmin_free_mb: 0\n"
+    ))
+    .unwrap();
+    let s = c.schedules();
+    assert_eq!(s.poll, Duration::from_millis(250));
+    assert_eq!(s.server_wait.first, Duration::from_millis(250));
+    assert_eq!(s.kept.first, Duration::from_secs(1));
+    assert_eq!(s.allocation_poll, Duration::from_millis(250));
+    assert_eq!((c.identifier(), c.location(), c.provision_type()), (Some("rig-7"), Some("lab"), Some("noprovision")));
+    assert_eq!((c.command(Phase::Setup), c.command(Phase::Cleanup), c.command(Phase::Test)), ("s", "c", ""));
+    assert_eq!(c.advertised_queues().map(Json::to_string_compact).as_deref(), Some(r#"{"q":"a queue"}"#));
+    assert_eq!(c.advertised_images().map(Json::to_string_compact).as_deref(), Some(r#"{"q":{"img":"url"}}"#));
+    assert_eq!(c.logging_level(), LevelFilter::Debug);
+    assert_eq!(c.min_free_mb(), 0);
+    assert_eq!(c.job_queues(), ["q".to_string()]);
+    assert_eq!((c.agent_id(), c.server_address()), ("a1", "10.0.0.5:8000"));
+}
+
+/// The first bad key in the file's order of checks is the one named, and
+/// each check names its own key (the message says the range).
+#[test]
+fn each_check_names_its_key() {
+    let cases = [
+        ("agent_id: \"\"\nserver_address: s\njob_queues: [q]\n", "agent_id"),
+        ("agent_id: a\nserver_address: \" \"\njob_queues: [q]\n", "server_address"),
+        ("agent_id: a\nserver_address: s\njob_queues: []\n", "job_queues"),
+        ("agent_id: a\nserver_address: s\njob_queues: [q]\nmin_free_mb: -1\n", "min_free_mb"),
+        ("agent_id: a\nserver_address: s\njob_queues: [q]\nlogging_quiet: maybe\n", "logging_quiet"),
+        ("agent_id: a\nserver_address: s\njob_queues: [q]\nkill_grace: -1\npolling_interval: -1\n", "polling_interval"),
+    ];
+    for (text, key) in cases {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some(key), "{text:?}: {e}");
+        assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
+    }
 }

@@ -32,16 +32,21 @@ impl JobRunner<'_> {
         // Fragment progress is saved as it goes, with what was pending before.
         let base = self.state.clone();
         let fragments = &mut self.state.fragments;
+        let schedules = *self.config.schedules();
         // Without a server (`--job`) the output goes to the terminal instead.
         let server: &mut dyn Server = &mut *self.server;
         let live = (!server.is_local()).then(|| {
             let log_path = self.rundir.log(phase, LogKind::Output);
-            (LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset), server, &mut fragments.output)
+            let stream =
+                LiveStream::new(&job_id, LogKind::Output, phase, &log_path, start_offset, schedules.output_interval);
+            (stream, server, &mut fragments.output)
         });
         let has_live = live.is_some();
         // The connector's serial log, masked and sent as it is written.
-        let serial =
-            has_live.then(|| (SerialTail::new(&self.rundir, phase, &job_id, &self.masks), &mut fragments.serial));
+        let serial = has_live.then(|| {
+            let tail = SerialTail::new(&self.rundir, phase, &job_id, &self.masks, schedules.output_interval);
+            (tail, &mut fragments.serial)
+        });
         let mut progress = Progress::new(&self.rundir, phase, base);
         if let Some((_, _, counter)) = &live {
             progress.save(**counter, start_offset, None);
@@ -51,8 +56,9 @@ impl JobRunner<'_> {
             live,
             serial,
             job_id: &job_id,
+            cancel_check: schedules.cancel_check,
             next_cancel_check: (phase.can_cancel() && has_live)
-                .then(|| super::watcher::first_cancel_check(Instant::now())),
+                .then(|| super::watcher::first_cancel_check(Instant::now(), schedules.cancel_check)),
             metrics: self.metrics.as_deref_mut(),
             progress,
             next_heartbeat: next_heartbeat(Instant::now()),
@@ -78,7 +84,7 @@ impl JobRunner<'_> {
         if phase == Phase::Cleanup && signals::interrupted() {
             limits.global = Some(limits.global.map_or(CLEANUP_WHEN_INTERRUPTED, |g| g.min(CLEANUP_WHEN_INTERRUPTED)));
         }
-        let mut env = self.config.string_env.clone();
+        let mut env = self.config.phase_env().to_vec();
         env.extend(planned.secrets.iter().cloned());
         (planned.command.clone(), env, limits)
     }
@@ -96,7 +102,7 @@ impl JobRunner<'_> {
             }
         };
         let start_offset = log.written();
-        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id);
+        let banner_line = format!("* Starting testflinger {phase} phase on {} *", self.config.agent_id());
         let stars = "*".repeat(banner_line.len());
         log.write(format!("{stars}\n{banner_line}\n{stars}\n").as_bytes());
         Some((log, start_offset))
@@ -138,7 +144,7 @@ impl JobRunner<'_> {
         }
         self.post_result(JobState::Allocated.post());
         let parent = self.plan.parent_job_id.clone();
-        let interval = Duration::from_secs_f64(self.config.polling_interval.clamp(0.1, 10.0));
+        let interval = self.config.schedules().allocation_poll;
         // Without a server nothing would ever release it.
         if self.server.is_local() {
             return;

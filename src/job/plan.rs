@@ -165,9 +165,9 @@ fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
         // always end it first. Only a cancel ends it early (upstream too).
         return Limits { global: None, output: None, kill_grace, on_agent_stop };
     }
-    let global = pick(timeout_from_job(job, "global_timeout"), config.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
+    let global = pick(timeout_from_job(job, "global_timeout"), config.global_timeout(), DEFAULT_GLOBAL_TIMEOUT);
     let output = (phase == Phase::Test)
-        .then(|| pick(timeout_from_job(job, "output_timeout"), config.output_timeout, DEFAULT_OUTPUT_TIMEOUT));
+        .then(|| pick(timeout_from_job(job, "output_timeout"), config.output_timeout(), DEFAULT_OUTPUT_TIMEOUT));
     Limits {
         global: Some(Duration::from_secs(global)),
         output: output.map(Duration::from_secs),
@@ -182,8 +182,8 @@ fn limits(config: &Config, job: &Json, phase: Phase) -> Limits {
 fn field_warnings(config: &Config, job: &Json) -> Vec<String> {
     let mut warnings = Vec::new();
     let timeouts = [
-        ("global_timeout", config.global_timeout, DEFAULT_GLOBAL_TIMEOUT),
-        ("output_timeout", config.output_timeout, DEFAULT_OUTPUT_TIMEOUT),
+        ("global_timeout", config.global_timeout(), DEFAULT_GLOBAL_TIMEOUT),
+        ("output_timeout", config.output_timeout(), DEFAULT_OUTPUT_TIMEOUT),
     ];
     for (key, conf, default) in timeouts {
         let Some(v) = job.get(key).filter(|v| !matches!(v, Json::Null)) else { continue };

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::*;
-use crate::budget::Budget;
 use crate::phase::RECOVERY_FAILED;
 use crate::server::Local;
 use crate::server::fake::{Call, Fake};
@@ -26,18 +25,19 @@ struct Bench {
 
 impl Bench {
     fn new(name: &str, conf: &str) -> Bench {
-        // Cancel checks while a phase runs come often (the first call sets
-        // the process's budget; every test here sets the same one).
-        crate::budget::set(Budget { cancel_interval: Duration::from_millis(20), ..Budget::default() });
         let dir = std::env::temp_dir().join(format!("tf-job-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // `conf`'s commands replace those of `ALL` (a key may not appear twice).
         let replaced = |line: &&str| conf.lines().any(|c| c.split(':').next() == line.split(':').next());
         let all: String = ALL.lines().filter(|l| !replaced(l)).map(|l| format!("{l}\n")).collect();
-        let text = format!("agent_id: a\nserver_address: x\njob_queues: [q]\npolling_interval: 0.1\n{all}{conf}");
-        let mut config = Config::parse(&text, Path::new("t.conf")).expect("test config");
-        config.execution_basedir = dir.join("run");
-        config.results_basedir = dir.join("results");
+        // Cancel checks while a phase runs come often.
+        let text = format!(
+            "agent_id: a\nserver_address: x\njob_queues: [q]\npolling_interval: 0.1\ncancel_check_interval: 0.02\n\
+             execution_basedir: {:?}\nresults_basedir: {:?}\n{all}{conf}",
+            dir.join("run"),
+            dir.join("results")
+        );
+        let config = Config::parse(&text, Path::new("t.conf")).expect("test config");
         Bench { dir, config }
     }
 
@@ -46,7 +46,7 @@ impl Bench {
     }
 
     fn run_dir(&self, job_id: &str) -> PathBuf {
-        self.config.execution_basedir.join(job_id)
+        self.config.execution_basedir().join(job_id)
     }
 }
 
@@ -298,8 +298,8 @@ fn a_job_resumed_after_a_crash_sends_the_missed_output_and_marks_the_phase() {
     let job = Json::parse(&format!(r#"{{"job_id":"j11",{HOOK},"test_data":{{"t":1}}}}"#)).expect("job");
     // What the killed agent left: setup done (half its output sent, in
     // fragments 0..5), test running, one event posted.
-    let rundir = RunDir::of(&bench.config.execution_basedir, "j11");
-    rundir.create(&bench.config.execution_basedir, false, &job).expect("run dir");
+    let rundir = RunDir::of(bench.config.execution_basedir(), "j11");
+    rundir.create(bench.config.execution_basedir(), false, &job).expect("run dir");
     rundir.write_outcome(&rundir::outcome_of(&[(Phase::Setup, 0)])).expect("outcome");
     std::fs::write(rundir.log(Phase::Setup, crate::phase::LogKind::Output), "sent|missed\n").expect("setup log");
     std::fs::write(rundir.log(Phase::Test, crate::phase::LogKind::Output), "half").expect("test log");
@@ -348,11 +348,11 @@ fn an_outcome_the_server_refuses_is_kept_and_delivered_later() {
         down.calls.iter().any(|c| matches!(c, Call::Artifact(id) if id == "j12")),
         "the artifacts went before the outcome"
     );
-    let kept = bench.config.results_basedir.join("j12");
+    let kept = bench.config.results_basedir().join("j12");
     assert!(kept.is_dir() && !bench.run_dir("j12").exists());
 
     let mut up = Fake::new();
-    assert!(crate::delivery::deliver_kept(&mut up, &bench.config.results_basedir, &bench.config.execution_basedir));
+    assert!(crate::delivery::deliver_kept(&mut up, bench.config.results_basedir(), bench.config.execution_basedir()));
     // Sent once: only the outcome was missing.
     assert!(!up.calls.iter().any(|c| matches!(c, Call::Artifact(_))), "{:?}", up.calls);
     let Some(Call::Result(_, outcome)) = up.calls.last() else { panic!("no outcome: {:?}", up.calls) };
@@ -395,7 +395,7 @@ fn without_a_server_the_phases_run_and_the_run_dir_stays() {
     assert!(dir.join(".local-job").exists(), "marked as --job's");
     let log = std::fs::read_to_string(dir.join("test.log")).unwrap_or_default();
     assert!(log.contains("test-out"), "{log}");
-    assert!(!bench.config.results_basedir.join("j15").exists(), "not kept for a delivery");
+    assert!(!bench.config.results_basedir().join("j15").exists(), "not kept for a delivery");
 }
 
 #[test]

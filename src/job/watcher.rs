@@ -26,6 +26,8 @@ pub(super) struct PhaseWatcher<'a> {
     /// with a server, like `live`); the counter is the serial fragments'.
     pub(super) serial: Option<(SerialTail, &'a mut u64)>,
     pub(super) job_id: &'a str,
+    /// The config's `cancel_check_interval`.
+    pub(super) cancel_check: Duration,
     pub(super) next_cancel_check: Option<Instant>,
     /// A wake source of the runner's wait: scrapes are answered while a phase runs.
     pub(super) metrics: Option<&'a mut Metrics>,
@@ -81,13 +83,13 @@ impl<'a> Progress<'a> {
 /// Agents whose phases start in the same second (all those the server's
 /// return let go on together) would otherwise check in step all phase
 /// long, a burst of GETs every interval.
-pub(super) fn first_cancel_check(now: Instant) -> Instant {
-    crate::deadline::after(now, crate::jitter::within(crate::budget::get().cancel_interval))
+pub(super) fn first_cancel_check(now: Instant, every: Duration) -> Instant {
+    crate::deadline::after(now, crate::jitter::within(every))
 }
 
 /// The checks after it: the interval ±20 %, so agents drift further apart.
-fn next_cancel_check(now: Instant) -> Instant {
-    crate::deadline::after(now, crate::jitter::spread(crate::budget::get().cancel_interval))
+fn next_cancel_check(now: Instant, every: Duration) -> Instant {
+    crate::deadline::after(now, crate::jitter::spread(every))
 }
 
 impl Watcher for PhaseWatcher<'_> {
@@ -125,7 +127,7 @@ impl Watcher for PhaseWatcher<'_> {
                 }
             }
             if self.next_cancel_check.is_some_and(|t| now >= t) {
-                self.next_cancel_check = Some(next_cancel_check(now));
+                self.next_cancel_check = Some(next_cancel_check(now, self.cancel_check));
                 // One short attempt: a slow server must not hold the phase's output.
                 if client.job_state(self.job_id, Some(drain), Retry::once(CANCEL_CHECK_TIMEOUT))
                     == Some(JobState::Cancelled)
@@ -171,12 +173,12 @@ mod tests {
     #[test]
     fn cancel_checks_start_anywhere_in_the_interval_and_stay_near_it() {
         let now = Instant::now();
-        let interval = crate::budget::get().cancel_interval;
-        let first: Vec<Duration> = (0..1000).map(|_| first_cancel_check(now) - now).collect();
+        let interval = Duration::from_secs(3);
+        let first: Vec<Duration> = (0..1000).map(|_| first_cancel_check(now, interval) - now).collect();
         assert!(first.iter().all(|d| *d > Duration::ZERO && *d <= interval));
         // Not in step: the draws cover the interval's first and last fifth.
         assert!(first.iter().any(|d| *d < interval / 5) && first.iter().any(|d| *d > interval * 4 / 5));
-        let next: Vec<Duration> = (0..1000).map(|_| next_cancel_check(now) - now).collect();
+        let next: Vec<Duration> = (0..1000).map(|_| next_cancel_check(now, interval) - now).collect();
         assert!(next.iter().all(|d| *d >= interval.mul_f64(0.8) && *d <= interval.mul_f64(1.2)));
         assert!(next.iter().any(|d| *d < interval.mul_f64(0.9)) && next.iter().any(|d| *d > interval.mul_f64(1.1)));
     }

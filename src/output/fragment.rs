@@ -65,13 +65,17 @@ pub(super) fn plan(
     idle: &mut dyn FnMut(),
 ) -> io::Result<Option<Plan>> {
     const SUFFIX: u64 = 2; // `"}`
-    let mut buf = vec![0u8; CHUNK];
+    // Small enough that one chunk, escaped (at most 6-fold), fits a
+    // `max_body` cut down after 413s; 64 KiB otherwise.
+    let room = max_body.saturating_sub(prefix.len() as u64 + SUFFIX) / 6;
+    let chunk = usize::try_from(room).map_or(CHUNK, |c| c.clamp(1024, CHUNK));
+    let mut buf = vec![0u8; chunk];
     let mut pos = start;
     let mut len = prefix.len() as u64 + SUFFIX;
     let mut cuts = Vec::new();
     while pos < avail {
         idle();
-        let n = usize::try_from(avail - pos).map_or(CHUNK, |left| left.min(CHUNK));
+        let n = usize::try_from(avail - pos).map_or(chunk, |left| left.min(chunk));
         file.read_exact_at(&mut buf[..n], pos)?;
         let at_end = pos + n as u64 == avail;
         let cut = if at_end && last { n } else { utf8_boundary(&buf[..n]) };
@@ -79,7 +83,7 @@ pub(super) fn plan(
             break;
         }
         let add = escaped_len(&buf[..cut]);
-        // The first chunk always fits (64 KiB grows at most 6-fold).
+        // The first chunk always goes (it grows at most 6-fold).
         if !cuts.is_empty() && len + add > max_body {
             break;
         }
@@ -236,6 +240,17 @@ mod tests {
         let (bodies, data) = fragments(text.as_bytes(), 200_000);
         assert!(bodies.len() > 5, "split into several fragments");
         assert!(bodies.iter().all(|b| b.len() <= 200_000), "each under the cap");
+        assert_eq!(data, text);
+    }
+
+    /// Cut down after 413s, fragments stay under a small limit even when
+    /// every byte escapes six-fold, and still concatenate to the log.
+    #[test]
+    fn a_small_limit_holds_even_for_bytes_that_escape_sixfold() {
+        let text: String = (0..200_000u32).map(|i| if i % 7 == 0 { 'x' } else { '\u{1}' }).collect();
+        let (bodies, data) = fragments(text.as_bytes(), 16 << 10);
+        assert!(bodies.len() > 20, "split into many fragments: {}", bodies.len());
+        assert!(bodies.iter().all(|b| b.len() <= 16 << 10), "each under the limit");
         assert_eq!(data, text);
     }
 

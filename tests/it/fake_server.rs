@@ -221,6 +221,8 @@ struct State {
     /// The rotation of `set_connection_faults`, when on: how many requests
     /// on kept connections it has seen.
     connection_faults: Option<usize>,
+    /// `set_body_limit`: bodies announced larger get an early 413.
+    body_limit: Option<usize>,
 }
 
 struct Shared {
@@ -553,6 +555,14 @@ impl FakeServer {
         self.lock().connection_faults = on.then_some(0);
     }
 
+    /// Every request whose `Content-Length` is over `bytes` is answered 413
+    /// as soon as its head and first body byte are in, and the connection
+    /// closed unread (nginx's `client_max_body_size`, 1 MiB by default, in
+    /// front of the server). Recorded with status 413 and an empty body.
+    pub fn set_body_limit(&self, bytes: usize) {
+        self.lock().body_limit = Some(bytes);
+    }
+
     // ---- faults and strictness ---------------------------------------------
 
     pub fn add_fault(&self, fault: Fault) {
@@ -867,17 +877,26 @@ fn read_request(
         shared.lock().requests.push(req.record(0));
         return Err(ReadError::Close);
     }
-    if early_answer(shared, &method, &path) {
+    let over_limit = {
+        let limit = shared.lock().body_limit;
+        let len = header("content-length").and_then(|l| l.trim().parse::<usize>().ok());
+        matches!((limit, len), (Some(limit), Some(len)) if len > limit)
+    };
+    if over_limit || early_answer(shared, &method, &path) {
         let mut first = [0u8; 1];
         let _ = reader.read(&mut first);
         let status = {
             let mut st = shared.lock();
-            let found = st.faults.iter_mut().find(|f| {
-                f.times > 0
-                    && matches!(f.action, FaultAction::EarlyAnswer(_))
-                    && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(&method))
-                    && path.starts_with(&f.path_prefix)
-            });
+            let found = if over_limit {
+                None
+            } else {
+                st.faults.iter_mut().find(|f| {
+                    f.times > 0
+                        && matches!(f.action, FaultAction::EarlyAnswer(_))
+                        && f.method.as_ref().is_none_or(|m| m.eq_ignore_ascii_case(&method))
+                        && path.starts_with(&f.path_prefix)
+                })
+            };
             let status = match found {
                 Some(f) => {
                     f.times -= 1;
@@ -886,6 +905,7 @@ fn read_request(
                         _ => 500,
                     }
                 }
+                None if over_limit => 413,
                 None => 500,
             };
             let req = Request {

@@ -110,6 +110,40 @@ fn fragments_equal_the_log_byte_for_byte_even_after_503s() {
     assert_eq!(numbers, (0..numbers.len() as i64).collect::<Vec<_>>());
 }
 
+/// Behind a proxy whose body limit (nginx's `client_max_body_size`) is
+/// smaller than the agent's fragments, a fragment refused with 413 goes
+/// again under its number with half the bytes: the whole output arrives,
+/// byte for byte, in fragments the proxy lets through, and the job ends.
+#[test]
+fn fragments_refused_as_too_large_are_cut_until_they_pass() {
+    const LIMIT: usize = 200 << 10;
+    let server = FakeServer::start();
+    server.set_body_limit(LIMIT);
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    // About 2 MB at once, then a line after a pause: the final flush and a
+    // live fragment both meet the limit.
+    let agent = keep_test_log(Agent::new(&server))
+        .command("test", "seq -f 'line %g of output that is long enough' 1 50000; sleep 0.5; echo end");
+    assert!(agent.run_once(T).status.success());
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    let text = phase_text(&server, &job, "test");
+    assert!(
+        text.as_bytes() == log.as_slice(),
+        "fragments differ from test.log ({} vs {} bytes)",
+        text.len(),
+        log.len()
+    );
+    let posts = server.requests_to("POST", &format!("/v1/result/{job}/log/output"));
+    assert!(posts.iter().any(|r| r.status == 413), "no fragment met the limit");
+    assert!(
+        posts.iter().filter(|r| r.status == 200).all(|r| r.body.len() <= LIMIT),
+        "a stored fragment over the limit"
+    );
+    let states = server.job_states_posted(&job);
+    assert!(states.iter().any(|s| s == "complete"), "outcome not delivered: {states:?}");
+}
+
 #[test]
 fn secrets_are_masked_across_reads_overlapping_and_literally_and_never_leave_the_agent() {
     let server = FakeServer::start();

@@ -101,6 +101,30 @@ fn parses_urls() {
     for bad in ["ftp://x", "http://", "http://u:p@h/", "http://h:99999/", "http://h/a b"] {
         assert!(Url::parse(bad).is_err(), "{bad}");
     }
+    // The rules the config's `server_address` check relies on.
+    let t = Url::parse("http://tf_x.lab-2:65535").unwrap();
+    assert_eq!((t.host.as_str(), t.port), ("tf_x.lab-2", 65535));
+    for (bad, why) in [
+        ("http://h:0", "bad port \"0\""),
+        ("http://h:", "bad port \"\""),
+        ("http://h:port/", "bad port \"port\""),
+        ("http://:80", "no host"),
+        ("http://h!x/", "is not a host name"),
+        ("http://a:b:80/", "is not a host name"),
+        ("http://[fe80::1%eth0]/", "bad IPv6 address"),
+        ("http://[::1]80/", "text after the IPv6 address"),
+        ("http://[::1]:/", "bad port"),
+    ] {
+        let e = Url::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn a_bare_server_address_means_http() {
+    assert_eq!(server_base(" 10.0.0.5:8000/ "), "http://10.0.0.5:8000");
+    assert_eq!(server_base("https://tf.example.com/"), "https://tf.example.com");
+    assert_eq!(Url::parse(&server_base("tf")).unwrap().to_string(), "http://tf/");
 }
 
 #[test]
