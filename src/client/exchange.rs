@@ -32,6 +32,8 @@ impl Client {
 
     /// One exchange through the transport, following redirects that stay
     /// on the server's origin and refusing the others.
+    // The transport's `Request` fields plus `auth`, as the endpoint methods
+    // have them; the `Request` itself is built per hop (its URL changes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn exchange(
         &self,

@@ -291,6 +291,8 @@ type Keepable = Option<(keep::Link, wire::Head)>;
 
 /// One try of the request on `socket`: a new connection is set up first
 /// (`link` is `None`: the proxy's tunnel, the TLS handshake).
+// Eight: the request's parts as `exchange` already took them apart (the
+// head is written once for every try); a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 fn attempt(
     net: &Net,
