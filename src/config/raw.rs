@@ -198,7 +198,11 @@ pub(super) fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
         Some(i) => &msg[..i],
         None => msg,
     };
-    for (prefix, reason) in [("unknown field `", "unknown key"), ("missing field `", "required key is missing")] {
+    for (prefix, reason) in [
+        ("unknown field `", "unknown key"),
+        ("missing field `", "required key is missing"),
+        ("duplicate field `", "written twice; keep one"),
+    ] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             if let Some(end) = rest.find('`') {
                 return (Some(rest[..end].to_string()), reason.to_string());

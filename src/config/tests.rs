@@ -273,10 +273,9 @@ fn each_check_names_its_key() {
 /// A key written twice (a hand-edited config) is refused naming that key,
 /// at the line of its second writing, not at the start of the file.
 #[test]
-#[ignore = "defect: a duplicated key is refused without naming it, at line 1"]
 fn a_key_written_twice_is_named() {
     let e = parse(&format!("{MINIMAL}polling_interval: 5\ntest_command: a\ntest_command: b\n")).unwrap_err();
     assert_eq!(e.key.as_deref(), Some("test_command"), "{e}");
     assert!(e.to_string().contains("key `test_command`"), "{e}");
-    assert_ne!(e.line, Some(1), "{e}");
+    assert_eq!(e.line, Some(6), "{e}");
 }
