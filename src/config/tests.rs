@@ -279,3 +279,19 @@ fn a_key_written_twice_is_named() {
     assert!(e.to_string().contains("key `test_command`"), "{e}");
     assert_eq!(e.line, Some(6), "{e}");
 }
+
+/// Upstream reads its config with PyYAML, whose booleans are YAML 1.1's:
+/// `yes`/`no`/`on`/`off` in any of their three cases load there, so an
+/// upstream config holding them must load here.
+#[test]
+#[ignore = "defect: YAML 1.1 booleans (logging_quiet: yes) that upstream loads are refused, exit 2"]
+fn yaml_1_1_booleans_load_as_upstream_reads_them() {
+    for (word, value) in [("yes", true), ("Yes", true), ("ON", true), ("no", false), ("Off", false), ("True", true)] {
+        let c = parse(&format!("{MINIMAL}logging_quiet: {word}\nmask_artifacts: {word}\n"));
+        let c = c.unwrap_or_else(|e| panic!("{word}: {e}"));
+        assert_eq!((c.logging_quiet(), c.mask_artifacts()), (value, value), "{word}");
+    }
+    // PyYAML reads `y` and `n` as strings: refused as upstream refuses them.
+    let e = parse(&format!("{MINIMAL}logging_quiet: y\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("logging_quiet"), "{e}");
+}
