@@ -580,7 +580,6 @@ fn upstream_tests_table_is_whole_and_cites_what_exists() {
 /// the server (a 503 burst at start), the agent still takes jobs once the
 /// server answers, rather than reading its own `offline` as a hold forever.
 #[test]
-#[ignore = "defect: a failed waiting post at start leaves the agent held by its own restart offline forever"]
 fn its_own_restart_offline_is_not_a_hold_when_the_waiting_post_failed() {
     let server = FakeServer::start();
     server.set_agent_state(AGENT_ID, "offline", "Restarting: restart signal received from the supervisor");
