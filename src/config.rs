@@ -111,6 +111,8 @@ impl Config {
 
     /// Parses and checks the file's text; `path` is for the errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // Some editors start a file with a byte order mark; PyYAML skips it.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let err = |key: Option<&str>, line: Option<usize>, reason: String| ConfigError {
             file: path.to_path_buf(),
             key: key.map(str::to_string),

@@ -299,7 +299,6 @@ fn yaml_1_1_booleans_load_as_upstream_reads_them() {
 /// loads upstream (PyYAML skips it); here it made every key after the
 /// first read as missing, and the error named a key that is there.
 #[test]
-#[ignore = "defect: a config starting with a UTF-8 BOM is refused, naming a key that is there"]
 fn a_byte_order_mark_is_skipped() {
     let c = parse(&format!("\u{feff}{MINIMAL}polling_interval: 5\n")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((c.agent_id(), c.schedules().poll), ("a1", Duration::from_secs(5)));
