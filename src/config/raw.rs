@@ -263,7 +263,7 @@ fn plain_types(reason: &str) -> String {
         "u8" => "a whole number from 0 to 255",
         "i64" | "i32" | "isize" => "a whole number",
         "a sequence" => "a list",
-        "a map" => "a mapping (key: value lines)",
+        "a map" | "struct RawConfig" => "a mapping (key: value lines)",
         "a boolean" => "true or false",
         _ => return reason,
     };

@@ -307,7 +307,6 @@ fn a_byte_order_mark_is_skipped() {
 /// A file that is not a mapping of keys (a list, a bare word) says so,
 /// not the name of a Rust struct.
 #[test]
-#[ignore = "defect: a config that is a list says `expected struct RawConfig`"]
 fn a_file_that_is_not_a_mapping_says_so_in_plain_words() {
     for text in ["- a\n- b\n", "just words\n"] {
         let e = parse(text).unwrap_err().to_string();
