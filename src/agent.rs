@@ -170,17 +170,26 @@ impl<'a> Agent<'a> {
         // Unlike upstream, a restart does not overwrite a state an operator
         // set on the server: an agent in maintenance stays in maintenance.
         // The `offline` this agent posts itself when it restarts is not kept.
+        let mut posts_waiting = false;
         match self.client.held_state() {
             Ok(Some((state, comment))) if !comment.starts_with(RESTARTING) => {
                 log::info!("the server has this agent {state}; keeping that state")
             }
-            Ok(_) => AgentState::Waiting.set_in(&mut data, ""),
+            Ok(_) => {
+                AgentState::Waiting.set_in(&mut data, "");
+                posts_waiting = true;
+            }
             Err(e) => self.owe_waiting(&e),
         }
         match self.post_data(&data) {
             Ok(()) => {}
             Err(e) if e.is_stop() => return,
-            Err(e) => log::error!("cannot post agent data: {e}"),
+            Err(e) => {
+                log::error!("cannot post agent data: {e}");
+                // Owed: else our own `offline` of a restart would read as
+                // an operator's hold at every cycle, and no job be taken.
+                self.waiting_unposted |= posts_waiting;
+            }
         }
         if let Some(images) = c.advertised_images() {
             if let Err(e) = self.client.post_images(images).filter_stop() {

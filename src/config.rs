@@ -111,6 +111,8 @@ impl Config {
 
     /// Parses and checks the file's text; `path` is for the errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // Some editors start a file with a byte order mark; PyYAML skips it.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let err = |key: Option<&str>, line: Option<usize>, reason: String| ConfigError {
             file: path.to_path_buf(),
             key: key.map(str::to_string),
@@ -119,7 +121,13 @@ impl Config {
         };
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
             let (key, reason) = raw::describe_yaml_error(&e.to_string());
-            ConfigError { file: path.to_path_buf(), key, line: e.location().map(|l| l.line()), reason }
+            let mut line = e.location().map(|l| l.line());
+            if let (Some(k), true) = (&key, reason.starts_with("written twice")) {
+                // serde places it at the mapping's start: say the second writing.
+                let at = format!("{k}:");
+                line = text.lines().enumerate().filter(|(_, l)| l.starts_with(&at)).nth(1).map(|(i, _)| i + 1);
+            }
+            ConfigError { file: path.to_path_buf(), key, line, reason }
         })?;
         // Parsed a second time as a plain mapping to find the string keys;
         // it parsed above, so this only fails on something very odd.

@@ -35,7 +35,7 @@ pub(super) struct RawConfig {
     pub(super) results_basedir: PathBuf,
     #[serde(default = "default_logging_level")]
     pub(super) logging_level: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "yaml11_bool")]
     pub(super) logging_quiet: bool,
     #[serde(default)]
     pub(super) setup_command: String,
@@ -94,7 +94,7 @@ pub(super) struct RawConfig {
     /// Mask the job's secrets inside text files under `artifacts/` while
     /// packing them (binary files are left alone). Off by default: it
     /// reads every text artifact twice. Not an upstream key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "yaml11_bool")]
     pub(super) mask_artifacts: bool,
     /// Seconds: while a phase keeps printing, at most one fragment per log
     /// this often (the first output after a quiet spell goes at once).
@@ -113,6 +113,35 @@ pub(super) struct RawConfig {
     /// taken; 0 turns the guard off. Not an upstream key.
     #[serde(default = "default_min_free_mb")]
     pub(super) min_free_mb: u64,
+}
+
+/// A boolean as upstream's PyYAML reads one (YAML 1.1): `true`/`false`,
+/// and also `yes`/`no`/`on`/`off`, each in lower, Title or UPPER case, so
+/// that an upstream config loads unchanged.
+fn yaml11_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct Yaml11Bool;
+    impl serde::de::Visitor<'_> for Yaml11Bool {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a boolean")
+        }
+        fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<bool, E> {
+            Ok(b)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<bool, E> {
+            let cases = |w: &str| {
+                [w.to_string(), w.to_ascii_uppercase(), format!("{}{}", &w[..1].to_ascii_uppercase(), &w[1..])]
+            };
+            if ["yes", "on"].iter().any(|w| cases(w).iter().any(|c| c == s)) {
+                Ok(true)
+            } else if ["no", "off"].iter().any(|w| cases(w).iter().any(|c| c == s)) {
+                Ok(false)
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Str(s), &self))
+            }
+        }
+    }
+    d.deserialize_any(Yaml11Bool)
 }
 
 /// `output_interval`'s default: one live fragment per log a second.
@@ -198,7 +227,11 @@ pub(super) fn describe_yaml_error(msg: &str) -> (Option<String>, String) {
         Some(i) => &msg[..i],
         None => msg,
     };
-    for (prefix, reason) in [("unknown field `", "unknown key"), ("missing field `", "required key is missing")] {
+    for (prefix, reason) in [
+        ("unknown field `", "unknown key"),
+        ("missing field `", "required key is missing"),
+        ("duplicate field `", "written twice; keep one"),
+    ] {
         if let Some(rest) = msg.strip_prefix(prefix) {
             if let Some(end) = rest.find('`') {
                 return (Some(rest[..end].to_string()), reason.to_string());
@@ -230,7 +263,7 @@ fn plain_types(reason: &str) -> String {
         "u8" => "a whole number from 0 to 255",
         "i64" | "i32" | "isize" => "a whole number",
         "a sequence" => "a list",
-        "a map" => "a mapping (key: value lines)",
+        "a map" | "struct RawConfig" => "a mapping (key: value lines)",
         "a boolean" => "true or false",
         _ => return reason,
     };

@@ -269,3 +269,47 @@ fn each_check_names_its_key() {
         assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
     }
 }
+
+/// A key written twice (a hand-edited config) is refused naming that key,
+/// at the line of its second writing, not at the start of the file.
+#[test]
+fn a_key_written_twice_is_named() {
+    let e = parse(&format!("{MINIMAL}polling_interval: 5\ntest_command: a\ntest_command: b\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("test_command"), "{e}");
+    assert!(e.to_string().contains("key `test_command`"), "{e}");
+    assert_eq!(e.line, Some(6), "{e}");
+}
+
+/// Upstream reads its config with PyYAML, whose booleans are YAML 1.1's:
+/// `yes`/`no`/`on`/`off` in any of their three cases load there, so an
+/// upstream config holding them must load here.
+#[test]
+fn yaml_1_1_booleans_load_as_upstream_reads_them() {
+    for (word, value) in [("yes", true), ("Yes", true), ("ON", true), ("no", false), ("Off", false), ("True", true)] {
+        let c = parse(&format!("{MINIMAL}logging_quiet: {word}\nmask_artifacts: {word}\n"));
+        let c = c.unwrap_or_else(|e| panic!("{word}: {e}"));
+        assert_eq!((c.logging_quiet(), c.mask_artifacts()), (value, value), "{word}");
+    }
+    // PyYAML reads `y` and `n` as strings: refused as upstream refuses them.
+    let e = parse(&format!("{MINIMAL}logging_quiet: y\n")).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("logging_quiet"), "{e}");
+}
+
+/// A config saved with a UTF-8 byte order mark (some editors write one)
+/// loads upstream (PyYAML skips it); here it made every key after the
+/// first read as missing, and the error named a key that is there.
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let c = parse(&format!("\u{feff}{MINIMAL}polling_interval: 5\n")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((c.agent_id(), c.schedules().poll), ("a1", Duration::from_secs(5)));
+}
+
+/// A file that is not a mapping of keys (a list, a bare word) says so,
+/// not the name of a Rust struct.
+#[test]
+fn a_file_that_is_not_a_mapping_says_so_in_plain_words() {
+    for text in ["- a\n- b\n", "just words\n"] {
+        let e = parse(text).unwrap_err().to_string();
+        assert!(!e.contains("RawConfig") && !e.contains("struct"), "{e}");
+    }
+}

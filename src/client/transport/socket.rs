@@ -85,6 +85,21 @@ impl Socket<'_, '_> {
     }
 }
 
+impl Socket<'_, '_> {
+    /// Whether what the server sent so far is (the start of) an interim
+    /// answer (`HTTP/1.1 100 Continue`, unasked for): not an early final
+    /// answer, so the body goes on; the head reader skips it after.
+    fn interim_waiting(&self) -> bool {
+        let mut b = [0u8; 10];
+        let n = self.tcp.peek(&mut b).unwrap_or(0);
+        n > 0
+            && b[..n]
+                .iter()
+                .zip(b"HTTP/1.x 1")
+                .all(|(got, want)| got == want || (*want == b'x' && got.is_ascii_digit()))
+    }
+}
+
 impl Read for Socket<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.io("reading the answer", |t| t.read(buf))?;
@@ -95,7 +110,7 @@ impl Read for Socket<'_, '_> {
 
 impl Write for Socket<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.watch_early && !self.sent && self.readable() {
+        if self.watch_early && !self.sent && self.readable() && !self.interim_waiting() {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the server answered or closed before the request was sent",

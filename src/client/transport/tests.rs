@@ -382,3 +382,30 @@ fn an_early_answer_on_a_kept_connection_is_read_and_the_connection_dropped() {
     assert_eq!(call(&net, port, "GET", ""), Ok(200));
     h.join().expect("server");
 }
+
+/// A 1xx the client did not ask for (RFC 9110 15.2: a client must be able
+/// to parse one before the final answer) is not an early answer: the body
+/// goes on, and the final answer comes after it.
+#[test]
+fn an_interim_answer_during_the_upload_does_not_stop_the_body() {
+    const LEN: usize = 32 << 20;
+    let (port, h) = one_shot(|mut s| {
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        // The 100 reaches the client while its body fills the socket.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while got < LEN {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    let body = vec![b'x'; LEN];
+    let r =
+        get(port, Payload::Bytes { content_type: "application/octet-stream", bytes: &body }, Duration::from_secs(3));
+    assert_eq!(r.map(|r| r.status).map_err(|e| format!("{e:?}")), Ok(200));
+    let _ = h.join();
+}
