@@ -166,10 +166,13 @@ mod tests {
     /// upstream config whose address has one (`http://tf:8000/v1`,
     /// `http://tf/testflinger`) reaches `/v1/...` there.
     #[test]
-    #[ignore = "defect: a path in server_address is kept as a prefix; upstream's urljoin drops it"]
     fn a_path_in_the_address_is_dropped_as_upstream_urljoin_does() {
         assert_eq!(Client::new("http://tf:8000/testflinger/", "a", None).url("/v1/job"), "http://tf:8000/v1/job");
         assert_eq!(Client::new("http://tf:8000/v1", "a", None).url("/v1/job"), "http://tf:8000/v1/job");
+        assert_eq!(Client::new("tf:8000/x", "a", None).url("/v1/job"), "http://tf:8000/v1/job");
+        assert_eq!(wire::server_path("http://tf:8000/v1"), Some("/v1".to_string()));
+        assert_eq!(wire::server_path("https://tf.example.com/"), None);
+        assert_eq!(wire::server_path("tf"), None);
     }
 
     #[test]

@@ -176,6 +176,12 @@ fn main() -> ExitCode {
                 config.agent_id(),
                 client.base_url()
             );
+            if let Some(path) = client::wire::server_path(config.server_address()) {
+                log::warn!(
+                    "server_address holds a path ({path}) that is not used: requests go to {}/v1/..., as upstream's agent sends them",
+                    client.base_url()
+                );
+            }
             client.log_token_file(origin, args.token_file.is_some());
             if let Some(w) = safe_fs::exposed_secret_warning(&token_file) {
                 log::warn!("{w}");

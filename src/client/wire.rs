@@ -368,7 +368,7 @@ pub fn read_answer<R: Read>(stream: R, cap: usize) -> io::Result<(Head, Vec<u8>)
 
 mod url;
 
-pub use url::{Url, server_base};
+pub use url::{Url, server_base, server_path};
 
 #[cfg(test)]
 mod tests;

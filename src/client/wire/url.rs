@@ -15,10 +15,33 @@ pub struct Url {
 }
 
 /// `server_address` as upstream takes it (a URL, or a bare `host[:port]`
-/// meaning http) as the base every request URL is built on: no trailing `/`.
+/// meaning http) as the base every request URL is built on: scheme and
+/// host only. Upstream joins each request's absolute path (`/v1/...`) to
+/// the address with `urljoin`, which drops any path the address has; so
+/// does this (see [`server_path`]).
 pub fn server_base(address: &str) -> String {
-    let base = address.trim().trim_end_matches('/');
-    if base.contains("://") { base.to_string() } else { format!("http://{base}") }
+    let (base, _) = split_server_address(address);
+    base
+}
+
+/// The path `server_address` holds that [`server_base`] drops (`None` for
+/// none, or only `/`), for the start-up log.
+pub fn server_path(address: &str) -> Option<String> {
+    let (_, path) = split_server_address(address);
+    Some(path).filter(|p| !p.trim_end_matches('/').is_empty())
+}
+
+fn split_server_address(address: &str) -> (String, String) {
+    let address = address.trim();
+    let full = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    let authority_at = full.find("://").map_or(0, |i| i + 3);
+    match full[authority_at..].find('/') {
+        Some(i) => {
+            let (base, path) = full.split_at(authority_at + i);
+            (base.to_string(), path.to_string())
+        }
+        None => (full, String::new()),
+    }
 }
 
 impl Url {
