@@ -21,6 +21,13 @@ use crate::wait::{self, Ends};
 mod disk;
 mod posts;
 
+/// Failed delivery rounds of kept outcomes that hold back new jobs. A
+/// server that is away gives no job anyway; one that answers everything
+/// but one outcome (a server bug for that document, say) must not take the
+/// device out of the fleet: after this many rounds jobs are taken again
+/// (upstream never holds them back), and the outcomes are still retried.
+const KEPT_HOLDS_INTAKE: u32 = 3;
+
 /// Why the loop ended; `main` maps it to an exit status.
 #[derive(Debug, PartialEq)]
 pub enum Exit {
@@ -268,8 +275,9 @@ impl<'a> Agent<'a> {
             log::debug!("requests held back for {} more; not polling", human::duration(left));
             return None;
         }
+        let holds_intake = |kept: &Backoff| kept.failures() < KEPT_HOLDS_INTAKE;
         if !self.kept.ready(Instant::now()) {
-            if !restart {
+            if !restart && holds_intake(&self.kept) {
                 return None;
             }
         } else if delivery::deliver_kept(
@@ -283,13 +291,22 @@ impl<'a> Agent<'a> {
                 return Some(Exit::Stopped);
             }
             let wait = self.kept.failed(Instant::now());
-            log::warn!(
-                "earlier outcomes are still undelivered; not taking a job; trying again in {}",
-                human::duration(wait)
-            );
-            notify::status("earlier outcomes undelivered; not taking jobs");
-            if !restart {
-                return None;
+            if holds_intake(&self.kept) {
+                log::warn!(
+                    "earlier outcomes are still undelivered; not taking a job; trying again in {}",
+                    human::duration(wait)
+                );
+                notify::status("earlier outcomes undelivered; not taking jobs");
+                if !restart {
+                    return None;
+                }
+            } else if self.kept.failures() == KEPT_HOLDS_INTAKE {
+                log::warn!(
+                    "earlier outcomes still undelivered after {KEPT_HOLDS_INTAKE} tries; taking jobs meanwhile (they stay on disk and are tried again in {}, then between jobs)",
+                    human::duration(wait)
+                );
+            } else {
+                log::debug!("earlier outcomes still undelivered; trying again in {}", human::duration(wait));
             }
         }
         let agent_data = match self.client.get_agent_data() {

@@ -127,6 +127,7 @@ pub(crate) fn deliver_with(
 pub(crate) fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, execution_basedir: &Path) -> bool {
     let mut kept = rundir::job_dirs(results_basedir);
     kept.extend(rundir::run_dirs(execution_basedir));
+    let mut all = true;
     for (job_id, dir) in kept {
         match deliver(server, &dir, &job_id) {
             Ok(()) => {
@@ -143,13 +144,18 @@ pub(crate) fn deliver_kept(server: &mut dyn Server, results_basedir: &Path, exec
                 }
             },
             Err(e) if e.is_stop() => return false,
+            // The server answered (a 5xx for this one): the next may go.
+            Err(e @ ClientError::Status { .. }) => {
+                log::warn!("job {job_id}: kept outcome still not delivered: {e}");
+                all = false;
+            }
             Err(e) => {
                 log::warn!("job {job_id}: kept outcome still not delivered: {e}");
                 return false;
             }
         }
     }
-    true
+    all
 }
 
 #[cfg(test)]
@@ -215,6 +221,23 @@ mod tests {
             Some(r#"{"status":{"setup":0,"cleanup":0},"job_state":"cancelled"}"#)
         );
         assert!(outcome_posted(&fake, "jb").is_some());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// A server that answers but fails one outcome (a 500 for that one)
+    /// still gets the others: one poisoned outcome does not hold back the
+    /// rest. The failed one stays kept, and the round says not all went.
+    #[test]
+    fn an_outcome_the_server_fails_does_not_hold_back_the_next() {
+        let base = base("poisoned");
+        let (results, run) = (base.join("results"), base.join("run"));
+        kept(&results, "ja", &DeliveryState::default());
+        kept(&results, "jb", &DeliveryState::default());
+        let mut server = Fake::new().erroring(|c| matches!(c, Call::Result(id, _) if id == "ja"));
+        assert!(!deliver_kept(&mut server, &results, &run));
+        assert!(results.join("ja").is_dir(), "the failed one is kept");
+        assert!(!results.join("jb").exists(), "the next one was delivered");
+        assert!(server.calls.iter().any(|c| matches!(c, Call::Result(id, _) if id == "jb")));
         let _ = std::fs::remove_dir_all(&base);
     }
 

@@ -36,11 +36,20 @@ pub(crate) struct Fake {
     /// Calls refused for good (HTTP 413); recorded too.
     pub(crate) refuses: fn(&Call) -> bool,
     pub(crate) held: Option<(AgentState, String)>,
+    /// Calls the server answers with a 500 (it is up, this one fails).
+    pub(crate) errors: fn(&Call) -> bool,
 }
 
 impl Fake {
     pub(crate) fn new() -> Fake {
-        Fake { calls: Vec::new(), states: Box::new(|_| None), fails: |_| false, refuses: |_| false, held: None }
+        Fake {
+            calls: Vec::new(),
+            states: Box::new(|_| None),
+            fails: |_| false,
+            refuses: |_| false,
+            held: None,
+            errors: |_| false,
+        }
     }
 
     /// Answers job-state reads with `states`.
@@ -59,9 +68,17 @@ impl Fake {
         self
     }
 
+    pub(crate) fn erroring(mut self, errors: fn(&Call) -> bool) -> Fake {
+        self.errors = errors;
+        self
+    }
+
     fn record(&mut self, call: Call) -> Result<(), ClientError> {
-        let (fails, refuses) = ((self.fails)(&call), (self.refuses)(&call));
+        let (fails, refuses, errors) = ((self.fails)(&call), (self.refuses)(&call), (self.errors)(&call));
         self.calls.push(call);
+        if errors {
+            return Err(ClientError::Status { url: "fake".into(), status: 500, body: String::new() });
+        }
         if fails {
             return Err(ClientError::Connection { url: "fake".into(), reason: "failed by the test".into() });
         }

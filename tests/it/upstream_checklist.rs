@@ -602,7 +602,6 @@ fn its_own_restart_offline_is_not_a_hold_when_the_waiting_post_failed() {
 /// must not take the device out of the fleet: upstream's
 /// `retry_old_results` swallows the error and takes the next job.
 #[test]
-#[ignore = "defect: one outcome the server answers 500 forever holds back every later job (device lost)"]
 fn one_outcome_the_server_keeps_failing_does_not_stop_intake() {
     let server = FakeServer::start();
     let (kept, next) = (unique_id(), unique_id());
@@ -616,5 +615,12 @@ fn one_outcome_the_server_keeps_failing_does_not_stop_intake() {
     server.push_job(&job_json(&next, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
     let mut p = agent.spawn();
     server.wait_until(T, "the next job taken", |s| s.queued_jobs() == 0);
+    server.wait_until(T, "the next job's outcome", |s| s.job_states_posted(&next).iter().any(|x| x == "complete"));
+    // The failing outcome is not given up: it is still tried after.
+    let tries = |s: &FakeServer| s.requests_to("POST", &format!("/v1/result/{kept}")).len();
+    let before = tries(&server);
+    // Its retries double (full jitter) up to 3 min: here at most 32 s apart.
+    server.wait_until(Duration::from_secs(60), "the kept outcome tried again", |s| tries(s) > before);
     p.kill();
+    assert!(p.log_text().contains("taking jobs meanwhile"), "{}", p.log_text());
 }
