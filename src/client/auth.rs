@@ -102,6 +102,16 @@ impl Client {
                     None => self.refresh_failed(&url, "the answer (HTTP 200) has no access_token string"),
                 }
             }
+            // The server is up and failing (or a proxy cannot reach it): not
+            // a refusal. The token is kept and no hold-off begins; the next
+            // call that needs a token tries again, as upstream retries it.
+            Ok(a) if super::error::is_retryable(a.status) => {
+                log::warn!(
+                    "token refresh at {url}: HTTP {} (the server is failing); trying again with the next request",
+                    a.status
+                );
+                false
+            }
             Ok(a) => self.refresh_failed(&url, &format!("token refresh refused with HTTP {}", a.status)),
             Err(e) => {
                 log::error!("token refresh failed: {e}");

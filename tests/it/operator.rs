@@ -219,3 +219,18 @@ fn what_the_proxy_answered_and_a_silent_server_are_said_as_such() {
     assert!(line.contains("not reachable: no answer within 1 s"), "{line}\n{log}");
     assert!(!log.contains("temporarily unavailable"), "{log}");
 }
+
+/// A refresh the server fails (503: it is up, and failing) is not a
+/// refusal: no hold-off and the token is not dropped; the next call that
+/// needs a token refreshes again, as upstream retries it.
+#[test]
+fn a_refresh_the_server_fails_with_a_5xx_gets_no_hold_off() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    server.add_fault(Fault::status("POST", "/v1/oauth2/refresh", 2, 503));
+    let out = Agent::new(&server).token("secret").run_once(T);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!log.contains("next attempt in"), "a 5xx started the refresh hold-off:\n{log}");
+    let polled = server.requests_to("GET", "/v1/job").iter().any(|r| r.status != 401);
+    assert!(polled, "no authorised poll:\n  {}\n{log}", server.request_lines().join("\n  "));
+}
