@@ -218,6 +218,22 @@ impl Config {
                 reason: format!("{}: {reason}", dir.display()),
             })?;
         }
+        if let Some(path) = self.metrics_textfile.as_deref() {
+            let text = path.as_os_str().to_string_lossy();
+            if path.file_name().is_none()
+                || text.ends_with('/')
+                || path.parent().is_none_or(|p| p.as_os_str().is_empty())
+            {
+                return Err(ConfigError {
+                    file: file.to_path_buf(),
+                    key: Some("metrics_textfile".into()),
+                    line: None,
+                    reason: format!(
+                        "{text:?} must name a file in a directory (node_exporter's textfile directory, e.g. /var/lib/node_exporter/textfile_collector/testflinger_agent.prom)"
+                    ),
+                });
+            }
+        }
         // Its directory is node_exporter's, not made by the agent; but the
         // agent renames files into it, so it must not be another user's.
         if let Some(dir) = self.metrics_textfile.as_deref().and_then(Path::parent) {

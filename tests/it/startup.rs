@@ -110,6 +110,18 @@ fn bad_server_address_exits_2() {
     assert_eq!(server.requests().len(), 0);
 }
 
+/// A `metrics_textfile` that names no file was taken at start and failed
+/// at every scrape; it is a config error now.
+#[test]
+fn a_metrics_textfile_that_names_no_file_exits_2() {
+    let server = FakeServer::start();
+    for path in ["", "/", "/var/lib/node_exporter/", "tf.prom"] {
+        let out = Agent::new(&server).set("metrics_textfile", &yaml_str(path)).run_once(T);
+        assert_config_error(&out, "metrics_textfile");
+    }
+    assert_eq!(server.requests().len(), 0);
+}
+
 /// Item 12.
 #[test]
 fn agent_id_is_refused_or_percent_encoded_in_paths() {
