@@ -25,12 +25,15 @@ since start, "tcp" or "tls", and for TLS "full" or "resumed" (the
 handshake). --tls CERT KEY serves https. Connections are kept alive as
 long as the client keeps them, or, with --close, end after each answer
 (`Connection: close`, as upstream's gunicorn sync workers do);
-bench/connections.sh counts them.
+bench/connections.sh counts them. With --cpu-log FILE the server writes
+its own utime+stime (from /proc/self/stat, in seconds: clock ticks, so
+10 ms steps) every 0.5 s: seconds since start, CPU seconds.
 """
 
 import argparse
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -198,6 +201,17 @@ def summary(job_id, phase, marks):
     }
 
 
+def log_cpu(path, stop_at):
+    hz = os.sysconf("SC_CLK_TCK")
+    with open(path, "w", buffering=1) as out:
+        while time.time() < stop_at:
+            with open("/proc/self/stat") as f:
+                # Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.write(f"{time.time() - START:.3f} {(int(fields[11]) + int(fields[12])) / hz:.2f}\n")
+            time.sleep(0.5)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-file", required=True)
@@ -206,6 +220,7 @@ def main():
     ap.add_argument("--conn-log")
     ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     ap.add_argument("--close", action="store_true")
+    ap.add_argument("--cpu-log")
     args = ap.parse_args()
     global REQUEST_LOG, CONN_LOG, TLS, CLOSE
     CLOSE = args.close
@@ -223,6 +238,8 @@ def main():
         f.write(str(server.server_address[1]))
     # Never outlive the bench, even if the script is killed.
     threading.Timer(args.lifetime, server.shutdown).start()
+    if args.cpu_log:
+        threading.Thread(target=log_cpu, args=(args.cpu_log, START + args.lifetime), daemon=True).start()
     server.serve_forever()
     sys.exit(0)
 
