@@ -6,8 +6,8 @@
 # bench/fake_server.py (same config, same phases), all at the same time.
 # The server keeps connections alive as long as the client does and logs
 # each one it accepts (for https: full handshake or resumed) and its own
-# utime+stime from /proc every 0.5 s; a window's server CPU is the
-# difference across it (10 ms ticks: read small figures as ±0.01 s).
+# CPU time as each request or connection comes in; a window's server CPU
+# is the difference across it (the whole run's, from /proc, as a check).
 #   bench/connections.sh [--agent ours|upstream|both] [SECONDS_PER_WINDOW] [BINARY...]
 # e.g. bench/connections.sh --agent both 60
 #      bench/connections.sh 60 /tmp/main-agent target/release/testflinger-agent
@@ -15,7 +15,11 @@
 # from bench/upstream-agent.sh); ours defaults to target/release. MODES:
 # "keep" (default), "close" (the server ends every connection after its
 # answer, as upstream's gunicorn sync workers do) or "keep close" for both
-# side by side; CLOSE=1 is MODES=close. Stops by itself.
+# side by side; CLOSE=1 is MODES=close. SERVER=upstream: the real upstream
+# server (bench/upstream_server.py: Flask on mongomock under werkzeug, as
+# the conformance suite runs it) instead of the fake, the agents with a
+# refresh token; werkzeug ends every connection after its answer, so the
+# runs are all "close". Stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which=
@@ -32,6 +36,9 @@ case "$which" in
 esac
 [ ${#bins[@]} -eq 0 ] && bins=(target/release/testflinger-agent)
 modes=${MODES:-keep}
+server=${SERVER:-fake}
+# werkzeug ends every connection itself.
+[ "$server" = upstream ] && modes=close
 [ -n "${CLOSE:-}" ] && modes=close
 for b in "${bins[@]}"; do
   if [ "$b" = target/release/testflinger-agent ]; then cargo build --release -q; break; fi
@@ -66,10 +73,17 @@ run() {  # run BINARY SCHEME MODE DIR: one agent, one job; writes DIR/summary
     argv=("$(realpath "$bin")")
     label=$bin
   fi
-  python3 bench/fake_server.py --port-file "$d/port" --request-log "$d/requests.txt" --conn-log "$d/conns.txt" \
-    --cpu-log "$d/srvcpu.txt" --lifetime $((secs * 4 + 120)) "${tls[@]}" &
+  local logs=(--port-file "$d/port" --request-log "$d/requests.txt" --conn-log "$d/conns.txt" --cpu-log "$d/srvcpu.txt"
+    --lifetime $((secs * 4 + 120)))
+  if [ "$server" = upstream ]; then
+    "$(dirname "$(bench/upstream-agent.sh --server)")/python" bench/upstream_server.py "${logs[@]}" "${tls[@]}" \
+      --token-file "$d/token.json" --job-after "$secs" > "$d/server.out" 2>&1 &
+    argv+=(--token-file "$d/token.json")
+  else
+    python3 bench/fake_server.py "${logs[@]}" "${tls[@]}" &
+  fi
   srv=$!
-  for _ in $(seq 100); do [ -s "$d/port" ] && break; sleep 0.05; done
+  for _ in $(seq 1200); do [ -s "$d/port" ] && break; sleep 0.05; done
   cat > "$d/agent.conf" <<CONF
 agent_id: conn-agent
 server_address: $scheme://localhost:$(cat "$d/port")
@@ -86,7 +100,7 @@ CONF
     > "$d/agent.out" 2>&1) &
   agent=$!
   sleep "$secs"
-  python3 - "$(cat "$d/port")" "$scheme" "$tmp/ca.pem" <<'PY'
+  [ "$server" = upstream ] || python3 - "$(cat "$d/port")" "$scheme" "$tmp/ca.pem" <<'PY'
 import json, ssl, sys, urllib.request
 job = {"job_id": "00000000-0000-4000-8000-000000000001", "job_queue": "conn",
        "setup_data": {}, "test_data": {"test_cmds": "x"}}
@@ -102,7 +116,7 @@ PY
   kill -TERM $agent; wait $agent || true
   kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
   python3 - "$d" "$secs" "$label" "$scheme" "$mode" > "$d/summary" <<'PY'
-import bisect, sys
+import sys
 d, secs, label, scheme, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 # The bench's own control requests (and the connection that carried the job) are not the agent's.
 lines = [l.split() for l in open(f"{d}/requests.txt") if " /bench/" not in l]
@@ -110,12 +124,10 @@ conns = [l.split() for l in open(f"{d}/conns.txt")]
 samples = [tuple(map(float, l.split())) for l in open(f"{d}/srvcpu.txt")]
 def t(pred, after=-1.0):
     return next((float(l[0]) for l in lines if float(l[0]) > after and pred(l)), None)
-def srv_cpu(at):  # the server's CPU seconds at `at`, interpolated between samples
-    i = bisect.bisect_left([s[0] for s in samples], at)
-    if i == 0 or i == len(samples):
-        return samples[min(i, len(samples) - 1)][1]
-    (t0, c0), (t1, c1) = samples[i - 1], samples[i]
-    return c0 + (c1 - c0) * (at - t0) / (t1 - t0)
+def srv_cpu(at):
+    # The server's CPU seconds just before the first request or connection
+    # at or after `at` (sampled as each comes in, before it is handled).
+    return next((c for s, c in samples if s >= at - 0.002), samples[-1][1] if samples else 0.0)
 setup = t(lambda l: l[1] == "POST" and l[-1] == "setup")
 test = t(lambda l: l[1] == "POST" and l[-1] == "test")
 first_poll = t(lambda l: l[1] == "GET" and l[2].startswith("/v1/job"))
@@ -159,7 +171,7 @@ for bin in "${bins[@]}"; do
 done
 for p in "${pids[@]}"; do wait "$p" || true; done
 pids=()
-echo "one agent per server, polling_interval 10 s, windows of ${secs} s: idle, quiet phase (sleep), chatty phase (a line every 0.25 s)"
+echo "server: $server; one agent per server, polling_interval 10 s, windows of ${secs} s: idle, quiet phase (sleep), chatty phase (a line every 0.25 s)"
 echo "per agent-minute: requests, connections accepted (TLS full handshakes), server CPU s; then the window's length in s;"
 echo "whole run: connections, requests, agent CPU s, server CPU s (keep: the server keeps connections; close: it ends each one)"
 {

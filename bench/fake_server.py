@@ -26,14 +26,15 @@ handshake). --tls CERT KEY serves https. Connections are kept alive as
 long as the client keeps them, or, with --close, end after each answer
 (`Connection: close`, as upstream's gunicorn sync workers do);
 bench/connections.sh counts them. With --cpu-log FILE the server writes
-its own utime+stime (from /proc/self/stat, in seconds: clock ticks, so
-10 ms steps) every 0.5 s: seconds since start, CPU seconds.
+its own CPU time (utime+stime, as time.process_time() reads it: /proc's
+10 ms ticks are too coarse for an idle agent's few requests) as each
+request and each connection comes in, before handling it: seconds since
+start, CPU seconds. A window's CPU is the difference between two lines.
 """
 
 import argparse
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ FRAGMENTS = {}  # job_id -> [(arrival, raw body)]
 JOB_STATE = {}
 REQUEST_LOG = None
 CONN_LOG = None
+CPU_LOG = None
 TLS = None
 CLOSE = False
 START = time.time()
@@ -74,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self):
+        log_cpu()
         kind = "tcp"
         if TLS is not None:
             self.request.do_handshake()
@@ -100,6 +103,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        log_cpu()
         record("GET", self.path)
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
@@ -126,6 +130,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.reply(404, {"message": "not found"})
 
     def do_POST(self):
+        log_cpu()
         body = self.body()
         now = time.time()
         record("POST", self.path, body)
@@ -201,15 +206,10 @@ def summary(job_id, phase, marks):
     }
 
 
-def log_cpu(path, stop_at):
-    hz = os.sysconf("SC_CLK_TCK")
-    with open(path, "w", buffering=1) as out:
-        while time.time() < stop_at:
-            with open("/proc/self/stat") as f:
-                # Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-                fields = f.read().rsplit(")", 1)[1].split()
-            out.write(f"{time.time() - START:.3f} {(int(fields[11]) + int(fields[12])) / hz:.2f}\n")
-            time.sleep(0.5)
+def log_cpu():
+    if CPU_LOG is not None:
+        with LOCK:
+            CPU_LOG.write(f"{time.time() - START:.3f} {time.process_time():.6f}\n")
 
 
 def main():
@@ -222,12 +222,14 @@ def main():
     ap.add_argument("--close", action="store_true")
     ap.add_argument("--cpu-log")
     args = ap.parse_args()
-    global REQUEST_LOG, CONN_LOG, TLS, CLOSE
+    global REQUEST_LOG, CONN_LOG, CPU_LOG, TLS, CLOSE
     CLOSE = args.close
     if args.request_log:
         REQUEST_LOG = open(args.request_log, "w", buffering=1)
     if args.conn_log:
         CONN_LOG = open(args.conn_log, "w", buffering=1)
+    if args.cpu_log:
+        CPU_LOG = open(args.cpu_log, "w", buffering=1)
     if args.tls:
         import ssl
         TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -238,9 +240,8 @@ def main():
         f.write(str(server.server_address[1]))
     # Never outlive the bench, even if the script is killed.
     threading.Timer(args.lifetime, server.shutdown).start()
-    if args.cpu_log:
-        threading.Thread(target=log_cpu, args=(args.cpu_log, START + args.lifetime), daemon=True).start()
-    server.serve_forever()
+    # A long poll: the server's own wake-ups are not an agent's cost.
+    server.serve_forever(poll_interval=5)
     sys.exit(0)
 
 
