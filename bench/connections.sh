@@ -45,7 +45,9 @@ for b in "${bins[@]}"; do
 done
 tmp=$(mktemp -d)
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
+# The runs' agents and servers too (their pids in run*/pids), should the
+# bench itself be stopped.
+trap 'for p in "${pids[@]}" $(cat "$tmp"/run*/pids 2>/dev/null); do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
 
 # A throwaway CA and a certificate for localhost.
 (
@@ -83,6 +85,7 @@ run() {  # run BINARY SCHEME MODE DIR: one agent, one job; writes DIR/summary
     python3 bench/fake_server.py "${logs[@]}" "${tls[@]}" &
   fi
   srv=$!
+  echo $srv >> "$d/pids"
   for _ in $(seq 1200); do [ -s "$d/port" ] && break; sleep 0.05; done
   cat > "$d/agent.conf" <<CONF
 agent_id: conn-agent
@@ -99,6 +102,7 @@ CONF
   (cd "$d" && SSL_CERT_FILE="$tmp/ca.pem" REQUESTS_CA_BUNDLE="$tmp/ca.pem" exec "${argv[@]}" -c "$d/agent.conf" \
     > "$d/agent.out" 2>&1) &
   agent=$!
+  echo $agent >> "$d/pids"
   sleep "$secs"
   [ "$server" = upstream ] || python3 - "$(cat "$d/port")" "$scheme" "$tmp/ca.pem" <<'PY'
 import json, ssl, sys, urllib.request
