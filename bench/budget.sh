@@ -6,37 +6,58 @@
 #   bench/budget.sh [SECONDS_PER_WINDOW] [extra config lines...]
 # e.g. bench/budget.sh 20 "output_interval: 0.25"   (the old 250 ms rule)
 #
-# Live-output latency: bench/budget.sh latency [SECONDS_PER_CASE] [REPEAT]
+# Live-output latency: bench/budget.sh latency [--agent ours|upstream|both]
+#   [SECONDS_PER_CASE] [REPEAT]
 # runs bench/latency.py (lines every 1 s, every 3 s, a start line then the
 # first line REPEAT times, chatty 4 lines/s; delay from write to server).
+# `both` runs ours (TF_AGENT_BIN, default the debug build) and the upstream
+# agent (bench/upstream-agent.sh) at the same time, each against its own
+# fake server with the same config, and prints one table. polling_interval
+# is 1 s (upstream takes whole seconds only). Stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = latency ]; then
-  secs=${2:-20}
-  repeat=${3:-5}
+  shift
+  which=ours
+  if [ "${1:-}" = --agent ]; then which=$2; shift 2; fi
+  case "$which" in ours) sides=(ours) ;; upstream) sides=(upstream) ;; both) sides=(ours upstream) ;;
+    *) echo "--agent: ours, upstream or both" >&2; exit 2 ;; esac
+  secs=${1:-20}
+  repeat=${2:-5}
   bin=${TF_AGENT_BIN:-target/debug/testflinger-agent}
-  [ -x "$bin" ] || cargo build -q
   tmp=$(mktemp -d)
-  trap 'kill $agent $srv 2>/dev/null || true; rm -rf "$tmp"' EXIT
-  agent=
-  python3 bench/fake_server.py --port-file "$tmp/port" --lifetime $((secs * 12 + repeat * 10 + 300)) &
-  srv=$!
-  for _ in $(seq 100); do [ -s "$tmp/port" ] && break; sleep 0.05; done
-  cat > "$tmp/agent.conf" <<CONF
-agent_id: latency-agent
-server_address: 127.0.0.1:$(cat "$tmp/port")
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
+  specs=()
+  for side in "${sides[@]}"; do
+    if [ "$side" = ours ]; then
+      [ -x "$bin" ] || cargo build -q
+      argv=("$(realpath "$bin")")
+    else
+      argv=("$(bench/upstream-agent.sh)")
+    fi
+    d=$tmp/$side
+    mkdir -p "$d"
+    python3 bench/fake_server.py --port-file "$d/port" --lifetime $((secs * 12 + repeat * 40 + 300)) &
+    pids+=($!)
+    for _ in $(seq 100); do [ -s "$d/port" ] && break; sleep 0.05; done
+    cat > "$d/agent.conf" <<CONF
+agent_id: latency-$side
+server_address: 127.0.0.1:$(cat "$d/port")
 job_queues: [budget]
-polling_interval: 0.5
-execution_basedir: $tmp/run
-logging_basedir: $tmp/logs
-results_basedir: $tmp/results
+polling_interval: 1
+execution_basedir: $d/run
+logging_basedir: $d/logs
+results_basedir: $d/results
 logging_quiet: true
-test_command: python3 $PWD/bench/emit.py $tmp/case $secs
+test_command: python3 $PWD/bench/emit.py $d/case $secs
 CONF
-  "$bin" -c "$tmp/agent.conf" &
-  agent=$!
-  echo "agent: $bin"
-  python3 bench/latency.py "$(cat "$tmp/port")" "$tmp/case" "$secs" "$repeat"
+    (cd "$d" && exec "${argv[@]}" -c "$d/agent.conf" > "$d/agent.out" 2>&1) &
+    pids+=($!)
+    echo "$side: ${argv[*]}"
+    specs+=("$side=$(cat "$d/port")=$d/case")
+  done
+  python3 bench/latency.py "$secs" "$repeat" "${specs[@]}"
   exit 0
 fi
 secs=${1:-20}

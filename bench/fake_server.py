@@ -25,7 +25,11 @@ since start, "tcp" or "tls", and for TLS "full" or "resumed" (the
 handshake). --tls CERT KEY serves https. Connections are kept alive as
 long as the client keeps them, or, with --close, end after each answer
 (`Connection: close`, as upstream's gunicorn sync workers do);
-bench/connections.sh counts them.
+bench/connections.sh counts them. With --cpu-log FILE the server writes
+its own CPU time (utime+stime, as time.process_time() reads it: /proc's
+10 ms ticks are too coarse for an idle agent's few requests) as each
+request and each connection comes in, before handling it: seconds since
+start, CPU seconds. A window's CPU is the difference between two lines.
 """
 
 import argparse
@@ -45,6 +49,7 @@ FRAGMENTS = {}  # job_id -> [(arrival, raw body)]
 JOB_STATE = {}
 REQUEST_LOG = None
 CONN_LOG = None
+CPU_LOG = None
 TLS = None
 CLOSE = False
 START = time.time()
@@ -71,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self):
+        log_cpu()
         kind = "tcp"
         if TLS is not None:
             self.request.do_handshake()
@@ -97,6 +103,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        log_cpu()
         record("GET", self.path)
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
@@ -123,6 +130,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.reply(404, {"message": "not found"})
 
     def do_POST(self):
+        log_cpu()
         body = self.body()
         now = time.time()
         record("POST", self.path, body)
@@ -198,6 +206,12 @@ def summary(job_id, phase, marks):
     }
 
 
+def log_cpu():
+    if CPU_LOG is not None:
+        with LOCK:
+            CPU_LOG.write(f"{time.time() - START:.3f} {time.process_time():.6f}\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-file", required=True)
@@ -206,13 +220,16 @@ def main():
     ap.add_argument("--conn-log")
     ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     ap.add_argument("--close", action="store_true")
+    ap.add_argument("--cpu-log")
     args = ap.parse_args()
-    global REQUEST_LOG, CONN_LOG, TLS, CLOSE
+    global REQUEST_LOG, CONN_LOG, CPU_LOG, TLS, CLOSE
     CLOSE = args.close
     if args.request_log:
         REQUEST_LOG = open(args.request_log, "w", buffering=1)
     if args.conn_log:
         CONN_LOG = open(args.conn_log, "w", buffering=1)
+    if args.cpu_log:
+        CPU_LOG = open(args.cpu_log, "w", buffering=1)
     if args.tls:
         import ssl
         TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -223,7 +240,8 @@ def main():
         f.write(str(server.server_address[1]))
     # Never outlive the bench, even if the script is killed.
     threading.Timer(args.lifetime, server.shutdown).start()
-    server.serve_forever()
+    # A long poll: the server's own wake-ups are not an agent's cost.
+    server.serve_forever(poll_interval=5)
     sys.exit(0)
 
 
