@@ -110,13 +110,15 @@ run_target() {
   local r="$work/root-$t"
   rm -rf "$r"
   mkdir -p "$r"/{bin,sbin,etc/vm,proc,sys,dev,tmp,run,var}
-  install -m 0755 "$x/bin/busybox" "$r/bin/busybox"
+  local bb=$x/bin/busybox
+  [ -e "$bb" ] || bb=$x/usr/bin/busybox   # trixie's busybox-static is in /usr
+  install -m 0755 "$bb" "$r/bin/busybox"
   install -m 0755 "$agent" "$r/bin/testflinger-agent"
   install -m 0755 "$fake" "$r/bin/fake_server"
   ln -s ../bin/busybox "$r/sbin/init"
   local qu; qu=$(qemu_of "$t")
   # shellcheck disable=SC2086 # $qu is words: program and -cpu option
-  for applet in $($qu "$x/bin/busybox" --list); do
+  for applet in $($qu "$bb" --list); do
     [ -e "$r/bin/$applet" ] || ln -s busybox "$r/bin/$applet"
   done
   cp cross/vm/inittab "$r/etc/inittab"
