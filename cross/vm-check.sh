@@ -75,8 +75,8 @@ run_target() {
     # ARMv6: Debian armel's kernel for the Pi 1/Zero on qemu's Pi Zero, with
     # its DTB. qemu has no BCM2835 power-domain (ASB) registers: the power
     # driver's probe takes an external abort and kills init, so it is not
-    # started (nothing here needs its USB power domain). earlycon: without
-    # it the console stayed silent in a loaded run.
+    # started (nothing here needs its USB power domain). earlycon: a kernel
+    # that dies before the PL011 driver starts (as that probe did) says why.
     arm-*)     debarch=armel qemu=qemu-system-arm machine=raspi0 cpu=arm1176 flavour=rpi dtb=bcm2835-rpi-zero.dtb
                append="earlycon=pl011,0x20201000 initcall_blacklist=bcm2835_power_driver_init" ;;
     *) echo "vm-check: $t: no VM (see docs/cross.md#full-system-vm)" >&2; return 1 ;;
