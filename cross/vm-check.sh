@@ -79,7 +79,7 @@ run_target() {
     # that dies before the PL011 driver starts (as that probe did) says why.
     arm-*)     debarch=armel qemu=qemu-system-arm machine=raspi0 cpu=arm1176 flavour=rpi dtb=bcm2835-rpi-zero.dtb
                append="earlycon=pl011,0x20201000 initcall_blacklist=bcm2835_power_driver_init" ;;
-    *) echo "vm-check: $t: no VM (see docs/cross.md#full-system-vm)" >&2; return 1 ;;
+    *) echo "vm-check: $t: no VM (x86_64 runs natively; see docs/cross.md#full-system-vm)" >&2; return 1 ;;
   esac
   command -v "$qemu" >/dev/null || { echo "vm-check: $qemu missing (apt-get install -t bookworm-backports qemu-system-arm qemu-system-misc)" >&2; return 1; }
   local agent="$ROOT/target/dist/testflinger-agent-$t"
@@ -162,6 +162,8 @@ run_target() {
 status=0
 rows=()
 for t in "${targets[@]}"; do run_target "$t" || status=1; done
-printf '\n%-31s %-26s %-22s %8s %10s %-20s %5s\n' target result kernel boot-poll idle-rss "idle CPU" run
-printf '%s\n' "${rows[@]}"
+if [ ${#rows[@]} -gt 0 ]; then
+  printf '\n%-31s %-26s %-22s %8s %10s %-20s %5s\n' target result kernel boot-poll idle-rss "idle CPU" run
+  printf '%s\n' "${rows[@]}"
+fi
 exit "$status"
