@@ -74,7 +74,8 @@ def worker(sock):
         def log_message(self, *x): pass
         def _count(self, method, extra=""):
             with lock:
-                log.write(f"{time.time() - T0:.3f}\t{kind(method, self.path)}\t{extra}\n")
+                agent = (self.headers.get("Cookie") or "").partition("agent_name=")[2].split(";")[0]
+                log.write(f"{time.time() - T0:.3f}\t{kind(method, self.path)}\t{extra}\t{agent}\n")
         def _send(self, code, body=b""):
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
@@ -201,7 +202,7 @@ errors = 0
 for name in os.listdir(S):
     if not name.startswith("log-"): continue
     for line in open(os.path.join(S, name)):
-        t, k, extra = line.rstrip("\n").split("\t", 2)
+        t, k, extra = line.rstrip("\n").split("\t")[:3]
         if k == "error":
             errors += 1
             continue

@@ -262,7 +262,8 @@ impl Client {
             self.refresh();
         }
         if let Some(left) = self.outage.held(Instant::now()) {
-            let reason = format!("not tried: the server has been failing, next try in {:.1} s", left.as_secs_f64());
+            let reason =
+                format!("not tried: held back since the server failed, next try in {:.1} s", left.as_secs_f64());
             return Err(ClientError::Connection { url: url.to_string(), reason });
         }
         let mut refreshed = false;
@@ -278,8 +279,8 @@ impl Client {
             };
             if failed {
                 self.outage.attempt_failed(Instant::now());
-            } else if answer.is_ok() && self.outage.answered() {
-                log::info!("server {} answering again; requests no longer held back", self.base);
+            } else if answer.is_ok() {
+                self.outage_ended();
             }
             match answer {
                 // Without a token file (the default path is usually absent)
@@ -318,6 +319,18 @@ impl Client {
         }
     }
 
+    /// An answer: when it ends an outage, the other calls wait a random
+    /// part of the outage's length (see [`Outage::answered`]).
+    fn outage_ended(&mut self) {
+        if let Some(hold) = self.outage.answered(Instant::now()) {
+            log::info!(
+                "server {} answering again; requests held back {:.1} s more (a random part of the outage, so that agents back from it do not all come at once)",
+                self.base,
+                hold.as_secs_f64()
+            );
+        }
+    }
+
     /// A call gave up: when that makes an outage, calls are held back.
     fn outage_began(&mut self) {
         match self.outage.call_failed(Instant::now()) {
@@ -347,13 +360,25 @@ impl Client {
     }
 
     /// Any answer below 500 means the server is up (a 404 on `/v1` too).
-    pub fn is_reachable(&self) -> bool {
+    pub fn is_reachable(&mut self) -> bool {
         self.reachability().is_ok()
     }
 
-    /// `Err` says why the server cannot be reached, for the log.
-    pub fn reachability(&self) -> Result<(), String> {
-        match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout) {
+    /// `Err` says why the server cannot be reached, for the log. Not held
+    /// back by an outage, but counted in it like any call: a probe that
+    /// ends one starts the hold that spreads the return (see [`Outage`]).
+    pub fn reachability(&mut self) -> Result<(), String> {
+        let answer = self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout);
+        let failed = match &answer {
+            Ok(a) => is_retryable(a.status),
+            Err(e) => matches!(e, ClientError::Connection { .. }),
+        };
+        if failed {
+            let now = Instant::now();
+            self.outage.attempt_failed(now);
+            self.outage.call_failed(now);
+        }
+        let reachable = match answer {
             // Only a proxy asks for its own credentials: the server was not reached.
             Ok(a) if a.status == 407 => {
                 Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy"
@@ -363,7 +388,11 @@ impl Client {
             Ok(a) => Err(format!("HTTP {}", a.status)),
             Err(ClientError::Connection { reason, .. }) => Err(reason),
             Err(e) => Err(e.to_string()),
+        };
+        if reachable.is_ok() {
+            self.outage_ended();
         }
+        reachable
     }
 
     pub fn post_agent_data(&mut self, data: &Json) -> Result<(), ClientError> {
