@@ -147,7 +147,11 @@ impl<'a> Agent<'a> {
             if signals::interrupted() {
                 return true;
             }
+            // Never past the client's outage hold: an idle agent notices the
+            // return no later than one running a job (the backoff alone,
+            // doubling to 3 min, brought some back 2 min after the server).
             let wait = backoff.failed(Instant::now());
+            let wait = self.client.held_for().map_or(wait, |hold| wait.min(hold));
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = crate::client::unreachable_kind(&reason);
             if self.unreachable != Some(kind) {
