@@ -11,7 +11,9 @@ it is not what limits a large fleet: one Python process answers about
 Prints requests per agent-minute (idle, jobs running), the run's mean
 requests per second and its peak second anywhere after the server returned
 (with what that second held), a per-second table (5 s a row), the agents'
-total CPU and RSS, jobs completed, outcomes and output lines lost.
+total CPU and RSS, jobs completed, outcomes and output lines lost. With
+--keep, the server's logs (server/log-*: time, kind, fragment, agent per
+request) stay for a look at who made a peak.
 """
 import argparse, json, os, signal, socket, subprocess, sys, tempfile, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
