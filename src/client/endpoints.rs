@@ -7,8 +7,8 @@ use crate::json::Json;
 use crate::retry::Retry;
 use crate::states::{AgentState, JobState};
 
-use super::transport::{Keep, Payload};
 use super::error::is_retryable;
+use super::transport::{Keep, Payload};
 use super::{Answer, BodyWriter, Client, ClientError, Idle, SMALL_ANSWER, is_safe_id, url_encode};
 
 /// Cap on a job: jobs carry scripts and data, but not megabytes of it.
