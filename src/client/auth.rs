@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Client, SMALL_ANSWER, percent_encode};
+use super::transport::{Keep, Payload};
+use super::{Answer, Client, Idle, SMALL_ANSWER, percent_encode};
 use crate::json::Json;
 use crate::retry::{Jitter, Schedule};
 
@@ -74,8 +75,9 @@ impl Client {
     }
 
     /// Exchanges the refresh token for an access token. Returns whether we
-    /// now hold one.
-    pub(super) fn refresh(&mut self) -> bool {
+    /// now hold one. `idle` runs while the server is waited on (a refresh
+    /// during a phase must not stop the runner draining the child's pipe).
+    pub(super) fn refresh(&mut self, idle: Option<&mut Idle>) -> bool {
         if !self.refresh_hold.ready(Instant::now()) {
             return false;
         }
@@ -84,7 +86,11 @@ impl Client {
         };
         let url = self.url("/v1/oauth2/refresh");
         let body = Json::object().with("refresh_token", Json::str(refresh_token.as_str())).to_string_compact();
-        match self.send_once("POST", &url, Some(body.as_bytes()), SMALL_ANSWER, false, self.retry.timeout) {
+        let payload = Payload::Bytes { content_type: "application/json", bytes: body.as_bytes() };
+        let answer = self
+            .exchange("POST", &url, payload, Keep::Memory(SMALL_ANSWER), self.retry.timeout, idle, false)
+            .map(|reply| Answer { status: reply.status, body: reply.body });
+        match answer {
             Ok(a) if a.status == 200 => {
                 match a.json(&url).ok().and_then(|j| j.get("access_token")?.as_str().map(String::from)) {
                     Some(token) if is_token(&token) => {

@@ -11,6 +11,9 @@ use super::error::is_retryable;
 use super::transport::{Keep, Payload};
 use super::{Answer, BodyWriter, Client, ClientError, Idle, SMALL_ANSWER};
 
+/// One try of a call's request, given the idle work to do while it waits.
+type TryOnce<'s> = dyn FnMut(&Client, Option<&mut Idle>) -> Result<Answer, ClientError> + 's;
+
 impl Client {
     /// One call with auth, the 401 refresh-and-replay, and retries.
     pub(super) fn call(
@@ -24,7 +27,9 @@ impl Client {
         let url = self.url(path);
         let body_text = body.map(|b| b.to_string_compact());
         let body = body_text.as_deref().map(str::as_bytes);
-        self.with_retries(method, &url, retry, &mut |c| c.send_once(method, &url, body, cap, true, retry.timeout))
+        self.with_retries(method, &url, retry, None, &mut |c, _| {
+            c.send_once(method, &url, body, cap, true, retry.timeout)
+        })
     }
 
     /// The one retry mechanism every call goes through: a token first when
@@ -33,15 +38,18 @@ impl Client {
     /// backoff up to `retry.attempts`. What `send` answers last is returned.
     /// During an outage (see [`Outage`]) a call is not tried until its hold
     /// is over: it fails at once with a connection error saying so.
+    /// `idle` (the runner draining a phase's pipe) runs while `send` or a
+    /// token refresh waits on the server.
     pub(super) fn with_retries(
         &mut self,
         method: &str,
         url: &str,
         retry: Retry,
-        send: &mut dyn FnMut(&Client) -> Result<Answer, ClientError>,
+        mut idle: Option<&mut Idle>,
+        send: &mut TryOnce,
     ) -> Result<Answer, ClientError> {
         if self.access_token.is_none() && self.token_file.is_some() {
-            self.refresh();
+            self.refresh(idle.as_deref_mut());
         }
         if let Some(left) = self.outage.held(Instant::now()) {
             let reason =
@@ -54,7 +62,7 @@ impl Client {
             attempt += 1;
             // Spread (±20 %) so that agents failing together retry apart.
             let backoff = retry.between.wait(attempt);
-            let answer = send(self);
+            let answer = send(self, idle.as_deref_mut());
             let failed = match &answer {
                 Ok(a) => is_retryable(a.status),
                 Err(e) => matches!(e, ClientError::Connection { .. }),
@@ -75,7 +83,7 @@ impl Client {
                         return Ok(a);
                     }
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
-                    if !self.refresh() {
+                    if !self.refresh(idle.as_deref_mut()) {
                         return Ok(a);
                     }
                     continue;
@@ -149,14 +157,13 @@ impl Client {
         content_type: &str,
         len: u64,
         body: &mut BodyWriter,
-        mut idle: Option<&mut Idle>,
+        idle: Option<&mut Idle>,
         retry: Retry,
     ) -> Result<(), ClientError> {
         let url = self.url(path);
-        let a = self.with_retries("POST", &url, retry, &mut |c| {
+        let a = self.with_retries("POST", &url, retry, idle, &mut |c, idle| {
             let payload = Payload::Stream { content_type, len, write: &mut *body };
-            let reply =
-                c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), retry.timeout, idle.as_deref_mut(), true)?;
+            let reply = c.exchange("POST", &url, payload, Keep::Drop(SMALL_ANSWER), retry.timeout, idle, true)?;
             Ok(Answer { status: reply.status, body: Vec::new() })
         })?;
         if (200..300).contains(&a.status) {

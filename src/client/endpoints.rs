@@ -119,18 +119,10 @@ impl Client {
         self.job_state_with(job_id, idle, self.retry)
     }
 
-    pub fn job_state_with(&mut self, job_id: &str, mut idle: Option<&mut Idle>, retry: Retry) -> Option<JobState> {
+    pub fn job_state_with(&mut self, job_id: &str, idle: Option<&mut Idle>, retry: Retry) -> Option<JobState> {
         let url = self.url(&format!("/v1/result/{job_id}"));
-        let answer = self.with_retries("GET", &url, retry, &mut |c| {
-            let reply = c.exchange(
-                "GET",
-                &url,
-                Payload::None,
-                Keep::Memory(JOB_ANSWER),
-                retry.timeout,
-                idle.as_deref_mut(),
-                true,
-            )?;
+        let answer = self.with_retries("GET", &url, retry, idle, &mut |c, idle| {
+            let reply = c.exchange("GET", &url, Payload::None, Keep::Memory(JOB_ANSWER), retry.timeout, idle, true)?;
             Ok(Answer { status: reply.status, body: reply.body })
         });
         let result = answer

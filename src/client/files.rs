@@ -40,7 +40,7 @@ impl Client {
     pub fn download_attachments(&mut self, job_id: &str, dest: &Path) -> Result<bool, ClientError> {
         let url = self.url(&format!("/v1/job/{job_id}/attachments"));
         let retry = self.retry;
-        let a = self.with_retries("GET", &url, retry, &mut |c| c.download_once(&url, dest, retry.timeout))?;
+        let a = self.with_retries("GET", &url, retry, None, &mut |c, _| c.download_once(&url, dest, retry.timeout))?;
         match a.status {
             200 => Ok(true),
             204 => Ok(false),

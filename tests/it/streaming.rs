@@ -370,6 +370,53 @@ fn the_child_keeps_writing_while_a_cancel_check_waits_for_its_answer() {
     write_while_held("first line", "GET", |job| format!("/v1/result/{job}"));
 }
 
+/// The token expires mid-phase and the refresh it needs is held by the
+/// server until the phase has written all 3 MiB: the agent drains the pipe
+/// while the refresh waits too (it did not: the child blocked on a full
+/// pipe until the server gave up on the refresh).
+#[test]
+fn the_child_keeps_writing_while_a_token_refresh_waits_for_its_answer() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data":{"test_cmds":"x"}}"#));
+    let agent = keep_test_log(Agent::new(&server).token("secret").set("cancel_check_interval", "0.5"));
+    let dir = agent.dir();
+    let (armed, holding, released) = (dir.join("armed"), dir.join("holding"), dir.join("released"));
+    let hold = FaultAction::StallUntil {
+        armed: armed.clone(),
+        holding: holding.clone(),
+        release: released.clone(),
+        max: Duration::from_secs(20),
+    };
+    server.add_fault(Fault::new(Some("POST"), "/v1/oauth2/refresh", 1000, hold));
+    let agent = agent.arg("--once").command(
+        "test",
+        &format!(
+            "touch '{}'; echo first line; i=0; while [ ! -e '{}' ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+             head -c 3145728 /dev/zero | tr '\\0' x; echo; touch '{}'",
+            armed.display(),
+            holding.display(),
+            released.display()
+        ),
+    );
+    let mut p = agent.spawn();
+    let deadline = Instant::now() + T;
+    while !armed.exists() {
+        assert!(Instant::now() < deadline && p.try_wait().is_none(), "the phase never started\n{}", p.diagnostics());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.expire_token();
+    let status = p.wait_exit(T);
+    assert!(status.success(), "{}", p.diagnostics());
+    let log = fs::read(agent.dir().join("test.log.copy")).expect("test.log copy");
+    assert_eq!(log.iter().filter(|&&b| b == b'x').count(), 3 << 20, "every byte in test.log");
+    let answers: Vec<u16> = server.requests_to("POST", "/v1/oauth2/refresh").iter().map(|r| r.status).collect();
+    assert!(server.released_holds() >= 1, "no refresh came while the phase ran: {answers:?}");
+    assert!(!answers.contains(&503), "refresh answered {answers:?}: the writer blocked while it was held");
+    assert!(phase_text(&server, &job, "test").as_bytes() == log.as_slice(), "fragments differ from test.log");
+}
+
 #[test]
 fn a_stalled_server_does_not_stall_the_phase() {
     let server = FakeServer::start();
