@@ -56,6 +56,10 @@ pub struct Client {
     /// Refused refreshes: a server that refuses our refresh token is not
     /// asked again on every call (no 401 storm of our own).
     refresh_hold: Backoff,
+    /// Until when a refused token stays refused: the server answered 401
+    /// and no refresh may be tried before then. An idle agent waits it out
+    /// rather than polling into 401s (see [`Client::held_for`]).
+    refused_until: Option<Instant>,
     /// What was last said about the token file, so that a broken file is
     /// reported once per change rather than on every request.
     token_status: Option<String>,
@@ -78,6 +82,7 @@ impl Client {
             token_file,
             access_token: None,
             refresh_hold: Backoff::new(auth::REFRESH_HOLD_OFF),
+            refused_until: None,
             token_status: None,
             token_file_named: false,
             retry: Retry::default(),
@@ -86,11 +91,14 @@ impl Client {
         }
     }
 
-    /// How long calls are still held back by an outage (see [`Outage`]):
-    /// a caller with nothing else to do waits that long rather than making
-    /// calls that fail at once.
+    /// How long calls are still held back by an outage (see [`Outage`]),
+    /// or would be refused for a token whose refresh is held off: a caller
+    /// with nothing else to do waits that long rather than making calls
+    /// that fail at once.
     pub fn held_for(&self) -> Option<Duration> {
-        self.outage.held(Instant::now())
+        let now = Instant::now();
+        let refused = self.refused_until.map(|t| t.saturating_duration_since(now)).filter(|d| !d.is_zero());
+        self.outage.held(now).max(refused)
     }
 
     /// The retry policy of calls made without one (set once, at start).

@@ -71,18 +71,23 @@ impl Client {
             } else if answer.is_ok() && self.outage.answered() {
                 log::info!("server {} answering again; requests no longer held back", self.base);
             }
+            if answer.as_ref().is_ok_and(|a| a.status != 401) {
+                self.refused_until = None;
+            }
             match answer {
                 // Without a token file (the default path is usually absent)
                 // a 401 has nothing to refresh: it is the answer.
                 Ok(a) if a.status == 401 && !refreshed && self.token_file.as_ref().is_some_and(|p| p.exists()) => {
                     refreshed = true;
                     // Said once per hold-off, not on every refused call.
-                    if !self.refresh_hold.ready(std::time::Instant::now()) {
+                    if !self.refresh_hold.ready(Instant::now()) {
                         log::debug!("{method} {url}: HTTP 401; the token refresh is held off");
+                        self.refused_until = self.refresh_hold.next();
                         return Ok(a);
                     }
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh(idle.as_deref_mut()) {
+                        self.refused_until = self.refresh_hold.next();
                         return Ok(a);
                     }
                     continue;

@@ -234,3 +234,34 @@ fn a_refresh_the_server_fails_with_a_5xx_gets_no_hold_off() {
     let polled = server.requests_to("GET", "/v1/job").iter().any(|r| r.status != 401);
     assert!(polled, "no authorised poll:\n  {}\n{log}", server.request_lines().join("\n  "));
 }
+
+/// A refused refresh holds off the next one (1 s, then 2 s …). An idle agent
+/// waits that out instead of polling into 401s every `polling_interval`:
+/// with a poll every 0.2 s CI once saw 7 refused `GET /v1/agents/data` in
+/// one second.
+#[test]
+fn an_idle_agent_waits_out_a_refused_refresh_instead_of_polling_into_401s() {
+    let server = FakeServer::start();
+    server.require_auth("secret");
+    let refresh = "/v1/oauth2/refresh";
+    server.add_fault(Fault::status("POST", refresh, 2, 401));
+    let mut p = Agent::new(&server).token("secret").set("polling_interval", "0.2").spawn();
+    server.wait_until(T, "an authorised poll", |s| {
+        s.requests_to("GET", "/v1/job").iter().any(|r| r.status == 200 || r.status == 204)
+    });
+    p.kill();
+    let reqs = server.requests();
+    let refreshes: Vec<_> = reqs.iter().filter(|r| r.path == refresh).collect();
+    assert!(refreshes.len() >= 3, "two refusals, then a token:\n  {}", server.request_lines().join("\n  "));
+    // The second refusal comes in the polling loop: the call that needed
+    // the token is refused, then nothing until the refresh is due 2 s
+    // later (a poll every 0.2 s would be about 10 refused calls).
+    let (second, third) = (refreshes[1].at, refreshes[2].at);
+    let between = reqs.iter().filter(|r| r.status == 401 && r.path != refresh && r.at > second && r.at < third).count();
+    assert!(
+        between <= 1,
+        "{between} refused calls while the refresh was held off:\n  {}",
+        server.request_lines().join("\n  ")
+    );
+    assert!(third.duration_since(second) >= Duration::from_millis(1500), "the hold-off was not kept");
+}
