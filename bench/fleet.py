@@ -11,7 +11,9 @@ it is not what limits a large fleet: one Python process answers about
 Prints requests per agent-minute (idle, jobs running), the run's mean
 requests per second and its peak second anywhere after the server returned
 (with what that second held), a per-second table (5 s a row), the agents'
-total CPU and RSS, jobs completed, outcomes and output lines lost.
+total CPU and RSS, jobs completed, outcomes and output lines lost. With
+--keep, the server's logs (server/log-*: time, kind, fragment, agent per
+request) stay for a look at who made a peak.
 """
 import argparse, json, os, signal, socket, subprocess, sys, tempfile, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,7 +76,8 @@ def worker(sock):
         def log_message(self, *x): pass
         def _count(self, method, extra=""):
             with lock:
-                log.write(f"{time.time() - T0:.3f}\t{kind(method, self.path)}\t{extra}\n")
+                agent = (self.headers.get("Cookie") or "").partition("agent_name=")[2].split(";")[0]
+                log.write(f"{time.time() - T0:.3f}\t{kind(method, self.path)}\t{extra}\t{agent}\n")
         def _send(self, code, body=b""):
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
@@ -201,7 +204,7 @@ errors = 0
 for name in os.listdir(S):
     if not name.startswith("log-"): continue
     for line in open(os.path.join(S, name)):
-        t, k, extra = line.rstrip("\n").split("\t", 2)
+        t, k, extra = line.rstrip("\n").split("\t")[:3]
         if k == "error":
             errors += 1
             continue

@@ -124,6 +124,14 @@ impl<'a> Agent<'a> {
                     if self.unreachable.take().is_some() {
                         log::info!("server {} reachable again", self.client.base_url());
                     }
+                    // After an outage the first request waits a random part
+                    // of it (the client says how long), like those of the
+                    // agents that were running jobs: the fleet's first polls,
+                    // and the jobs they take, do not all start at the return.
+                    if let Some(hold) = self.client.held_for() {
+                        self.client.before_wait(hold);
+                        wait::until(crate::deadline::from_now(hold), Some(&mut self.metrics), None, Ends::Stop);
+                    }
                     return true;
                 }
                 Err(reason) => reason,
@@ -133,7 +141,11 @@ impl<'a> Agent<'a> {
             if signals::interrupted() {
                 return true;
             }
+            // Never past the client's outage hold: an idle agent notices the
+            // return no later than one running a job (the backoff alone,
+            // doubling to 3 min, brought some back 2 min after the server).
             let wait = backoff.failed(Instant::now());
+            let wait = self.client.held_for().map_or(wait, |hold| wait.min(hold));
             notify::status(&format!("offline: server {} not reachable", self.client.base_url()));
             let kind = crate::client::unreachable_kind(&reason);
             if self.unreachable != Some(kind) {
@@ -310,6 +322,9 @@ impl<'a> Agent<'a> {
             }
         }
         let agent_data = match self.client.get_agent_data() {
+            // An answer that ended an outage holds the next calls back (see
+            // `Outage::answered`): `run` sleeps until the poll may go.
+            Ok(_) if !restart && self.client.held_for().is_some() => return None,
             Ok(d) => d,
             Err(e) if e.is_stop() => return Some(Exit::Stopped),
             Err(e) => {

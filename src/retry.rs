@@ -110,9 +110,12 @@ impl Backoff {
 /// for [`OUTAGE_AFTER`]: an outage. Calls are then held back, failing at
 /// once without a request, until a random moment of the hold (full
 /// jitter over the longer of the doubling wait and the outage so far); the
-/// first call after it probes. A fleet that lost the server together thus comes back spread over its
-/// last hold instead of in the second the server returns, and the phases
-/// it then starts do not end (and post) in the same second either. A job
+/// first call after it probes. The probe that gets an answer ends the
+/// outage and holds the other calls back once more, for a random part of
+/// the outage's length. A fleet that lost the server together thus comes
+/// back spread over about twice the outage instead of in the second the
+/// server returns, and the jobs and phases it then starts do not end (and
+/// post) in the same second either. A job
 /// does not wait on the server meanwhile: what a held call carried is kept
 /// and retried as after any failure.
 #[derive(Clone, Debug)]
@@ -145,14 +148,25 @@ impl Outage {
         self.held_until.filter(|t| *t > now).map(|t| t - now)
     }
 
-    /// An attempt got an answer the server meant (any but 500/502/503/504):
-    /// no outage. True when that ends one.
-    pub fn answered(&mut self) -> bool {
+    /// An attempt got an answer the server meant (any but 500/502/503/504)
+    /// at `now`: no outage. When that ends one, calls stay held back for a
+    /// random part of the outage's length (at most the hold's cap), which
+    /// is returned: the first answer after an outage comes at much the same
+    /// time for a whole fleet (each agent's probe when its hold ran out), and
+    /// what they kept (outcomes, output, a first poll and its job) would
+    /// follow it together.
+    pub fn answered(&mut self, now: Instant) -> Option<Duration> {
         let ended = self.failures > 0;
+        let age = self.failing_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
         self.failing_since = None;
         self.failures = 0;
         self.held_until = None;
-        ended
+        if !ended {
+            return None;
+        }
+        let hold = jitter::within(age.min(self.schedule.max));
+        self.held_until = Some(crate::deadline::after(now, hold));
+        Some(hold)
     }
 
     /// An attempt got no answer, or a 500/502/503/504, at `now`.
@@ -252,8 +266,10 @@ mod tests {
         o.attempt_failed(t);
         assert_eq!(o.call_failed(t + Duration::from_secs(2)), None);
         assert_eq!(o.held(t + Duration::from_secs(2)), None);
-        // An answer forgets them (no outage ended: none had begun).
-        assert!(!o.answered());
+        // An answer forgets them (no outage ended: none had begun, so no
+        // hold either).
+        assert_eq!(o.answered(t + Duration::from_secs(2)), None);
+        assert_eq!(o.held(t + Duration::from_secs(2)), None);
         o.attempt_failed(t + Duration::from_secs(2));
         assert_eq!(o.call_failed(t + Duration::from_secs(4)), None);
         // Failing for 3 s (since t + 2): the first hold is the outage so
@@ -268,8 +284,13 @@ mod tests {
         assert_eq!(o.call_failed(at + Duration::from_secs(3)), Some((Duration::from_secs(8), false)));
         // Never longer than the cap, however long the outage.
         assert_eq!(o.call_failed(at + Duration::from_secs(600)), Some((Duration::from_secs(60), false)));
-        assert!(o.answered());
-        assert_eq!(o.held(at + Duration::from_secs(601)), None);
+        // The answer that ends it holds calls back once more, for at most
+        // the cap (the outage is 603 s old).
+        let back = o.answered(at + Duration::from_secs(600)).expect("an outage ended");
+        assert!(back > Duration::ZERO && back <= Duration::from_secs(60), "{back:?}");
+        assert_eq!(o.held(at + Duration::from_secs(600) + back), None);
+        // Then the outage is over: the next answer holds nothing back.
+        assert_eq!(o.answered(at + Duration::from_secs(700)), None);
 
         // With the real schedule each hold is anywhere in [0.5 s, nominal]:
         // after 30 s of outage, in [0.5 s, 30 s] at the first probe.
@@ -284,5 +305,33 @@ mod tests {
             hi = hi.max(last);
         }
         assert!(lo < Duration::from_secs(5) && hi > Duration::from_secs(25), "holds not spread: {lo:?}..{hi:?}");
+    }
+
+    /// The first answer after an outage does not let every call go: the
+    /// rest wait a random point of a window as long as the outage (capped),
+    /// so that a fleet whose probes came back together does not deliver
+    /// and poll together.
+    #[test]
+    fn the_return_from_an_outage_is_spread_over_its_length() {
+        let t = Instant::now();
+        let ended_after = |outage: Duration| {
+            let mut o = Outage::new(OUTAGE_HOLD);
+            o.attempt_failed(t);
+            o.call_failed(t + outage).expect("an outage");
+            let back = o.answered(t + outage).expect("the outage ended");
+            assert_eq!(o.held(t + outage), Some(back), "calls are held back after the answer");
+            assert_eq!(o.held(t + outage + back), None);
+            back
+        };
+        let window = Duration::from_secs(30);
+        let backs: Vec<Duration> = (0..1000).map(|_| ended_after(window)).collect();
+        assert!(backs.iter().all(|b| *b > Duration::ZERO && *b <= window), "outside (0, 30 s]");
+        // Spread over the whole window, not bunched at either end.
+        for tenth in 0..10 {
+            let (lo, hi) = (window * tenth / 10, window * (tenth + 1) / 10);
+            assert!(backs.iter().any(|b| *b > lo && *b <= hi), "nothing in ({lo:?}, {hi:?}]");
+        }
+        // A long outage: at most the cap.
+        assert!((0..100).all(|_| ended_after(Duration::from_secs(3600)) <= OUTAGE_HOLD.max));
     }
 }

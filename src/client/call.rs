@@ -52,7 +52,8 @@ impl Client {
             self.refresh(idle.as_deref_mut());
         }
         if let Some(left) = self.outage.held(Instant::now()) {
-            let reason = format!("not tried: the server has been failing, next try in {:.1} s", left.as_secs_f64());
+            let reason =
+                format!("not tried: held back since the server failed, next try in {:.1} s", left.as_secs_f64());
             return Err(ClientError::Connection { url: url.to_string(), reason });
         }
         let mut refreshed = false;
@@ -68,8 +69,8 @@ impl Client {
             };
             if failed {
                 self.outage.attempt_failed(Instant::now());
-            } else if answer.is_ok() && self.outage.answered() {
-                log::info!("server {} answering again; requests no longer held back", self.base);
+            } else if answer.is_ok() {
+                self.outage_ended();
             }
             if answer.as_ref().is_ok_and(|a| a.status != 401) {
                 self.refused_until = None;
@@ -110,6 +111,18 @@ impl Client {
                 }
             }
             crate::wait::sleep(backoff, None);
+        }
+    }
+
+    /// An answer: when it ends an outage, the other calls wait a random
+    /// part of the outage's length (see [`Outage::answered`]).
+    pub(super) fn outage_ended(&mut self) {
+        if let Some(hold) = self.outage.answered(Instant::now()) {
+            log::info!(
+                "server {} answering again; requests held back {:.1} s more (a random part of the outage, so that agents back from it do not all come at once)",
+                self.base,
+                hold.as_secs_f64()
+            );
         }
     }
 

@@ -1,10 +1,13 @@
 //! The server's endpoints the agent calls, one method each (the file
 //! transfers are in `files.rs`).
 
+use std::time::Instant;
+
 use crate::json::Json;
 use crate::retry::Retry;
 use crate::states::{AgentState, JobState};
 
+use super::error::is_retryable;
 use super::transport::{Keep, Payload};
 use super::{Answer, BodyWriter, Client, ClientError, Idle, SMALL_ANSWER, is_safe_id, url_encode};
 
@@ -13,13 +16,25 @@ const JOB_ANSWER: usize = 16 << 20;
 
 impl Client {
     /// Any answer below 500 means the server is up (a 404 on `/v1` too).
-    pub fn is_reachable(&self) -> bool {
+    pub fn is_reachable(&mut self) -> bool {
         self.reachability().is_ok()
     }
 
-    /// `Err` says why the server cannot be reached, for the log.
-    pub fn reachability(&self) -> Result<(), String> {
-        match self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout) {
+    /// `Err` says why the server cannot be reached, for the log. Not held
+    /// back by an outage, but counted in it like any call: a probe that
+    /// ends one starts the hold that spreads the return (see `Outage`).
+    pub fn reachability(&mut self) -> Result<(), String> {
+        let answer = self.send_once("GET", &self.url("/v1/"), None, SMALL_ANSWER, false, self.retry.timeout);
+        let failed = match &answer {
+            Ok(a) => is_retryable(a.status),
+            Err(e) => matches!(e, ClientError::Connection { .. }),
+        };
+        if failed {
+            let now = Instant::now();
+            self.outage.attempt_failed(now);
+            self.outage.call_failed(now);
+        }
+        let reachable = match answer {
             // Only a proxy asks for its own credentials: the server was not reached.
             Ok(a) if a.status == 407 => {
                 Err("the proxy answered HTTP 407 (Proxy Authentication Required): give user:password@ in http_proxy"
@@ -29,7 +44,11 @@ impl Client {
             Ok(a) => Err(format!("HTTP {}", a.status)),
             Err(ClientError::Connection { reason, .. }) => Err(reason),
             Err(e) => Err(e.to_string()),
+        };
+        if reachable.is_ok() {
+            self.outage_ended();
         }
+        reachable
     }
 
     pub fn post_agent_data(&mut self, data: &Json) -> Result<(), ClientError> {

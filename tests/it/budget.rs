@@ -411,3 +411,58 @@ fn an_idle_agent_sends_nothing_while_an_outage_holds_its_calls() {
     );
     assert!(!log.contains("not tried"), "held calls were made and logged as failures:\n{log}");
 }
+
+/// An idle agent that waited out an outage does not poll the moment its
+/// probe gets an answer: the server says how long it holds its requests
+/// back (a random part of the outage, capped here at 3 s), and nothing
+/// follows the probe before that, nor is a held call made and logged.
+#[test]
+fn an_idle_agent_back_from_an_outage_polls_after_a_random_hold() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("polling_interval", "0.2")
+        .set("logging_level", "DEBUG")
+        .env("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX", "3");
+    let mut p = agent.spawn();
+    server.wait_until(T, "a first poll", |s| !s.requests_to("GET", "/v1/job").is_empty());
+    server.stop_listening();
+    let stopped = Instant::now();
+    // Down until a probe has failed 3.5 s after the stop: for the agent,
+    // failing since its first attempt after the stop, that is an outage.
+    let probes = || p.log_text().matches("not reachable").count();
+    let seen = std::cell::Cell::new(0);
+    wait_for("a probe failing 3.5 s into the outage", || {
+        let now = probes();
+        let late = now > seen.get() && seen.get() > 0 && stopped.elapsed() >= Duration::from_millis(3500);
+        seen.set(now);
+        late
+    });
+    let before = server.requests().len();
+    server.resume_listening();
+    server.wait_until(T, "a poll after the outage", |s| s.requests()[before..].iter().any(|r| r.path == "/v1/job"));
+    p.kill();
+    let log = p.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("answering again; requests held back "))
+        .unwrap_or_else(|| panic!("no hold after the return:\n{log}"));
+    let hold: f64 = line
+        .split("answering again; requests held back ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    assert!((0.0..=3.05).contains(&hold), "hold {hold} s outside (0, 3 s]: {line}");
+    let reqs = server.requests();
+    let (probe, next) = (&reqs[before], &reqs[before + 1]);
+    assert_eq!((probe.method.as_str(), probe.path.as_str()), ("GET", "/v1/"), "the return is found by a probe");
+    let gap = next.at.duration_since(probe.at).as_secs_f64();
+    assert!(
+        gap >= hold - 0.1,
+        "{} {} went {gap:.2} s after the probe, within its hold of {hold} s:\n  {}",
+        next.method,
+        next.path,
+        server.request_lines().join("\n  ")
+    );
+    assert!(!log.contains("not tried") && !log.contains("cannot get a job"), "held calls were made:\n{log}");
+}
