@@ -91,14 +91,15 @@ impl Client {
         }
     }
 
-    /// How long calls are still held back by an outage (see [`Outage`]),
-    /// or would be refused for a token whose refresh is held off: a caller
-    /// with nothing else to do waits that long rather than making calls
-    /// that fail at once.
+    /// How long calls are still held back by an outage or after its end
+    /// (see [`Outage`]), or would be refused for a token whose refresh is
+    /// held off: a caller with nothing else to do (the idle agent: its
+    /// polls and kept outcomes are tried again later) waits that long
+    /// rather than making calls that fail at once.
     pub fn held_for(&self) -> Option<Duration> {
         let now = Instant::now();
         let refused = self.refused_until.map(|t| t.saturating_duration_since(now)).filter(|d| !d.is_zero());
-        self.outage.held(now).max(refused)
+        self.outage.held_later(now).max(refused)
     }
 
     /// The retry policy of calls made without one (set once, at start).

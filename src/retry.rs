@@ -111,13 +111,16 @@ impl Backoff {
 /// once without a request, until a random moment of the hold (full
 /// jitter over the longer of the doubling wait and the outage so far); the
 /// first call after it probes. The probe that gets an answer ends the
-/// outage and holds the other calls back once more, for a random part of
-/// the outage's length. A fleet that lost the server together thus comes
-/// back spread over about twice the outage instead of in the second the
-/// server returns, and the jobs and phases it then starts do not end (and
-/// post) in the same second either. A job
-/// does not wait on the server meanwhile: what a held call carried is kept
-/// and retried as after any failure.
+/// outage and holds back, once more, the calls whose caller tries again
+/// later anyway (polls, kept outcomes, live output, cancel checks,
+/// heartbeats: [`Retry::later`]) for a random part of the outage's length;
+/// the calls nobody would make again (a job's state posts, the agent's
+/// state after a job) go at once. A fleet that lost the server together
+/// thus comes back spread over about twice the outage instead of in the
+/// second the server returns, and the jobs and phases it then starts do
+/// not end (and post) in the same second either. A job does not wait on
+/// the server meanwhile: what a held call carried is kept and retried as
+/// after any failure.
 #[derive(Clone, Debug)]
 pub struct Outage {
     /// The first failed attempt since the last answer.
@@ -126,6 +129,9 @@ pub struct Outage {
     /// Failed probes (calls that gave up) since the outage began.
     failures: u32,
     held_until: Option<Instant>,
+    /// After the answer that ended an outage: until when the calls that
+    /// are tried again later anyway still wait.
+    returning_until: Option<Instant>,
 }
 
 /// Failing this long, over several attempts, is an outage: one patient
@@ -140,7 +146,7 @@ pub const OUTAGE_HOLD: Schedule =
 
 impl Outage {
     pub fn new(hold: Schedule) -> Outage {
-        Outage { failing_since: None, schedule: hold, failures: 0, held_until: None }
+        Outage { failing_since: None, schedule: hold, failures: 0, held_until: None, returning_until: None }
     }
 
     /// How long calls are still held back at `now`; `None`: a call may go.
@@ -148,13 +154,20 @@ impl Outage {
         self.held_until.filter(|t| *t > now).map(|t| t - now)
     }
 
+    /// How long the calls tried again later anyway ([`Retry::later`]) are
+    /// still held back at `now`: during an outage's holds, and after the
+    /// answer that ended it.
+    pub fn held_later(&self, now: Instant) -> Option<Duration> {
+        self.held(now).max(self.returning_until.filter(|t| *t > now).map(|t| t - now))
+    }
+
     /// An attempt got an answer the server meant (any but 500/502/503/504)
-    /// at `now`: no outage. When that ends one, calls stay held back for a
-    /// random part of the outage's length (at most the hold's cap), which
-    /// is returned: the first answer after an outage comes at much the same
-    /// time for a whole fleet (each agent's probe when its hold ran out), and
-    /// what they kept (outcomes, output, a first poll and its job) would
-    /// follow it together.
+    /// at `now`: no outage. When that ends one, the calls tried again later
+    /// anyway stay held back for a random part of the outage's length (at
+    /// most the hold's cap), which is returned: the first answer after an
+    /// outage comes at much the same time for a whole fleet (each agent's
+    /// probe when its hold ran out), and what they kept (outcomes, output, a
+    /// first poll and its job) would follow it together.
     pub fn answered(&mut self, now: Instant) -> Option<Duration> {
         let ended = self.failures > 0;
         let age = self.failing_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
@@ -165,7 +178,7 @@ impl Outage {
             return None;
         }
         let hold = jitter::within(age.min(self.schedule.max));
-        self.held_until = Some(crate::deadline::after(now, hold));
+        self.returning_until = Some(crate::deadline::after(now, hold));
         Some(hold)
     }
 
@@ -199,6 +212,11 @@ pub struct Retry {
     pub timeout: Duration,
     /// Between attempts of the call.
     pub between: Schedule,
+    /// The caller tries again later on its own schedule if this call
+    /// fails (live output, cancel checks, heartbeats, events held back):
+    /// such a call also waits out the hold after an outage's end (see
+    /// [`Outage`]). A call nobody would make again is not held by it.
+    pub later: bool,
 }
 
 /// Between attempts of one call: short, spread.
@@ -208,14 +226,14 @@ impl Retry {
     /// The default: a few attempts over a few seconds, for calls whose
     /// caller can wait (between jobs, at the end of a phase).
     pub const fn patient(timeout: Duration) -> Retry {
-        Retry { attempts: 4, timeout, between: BETWEEN }
+        Retry { attempts: 4, timeout, between: BETWEEN, later: false }
     }
 
     /// One attempt: for calls made while a phase runs (the caller has its
     /// own schedule and must get back to the child's output) and for calls
     /// already held back by a [`Backoff`].
     pub const fn once(timeout: Duration) -> Retry {
-        Retry { attempts: 1, timeout, between: BETWEEN }
+        Retry { attempts: 1, timeout, between: BETWEEN, later: true }
     }
 }
 
@@ -288,7 +306,10 @@ mod tests {
         // the cap (the outage is 603 s old).
         let back = o.answered(at + Duration::from_secs(600)).expect("an outage ended");
         assert!(back > Duration::ZERO && back <= Duration::from_secs(60), "{back:?}");
-        assert_eq!(o.held(at + Duration::from_secs(600) + back), None);
+        // Only for the calls tried again later anyway.
+        assert_eq!(o.held(at + Duration::from_secs(600)), None);
+        assert_eq!(o.held_later(at + Duration::from_secs(600)), Some(back));
+        assert_eq!(o.held_later(at + Duration::from_secs(600) + back), None);
         // Then the outage is over: the next answer holds nothing back.
         assert_eq!(o.answered(at + Duration::from_secs(700)), None);
 
@@ -319,8 +340,9 @@ mod tests {
             o.attempt_failed(t);
             o.call_failed(t + outage).expect("an outage");
             let back = o.answered(t + outage).expect("the outage ended");
-            assert_eq!(o.held(t + outage), Some(back), "calls are held back after the answer");
-            assert_eq!(o.held(t + outage + back), None);
+            assert_eq!(o.held_later(t + outage), Some(back), "calls are held back after the answer");
+            assert_eq!(o.held(t + outage), None, "a call nobody makes again is not held back");
+            assert_eq!(o.held_later(t + outage + back), None);
             back
         };
         let window = Duration::from_secs(30);

@@ -36,7 +36,8 @@ impl Client {
     /// there is a token file and no token yet; on a 401 one refresh and one
     /// replay; connection errors and 500/502/503/504 retried with doubling
     /// backoff up to `retry.attempts`. What `send` answers last is returned.
-    /// During an outage (see [`Outage`]) a call is not tried until its hold
+    /// During an outage (see [`Outage`]), and after its end for the calls
+    /// tried again later anyway (`retry.later`), a call is not tried until its hold
     /// is over: it fails at once with a connection error saying so.
     /// `idle` (the runner draining a phase's pipe) runs while `send` or a
     /// token refresh waits on the server.
@@ -51,7 +52,8 @@ impl Client {
         if self.access_token.is_none() && self.token_file.is_some() {
             self.refresh(idle.as_deref_mut());
         }
-        if let Some(left) = self.outage.held(Instant::now()) {
+        let now = Instant::now();
+        if let Some(left) = if retry.later { self.outage.held_later(now) } else { self.outage.held(now) } {
             let reason =
                 format!("not tried: held back since the server failed, next try in {:.1} s", left.as_secs_f64());
             return Err(ClientError::Connection { url: url.to_string(), reason });

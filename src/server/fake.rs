@@ -140,6 +140,7 @@ impl Server for Fake {
             attempts: 1,
             timeout: Duration::from_secs(1),
             between: Schedule::new(Duration::ZERO, Duration::ZERO, Jitter::None),
+            later: false,
         }
     }
 

@@ -466,3 +466,67 @@ fn an_idle_agent_back_from_an_outage_polls_after_a_random_hold() {
     );
     assert!(!log.contains("not tried") && !log.contains("cannot get a job"), "held calls were made:\n{log}");
 }
+
+/// After an outage a running job's live output, cancel checks and
+/// heartbeats wait a random part of it (they are tried again later
+/// anyway), but what nobody would send again goes at once: the state of
+/// each phase that follows, the outcome, the agent's state. A hold over
+/// every call once dropped a job's allocate and reserve posts in CI.
+#[test]
+fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("logging_level", "DEBUG")
+        .set("output_interval", "0.2")
+        .env("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX", "30")
+        .command("test", "echo started; while [ ! -f go ]; do echo tick; sleep 0.1; done; echo done");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    server.wait_until(T, "the test phase's output", |s| s.log_text(&job, "output").contains("tick"));
+    server.stop_listening();
+    // Failing for 3 s over several calls is an outage; 6 s makes one
+    // whose end holds back for a random part of about 6 s.
+    let down = Instant::now();
+    wait_for("an outage", || p.log_text().contains("requests held back for"));
+    while down.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.resume_listening();
+    let marker = "answering again; requests held back ";
+    wait_for("the answer that ends the outage", || p.log_text().contains(marker));
+    let seen = Instant::now();
+    let log = p.log_text();
+    let line = log.lines().find(|l| l.contains(marker)).unwrap_or_default().to_string();
+    let hold: f64 = line
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    // Within the hold the running phase sends nothing (its output, cancel
+    // checks and heartbeats are tried again later).
+    let quiet = Duration::from_secs_f64((hold - 0.3).clamp(0.0, 2.0));
+    let before = server.requests().len();
+    std::thread::sleep(quiet);
+    let during: Vec<String> = server.requests()[before..].iter().map(|r| r.line()).collect();
+    assert!(during.is_empty(), "sent within the hold of {hold} s after the outage: {during:?}\n{line}");
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("write go");
+    server.wait_until(T, "the job complete", |s| completed(s, &job));
+    let completed_after = seen.elapsed().as_secs_f64();
+    p.kill();
+    // The phases after the test posted their state, as a job without an
+    // outage does, even while the hold lasted.
+    let states = server.job_states_posted(&job);
+    let after_test: Vec<&str> =
+        states.iter().map(String::as_str).skip_while(|s| *s != "test").skip_while(|s| *s == "test").collect();
+    assert_eq!(after_test, ["allocate", "reserve", "complete"], "all states: {states:?}");
+    if hold - quiet.as_secs_f64() > 2.0 {
+        assert!(
+            completed_after < hold,
+            "the job completed {completed_after:.1} s after the return, after the hold of {hold} s: it waited"
+        );
+    }
+    let log = p.log_text();
+    assert!(!log.contains("result update not posted"), "a state post was dropped:\n{log}");
+}
