@@ -292,12 +292,15 @@ impl<'a> Agent<'a> {
             if !restart && holds_intake(&self.kept) {
                 return None;
             }
-        } else if delivery::deliver_kept(
-            &mut self.client,
-            self.config.results_basedir(),
-            self.config.execution_basedir(),
-        ) {
+        } else if self
+            .client
+            .all_later(|c| delivery::deliver_kept(c, self.config.results_basedir(), self.config.execution_basedir()))
+        {
             self.kept.succeeded();
+        } else if !restart && self.client.held_for().is_some() {
+            // Its first call ended an outage, or began one: the rest wait out
+            // the hold, and `run` sleeps until it is over. Not a failed round.
+            return None;
         } else {
             if signals::interrupted() {
                 return Some(Exit::Stopped);

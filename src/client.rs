@@ -71,6 +71,9 @@ pub struct Client {
     net: Net,
     /// The server failing across calls: calls held back for a while.
     outage: Outage,
+    /// Every call of the current round is tried again later by its
+    /// caller, whatever its [`Retry`] says (see [`Client::all_later`]).
+    all_later: bool,
 }
 
 impl Client {
@@ -88,7 +91,18 @@ impl Client {
             retry: Retry::default(),
             net: Net::new(),
             outage: Outage::new(outage_hold()),
+            all_later: false,
         }
+    }
+
+    /// Runs `round` with every call counted as tried again later
+    /// ([`Retry::later`], held back after an outage's end): for what the
+    /// caller repeats on its own schedule as a whole, the kept outcomes.
+    pub fn all_later<T>(&mut self, round: impl FnOnce(&mut Client) -> T) -> T {
+        let was = std::mem::replace(&mut self.all_later, true);
+        let out = round(self);
+        self.all_later = was;
+        out
     }
 
     /// How long calls are still held back by an outage or after its end

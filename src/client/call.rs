@@ -53,7 +53,9 @@ impl Client {
             self.refresh(idle.as_deref_mut());
         }
         let now = Instant::now();
-        if let Some(left) = if retry.later { self.outage.held_later(now) } else { self.outage.held(now) } {
+        if let Some(left) =
+            if retry.later || self.all_later { self.outage.held_later(now) } else { self.outage.held(now) }
+        {
             let reason =
                 format!("not tried: held back since the server failed, next try in {:.1} s", left.as_secs_f64());
             return Err(ClientError::Connection { url: url.to_string(), reason });
