@@ -237,6 +237,22 @@ print(f"agents {a.agents} (polling {a.polling:g} s{', ' + ', '.join(a.extra) if 
 print(f"requests per agent-minute: idle {rate(a.idle / 3, a.idle):.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
 print(f"requests/s: mean {mean:.1f}; peak second after the server returned {peak} at {peak_at} s "
       f"({peak_at - up_at:+.0f} s), {peak / mean:.1f}x the mean: {what}")
+
+
+def step(count, s):
+    """Second s against the mean of the 10 s around it (5 each side)."""
+    around = [count(x) for x in range(s - 5, s + 6) if x != s]
+    return count(s) / max(1.0, sum(around) / len(around))
+
+
+# Requests in step show as one second far above its neighbours (issue 26:
+# 105-138 cancel checks in one second every 3 s, 2-8 between); agents busy
+# at the same time, not in step, make a plateau instead.
+for label, count in (("all requests", lambda x: PER_SECOND.get(x, 0)),
+                     ("cancel checks", lambda x: KINDS.get(x, {}).get("cancel check", 0))):
+    f, at = max(((step(count, s), s) for s in range(int(up_at), int(end) - 5)), default=(0, 0))
+    print(f"in step? {label}: busiest second after the return against the 10 s around it {f:.1f}x "
+          f"({count(at)} at {at} s)")
 print("requests per second (row: 5 s from its start; * server down):")
 for row in range(0, int(end), 5):
     cells = " ".join(f"{PER_SECOND.get(s, 0):5d}" for s in range(row, min(row + 5, int(end))))

@@ -530,3 +530,57 @@ fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
     let log = p.log_text();
     assert!(!log.contains("result update not posted"), "a state post was dropped:\n{log}");
 }
+
+/// Outcomes kept through an outage are tried again later anyway: the first
+/// request answered after it ends the outage, and the rest of the delivery
+/// waits out the hold that follows (a random part of the outage) instead of
+/// going with it. A round cut short so is not a failed delivery round.
+#[test]
+fn kept_outcomes_wait_out_the_hold_after_an_outage() {
+    let server = FakeServer::start();
+    let agent = Agent::new(&server)
+        .set("logging_level", "DEBUG")
+        .set("polling_interval", "0.2")
+        .env("TESTFLINGER_AGENT_TEST_OUTAGE_HOLD_MAX", "30")
+        .command("test", "echo started; while [ ! -f go ]; do sleep 0.1; done; echo done");
+    let mut p = agent.spawn();
+    let job = unique_id();
+    server.push_job(&job_json(&job, QUEUE, r#"{"test_data": {"test_cmds": "x"}}"#));
+    server.wait_until(T, "the test phase", |s| s.job_states_posted(&job).iter().any(|x| x == "test"));
+    server.stop_listening();
+    let down = Instant::now();
+    wait_for("an outage", || p.log_text().contains("requests held back for"));
+    // The job ends during the outage: its outcome is kept.
+    std::fs::write(agent.run_dir(&job).join("go"), "").expect("write go");
+    wait_for("the job's end", || p.log_text().contains(&format!("job {job} ended")));
+    while down.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = server.requests().len();
+    server.resume_listening();
+    server.wait_until(T, "the kept outcome", |s| completed(s, &job));
+    p.kill();
+    let log = p.log_text();
+    let marker = "answering again; requests held back ";
+    let line = log.lines().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no hold after the return:\n{log}"));
+    let hold: f64 = line
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    let reqs = server.requests();
+    let first = &reqs[before];
+    let outcome = reqs[before..]
+        .iter()
+        .find(|r| r.method == "POST" && r.path == format!("/v1/result/{job}"))
+        .expect("the outcome was posted");
+    let gap = outcome.at.duration_since(first.at).as_secs_f64();
+    assert!(
+        gap >= hold - 0.1,
+        "the outcome went {gap:.2} s after the first answer, within the hold of {hold} s:\n  {}",
+        server.request_lines().join("\n  ")
+    );
+    let after = &log[log.find(marker).unwrap_or(0)..];
+    assert!(!after.contains("still undelivered"), "the round cut by the hold counted as failed:\n{after}");
+}
