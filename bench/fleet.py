@@ -250,7 +250,10 @@ def step(count, s):
 # at the same time, not in step, make a plateau instead.
 for label, count in (("all requests", lambda x: PER_SECOND.get(x, 0)),
                      ("cancel checks", lambda x: KINDS.get(x, {}).get("cancel check", 0))):
-    f, at = max(((step(count, s), s) for s in range(int(up_at), int(end) - 5)), default=(0, 0))
+    f, at = max(((step(count, s), s) for s in range(int(up_at) + 5, int(end) - 5)), default=(0, 0))
+    if count(at) == 0:
+        print(f"in step? {label}: none from 5 s after the return")
+        continue
     print(f"in step? {label}: busiest second after the return against the 10 s around it {f:.1f}x "
           f"({count(at)} at {at} s)")
 print("requests per second (row: 5 s from its start; * server down):")
