@@ -492,10 +492,10 @@ fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
     while down.elapsed() < Duration::from_secs(6) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let resumed = server.requests().len();
     server.resume_listening();
     let marker = "answering again; requests held back ";
     wait_for("the answer that ends the outage", || p.log_text().contains(marker));
-    let seen = Instant::now();
     let log = p.log_text();
     let line = log.lines().find(|l| l.contains(marker)).unwrap_or_default().to_string();
     let hold: f64 = line
@@ -504,16 +504,22 @@ fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("hold not read from {line:?}"));
-    // Within the hold the running phase sends nothing (its output, cancel
-    // checks and heartbeats are tried again later).
-    let quiet = Duration::from_secs_f64((hold - 0.3).clamp(0.0, 2.0));
-    let before = server.requests().len();
-    std::thread::sleep(quiet);
-    let during: Vec<String> = server.requests()[before..].iter().map(|r| r.line()).collect();
+    // The hold runs from the answer that ended the outage (the first
+    // request after the return). Within it the running phase sends nothing
+    // (its output, cancel checks and heartbeats are tried again later):
+    // watched for up to 2 s of it.
+    let answer_at = server.requests()[resumed].at;
+    let hold_ends = answer_at + Duration::from_secs_f64(hold);
+    let watched = answer_at + Duration::from_secs_f64((hold - 0.2).clamp(0.0, 2.0));
+    while Instant::now() < watched {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during: Vec<String> =
+        server.requests()[resumed + 1..].iter().filter(|r| r.at < watched).map(|r| r.line()).collect();
     assert!(during.is_empty(), "sent within the hold of {hold} s after the outage: {during:?}\n{line}");
     std::fs::write(agent.run_dir(&job).join("go"), "").expect("write go");
     server.wait_until(T, "the job complete", |s| completed(s, &job));
-    let completed_after = seen.elapsed().as_secs_f64();
+    let completed_at = Instant::now();
     p.kill();
     // The phases after the test posted their state, as a job without an
     // outage does, even while the hold lasted.
@@ -521,10 +527,13 @@ fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
     let after_test: Vec<&str> =
         states.iter().map(String::as_str).skip_while(|s| *s != "test").skip_while(|s| *s == "test").collect();
     assert_eq!(after_test, ["allocate", "reserve", "complete"], "all states: {states:?}");
-    if hold - quiet.as_secs_f64() > 2.0 {
+    // With 2 s or more of the hold left when the phase ended, the job's
+    // end did not wait for it.
+    if hold_ends.saturating_duration_since(watched) > Duration::from_secs(2) {
         assert!(
-            completed_after < hold,
-            "the job completed {completed_after:.1} s after the return, after the hold of {hold} s: it waited"
+            completed_at < hold_ends,
+            "the job completed {:.1} s after the return, after the hold of {hold} s: it waited",
+            completed_at.duration_since(answer_at).as_secs_f64()
         );
     }
     let log = p.log_text();
