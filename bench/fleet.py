@@ -3,6 +3,8 @@
 server that counts requests per second. Timeline: idle, then one job per
 agent (a quiet setup phase, a chatty test phase printing a line every
 0.25 s), and the server goes down for DOWN seconds while the jobs run.
+With --jobs K each agent takes K such jobs, one at each poll after the
+last one ended: a lab whose queues keep its devices busy.
 
 The server is --workers processes sharing one port (SO_REUSEPORT), so that
 it is not what limits a large fleet: one Python process answers about
@@ -27,6 +29,9 @@ ap.add_argument("--down-after", type=float, default=8, help="seconds into the jo
 ap.add_argument("--down", type=float, default=30)
 ap.add_argument("--polling", type=float, default=10)
 ap.add_argument("--limit", type=float, default=400, help="give up after this many seconds")
+ap.add_argument("--jobs", type=int, default=1,
+                help="jobs per agent, each taken at the poll after the last one ended: a lab whose "
+                     "queues keep its devices busy (the default, 1, is one job each)")
 ap.add_argument("--workers", type=int, default=2, help="server processes")
 ap.add_argument("--extra", action="append", default=[], help="extra config line")
 ap.add_argument("--keep", action="store_true", help="keep the agents' dirs and logs (printed)")
@@ -42,9 +47,14 @@ JOBS_OPEN = os.path.join(S, "jobs-open")
 DOWN = os.path.join(S, "down")
 
 
-def job_for(agent):
+def job_id(i, k):
+    """Agent i's job k (from 0)."""
+    return f"00000000-0000-4000-{0x8000 + k:04x}-{i:012d}"
+
+
+def job_for(agent, k):
     i = int(agent.rsplit("-", 1)[1])
-    return {"job_id": f"00000000-0000-4000-8000-{i:012d}", "job_queue": "fleet",
+    return {"job_id": job_id(i, k), "job_queue": "fleet",
             "setup_data": {}, "test_data": {"test_cmds": "x"}}
 
 
@@ -96,11 +106,16 @@ def worker(sock):
             if self.path.startswith("/v1/job"):
                 agent = (self.headers.get("Cookie") or "").partition("agent_name=")[2].split(";")[0]
                 if agent.startswith("fleet-") and os.path.exists(JOBS_OPEN):
-                    try:
-                        os.close(os.open(os.path.join(S, "given", agent), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                        return self._send(200, json.dumps(job_for(agent)).encode())
-                    except FileExistsError:
-                        pass
+                    # The next job once the last one given is complete.
+                    for k in range(a.jobs):
+                        if k > 0 and not os.path.exists(os.path.join(S, "complete", job_id(int(agent[6:]), k - 1))):
+                            break
+                        try:
+                            os.close(os.open(os.path.join(S, "given", f"{agent}-{k}"),
+                                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                            return self._send(200, json.dumps(job_for(agent, k)).encode())
+                        except FileExistsError:
+                            pass
                 return self._send(204)
             if self.path.startswith("/v1/agents/data"):
                 return self._send(200, b'{"state":"waiting","restricted_to":{}}')
@@ -176,7 +191,7 @@ time.sleep(a.down)
 os.remove(DOWN)
 up_at = time.time() - T0
 while time.time() - T0 < a.limit:
-    if len(os.listdir(os.path.join(S, "complete"))) == a.agents: break
+    if len(os.listdir(os.path.join(S, "complete"))) == a.agents * a.jobs: break
     time.sleep(0.5)
 end = time.time() - T0
 cpu = rss = hwm = 0
@@ -225,14 +240,16 @@ def rate(t1, t2):
 
 lost_lines = 0
 for i in range(a.agents):
-    text = "".join(v for _, v in sorted(FRAGS.get(f"00000000-0000-4000-8000-{i:012d}", {}).items()))
-    lost_lines += sum(1 for k in range(LINES) if f"line {k}\n" not in text)
+    for k in range(a.jobs):
+        text = "".join(v for _, v in sorted(FRAGS.get(job_id(i, k), {}).items()))
+        lost_lines += sum(1 for n in range(LINES) if f"line {n}\n" not in text)
 total = sum(PER_SECOND.values())
 mean = total / end
 after = [(PER_SECOND.get(s, 0), s) for s in range(int(up_at), int(end))]
 peak, peak_at = max(after) if after else (0, 0)
 what = ", ".join(f"{k} {v}" for k, v in sorted(KINDS.get(peak_at, {}).items(), key=lambda kv: -kv[1]))
-print(f"agents {a.agents} (polling {a.polling:g} s{', ' + ', '.join(a.extra) if a.extra else ''}), "
+print(f"agents {a.agents} (polling {a.polling:g} s, {a.jobs} job{'s' if a.jobs > 1 else ''} each"
+      f"{', ' + ', '.join(a.extra) if a.extra else ''}), "
       f"server {a.workers} processes, run {end:.0f} s, jobs from {jobs_at:.0f} s, server down {down_at:.0f}-{up_at:.0f} s")
 print(f"requests per agent-minute: idle {rate(a.idle / 3, a.idle):.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
 print(f"requests/s: mean {mean:.1f}; peak second after the server returned {peak} at {peak_at} s "
@@ -261,7 +278,8 @@ for row in range(0, int(end), 5):
     cells = " ".join(f"{PER_SECOND.get(s, 0):5d}" for s in range(row, min(row + 5, int(end))))
     mark = "*" if row < up_at and row + 5 > down_at else " "
     print(f"  {row:4d} s{mark}{cells}")
-print(f"jobs completed {complete}/{a.agents}, outcomes lost {a.agents - complete}, output lines lost {lost_lines}")
+print(f"jobs completed {complete}/{a.agents * a.jobs}, outcomes lost {a.agents * a.jobs - complete}, "
+      f"output lines lost {lost_lines}")
 print(f"requests the server could not answer (client gone: timeout or reset) {errors}")
 print(f"agents' CPU {cpu:.1f} s total, RSS now {rss/1024:.1f} MB total, largest peak RSS {hwm/1024:.1f} MB")
 if a.keep:

@@ -297,9 +297,11 @@ impl<'a> Agent<'a> {
             .all_later(|c| delivery::deliver_kept(c, self.config.results_basedir(), self.config.execution_basedir()))
         {
             self.kept.succeeded();
-        } else if !restart && self.client.held_for().is_some() {
-            // Its first call ended an outage, or began one: the rest wait out
-            // the hold, and `run` sleeps until it is over. Not a failed round.
+        } else if !restart && self.client.returning_for().is_some() {
+            // Its first call ended an outage: the rest wait out the hold that
+            // follows, and `run` sleeps until it is over. Not a failed round
+            // (one the server failed is, outage or not: else an outcome it
+            // keeps failing would hold back intake for good).
             return None;
         } else {
             if signals::interrupted() {

@@ -95,6 +95,14 @@ impl Client {
         }
     }
 
+    /// How long the hold after an outage's end still lasts, while no new
+    /// outage holds calls back: calls cut short then were not tried, the
+    /// server did not fail them.
+    pub fn returning_for(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.outage.held(now).is_none().then(|| self.outage.returning(now)).flatten()
+    }
+
     /// Runs `round` with every call counted as tried again later
     /// ([`Retry::later`], held back after an outage's end): for what the
     /// caller repeats on its own schedule as a whole, the kept outcomes.

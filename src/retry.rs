@@ -158,7 +158,12 @@ impl Outage {
     /// still held back at `now`: during an outage's holds, and after the
     /// answer that ended it.
     pub fn held_later(&self, now: Instant) -> Option<Duration> {
-        self.held(now).max(self.returning_until.filter(|t| *t > now).map(|t| t - now))
+        self.held(now).max(self.returning(now))
+    }
+
+    /// How long the hold after an outage's end still lasts at `now`.
+    pub fn returning(&self, now: Instant) -> Option<Duration> {
+        self.returning_until.filter(|t| *t > now).map(|t| t - now)
     }
 
     /// An attempt got an answer the server meant (any but 500/502/503/504)
