@@ -22,6 +22,22 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// The first log line holding `marker` and the hold it logged right after
+/// it ("… requests held back 2.5 s more", "… held back for 2.5 s").
+fn logged_hold(log: &str, marker: &str) -> (String, f64) {
+    let line = log.lines().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no {marker:?} in the log:\n{log}"));
+    let hold = line
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    (line.to_string(), hold)
+}
+
+/// The end of an outage logs how long what is tried again later still waits.
+const RETURN_HOLD: &str = "answering again; requests held back ";
+
 /// With an `output_interval` of an hour: the phase's first output (its
 /// banner, the first lines) goes at once, up to the bucket's burst of three
 /// fragments, then nothing more while the phase keeps printing, and the
@@ -390,13 +406,7 @@ fn an_idle_agent_sends_nothing_while_an_outage_holds_its_calls() {
     server.wait_until(T, "a poll for a job after the hold", |s| !s.requests_to("GET", "/v1/job").is_empty());
     p.kill();
     let log = p.log_text();
-    let line = log.lines().find(|l| l.contains("requests held back for ")).unwrap_or_else(|| panic!("no hold:\n{log}"));
-    let hold: f64 = line
-        .split("requests held back for ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    let (_, hold) = logged_hold(&log, "requests held back for ");
     let reqs = server.requests();
     let last_failed = reqs.iter().rposition(|r| r.status == 503).expect("the failed requests were recorded");
     let next = reqs.get(last_failed + 1).unwrap_or_else(|| panic!("nothing after the hold:\n{log}"));
@@ -442,16 +452,7 @@ fn an_idle_agent_back_from_an_outage_polls_after_a_random_hold() {
     server.wait_until(T, "a poll after the outage", |s| s.requests()[before..].iter().any(|r| r.path == "/v1/job"));
     p.kill();
     let log = p.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("answering again; requests held back "))
-        .unwrap_or_else(|| panic!("no hold after the return:\n{log}"));
-    let hold: f64 = line
-        .split("answering again; requests held back ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    let (line, hold) = logged_hold(&log, RETURN_HOLD);
     assert!((0.0..=3.05).contains(&hold), "hold {hold} s outside (0, 3 s]: {line}");
     let reqs = server.requests();
     let (probe, next) = (&reqs[before], &reqs[before + 1]);
@@ -494,16 +495,8 @@ fn after_an_outage_only_what_is_tried_again_later_is_held_back() {
     }
     let resumed = server.requests().len();
     server.resume_listening();
-    let marker = "answering again; requests held back ";
-    wait_for("the answer that ends the outage", || p.log_text().contains(marker));
-    let log = p.log_text();
-    let line = log.lines().find(|l| l.contains(marker)).unwrap_or_default().to_string();
-    let hold: f64 = line
-        .split(marker)
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    wait_for("the answer that ends the outage", || p.log_text().contains(RETURN_HOLD));
+    let (line, hold) = logged_hold(&p.log_text(), RETURN_HOLD);
     // The hold runs from the answer that ended the outage (the first
     // request after the return). Within it the running phase sends nothing
     // (its output, cancel checks and heartbeats are tried again later):
@@ -570,14 +563,7 @@ fn kept_outcomes_wait_out_the_hold_after_an_outage() {
     server.wait_until(T, "the kept outcome", |s| completed(s, &job));
     p.kill();
     let log = p.log_text();
-    let marker = "answering again; requests held back ";
-    let line = log.lines().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no hold after the return:\n{log}"));
-    let hold: f64 = line
-        .split(marker)
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("hold not read from {line:?}"));
+    let (_, hold) = logged_hold(&log, RETURN_HOLD);
     let reqs = server.requests();
     let first = &reqs[before];
     let outcome = reqs[before..]
@@ -590,6 +576,6 @@ fn kept_outcomes_wait_out_the_hold_after_an_outage() {
         "the outcome went {gap:.2} s after the first answer, within the hold of {hold} s:\n  {}",
         server.request_lines().join("\n  ")
     );
-    let after = &log[log.find(marker).unwrap_or(0)..];
+    let after = &log[log.find(RETURN_HOLD).unwrap_or(0)..];
     assert!(!after.contains("still undelivered"), "the round cut by the hold counted as failed:\n{after}");
 }
