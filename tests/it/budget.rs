@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fake_server::{FakeServer, Fault};
+use crate::fake_server::{FakeServer, Fault, FaultAction};
 use crate::harness::{AGENT_ID, Agent, QUEUE, job_json, unique_id};
 use crate::small_disk::SmallDisk;
 
@@ -394,10 +394,13 @@ fn disk_guard_takes_jobs_again_when_space_returns() {
 fn an_idle_agent_sends_nothing_while_an_outage_holds_its_calls() {
     let server = FakeServer::start();
     let data = format!("/v1/agents/data/{AGENT_ID}");
-    // The start-up read and post fail whole (4 attempts each, about 1.75 s
-    // apiece): 3 s of failures make an outage, and the post begins its hold.
-    server.add_fault(Fault::status("GET", &data, 4, 503));
-    server.add_fault(Fault::status("POST", &data, 4, 503));
+    // The start-up read and post fail whole (4 attempts each, 1.75 s apiece
+    // ±20 %): 3 s of failures make an outage, and the post begins its hold.
+    // Each failure takes 0.15 s, so that the eight span 3 s however the
+    // waits between attempts fall (a CI run once had them span 2.95 s).
+    let slow_503 = FaultAction::SlowStatus(Duration::from_millis(150), 503);
+    server.add_fault(Fault::new(Some("GET"), &data, 4, slow_503.clone()));
+    server.add_fault(Fault::new(Some("POST"), &data, 4, slow_503));
     let agent = Agent::new(&server)
         .set("polling_interval", "0.2")
         .set("logging_level", "DEBUG")

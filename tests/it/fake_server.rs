@@ -97,6 +97,9 @@ pub enum FaultAction {
     CloseWithoutAnswer,
     /// Sleep, then answer normally.
     Stall(Duration),
+    /// Sleep, then answer this status with an empty body: failures that
+    /// take a known least time, whatever the client's retry spread.
+    SlowStatus(Duration, u16),
     /// Answer exactly this.
     Body { status: u16, content_type: String, body: Vec<u8> },
     /// Handle the request normally (state changes happen), then send only
@@ -1195,6 +1198,10 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             let mut state = shared.lock();
             state.stalling -= 1;
             route(&mut state, &req)
+        }
+        Some(FaultAction::SlowStatus(d, status)) => {
+            thread::sleep(d);
+            Response::empty(status)
         }
         Some(FaultAction::Pass) | None => route(&mut shared.lock(), &req),
     };
