@@ -14,6 +14,8 @@ Prints requests per agent-minute (idle, jobs running), the run's mean
 requests per second and its peak second anywhere after the server returned
 (with what that second held), a per-second table (5 s a row), the agents'
 total CPU and RSS, jobs completed, outcomes and output lines lost. With
+--down 0 there is no outage: the control run, the same work's own peak
+and mean to hold a run with an outage against. With
 --keep, the server's logs (server/log-*: time, kind, fragment, agent per
 request) stay for a look at who made a peak.
 """
@@ -26,7 +28,8 @@ ap.add_argument("--bin", default="target/debug/testflinger-agent")
 ap.add_argument("--idle", type=float, default=30)
 ap.add_argument("--phase", type=int, default=15, help="seconds of each phase")
 ap.add_argument("--down-after", type=float, default=8, help="seconds into the jobs")
-ap.add_argument("--down", type=float, default=30)
+ap.add_argument("--down", type=float, default=30,
+                help="seconds the server is down; 0: no outage, the control run to compare a peak with")
 ap.add_argument("--polling", type=float, default=10)
 ap.add_argument("--limit", type=float, default=400, help="give up after this many seconds")
 ap.add_argument("--jobs", type=int, default=1,
@@ -186,9 +189,10 @@ jobs_at = time.time() - T0
 open(JOBS_OPEN, "w").close()
 time.sleep(a.down_after)
 down_at = time.time() - T0
-open(DOWN, "w").close()
-time.sleep(a.down)
-os.remove(DOWN)
+if a.down > 0:
+    open(DOWN, "w").close()
+    time.sleep(a.down)
+    os.remove(DOWN)
 up_at = time.time() - T0
 while time.time() - T0 < a.limit:
     if len(os.listdir(os.path.join(S, "complete"))) == a.agents * a.jobs: break
@@ -250,7 +254,9 @@ peak, peak_at = max(after) if after else (0, 0)
 what = ", ".join(f"{k} {v}" for k, v in sorted(KINDS.get(peak_at, {}).items(), key=lambda kv: -kv[1]))
 print(f"agents {a.agents} (polling {a.polling:g} s, {a.jobs} job{'s' if a.jobs > 1 else ''} each"
       f"{', ' + ', '.join(a.extra) if a.extra else ''}), "
-      f"server {a.workers} processes, run {end:.0f} s, jobs from {jobs_at:.0f} s, server down {down_at:.0f}-{up_at:.0f} s")
+      f"server {a.workers} processes, run {end:.0f} s, jobs from {jobs_at:.0f} s, "
+      + (f"server down {down_at:.0f}-{up_at:.0f} s" if a.down > 0 else
+         f"no outage (--down 0: the control run; \"after the return\" is from {up_at:.0f} s)"))
 print(f"requests per agent-minute: idle {rate(a.idle / 3, a.idle):.1f}, jobs running before the outage {rate(jobs_at + 2, down_at):.1f}")
 print(f"requests/s: mean {mean:.1f}; peak second after the server returned {peak} at {peak_at} s "
       f"({peak_at - up_at:+.0f} s), {peak / mean:.1f}x the mean: {what}")
