@@ -56,10 +56,11 @@ pub struct Client {
     /// Refused refreshes: a server that refuses our refresh token is not
     /// asked again on every call (no 401 storm of our own).
     refresh_hold: Backoff,
-    /// Until when a refused token stays refused: the server answered 401
-    /// and no refresh may be tried before then. An idle agent waits it out
-    /// rather than polling into 401s (see [`Client::held_for`]).
-    refused_until: Option<Instant>,
+    /// The server answered 401 and the refresh was held off or failed:
+    /// the token stays refused until `refresh_hold` lets a refresh be
+    /// tried. An idle agent waits that out rather than polling into 401s
+    /// (see [`Client::held_for`]).
+    token_refused: bool,
     /// What was last said about the token file, so that a broken file is
     /// reported once per change rather than on every request.
     token_status: Option<String>,
@@ -85,7 +86,7 @@ impl Client {
             token_file,
             access_token: None,
             refresh_hold: Backoff::new(auth::REFRESH_HOLD_OFF),
-            refused_until: None,
+            token_refused: false,
             token_status: None,
             token_file_named: false,
             retry: Retry::default(),
@@ -120,7 +121,12 @@ impl Client {
     /// rather than making calls that fail at once.
     pub fn held_for(&self) -> Option<Duration> {
         let now = Instant::now();
-        let refused = self.refused_until.map(|t| t.saturating_duration_since(now)).filter(|d| !d.is_zero());
+        let refused = self
+            .refresh_hold
+            .next()
+            .filter(|_| self.token_refused)
+            .map(|t| t.saturating_duration_since(now))
+            .filter(|d| !d.is_zero());
         self.outage.held_later(now).max(refused)
     }
 

@@ -97,7 +97,7 @@ impl Client {
                         log::debug!("got a new access token from {url}");
                         self.access_token = Some(token);
                         self.refresh_hold.succeeded();
-                        self.refused_until = None;
+                        self.token_refused = false;
                         true
                     }
                     // Kept, such a token would fail every request before it

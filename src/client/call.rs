@@ -77,7 +77,7 @@ impl Client {
                 self.outage_ended();
             }
             if answer.as_ref().is_ok_and(|a| a.status != 401) {
-                self.refused_until = None;
+                self.token_refused = false;
             }
             match answer {
                 // Without a token file (the default path is usually absent)
@@ -87,12 +87,12 @@ impl Client {
                     // Said once per hold-off, not on every refused call.
                     if !self.refresh_hold.ready(Instant::now()) {
                         log::debug!("{method} {url}: HTTP 401; the token refresh is held off");
-                        self.refused_until = self.refresh_hold.next();
+                        self.token_refused = true;
                         return Ok(a);
                     }
                     log::info!("{method} {url}: HTTP 401, refreshing the access token");
                     if !self.refresh(idle.as_deref_mut()) {
-                        self.refused_until = self.refresh_hold.next();
+                        self.token_refused = true;
                         return Ok(a);
                     }
                     continue;
